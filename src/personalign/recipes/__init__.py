@@ -1,0 +1,1 @@
+"""One file per workflow: a config dataclass and ``main(cfg)``; the CLI only parses and calls these."""

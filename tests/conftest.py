@@ -1,0 +1,92 @@
+"""Shared fixtures: a tiny random llama with a tokenizer trained in-process (nothing downloaded)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Never reach a hub from tests; a test that would download must fail fast instead.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = [
+    "Explain photosynthesis to me.", "How do I bake bread at home?", "Compare stocks and bonds.",
+    "List five famous painters.", "What is the capital of France?", "Write a short poem about rain.",
+    "Plants use sunlight, water and carbon dioxide to make sugar and oxygen.",
+    "A budget helps you track income and spending each month.", "The heart pumps blood around the body.",
+    "Python lists are mutable; tuples are not.", "The Roman Empire fell in 476 in the west.",
+    "Stretch before you run, and drink water.", "system user assistant You are a helpful assistant.",
+]
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def build_tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from personalign.preferences import BUILTIN_SIDES
+
+    corpus = CORPUS + [s.prompt for s in BUILTIN_SIDES] + [s.criterion for s in BUILTIN_SIDES]
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tk.train_from_iterator(corpus, trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|im_end|>", bos_token="<|im_start|>",
+        unk_token="<|endoftext|>",
+    )
+    tok.chat_template = CHATML
+    return tok
+
+
+def build_tiny_model(tok, seed: int = 0, layers: int = 2):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A folder holding a 2-layer random llama and its tokenizer, loadable by load_model(path)."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(tok)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture()
+def tiny(tiny_model_dir):
+    """(model, tokenizer) loaded through personalign's loader."""
+    from personalign.models import load_model
+
+    return load_model(str(tiny_model_dir), device="cpu", dtype="float32")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch, request):
+    """Unit tests never touch the user's cache; integration tests share the real one."""
+    if request.node.get_closest_marker("integration") is None:
+        monkeypatch.setenv("PERSONALIGN_CACHE", str(tmp_path / "cache"))
