@@ -105,6 +105,38 @@ def generate(
 
 @app.command()
 @_friendly_errors
+def rollout(
+    output: Annotated[Path, typer.Option("--output", "-o", help="JSONL file to write (resumes if it exists).")],
+    sides: Annotated[str, typer.Option("--sides", help="Comma-separated sides to roll out.")] = "P1A,P1B,P2A,P2B,P3A,P3B",
+    prompts: Annotated[str, typer.Option("--prompts", help="builtin:train, a JSONL/JSON file or hf:NAME.")] = "builtin:train",
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first N instructions.")] = None,
+    samples: Annotated[int, typer.Option("--samples", "-n", help="Responses per instruction per side.")] = 2,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 160,
+    temperature: Annotated[float, typer.Option("--temperature")] = 1.0,
+    top_p: Annotated[float, typer.Option("--top-p")] = 0.95,
+    repetition_penalty: Annotated[float, typer.Option("--repetition-penalty")] = 1.1,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 16,
+    model: ModelOpt = None,
+    dimensions: DimsOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """Sample responses per instruction per side, with that side's prompt appended."""
+    from personalign.generation import SamplingConfig
+    from personalign.recipes import rollout as recipe
+
+    cfg = recipe.RolloutConfig(
+        output=str(output), sides=tuple(s for s in sides.split(",") if s.strip()), prompts=prompts, limit=limit,
+        samples=samples, model=model, dimensions=str(dimensions) if dimensions else None, batch_size=batch_size,
+        device=device, dtype=dtype, sampling=SamplingConfig(max_new_tokens, temperature, top_p, repetition_penalty, seed),
+    )
+    path = recipe.main(cfg)
+    typer.echo(f"rollouts in {path}", err=True)
+
+
+@app.command()
+@_friendly_errors
 def demo(
     model: ModelOpt = None,
     output_dir: Annotated[Optional[Path], typer.Option("--output-dir", help="Also write demo.jsonl here.")] = None,

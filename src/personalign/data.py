@@ -200,6 +200,25 @@ def read_completed(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def resume_rows(path: str | Path, expected: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows already written to ``path`` by this same run, checked against the rows it will write.
+
+    ``expected[i]`` holds the identifying fields of output line ``i`` (prompt, preference, ...).
+    Lines written by another run are refused, so resuming never mixes two runs in one file.
+    """
+    path = Path(path)
+    done = read_completed(path)
+    if len(done) > len(expected):
+        raise DataError(f"{path} already has {len(done)} lines, more than this run writes ({len(expected)}); "
+                        "use another output or delete the file")
+    for i, (row, want) in enumerate(zip(done, expected)):
+        if any(row.get(k) != v for k, v in want.items()):
+            fields = ", ".join(k for k, v in want.items() if row.get(k) != v)
+            raise DataError(f"{path} line {i + 1} was written by a different run ({fields} differ); "
+                            "use another output or delete the file")
+    return done
+
+
 def build_user_message(instruction: str, preference_prompt: str = "") -> str:
     """The instruction with the preference prompt appended after a single space (P-SOUPS wording)."""
     instruction = instruction.strip()

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from personalign.data import Instruction, JsonlWriter, load_prompts, read_completed
+from personalign.data import Instruction, JsonlWriter, load_prompts, resume_rows
 from personalign.errors import DataError
 from personalign.generation import Method, SamplingConfig, build_prompts, generate_texts
 from personalign.preferences import Preference, load_space
@@ -58,20 +58,6 @@ def _row(item: Instruction, pref: Preference | None, method: Method, model: str,
     }
 
 
-def _check_resume(done: list[dict[str, Any]], items: list[Instruction], pref: Preference | None,
-                  method: Method, output: Path) -> None:
-    if len(done) > len(items):
-        raise DataError(f"{output} already has {len(done)} lines, more than the {len(items)} inputs; use another --output")
-    for i, row in enumerate(done):
-        same = (row.get("prompt") == items[i].prompt and row.get("prefs") == (pref.spec() if pref else None)
-                and row.get("method") == method.value)
-        if not same:
-            raise DataError(
-                f"{output} line {i + 1} was written by a different run (prompt, prefs or method differ); "
-                "use another --output or delete the file"
-            )
-
-
 def main(cfg: GenerateConfig) -> list[dict[str, Any]]:
     """Generate and return the rows (for a file run: all rows, including those resumed)."""
     # Validate everything cheap before loading a model.
@@ -91,8 +77,8 @@ def main(cfg: GenerateConfig) -> list[dict[str, Any]]:
     done: list[dict[str, Any]] = []
     output = Path(cfg.output) if cfg.output else None
     if output is not None:
-        done = read_completed(output)
-        _check_resume(done, items, pref, method, output)
+        spec = pref.spec() if pref else None
+        done = resume_rows(output, [{"prompt": it.prompt, "prefs": spec, "method": method.value} for it in items])
     todo = items[len(done):]
     if not todo:
         return done
