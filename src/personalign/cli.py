@@ -135,6 +135,74 @@ def rollout(
     typer.echo(f"rollouts in {path}", err=True)
 
 
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config field: --set lr=1e-4 --set lora.r=16.")]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file (strict: unknown fields are errors).")]
+
+
+def _overrides(pairs: dict[str, Any], sets: list[str] | None) -> list[str]:
+    """Command-line options that were given, as overrides, then --set ones (which win)."""
+    out = [f"{k}={v}" for k, v in pairs.items() if v is not None]
+    return out + list(sets or [])
+
+
+@app.command("train-rm")
+@_friendly_errors
+def train_rm(
+    pairs: Annotated[Optional[Path], typer.Option("--pairs", help="Preference pairs JSONL (prompt, chosen, rejected, side).")] = None,
+    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="Run folder (resumes if it holds a checkpoint).")] = None,
+    side: Annotated[Optional[list[str]], typer.Option("--side", help="Side(s) to train; several = one multi-head model.")] = None,
+    model: ModelOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Train a Bradley-Terry reward model (LoRA + scalar head) on one side's pairs, or a multi-head one."""
+    from personalign.config import load_config
+    from personalign.recipes import train_rm as recipe
+
+    given = {"pairs": pairs, "output_dir": output_dir, "model": model,
+             "sides": ",".join(side) if side else None}
+    cfg = load_config(recipe.TrainRMConfig, config, _overrides(given, set_))
+    metrics = recipe.main(cfg)
+    typer.echo(json.dumps({k: v for k, v in metrics.items() if k.startswith("eval/accuracy")}, indent=1))
+
+
+@app.command()
+@_friendly_errors
+def score(
+    reward_model: Annotated[Path, typer.Option("--reward-model", "-r", help="A folder written by train-rm.")],
+    input: Annotated[Path, typer.Option("--input", "-i", help="JSONL with prompt and response.")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write JSONL here (default: standard output).")] = None,
+    side: Annotated[Optional[str], typer.Option("--side", help="Score for this side only (multi-head models).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 16,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Score responses with a trained reward model (adds `reward`, or `rewards` per side)."""
+    from personalign.data import read_jsonl
+    from personalign.errors import DataError
+    from personalign.reward_model import RewardModel
+
+    rows = read_jsonl(input)
+    if not rows:
+        raise DataError(f"{input} is empty")
+    for i, r in enumerate(rows):
+        if not isinstance(r.get("prompt"), str) or not isinstance(r.get("response"), str):
+            raise DataError(f"{input}: line {i + 1} needs string fields prompt and response")
+    rm = RewardModel.load(reward_model, device=device)
+    side_id = rm.sides[rm.side_index(side)] if side else None
+    vals = rm.score([r["prompt"] for r in rows], [r["response"] for r in rows], side=side_id, batch_size=batch_size)
+    out_rows = []
+    for r, v in zip(rows, vals):
+        if vals.dim() == 1:
+            out_rows.append({**r, "reward": float(v), "side": side_id or rm.sides[0]})
+        else:
+            out_rows.append({**r, "rewards": {s: float(x) for s, x in zip(rm.sides, v)}})
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out_rows)
+    if output:
+        output.write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+
+
 @app.command()
 @_friendly_errors
 def demo(

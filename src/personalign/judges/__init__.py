@@ -11,9 +11,9 @@ from personalign.judges.offline import DEFAULT_MARGINS, SUPPORTED_SIDES, Offline
 
 __all__ = [
     "DEFAULT_MARGINS",
+    "SUPPORTED_SIDES",
     "OfflineJudge",
     "PairwiseJudge",
-    "SUPPORTED_SIDES",
     "UnsupportedSideError",
     "Verdict",
     "flip_verdict",

@@ -12,7 +12,7 @@ from typing import Literal, Protocol, runtime_checkable
 
 from personalign.errors import PreferenceError
 
-__all__ = ["Verdict", "PairwiseJudge", "UnsupportedSideError", "flip_verdict"]
+__all__ = ["PairwiseJudge", "UnsupportedSideError", "Verdict", "flip_verdict"]
 
 Verdict = Literal["a", "b", "tie"]
 

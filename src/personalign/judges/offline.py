@@ -24,12 +24,14 @@ What each side measures, and why:
   for the share of repeated phrases. Repeating text adds no new distinct words, so padding does
   not read as information.
 * **P3A friendly/witty**: VADER sentiment (mean over sentences), exclamations, emoji and
-  emoticons, laughter ("haha", "lol"), friendly and playful phrases ("my friend", "you've got
-  this", "fun fact"), and addressing the reader ("you"), minus rude cues.
-* **P3B unfriendly**: rude or dismissive cues (insults, "obviously", "figure it out yourself",
-  "look it up", "not my problem", "did you really need to ask") minus politeness and warmth
-  markers ("please", "happy to help", "hope this helps", emoji) and minus VADER sentiment.
-  A neutral reply therefore beats a warm one, and a dismissive one beats both.
+  emoticons, laughter ("haha", "lol", "chuckles"), friendly and playful phrases ("my friend",
+  "you've got this", "fun fact"), minus rude cues, questions thrown back at the asker
+  ("Really?") and clipped statements ("There.").
+* **P3B unfriendly**: rude or dismissive cues (insults, angry emoji, "obviously", "figure it out
+  yourself", "look it up", "not my problem", "did you really ..."), thrown-back questions and
+  clipped statements, minus politeness and warmth markers ("please", "happy to help", "hope this
+  helps", friendly emoji, exclamations) and minus VADER sentiment. A neutral reply therefore beats
+  a warm one, and a dismissive one beats both.
 
 P3C sassy and P3D sarcastic are not measured: sarcasm says the opposite of what it means, and
 surface cues cannot tell it from sincerity or plain rudeness, so :class:`OfflineJudge` raises
@@ -51,9 +53,9 @@ import functools
 import math
 import re
 import unicodedata
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 from personalign.errors import PreferenceError
@@ -61,9 +63,9 @@ from personalign.judges.base import PairwiseJudge, UnsupportedSideError, Verdict
 from personalign.preferences import BUILTIN_SIDES, default_space
 
 __all__ = [
-    "OfflineJudge",
-    "SUPPORTED_SIDES",
     "DEFAULT_MARGINS",
+    "SUPPORTED_SIDES",
+    "OfflineJudge",
     "TextFeatures",
     "analyze",
     "expertise_level",
@@ -122,8 +124,12 @@ _NOTATION = re.compile(
     r"|\b[A-Z]{2,}[a-z]?\b"
     r"|\b(?:i\.e\.|e\.g\.|et al\.|cf\.|viz\.)"
 )
-# Emoji and pictographs, plus the common text emoticons.
+# Emoji and pictographs, plus the common text emoticons. Angry, eye-rolling and face-palm emoji
+# are rude cues instead.
+_ANGRY_EMOJI = "\U0001f620\U0001f621\U0001f624\U0001f92c\U0001f644\U0001f926\U0001f612\U0001f595\U0001f4a2"
+_RUDE_EMOJI = re.compile(f"[{_ANGRY_EMOJI}]")
 _EMOJI = re.compile(
+    f"(?![{_ANGRY_EMOJI}])"
     r"[\U0001F300-\U0001FAFF\u2600-\u27BF\u2B50\u2B55\u2764\U0001F000-\U0001F2FF]"
     r"|(?<!\w)(?:[:;=]-?[)(DPp]|<3|\^_\^|xD)(?!\w)"
 )
@@ -158,21 +164,22 @@ def analyze(response: str) -> TextFeatures:
 
 
 # Function words and filler: they carry no information of their own.
-_STOPWORDS = frozenset(
-    """a about above after again against all also am an and any are aren't as at be because been before
-    being below between both but by can can't cannot could couldn't did didn't do does doesn't doing don't
-    down during each few for from further get gets got had hadn't has hasn't have haven't having he he's
-    her here here's hers herself him himself his how how's i i'd i'll i'm i've if in into is isn't it it's
-    its itself just let let's me more most mustn't my myself no nor not of off on once only or other ought
-    our ours ourselves out over own same shan't she she's should shouldn't so some such than that that's
-    the their theirs them themselves then there there's these they they'd they'll they're they've this
-    those through to too under until up upon us very was wasn't we we'd we'll we're we've were weren't
-    what what's when when's where where's which while who who's whom why why's will with won't would
-    wouldn't you you'd you'll you're you've your yours yourself yourselves yes yeah ok okay oh well
-    really basically actually literally honestly totally simply quite rather pretty kind sort lot lots
-    thing things stuff something anything everything way ways many much even still maybe perhaps
-    one ones make makes made like just good great nice important definitely certainly probably""".split()
-)
+_STOPWORD_TEXT = """
+a about above after again against all also am an and any are aren't as at be because been before
+being below between both but by can can't cannot could couldn't did didn't do does doesn't doing
+don't down during each few for from further get gets got had hadn't has hasn't have haven't having
+he he's her here here's hers herself him himself his how how's i i'd i'll i'm i've if in into is
+isn't it it's its itself just let let's me more most mustn't my myself no nor not of off on once
+only or other ought our ours ourselves out over own same shan't she she's should shouldn't so some
+such than that that's the their theirs them themselves then there there's these they they'd they'll
+they're they've this those through to too under until up upon us very was wasn't we we'd we'll we're
+we've were weren't what what's when when's where where's which while who who's whom why why's will
+with won't would wouldn't you you'd you'll you're you've your yours yourself yourselves yes yeah ok
+okay oh well really basically actually literally honestly totally simply quite rather pretty kind
+sort lot lots thing things stuff something anything everything way ways many much even still maybe
+perhaps one ones make makes made like just good great nice important definitely certainly probably
+"""
+_STOPWORDS = frozenset(_STOPWORD_TEXT.split())
 
 # Phrases that lengthen a reply without informing: hedges, throat-clearing, sign-offs.
 _FILLER = re.compile(
@@ -183,7 +190,8 @@ _FILLER = re.compile(
     r"|\blet me know if\b|\bfeel free to\b|\bat the end of the day\b|\bin a nutshell\b"
     r"|\bto sum (?:it )?(?:all )?up\b|\bin conclusion\b|\bin other words\b|\bas i said\b"
     r"|\b(?:kind|sort) of\b|\byou know\b|\bi mean\b|\bwhen you think about it\b"
-    r"|\bit (?:really )?depends\b|\bthere are (?:so |many |a lot of )*(?:different )?(?:ways|factors|things)\b"
+    r"|\bit (?:really )?depends\b"
+    r"|\bthere are (?:so |many |a lot of )*(?:different )?(?:ways|factors|things)\b"
     r"|\b(?:might|may|could) (?:possibly|potentially|perhaps)\b|\bif you want(?: to)?\b"
     r"|\bthat being said\b|\bthat said\b|\bneedless to say\b|\bfirst of all\b"
 )
@@ -202,7 +210,7 @@ _EXPLANATORY = re.compile(
     r"|first|second|third|finally|then|after|before|during|known as|called|defined as)\b"
 )
 
-_LAUGH = re.compile(r"\b(?:ha(?:ha)+h?|he(?:he)+|lol|lmao|rofl|hah)\b")
+_LAUGH = re.compile(r"\b(?:a?ha(?:ha)+h?|he(?:he)+|lol|lmao|rofl|hah|chuckl\w*|giggl\w*)\b")
 _FRIENDLY = re.compile(
     r"\b(?:my friend|buddy|pal|friend|you(?:'ve| have)? got this|you can do (?:it|this)|trust me|fun fact"
     r"|pro tip|spoiler|real talk|no worries|don't worry|woo+hoo+|yay|ooh+|aww+|oops|oof|boom|cheers"
@@ -210,8 +218,9 @@ _FRIENDLY = re.compile(
     r"|good luck|have fun|enjoy|happy to|glad|hey|hooray|just kidding|jk)\b"
 )
 _RUDE = re.compile(
-    r"\b(?:stupid|idiot\w*|dumb|moron\w*|lazy|clueless|pathetic|incompetent|ignorant|useless|ridiculous"
-    r"|duh|ugh|meh|whatever|seriously|obviously|shut up|annoying|bother(?:ing)? me|waste of (?:my )?time"
+    r"\b(?:stupid|idiot\w*|dumb\w*|moron\w*|jerk|loser|lazy|clueless|pathetic|incompetent|ignorant"
+    r"|useless|ridiculous|duh|ugh|meh|whatever|seriously|obviously|shut up|annoying|bother(?:ing)? me"
+    r"|waste of (?:my )?time"
     r"|wasting (?:my|your) time|not rocket science|not (?:that |so )?(?:hard|difficult|complicated)"
     r"|(?:everybody|everyone|anyone) knows|look it up|google it|read the manual|figure it out"
     r"|(?:do|write|find|look|figure) it (?:out )?yourself|deal with it|get over it"
@@ -225,7 +234,13 @@ _POLITE = re.compile(
     r"|sure|no problem|great question|good question|feel free|enjoy|you've got this|i'm (?:really )?sorry"
     r"|congrat\w*|welcome|don't worry|good luck|let me know|i'd be happy|wonderful|lovely)\b"
 )
-_SECOND_PERSON = frozenset({"you", "your", "you're", "you've", "you'll", "you'd", "yours", "yourself"})
+# A question thrown back at the asker ("Really?", "Did you even try?") rather than a tag question
+# ("..., right?") or an offer of more help ("Would you like ...?").
+_TAG_OR_OFFER = re.compile(
+    r"(?:\b(?:right|huh|eh|no|isn't it|aren't they|don't you think|you know|yes|okay|ok)\?$)"
+    r"|\b(?:would you like|do you want|want me to|shall i|should i|can i|could i|may i|how about|what about"
+    r"|who doesn't|anything else|any other|does that help|make sense)\b"
+)
 
 
 def _count(pattern: re.Pattern[str], text: str) -> int:
@@ -234,8 +249,7 @@ def _count(pattern: re.Pattern[str], text: str) -> int:
 
 def _fold(word: str) -> str:
     """Crude plural folding so "tree" and "trees" are one content word."""
-    if word.endswith("'s"):
-        word = word[:-2]
+    word = word.removesuffix("'s")
     if len(word) > 4 and word.endswith("ies"):
         return word[:-3] + "y"
     if len(word) > 3 and word.endswith("s") and not word.endswith(("ss", "us", "is")):
@@ -287,7 +301,8 @@ def expertise_level(f: TextFeatures) -> float:
 
     ``fk``: Flesch-Kincaid grade, 0.39 * words/sentence + 11.8 * syllables/word - 15.59.
     ``rare``: share of word tokens with Zipf frequency < 3 (jargon); ``notation``: formulas,
-    acronyms and the like per word. 10 points of rare share add 2 grades; so does 1 notation per 10 words.
+    acronyms and the like per word. Each adds 20 x its share: 1 rare word (or 1 notation) in 10
+    adds 2 grades.
     """
     if f.empty:
         return 0.0
@@ -339,16 +354,19 @@ def _informative(prompt: str, f: TextFeatures) -> float:
 
 def _style_counts(f: TextFeatures) -> dict[str, float]:
     lower = f.text.lower()
-    n = max(1, len(f.words))
     return {
         "sentiment": _sentiment(f),
         "exclaim": f.text.count("!"),
         "emoji": len(_EMOJI.findall(f.text)),
         "laugh": _count(_LAUGH, lower),
         "friendly": _count(_FRIENDLY, lower),
-        "rude": _count(_RUDE, lower),
+        "rude": _count(_RUDE, lower) + len(_RUDE_EMOJI.findall(f.text)),
         "polite": _count(_POLITE, lower),
-        "you": sum(w in _SECOND_PERSON for w in f.words) / n,
+        "rhetorical": sum(s.endswith("?") and not _TAG_OR_OFFER.search(s.lower()) for s in f.sentences),
+        # Clipped statements ("Train it." "There.") read as curt; exclamations ("Yay!") and
+        # unpunctuated list items do not.
+        "terse": sum(len(_WORD.findall(s)) <= 3 and s.endswith(".") for s in f.sentences)
+        / max(1, len(f.sentences)),
     }
 
 
@@ -361,8 +379,9 @@ def _friendly(prompt: str, f: TextFeatures) -> float:
         + 0.8 * math.log1p(c["exclaim"])
         + 1.0 * math.log1p(c["emoji"] + c["laugh"])
         + 1.0 * math.log1p(c["friendly"])
-        + 3.0 * c["you"]
         - 1.5 * math.log1p(c["rude"])
+        - 0.5 * math.log1p(c["rhetorical"])
+        - 1.0 * c["terse"]
     )
 
 
@@ -372,7 +391,10 @@ def _unfriendly(prompt: str, f: TextFeatures) -> float:
     c = _style_counts(f)
     return (
         2.0 * math.log1p(c["rude"])
-        - 1.0 * math.log1p(c["polite"] + c["emoji"] + c["laugh"])
+        + 0.8 * math.log1p(c["rhetorical"])
+        + 1.5 * c["terse"]
+        - 1.0 * math.log1p(c["polite"] + c["friendly"] + c["emoji"] + c["laugh"])
+        - 0.3 * math.log1p(c["exclaim"])
         - 1.0 * c["sentiment"]
     )
 
@@ -387,16 +409,11 @@ _SCORERS: dict[str, Callable[[str, TextFeatures], float]] = {
 }
 SUPPORTED_SIDES: tuple[str, ...] = tuple(_SCORERS)
 
-# Score differences below these count as ties: about one school grade (P1), a sixth in length
-# (P2A, log2 units), an eighth in distinct content (P2B), one weak style cue (P3).
-DEFAULT_MARGINS: Mapping[str, float] = {
-    "P1A": 1.0,
-    "P1B": 1.0,
-    "P2A": 0.25,
-    "P2B": 0.15,
-    "P3A": 0.3,
-    "P3B": 0.3,
-}
+# Score differences below these count as ties: one school grade (P1), about a fifth in effective
+# length (P2A, log2 units), about a tenth in distinct content (P2B), one weak style cue (P3).
+DEFAULT_MARGINS: Mapping[str, float] = MappingProxyType(
+    {"P1A": 1.0, "P1B": 1.0, "P2A": 0.25, "P2B": 0.15, "P3A": 0.3, "P3B": 0.3}
+)
 
 
 def _resolve_side(side: str, judge: str = "offline") -> str:

@@ -1,0 +1,224 @@
+"""Bradley-Terry reward models: a causal-LM backbone with LoRA and a scalar head per side.
+
+The reward is read from the hidden state of the **last real token** (found from the attention mask,
+so left or right padding both work and a pad id equal to end-of-sequence cannot mislead it). A model
+has one head (one side) or several heads sharing one backbone (multi-head: every side's reward from a
+single forward pass).
+
+Inputs are the chat-formatted instruction with the side's preference prompt appended, followed by
+the response and end-of-sequence: the same wording the policy saw when it was rolled out.
+
+Saved as ``reward_model.safetensors`` (LoRA and head weights only) plus ``reward_config.json``; the
+base model is loaded from its own name and checked against the fingerprint stored at save time.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from personalign.data import build_user_message, format_chat
+from personalign.errors import ModelError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+__all__ = ["LoraSpec", "RewardModel", "last_token_index", "base_fingerprint"]
+
+WEIGHTS = "reward_model.safetensors"
+CONFIG = "reward_config.json"
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    r: int = 8
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"lora r must be at least 1, got {self.r}")
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last position with mask 1 in each row. # (B, T) -> (B,)"""
+    t = attention_mask.shape[1]
+    return t - 1 - attention_mask.flip(1).long().argmax(dim=1)
+
+
+def base_fingerprint(model: PreTrainedModel) -> dict[str, Any]:
+    """What must match for adapters trained on one base to be valid on another."""
+    c = model.config
+    return {
+        "name": getattr(c, "personalign_base", None) or getattr(c, "_name_or_path", None),
+        "model_type": c.model_type,
+        "hidden_size": c.hidden_size,
+        "num_hidden_layers": c.num_hidden_layers,
+        "vocab_size": c.vocab_size,
+    }
+
+
+def check_fingerprint(expected: dict[str, Any], model: PreTrainedModel, what: str) -> None:
+    got = base_fingerprint(model)
+    for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size"):
+        if expected.get(key) != got.get(key):
+            raise ModelError(
+                f"{what} was trained on base model {expected.get('name')!r} ({key}={expected.get(key)}), but the "
+                f"loaded base is {got.get('name')!r} ({key}={got.get(key)}); load it with --model {expected.get('name')}"
+            )
+
+
+class RewardModel(nn.Module):
+    """Backbone (a causal LM's decoder, with LoRA) + linear heads, one scalar per side."""
+
+    def __init__(self, base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sides: Sequence[str],
+                 lora: LoraSpec = LoraSpec(), max_length: int = 384, side_prompts: dict[str, str] | None = None):
+        super().__init__()
+        from peft import LoraConfig, get_peft_model
+
+        if not sides:
+            raise ValueError("a reward model needs at least one side")
+        self.sides = tuple(sides)
+        self.lora = lora
+        self.max_length = max_length
+        self.side_prompts = dict(side_prompts or {})
+        self.fingerprint = base_fingerprint(base)
+        self.tokenizer = tokenizer
+        # The decoder without its language-model head: the head's 49k-way logits are not needed.
+        decoder = base.get_decoder() if hasattr(base, "get_decoder") else base.base_model
+        targets = [t for t in lora.target_modules if any(n.endswith(t) for n, _ in decoder.named_modules())]
+        if not targets:
+            raise ModelError(f"none of the LoRA target modules {list(lora.target_modules)} exist in this base model")
+        cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets)
+        self.backbone = get_peft_model(decoder, cfg)
+        hidden = base.config.hidden_size
+        self.head = nn.Linear(hidden, len(self.sides))
+        nn.init.normal_(self.head.weight, std=1.0 / (hidden + 1) ** 0.5)
+        nn.init.zeros_(self.head.bias)
+        self.head.to(next(decoder.parameters()).device)
+
+    # -- inputs -----------------------------------------------------------------------------------
+    def format(self, prompt: str, response: str, side: str | None = None, policy_prompt: str | None = None) -> str:
+        """Chat-formatted instruction (+ the side's preference prompt) + response + end-of-sequence."""
+        suffix = policy_prompt if policy_prompt is not None else self.side_prompts.get(side or "", "")
+        eos = self.tokenizer.eos_token or ""
+        return format_chat(self.tokenizer, build_user_message(prompt, suffix)) + response.strip() + eos
+
+    def encode(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        tok = self.tokenizer
+        side = tok.padding_side
+        tok.padding_side = "right"
+        try:
+            # Truncate from the left of the prompt? No: keep the start (instruction and preference) and
+            # cut the end of very long responses; the reward of a cut response is still well defined.
+            enc = tok(list(texts), return_tensors="pt", padding=True, truncation=True, max_length=self.max_length,
+                      add_special_tokens=False)
+        finally:
+            tok.padding_side = side
+        return {k: v.to(self.head.weight.device) for k, v in enc.items()}
+
+    # -- scoring ----------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Rewards for every side. # (B, T) -> (B, K)"""
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+        hidden = out.last_hidden_state  # (B, T, H)
+        idx = last_token_index(attention_mask)
+        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]  # (B, H)
+        return self.head(last.to(self.head.weight.dtype))
+
+    def side_index(self, side: str) -> int:
+        try:
+            return self.sides.index(side)
+        except ValueError:
+            raise ModelError(f"this reward model scores sides {', '.join(self.sides)}, not {side}") from None
+
+    @torch.no_grad()
+    def score(self, prompts: Sequence[str], responses: Sequence[str], side: str | None = None,
+              batch_size: int = 16) -> torch.Tensor:
+        """Rewards of responses to prompts: (N,) for one side (default: the only one), else (N, K)."""
+        if len(prompts) != len(responses):
+            raise ValueError("prompts and responses differ in length")
+        was_training = self.training
+        self.eval()
+        sides = [side] if side else list(self.sides)
+        out = []
+        for s in sides:
+            col = self.side_index(s)
+            vals = []
+            for i in range(0, len(prompts), batch_size):
+                texts = [self.format(p, r, s) for p, r in zip(prompts[i:i + batch_size], responses[i:i + batch_size])]
+                vals.append(self(**self.encode(texts))[:, col].float().cpu())
+            out.append(torch.cat(vals) if vals else torch.empty(0))
+        self.train(was_training)
+        return out[0] if side or len(self.sides) == 1 else torch.stack(out, dim=1)
+
+    # -- persistence ------------------------------------------------------------------------------
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        from peft import get_peft_model_state_dict
+
+        state = {f"lora.{k}": v for k, v in get_peft_model_state_dict(self.backbone).items()}
+        state.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
+        return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        from peft import set_peft_model_state_dict
+
+        lora = {k[5:]: v for k, v in state.items() if k.startswith("lora.")}
+        head = {k[5:]: v for k, v in state.items() if k.startswith("head.")}
+        if not lora or set(head) != {"weight", "bias"}:
+            raise ModelError("reward model weights are incomplete (LoRA or head tensors missing)")
+        if head["weight"].shape != self.head.weight.shape:
+            raise ModelError(f"reward head has shape {tuple(head['weight'].shape)}, expected {tuple(self.head.weight.shape)}")
+        result = set_peft_model_state_dict(self.backbone, lora)
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise ModelError(f"reward model LoRA weights do not fit this base ({len(unexpected)} unexpected tensors)")
+        self.head.load_state_dict({k: v.to(self.head.weight.dtype) for k, v in head.items()})
+
+    def config_dict(self) -> dict[str, Any]:
+        return {"kind": "reward_model", "sides": list(self.sides), "lora": asdict(self.lora),
+                "max_length": self.max_length, "side_prompts": self.side_prompts, "base": self.fingerprint}
+
+    def save(self, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / (WEIGHTS + ".tmp")
+        save_file(self.trainable_state(), str(tmp))
+        tmp.replace(folder / WEIGHTS)
+        (folder / CONFIG).write_text(json.dumps({**self.config_dict(), **(extra or {})}, indent=2))
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path, base: PreTrainedModel | None = None,
+             tokenizer: PreTrainedTokenizerBase | None = None, device: str = "auto", dtype: str = "auto") -> RewardModel:
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
+            raise ModelError(f"{folder} is not a reward model folder (needs {CONFIG} and {WEIGHTS})")
+        try:
+            cfg = json.loads((folder / CONFIG).read_text())
+        except json.JSONDecodeError as exc:
+            raise ModelError(f"{folder / CONFIG} is not valid JSON ({exc.msg})") from None
+        if cfg.get("kind") != "reward_model":
+            raise ModelError(f"{folder} holds a {cfg.get('kind')!r}, not a reward model")
+        if base is None or tokenizer is None:
+            from personalign.models import load_model
+
+            base, tokenizer = load_model(cfg["base"]["name"], device=device, dtype=dtype)
+        check_fingerprint(cfg["base"], base, f"reward model {folder}")
+        lora = LoraSpec(**{**cfg["lora"], "target_modules": tuple(cfg["lora"]["target_modules"])})
+        model = cls(base, tokenizer, cfg["sides"], lora, cfg["max_length"], cfg.get("side_prompts"))
+        model.load_trainable_state(load_file(str(folder / WEIGHTS)))
+        model.eval()
+        return model

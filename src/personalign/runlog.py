@@ -1,0 +1,55 @@
+"""Run folders: the resolved config beside ``metrics.jsonl`` (slash-named metrics, one JSON object
+per line), and the check that a resumed run is the same run."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from personalign.config import to_dict
+from personalign.errors import ConfigError
+
+__all__ = ["MetricsLogger", "prepare_run_dir"]
+
+# Fields that may change between an interrupted run and its resumption.
+RESUMABLE_FIELDS = frozenset({"progress", "device", "checkpoint_every"})
+
+
+def prepare_run_dir(folder: str | Path, cfg: Any) -> Path:
+    """Create ``folder`` and write ``config.json``; refuse a folder holding another run's config."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    current = to_dict(cfg)
+    path = folder / "config.json"
+    if path.exists():
+        try:
+            previous = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            previous = None
+        strip = lambda d: {k: v for k, v in (d or {}).items() if k not in RESUMABLE_FIELDS}  # noqa: E731
+        if strip(previous) != strip(current):
+            diff = sorted(k for k in set(strip(previous)) | set(strip(current))
+                          if strip(previous).get(k) != strip(current).get(k))
+            raise ConfigError(f"{folder} holds a run with a different config ({', '.join(diff)} differ); "
+                              "use another output folder or delete it")
+    path.write_text(json.dumps(current, indent=2))
+    return folder
+
+
+class MetricsLogger:
+    """Append metrics to ``metrics.jsonl``; each line has ``step``, ``time`` and slash-named values."""
+
+    def __init__(self, folder: str | Path):
+        self.path = Path(folder) / "metrics.jsonl"
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        row = {"step": step, "time": round(time.time(), 3), **metrics}
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(x) for x in self.path.read_text().splitlines() if x.strip()]

@@ -1,0 +1,175 @@
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from personalign.checkpoint import load_checkpoint, save_checkpoint
+from personalign.errors import ConfigError, DataError, ModelError
+from personalign.losses import bradley_terry_loss, pairwise_accuracy
+from personalign.reward_model import RewardModel, last_token_index
+
+
+def test_bradley_terry_loss_hand_computed():
+    chosen = torch.tensor([1.0, 0.0, 3.0])
+    rejected = torch.tensor([0.0, 2.0, 3.0])
+    # -log sigmoid(1) = 0.3132617, -log sigmoid(-2) = 2.1269280, -log sigmoid(0) = log 2
+    expected = (0.3132617 + 2.1269280 + math.log(2)) / 3
+    assert bradley_terry_loss(chosen, rejected).item() == pytest.approx(expected, abs=1e-6)
+    # Stable for huge margins.
+    assert torch.isfinite(bradley_terry_loss(torch.tensor([-1e4]), torch.tensor([1e4])))
+    assert bradley_terry_loss(torch.tensor([-1e4]), torch.tensor([1e4])).item() == pytest.approx(2e4)
+    with pytest.raises(ValueError, match="differ in shape"):
+        bradley_terry_loss(torch.zeros(2), torch.zeros(3))
+
+
+def test_bradley_terry_gradient():
+    c = torch.tensor([0.5], requires_grad=True)
+    r = torch.tensor([0.0], requires_grad=True)
+    bradley_terry_loss(c, r).backward()
+    # d/dc -log sigmoid(c - r) = -(1 - sigmoid(c - r))
+    assert c.grad.item() == pytest.approx(-(1 - 1 / (1 + math.exp(-0.5))), abs=1e-6)
+    assert r.grad.item() == pytest.approx(-c.grad.item())
+
+
+def test_pairwise_accuracy_ties_half():
+    assert pairwise_accuracy(torch.tensor([1.0, 0.0, 2.0, 1.0]), torch.tensor([0.0, 1.0, 2.0, 0.5])) == 0.625
+
+
+def test_last_token_index_left_and_right_padding():
+    right = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
+    left = torch.tensor([[0, 1, 1, 1], [0, 0, 1, 1]])
+    assert last_token_index(right).tolist() == [2, 3, 0]
+    assert last_token_index(left).tolist() == [3, 3]
+
+
+@pytest.fixture()
+def rm(tiny):
+    base, tok = tiny
+    return RewardModel(base, tok, ["P2A", "P2B"], side_prompts={"P2A": "Be brief.", "P2B": "Be detailed."})
+
+
+def test_reward_ignores_padding(rm):
+    """A sequence's reward is the same alone and in a batch with a longer one."""
+    texts = [rm.format("Hi", "short"), rm.format("Explain rain", "water " * 30)]
+    alone = rm(**rm.encode(texts[:1]))
+    batch = rm(**rm.encode(texts))
+    assert torch.allclose(alone[0], batch[0], atol=1e-5)
+
+
+def test_format_uses_side_prompt_and_eos(rm):
+    text = rm.format("Explain rain.", "It rains.", side="P2A")
+    assert "Explain rain. Be brief.<|im_end|>" in text
+    assert text.endswith("It rains.<|im_end|>")
+
+
+def test_score_shapes_and_unknown_side(rm):
+    assert rm.score(["a", "b"], ["x", "y"]).shape == (2, 2)
+    assert rm.score(["a", "b"], ["x", "y"], side="P2B").shape == (2,)
+    with pytest.raises(ModelError, match="scores sides P2A, P2B, not P1A"):
+        rm.score(["a"], ["x"], side="P1A")
+
+
+def test_save_load_roundtrip(rm, tmp_path, tiny_model_dir):
+    torch.nn.init.normal_(rm.head.weight)
+    for name, p in rm.backbone.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    before = rm.score(["Explain rain."], ["Water falls."])
+    rm.save(tmp_path / "rm")
+    from personalign.models import load_model
+
+    base, tok = load_model(str(tiny_model_dir), device="cpu")
+    again = RewardModel.load(tmp_path / "rm", base=base, tokenizer=tok)
+    assert torch.allclose(before, again.score(["Explain rain."], ["Water falls."]), atol=1e-6)
+
+
+def test_load_refuses_other_base(rm, tmp_path):
+    from conftest import build_tiny_model
+
+    rm.save(tmp_path / "rm")
+    other = build_tiny_model(rm.tokenizer, layers=3)
+    with pytest.raises(ModelError, match="num_hidden_layers=2"):
+        RewardModel.load(tmp_path / "rm", base=other, tokenizer=rm.tokenizer)
+    with pytest.raises(ModelError, match="not a reward model folder"):
+        RewardModel.load(tmp_path, base=other, tokenizer=rm.tokenizer)
+
+
+def test_checkpoint_roundtrip_restores_optimizer(tmp_path):
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = torch.optim.AdamW([p], lr=0.1)
+    p.sum().backward()
+    opt.step()
+    save_checkpoint(tmp_path / "ck", {"p": p.detach()}, opt, {"step": 1})
+    p2 = torch.nn.Parameter(torch.zeros(3))
+    opt2 = torch.optim.AdamW([p2], lr=0.5)
+    state, progress = load_checkpoint(tmp_path / "ck", opt2)
+    assert progress == {"step": 1} and torch.equal(state["p"], p.detach())
+    s1, s2 = opt.state_dict(), opt2.state_dict()
+    assert torch.equal(s1["state"][0]["exp_avg"], s2["state"][0]["exp_avg"])
+    assert s2["param_groups"][0]["lr"] == 0.1
+    assert load_checkpoint(tmp_path / "none") is None
+
+
+def _pairs(path, n=40):
+    rng = random.Random(0)
+    rows = []
+    for i in range(n):
+        short = " ".join(["rain"] * rng.randint(1, 3))
+        long = " ".join(["water falls from the clouds"] * rng.randint(4, 6))
+        rows.append({"prompt": f"Question {i}?", "chosen": short, "rejected": long, "side": "P2A"})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_train_rm_learns_and_resumes(tmp_path, tiny_model_dir, monkeypatch):
+    from personalign.recipes import train_rm
+
+    pairs = _pairs(tmp_path / "pairs.jsonl")
+    common = dict(pairs=str(pairs), model=str(tiny_model_dir), lr=5e-3, epochs=2, batch_size=4, progress=False,
+                  device="cpu", checkpoint_every=3, autocast_bf16=False)
+    full = train_rm.main(train_rm.TrainRMConfig(output_dir=str(tmp_path / "full"), **common))
+    assert full["eval/accuracy"] >= 0.75
+    lines = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert any("train/loss" in m for m in lines) and any("eval/accuracy/P2A" in m for m in lines)
+
+    # Interrupt after step 5, then resume: the result equals the uninterrupted run.
+    calls = {"n": 0}
+    real_step = torch.optim.AdamW.step
+
+    def flaky(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        train_rm.main(train_rm.TrainRMConfig(output_dir=str(tmp_path / "resumed"), **common))
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    assert (tmp_path / "resumed" / "checkpoint").exists()
+    resumed = train_rm.main(train_rm.TrainRMConfig(output_dir=str(tmp_path / "resumed"), **common))
+    assert resumed["eval/accuracy"] == pytest.approx(full["eval/accuracy"])
+    assert resumed["eval/loss"] == pytest.approx(full["eval/loss"], rel=1e-4)
+
+
+def test_train_rm_bad_input(tmp_path, tiny_model_dir):
+    from personalign.recipes import train_rm
+
+    empty = tmp_path / "e.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match="is empty"):
+        train_rm.main(train_rm.TrainRMConfig(pairs=str(empty), output_dir=str(tmp_path / "o")))
+    bad = tmp_path / "b.jsonl"
+    bad.write_text('{"prompt": "a", "chosen": "b"}\n')
+    with pytest.raises(DataError, match="lacks field"):
+        train_rm.main(train_rm.TrainRMConfig(pairs=str(bad), output_dir=str(tmp_path / "o")))
+    pairs = _pairs(tmp_path / "p.jsonl", 4)
+    with pytest.raises(DataError, match="no pairs for side"):
+        train_rm.main(train_rm.TrainRMConfig(pairs=str(pairs), sides=("P1A",), output_dir=str(tmp_path / "o")))
+    with pytest.raises(ConfigError, match="eval_fraction"):
+        train_rm.main(train_rm.TrainRMConfig(pairs=str(pairs), eval_fraction=1.5, output_dir=str(tmp_path / "o")))
+    assert not (tmp_path / "o").exists()
