@@ -145,6 +145,70 @@ def _overrides(pairs: dict[str, Any], sets: list[str] | None) -> list[str]:
     return out + list(sets or [])
 
 
+JudgeOpt = Annotated[str, typer.Option("--judge", help="offline, llm (an OpenAI-compatible endpoint) or human (a labels file).")]
+BaseUrlOpt = Annotated[Optional[str], typer.Option("--base-url", help="llm judge: endpoint, e.g. http://127.0.0.1:8000/v1.")]
+JudgeModelOpt = Annotated[Optional[str], typer.Option("--judge-model", help="llm judge: the endpoint's model name.")]
+LabelsOpt = Annotated[Optional[Path], typer.Option("--labels", help="human judge: JSONL of labels.")]
+CacheOpt = Annotated[Optional[Path], typer.Option("--judge-cache", help="llm judge: answer cache file (reruns never pay twice).")]
+
+
+def _judge_config(kind: str, base_url: str | None, judge_model: str | None, labels: Path | None,
+                  cache: Path | None) -> Any:
+    from personalign.judges import JudgeConfig
+
+    return JudgeConfig(kind=kind, labels=str(labels) if labels else None, base_url=base_url, model=judge_model,
+                       cache=str(cache) if cache else None)
+
+
+@app.command()
+@_friendly_errors
+def judge(
+    side: Annotated[str, typer.Option("--side", help="The side whose criterion decides, e.g. P2A or concise.")],
+    input: Annotated[Path, typer.Option("--input", "-i", help="JSONL with prompt, a and b.")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write here (default: standard output).")] = None,
+    judge: JudgeOpt = "offline",
+    base_url: BaseUrlOpt = None,
+    judge_model: JudgeModelOpt = None,
+    labels: LabelsOpt = None,
+    judge_cache: CacheOpt = None,
+    dimensions: DimsOpt = None,
+) -> None:
+    """Judge pairs of responses on one side's criterion: adds `verdict` (a, b or tie)."""
+    from personalign.recipes import judge as recipe
+
+    cfg = recipe.JudgeFileConfig(side=side, input=str(input), output=str(output) if output else None,
+                                 judge=_judge_config(judge, base_url, judge_model, labels, judge_cache),
+                                 dimensions=str(dimensions) if dimensions else None)
+    recipe.main(cfg)
+
+
+@app.command()
+@_friendly_errors
+def label(
+    rollouts: Annotated[Path, typer.Option("--rollouts", "-i", help="JSONL written by `personalign rollout`.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Pairs JSONL to write (stats beside it).")],
+    judge: Annotated[Optional[list[str]], typer.Option("--judge", help="Judge kind; repeat to run several and report their agreement (the first decides).")] = None,
+    combine: Annotated[str, typer.Option("--combine", help="first (the first judge decides) or unanimous.")] = "first",
+    sides: Annotated[Optional[str], typer.Option("--sides", help="Only these sides (comma-separated).")] = None,
+    base_url: BaseUrlOpt = None,
+    judge_model: JudgeModelOpt = None,
+    labels: LabelsOpt = None,
+    judge_cache: CacheOpt = None,
+    dimensions: DimsOpt = None,
+) -> None:
+    """Turn rollouts into per-side preference pairs (ties dropped), with judge agreement."""
+    from personalign.recipes import label as recipe
+
+    kinds = judge or ["offline"]
+    cfg = recipe.LabelConfig(
+        rollouts=str(rollouts), output=str(output),
+        judges=tuple(_judge_config(k, base_url, judge_model, labels, judge_cache) for k in kinds), combine=combine,
+        sides=tuple(s for s in (sides or "").split(",") if s.strip()), dimensions=str(dimensions) if dimensions else None,
+    )
+    stats = recipe.main(cfg)
+    typer.echo(json.dumps(stats, indent=1), err=True)
+
+
 @app.command("train-rm")
 @_friendly_errors
 def train_rm(

@@ -1,21 +1,67 @@
 """Pairwise judges: one verdict ("a", "b" or "tie") per pair of responses and side.
 
-:class:`OfflineJudge` measures text properties and needs no network or model
-(``pip install 'personalign[judges]'``).
+* :class:`OfflineJudge` measures text properties and needs no network or model
+  (``pip install 'personalign[judges]'``);
+* :class:`~personalign.judges.llm.LLMJudge` asks any OpenAI-compatible endpoint, one criterion at a
+  time, both orders (``pip install 'personalign[api]'``);
+* :class:`HumanLabelJudge` reads labels from a file.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from personalign.errors import ConfigError
 from personalign.judges.base import PairwiseJudge, UnsupportedSideError, Verdict, flip_verdict
+from personalign.judges.human import HumanLabelJudge
 from personalign.judges.offline import DEFAULT_MARGINS, SUPPORTED_SIDES, OfflineJudge, side_score
 
 __all__ = [
     "DEFAULT_MARGINS",
     "SUPPORTED_SIDES",
+    "HumanLabelJudge",
+    "JudgeConfig",
     "OfflineJudge",
     "PairwiseJudge",
     "UnsupportedSideError",
     "Verdict",
+    "build_judge",
     "flip_verdict",
     "side_score",
 ]
+
+JUDGE_KINDS = ("offline", "llm", "human")
+
+
+@dataclass(frozen=True)
+class JudgeConfig:
+    """Which judge to use; the fields of the other kinds are ignored."""
+
+    kind: str = "offline"
+    labels: str | None = None  # human: the labels file
+    base_url: str | None = None  # llm: e.g. http://127.0.0.1:8000/v1
+    model: str | None = None  # llm: the endpoint's model name
+    api_key_env: str = "OPENAI_API_KEY"
+    cache: str | None = None  # llm: on-disk answer cache
+    concurrency: int = 4
+    timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in JUDGE_KINDS:
+            raise ConfigError(f"unknown judge {self.kind!r}; choose one of {', '.join(JUDGE_KINDS)}")
+        if self.kind == "human" and not self.labels:
+            raise ConfigError("the human judge needs a labels file (--labels FILE)")
+        if self.kind == "llm" and not (self.base_url and self.model):
+            raise ConfigError("the llm judge needs --base-url and --judge-model (an OpenAI-compatible endpoint)")
+
+
+def build_judge(cfg: JudgeConfig, space=None) -> PairwiseJudge:  # noqa: ANN001
+    if cfg.kind == "offline":
+        return OfflineJudge()
+    if cfg.kind == "human":
+        return HumanLabelJudge(cfg.labels, space=space)  # type: ignore[arg-type]
+    from personalign.judges.llm import LLMJudge
+
+    kwargs = {"space": space} if space is not None else {}
+    return LLMJudge(base_url=cfg.base_url, model=cfg.model, api_key_env=cfg.api_key_env, concurrency=cfg.concurrency,
+                    timeout=cfg.timeout, cache_path=cfg.cache, **kwargs)
