@@ -267,6 +267,38 @@ def score(
         sys.stdout.write(text)
 
 
+def _resolve_config_path(config: Path) -> Path:
+    """A path, or the name of a shipped config (``psoups-smollm2.yaml``)."""
+    if config.exists():
+        return config
+    from importlib import resources
+
+    shipped = resources.files("personalign") / "configs" / config.name
+    if shipped.is_file():
+        return Path(str(shipped))
+    names = sorted(p.name for p in (resources.files("personalign") / "configs").iterdir() if p.name.endswith(".yaml"))
+    from personalign.errors import ConfigError
+
+    raise ConfigError(f"config {config} does not exist (shipped configs: {', '.join(names)})")
+
+
+@app.command()
+@_friendly_errors
+def pipeline(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Pipeline YAML (a path, or a shipped config name such as psoups-smollm2.yaml).")],
+    set_: SetOpt = None,
+) -> None:
+    """Run rollouts -> labels -> reward models for every side; completed stages are skipped."""
+    from personalign.config import load_config
+    from personalign.recipes import pipeline as recipe
+
+    cfg = load_config(recipe.PipelineConfig, _resolve_config_path(config), list(set_ or []))
+    summary = recipe.main(cfg)
+    rewards = summary["stages"].get("reward", {})
+    for name, m in rewards.items():
+        typer.echo(f"{name:<10} held-out accuracy {m.get('eval/accuracy', float('nan')):.3f}", err=True)
+
+
 @app.command()
 @_friendly_errors
 def demo(

@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from personalign.config import from_dict
+from personalign.errors import ConfigError
+from personalign.recipes import pipeline, rollout
+
+SHORT = ["Rain is water.", "It is wet.", "Clouds drop water.", "Water falls."]
+LONG = [
+    "Rain forms when water vapour condenses into droplets around dust; heavy droplets fall, feeding rivers and lakes.",
+    "Warm air rises, cools, and its moisture condenses; the droplets merge until gravity wins and they fall as rain.",
+    "Evaporation lifts water from oceans; condensation builds clouds; precipitation returns it, completing the cycle.",
+    "Droplets collide and coalesce inside clouds; once updrafts cannot hold them, they fall, often cooling the air.",
+]
+
+
+def _cfg(tmp_path, tiny_model_dir, **extra):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Why does it rain, case {i}?"}) + "\n" for i in range(8)))
+    data = {
+        "run_dir": str(tmp_path / "run"), "model": str(tiny_model_dir), "sides": ["P2A", "P2B"],
+        "rollout": {"prompts": str(prompts), "batch_size": 4, "device": "cpu", "progress": False},
+        "reward": {"epochs": 1, "batch_size": 4, "lr": 5e-3, "device": "cpu", "progress": False,
+                   "autocast_bf16": False, "eval_fraction": 0.25},
+        **extra,
+    }
+    return from_dict(pipeline.PipelineConfig, data)
+
+
+def _fake_rollouts(cfg):
+    """Write a complete rollouts file (what stage 1 would produce), so the test needs no sampling."""
+    roll, _, _ = pipeline.build_stage_configs(cfg)
+    rows = []
+    for i, r in enumerate(rollout.plan(roll)):
+        text = (SHORT if r["sample"] == 0 else LONG)[i % 4]
+        rows.append({**r, "response": text, "model": "tiny"})
+    out = roll.output
+    from pathlib import Path
+
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_pipeline_runs_stages_and_skips_done_ones(tmp_path, tiny_model_dir, monkeypatch):
+    cfg = _cfg(tmp_path, tiny_model_dir)
+    _fake_rollouts(cfg)
+    summary = pipeline.main(cfg)
+    assert summary["stages"]["label"]["sides"]["P2A"]["kept"] == 8
+    assert set(summary["stages"]["reward"]) == {"P2A", "P2B", "multihead"}
+    for name in ("P2A", "P2B", "multihead"):
+        assert (tmp_path / "run" / "rm" / name / "reward_model.safetensors").exists()
+
+    # A second run trains nothing and labels nothing: every stage is complete.
+    from personalign.recipes import label, train_rm
+
+    monkeypatch.setattr(label, "main", lambda *a, **k: pytest.fail("label ran again"))
+    real = train_rm.main
+
+    def no_training(c):
+        assert (tmp_path / "run" / "rm").exists()
+        return real(c)
+
+    monkeypatch.setattr(train_rm, "main", no_training)
+    monkeypatch.setattr(train_rm.torch.optim.AdamW, "step", lambda *a, **k: pytest.fail("trained again"))
+    again = pipeline.main(cfg)
+    assert again["stages"]["reward"]["P2A"]["eval/accuracy"] == summary["stages"]["reward"]["P2A"]["eval/accuracy"]
+
+
+def test_pipeline_validates_every_stage_first(tmp_path, tiny_model_dir):
+    with pytest.raises(ConfigError, match="reward: unknown field"):
+        pipeline.build_stage_configs(_cfg(tmp_path, tiny_model_dir, reward={"learning_rate": 1}))
+    with pytest.raises(ConfigError, match="set by the pipeline itself"):
+        pipeline.build_stage_configs(_cfg(tmp_path, tiny_model_dir, label={"output": "x"}))
+    with pytest.raises(ConfigError, match="unknown stage"):
+        pipeline.build_stage_configs(_cfg(tmp_path, tiny_model_dir, stages=["rollout", "ppo"]))
+    assert not (tmp_path / "run").exists()
+
+
+def test_shipped_pipeline_config_is_valid():
+    from importlib import resources
+
+    from personalign.config import load_config
+
+    path = resources.files("personalign") / "configs" / "psoups-smollm2.yaml"
+    cfg = load_config(pipeline.PipelineConfig, str(path))
+    roll, lab, rms = pipeline.build_stage_configs(cfg)
+    assert roll.samples == 2 and set(rms) == {"P1A", "P1B", "P2A", "P2B", "P3A", "P3B", "multihead"}
