@@ -5,8 +5,11 @@ so left or right padding both work and a pad id equal to end-of-sequence cannot 
 has one head (one side) or several heads sharing one backbone (multi-head: every side's reward from a
 single forward pass).
 
-Inputs are the chat-formatted instruction with the side's preference prompt appended, followed by
-the response and end-of-sequence: the same wording the policy saw when it was rolled out.
+Inputs are the chat-formatted instruction, followed by the response and end-of-sequence. A
+single-side model (the paper's) also appends the side's preference prompt to the instruction: the
+wording the policy saw when it was rolled out. A multi-head model reads the instruction alone, so one
+forward pass scores a response on every side whatever prompt produced it (``side_prompt_in_input``
+chooses; by default True for one side, False for several).
 
 Saved as ``reward_model.safetensors`` (LoRA and head weights only) plus ``reward_config.json``; the
 base model is loaded from its own name and checked against the fingerprint stored at save time.
@@ -80,7 +83,8 @@ class RewardModel(nn.Module):
     """Backbone (a causal LM's decoder, with LoRA) + linear heads, one scalar per side."""
 
     def __init__(self, base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sides: Sequence[str],
-                 lora: LoraSpec = LoraSpec(), max_length: int = 384, side_prompts: dict[str, str] | None = None):
+                 lora: LoraSpec = LoraSpec(), max_length: int = 384, side_prompts: dict[str, str] | None = None,
+                 side_prompt_in_input: bool | None = None):
         super().__init__()
         from peft import LoraConfig, get_peft_model
 
@@ -90,6 +94,7 @@ class RewardModel(nn.Module):
         self.lora = lora
         self.max_length = max_length
         self.side_prompts = dict(side_prompts or {})
+        self.side_prompt_in_input = len(self.sides) == 1 if side_prompt_in_input is None else side_prompt_in_input
         self.fingerprint = base_fingerprint(base)
         self.tokenizer = tokenizer
         # The decoder without its language-model head: the head's 49k-way logits are not needed.
@@ -108,7 +113,12 @@ class RewardModel(nn.Module):
     # -- inputs -----------------------------------------------------------------------------------
     def format(self, prompt: str, response: str, side: str | None = None, policy_prompt: str | None = None) -> str:
         """Chat-formatted instruction (+ the side's preference prompt) + response + end-of-sequence."""
-        suffix = policy_prompt if policy_prompt is not None else self.side_prompts.get(side or "", "")
+        if policy_prompt is not None:
+            suffix = policy_prompt
+        elif self.side_prompt_in_input:
+            suffix = self.side_prompts.get(side or "", "")
+        else:
+            suffix = ""
         eos = self.tokenizer.eos_token or ""
         return format_chat(self.tokenizer, build_user_message(prompt, suffix)) + response.strip() + eos
 
@@ -148,17 +158,23 @@ class RewardModel(nn.Module):
             raise ValueError("prompts and responses differ in length")
         was_training = self.training
         self.eval()
-        sides = [side] if side else list(self.sides)
-        out = []
-        for s in sides:
-            col = self.side_index(s)
-            vals = []
-            for i in range(0, len(prompts), batch_size):
-                texts = [self.format(p, r, s) for p, r in zip(prompts[i:i + batch_size], responses[i:i + batch_size])]
-                vals.append(self(**self.encode(texts))[:, col].float().cpu())
-            out.append(torch.cat(vals) if vals else torch.empty(0))
+        cols = [self.side_index(side)] if side else list(range(len(self.sides)))
+        if self.side_prompt_in_input:
+            # The input depends on the side: one pass per side.
+            out = [self._score_pass(prompts, responses, self.sides[c], batch_size)[:, c] for c in cols]
+            result = torch.stack(out, dim=1)
+        else:
+            result = self._score_pass(prompts, responses, None, batch_size)[:, cols]  # one pass, every side
         self.train(was_training)
-        return out[0] if side or len(self.sides) == 1 else torch.stack(out, dim=1)
+        return result[:, 0] if side or len(self.sides) == 1 else result
+
+    def _score_pass(self, prompts: Sequence[str], responses: Sequence[str], side: str | None,
+                    batch_size: int) -> torch.Tensor:
+        vals = []
+        for i in range(0, len(prompts), batch_size):
+            texts = [self.format(p, r, side) for p, r in zip(prompts[i:i + batch_size], responses[i:i + batch_size])]
+            vals.append(self(**self.encode(texts)).float().cpu())
+        return torch.cat(vals) if vals else torch.empty(0, len(self.sides))
 
     # -- persistence ------------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:
@@ -185,7 +201,8 @@ class RewardModel(nn.Module):
 
     def config_dict(self) -> dict[str, Any]:
         return {"kind": "reward_model", "sides": list(self.sides), "lora": asdict(self.lora),
-                "max_length": self.max_length, "side_prompts": self.side_prompts, "base": self.fingerprint}
+                "max_length": self.max_length, "side_prompts": self.side_prompts,
+                "side_prompt_in_input": self.side_prompt_in_input, "base": self.fingerprint}
 
     def save(self, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
         from safetensors.torch import save_file
@@ -218,7 +235,8 @@ class RewardModel(nn.Module):
             base, tokenizer = load_model(cfg["base"]["name"], device=device, dtype=dtype)
         check_fingerprint(cfg["base"], base, f"reward model {folder}")
         lora = LoraSpec(**{**cfg["lora"], "target_modules": tuple(cfg["lora"]["target_modules"])})
-        model = cls(base, tokenizer, cfg["sides"], lora, cfg["max_length"], cfg.get("side_prompts"))
+        model = cls(base, tokenizer, cfg["sides"], lora, cfg["max_length"], cfg.get("side_prompts"),
+                    cfg.get("side_prompt_in_input"))
         model.load_trainable_state(load_file(str(folder / WEIGHTS)))
         model.eval()
         return model

@@ -49,7 +49,8 @@ def test_last_token_index_left_and_right_padding():
 @pytest.fixture()
 def rm(tiny):
     base, tok = tiny
-    return RewardModel(base, tok, ["P2A", "P2B"], side_prompts={"P2A": "Be brief.", "P2B": "Be detailed."})
+    return RewardModel(base, tok, ["P2A", "P2B"], side_prompts={"P2A": "Be brief.", "P2B": "Be detailed."},
+                       side_prompt_in_input=True)
 
 
 def test_reward_ignores_padding(rm):
@@ -173,3 +174,25 @@ def test_train_rm_bad_input(tmp_path, tiny_model_dir):
     with pytest.raises(ConfigError, match="eval_fraction"):
         train_rm.main(train_rm.TrainRMConfig(pairs=str(pairs), eval_fraction=1.5, output_dir=str(tmp_path / "o")))
     assert not (tmp_path / "o").exists()
+
+
+def test_multihead_scores_every_side_in_one_pass(tiny):
+    base, tok = tiny
+    multi = RewardModel(base, tok, ["P2A", "P2B", "P3A"], side_prompts={"P2A": "Be brief."})
+    assert not multi.side_prompt_in_input
+    assert "Be brief." not in multi.format("Hi", "x", side="P2A")
+    calls = {"n": 0}
+    handle = multi.head.register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
+    try:
+        all_sides = multi.score(["a", "b", "c"], ["x", "y", "z"], batch_size=8)
+    finally:
+        handle.remove()
+    assert calls["n"] == 1 and all_sides.shape == (3, 3)
+    assert torch.allclose(multi.score(["a", "b", "c"], ["x", "y", "z"], side="P2B"), all_sides[:, 1])
+
+
+def test_single_side_model_conditions_on_side_prompt(rm):
+    assert rm.side_prompt_in_input
+    both = rm.score(["Hi"], ["x"])
+    assert torch.allclose(both[:, 0], rm.score(["Hi"], ["x"], side="P2A"))
+    assert torch.allclose(both[:, 1], rm.score(["Hi"], ["x"], side="P2B"))

@@ -52,6 +52,7 @@ class TrainRMConfig:
     warmup_fraction: float = 0.05
     weight_decay: float = 0.0
     max_pairs_per_side: int | None = None
+    side_prompt_in_input: bool | None = None  # None: True for one side, False for a multi-head model
     seed: int = 0
     checkpoint_every: int = 25
     autocast_bf16: bool = True  # bf16 autocast on CPU: about 1.7x faster, float32 master weights
@@ -167,7 +168,8 @@ def main(cfg: TrainRMConfig) -> dict[str, float]:
     torch.manual_seed(cfg.seed)
     base, tok = load_model(cfg.model, device=cfg.device, dtype="float32")
     model = RewardModel(base, tok, sides, cfg.lora, cfg.max_length,
-                        side_prompts={s: space.sides[s].prompt for s in sides})
+                        side_prompts={s: space.sides[s].prompt for s in sides},
+                        side_prompt_in_input=cfg.side_prompt_in_input)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
