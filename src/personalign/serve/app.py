@@ -1,0 +1,508 @@
+"""An OpenAI-compatible server: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``, ``/health``.
+
+Two extra body fields carry a person's preference (the OpenAI client sends them with ``extra_body``):
+``preferences`` (``"1A,2A,3A"``, ``"concise=0.7,informative=0.3"`` or a side -> weight object) and
+``method`` (``vanilla`` or ``prompt``, default ``prompt``). With ``prompt`` the preference prompt is
+appended to the last user message after one space, exactly as ``personalign generate`` does.
+
+Defaults are personalign's, not OpenAI's, so that the server and the CLI give the same text for the
+same seed: ``max_tokens`` 256, ``temperature`` 0.7, ``top_p`` 0.9, ``repetition_penalty`` 1.1 (an
+extra field; small models loop without it).
+
+Generation runs in one worker thread (the model is not thread-safe) that groups requests waiting
+with identical settings into one ``model.generate`` call, up to ``max_batch`` rows: on 2 CPU threads
+four concurrent 32-token answers from the embedded model take 3.0 s batched against 7.8 s one by
+one. A request with a ``seed`` always runs alone, seeded as :func:`generate_texts` seeds a batch, so
+the same request gives the same text whatever else the server is doing. Requests without a seed may
+share a batch; their text then depends on their batch mates (sampling draws from one random stream,
+and padding can flip a greedy near-tie), as with any batching server.
+
+Every bad request gets HTTP 400 (404 for an unknown model) with an OpenAI error object whose message
+is one line; nothing a client sends can stop the server.
+"""
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import secrets
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any
+
+from personalign.data import build_user_message
+from personalign.errors import ConfigError, PersonalignError
+from personalign.generation import Method, SamplingConfig, batch_seed, eos_token_ids
+from personalign.preferences import Preference, PreferenceSpace, default_space
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+__all__ = ["INSTALL_HINT", "apply_method", "create_app", "run_server", "running_server"]
+
+INSTALL_HINT = "the server needs the 'serve' extra: pip install 'personalign[serve]'"
+log = logging.getLogger("personalign.serve")
+
+_COMMON = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "n", "stop",
+           "stream", "preferences", "method", "repetition_penalty", "user"}
+# OpenAI fields we do not implement. A client may send them with their neutral value; any other value
+# is refused, because ignoring it would silently give the client something it did not ask for.
+_NEUTRAL_ONLY = {"frequency_penalty", "presence_penalty", "logit_bias", "logprobs", "top_logprobs",
+                 "stream_options", "response_format", "tools", "tool_choice", "parallel_tool_calls",
+                 "echo", "suffix", "best_of"}
+_ROLES = ("system", "user", "assistant")
+
+
+class ApiError(Exception):
+    """A request the server refuses, rendered as an OpenAI error object."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None):
+        super().__init__(" ".join(message.split()))  # one line, whatever the source
+        self.param, self.status, self.code = param, status, code
+
+    def body(self) -> dict[str, Any]:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return {"error": {"message": str(self), "type": kind, "param": self.param, "code": self.code}}
+
+
+def apply_method(method: Method, preference: Preference | None, text: str) -> str:
+    """What the model is asked under a method: ``text`` is the last user turn (chat) or the prompt.
+
+    The one place where a method changes a request. Methods that change the model instead of the
+    prompt (soup, mope) also change how a batch is generated; jobs are grouped by method for that.
+    """
+    if method is Method.PROMPT and preference is not None:
+        return build_user_message(text, preference.prompt())
+    if method in (Method.VANILLA, Method.PROMPT):
+        return text
+    raise ConfigError(f"method {method.value!r} is not served yet")
+
+
+@dataclasses.dataclass(eq=False)
+class _Job:
+    """One request's generation: ``n`` choices for each input text, all with the same settings."""
+
+    texts: list[str]
+    n: int
+    sampling: SamplingConfig
+    stop: tuple[str, ...]
+    seeded: bool
+    strip: bool  # chat answers are stripped like generate_texts'; raw completions are not
+    method: Method
+    future: Future = dataclasses.field(default_factory=Future)
+    prompt_tokens: int = 0
+
+    @property
+    def rows(self) -> int:
+        return len(self.texts) * self.n
+
+    def key(self) -> object:
+        # A seeded job is keyed by itself: it never shares a batch, so its text never depends on others.
+        if self.seeded:
+            return self
+        return (self.method, self.sampling, self.stop)
+
+
+class _Batcher:
+    """A queue served by one worker thread that runs compatible waiting jobs as one batch.
+
+    It never waits to fill a batch: jobs arriving while a batch runs form the next one, so a lone
+    request pays no extra latency. The oldest job is always in the next batch (no starvation).
+    """
+
+    def __init__(self, run: Callable[[list[_Job]], None], max_batch: int):
+        self._run, self._max = run, max_batch
+        self._pending: deque[_Job] = deque()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.batches = self.jobs = 0
+
+    def submit(self, job: _Job) -> Future:
+        with self._cond:
+            if self._closed:
+                raise ApiError("the server is shutting down", status=503)
+            if self._thread is None:  # started on first use, so a TestClient without lifespan works
+                self._thread = threading.Thread(target=self._loop, name="personalign-generate", daemon=True)
+                self._thread.start()
+            self._pending.append(job)
+            self._cond.notify()
+        return job.future
+
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._pending)
+
+    def _take(self) -> list[_Job] | None:
+        with self._cond:
+            while not self._pending and not self._closed:
+                self._cond.wait()
+            if not self._pending:
+                return None
+            first = self._pending.popleft()
+            batch, rows, rest = [first], first.rows, deque()
+            for job in self._pending:
+                if job.key() == first.key() and rows + job.rows <= self._max:
+                    batch.append(job)
+                    rows += job.rows
+                else:
+                    rest.append(job)
+            self._pending = rest
+            return batch
+
+    def _loop(self) -> None:
+        while (batch := self._take()) is not None:
+            live = [job for job in batch if job.future.set_running_or_notify_cancel()]
+            if not live:
+                continue
+            self.batches += 1
+            self.jobs += len(live)
+            try:
+                self._run(live)
+            except Exception as exc:  # noqa: BLE001 - a failed batch fails its requests, not the worker
+                log.exception("generation failed")
+                error = exc if isinstance(exc, PersonalignError) else ApiError(
+                    f"generation failed: {type(exc).__name__}: {exc}", status=500)
+                for job in live:
+                    if not job.future.done():
+                        job.future.set_exception(error)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Finish the jobs already queued, then stop the worker."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+
+def _generate_batch(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", jobs: list[_Job]) -> None:
+    """Run compatible jobs as one ``model.generate`` call and resolve their futures.
+
+    Mirrors :func:`personalign.generation.generate_texts` (same tokenisation, eos ids, seeding and
+    decoding kwargs, so a seeded request equals ``generate_texts`` on its text), but keeps the token
+    ids, which the response needs for ``usage`` and ``finish_reason``.
+    """
+    import torch
+
+    ctx = getattr(model.config, "max_position_embeddings", None)
+    add_special = not getattr(tokenizer, "chat_template", None)
+    ready: list[_Job] = []
+    for job in jobs:  # tokenised here, in the worker: fast tokenizers are not safe across threads
+        lengths = [len(ids) for ids in tokenizer(job.texts, add_special_tokens=add_special)["input_ids"]]
+        job.prompt_tokens = sum(lengths)
+        if ctx and max(lengths) + job.sampling.max_new_tokens > ctx:
+            job.future.set_exception(ApiError(
+                f"the prompt has {max(lengths)} tokens; with max_tokens {job.sampling.max_new_tokens} that "
+                f"exceeds the model's context of {ctx} tokens; shorten the prompt or lower max_tokens",
+                param="max_tokens"))
+        else:
+            ready.append(job)
+    if not ready:
+        return
+    first = ready[0]
+    eos = eos_token_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    kwargs = first.sampling.generate_kwargs()
+    if first.stop:  # stop each row as soon as it ends with a stop string (cut from the text below)
+        kwargs.update(stop_strings=list(first.stop), tokenizer=tokenizer)
+    tokenizer.padding_side = "left"
+    rows = [text for job in ready for text in job.texts for _ in range(job.n)]
+    enc = tokenizer(rows, return_tensors="pt", padding=True, add_special_tokens=add_special)
+    enc = enc.to(next(model.parameters()).device)
+    seed = first.sampling.seed if first.seeded else secrets.randbits(62)
+    torch.manual_seed(batch_seed(seed, 0))
+    with torch.inference_mode():
+        out = model.generate(**enc, eos_token_id=eos, pad_token_id=pad_id, **kwargs)
+    new = out[:, enc["input_ids"].shape[1]:].tolist()  # (rows, T_new)
+    ends = set(eos) | {pad_id}
+    i = 0
+    for job in ready:
+        choices = [_finish(tokenizer, ids, ends, job) for ids in new[i : i + job.rows]]
+        i += job.rows
+        job.future.set_result(choices)
+
+
+def _finish(tokenizer: "PreTrainedTokenizerBase", ids: list[int], ends: set[int], job: _Job) -> tuple[str, str, int]:
+    """(text, finish_reason, completion tokens) of one generated row."""
+    end = next((k for k, t in enumerate(ids) if t in ends), len(ids))
+    text = tokenizer.decode(ids[:end], skip_special_tokens=True)
+    cuts = [text.find(s) for s in job.stop if s in text]
+    if cuts:  # the stop string itself is not returned, as in OpenAI's API
+        text, reason, count = text[: min(cuts)], "stop", end
+    elif end < len(ids):
+        reason, count = "stop", end + 1  # the end-of-sequence token was generated
+    else:
+        reason, count = "length", len(ids)
+    return (text.strip() if job.strip else text), reason, count
+
+
+# -- request parsing ----------------------------------------------------------------------------
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _number(body: Mapping[str, Any], key: str, default: Any, integer: bool = False) -> Any:
+    value = body.get(key)
+    if value is None:
+        return default
+    if integer and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    ok = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, ok):
+        raise ApiError(f"{key} must be {'an integer' if integer else 'a number'}, got {_short(value)}", key)
+    return value
+
+
+class _Service:
+    """Turns request bodies into generation jobs and results into OpenAI response objects."""
+
+    def __init__(self, model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", model_name: str,
+                 max_batch: int, default_method: Method, space: PreferenceSpace):
+        self.tokenizer, self.model_name, self.max_batch = tokenizer, model_name, max_batch
+        self.default_method, self.space = default_method, space
+        self.batcher = _Batcher(lambda jobs: _generate_batch(model, tokenizer, jobs), max_batch)
+
+    def _common(self, body: Mapping[str, Any], fields: set[str]) -> tuple[SamplingConfig, int, tuple[str, ...], bool,
+                                                                          Method, Preference | None]:
+        for key, value in body.items():
+            if key in _NEUTRAL_ONLY:
+                if value and value not in ({"type": "text"}, "none", "auto"):
+                    raise ApiError(f"{key} is not supported by this server", key)
+            elif key not in fields:
+                raise ApiError(f"unknown field {key!r}; this endpoint accepts {', '.join(sorted(fields))}", key)
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise ApiError("model is required: the name from GET /v1/models", "model")
+        if model != self.model_name:
+            raise ApiError(f"model {model!r} is not served here; this server serves {self.model_name!r}",
+                           "model", status=404, code="model_not_found")
+        if body.get("stream"):
+            raise ApiError("stream is not supported by this server; send stream=false", "stream")
+        if body.get("max_tokens") is not None and body.get("max_completion_tokens") is not None:
+            raise ApiError("give max_tokens or max_completion_tokens, not both", "max_completion_tokens")
+        key = "max_tokens" if body.get("max_completion_tokens") is None else "max_completion_tokens"
+        max_tokens = _number(body, key, SamplingConfig.max_new_tokens, integer=True)
+        if max_tokens < 1:
+            raise ApiError(f"{key} must be at least 1, got {max_tokens}", key)
+        n = _number(body, "n", 1, integer=True)
+        if not 1 <= n <= self.max_batch:
+            raise ApiError(f"n must be between 1 and {self.max_batch}, got {n}", "n")
+        seed = _number(body, "seed", None, integer=True)
+        try:
+            sampling = SamplingConfig(
+                max_new_tokens=max_tokens,
+                temperature=float(_number(body, "temperature", SamplingConfig.temperature)),
+                top_p=float(_number(body, "top_p", SamplingConfig.top_p)),
+                repetition_penalty=float(_number(body, "repetition_penalty", SamplingConfig.repetition_penalty)),
+                seed=seed or 0,
+            )
+        except ConfigError as exc:
+            raise ApiError(str(exc), str(exc).split(" ", 1)[0]) from None
+        stop = body.get("stop")
+        stop = [stop] if isinstance(stop, str) else (stop or [])
+        if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+            raise ApiError("stop must be a non-empty string or a list of at most 4 non-empty strings", "stop")
+        method_name = body.get("method", self.default_method.value)
+        if not isinstance(method_name, str):
+            raise ApiError(f"method must be a string, got {_short(method_name)}", "method")
+        try:
+            method = Method.parse(method_name)
+        except ConfigError as exc:  # "unknown method 'x'; choose one of vanilla, prompt"
+            raise ApiError(str(exc), "method") from None
+        prefs = body.get("preferences")
+        if prefs is not None and not isinstance(prefs, (str, dict)):
+            raise ApiError("preferences must be a string such as '1A,2A,3A' or an object of side weights",
+                           "preferences")
+        try:
+            preference = self.space.parse(prefs) if prefs is not None else None
+        except PersonalignError as exc:  # names the bad side and lists the valid ones
+            raise ApiError(str(exc), "preferences") from None
+        return sampling, n, tuple(stop), seed is not None, method, preference
+
+    def chat_job(self, body: Mapping[str, Any]) -> _Job:
+        sampling, n, stop, seeded, method, pref = self._common(body, _COMMON | {"messages"})
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ApiError("messages is required: a non-empty list of {role, content} objects", "messages")
+        convo = [self._message(i, m) for i, m in enumerate(messages)]
+        users = [i for i, m in enumerate(convo) if m["role"] == "user"]
+        if method is Method.PROMPT and pref is not None:
+            if not users:
+                raise ApiError("preferences with method 'prompt' need a user message to append to", "messages")
+            convo[users[-1]]["content"] = apply_method(method, pref, convo[users[-1]]["content"])
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ApiError(f"model {self.model_name!r} has no chat template; use /v1/completions", "messages")
+        try:
+            text = self.tokenizer.apply_chat_template(convo, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # noqa: BLE001 - e.g. a template that demands alternating roles
+            raise ApiError(f"the model's chat template rejected the messages: {exc}", "messages") from None
+        return _Job([text], n, sampling, stop, seeded, True, method)
+
+    @staticmethod
+    def _message(i: int, m: object) -> dict[str, str]:
+        if not isinstance(m, dict) or m.get("role") not in _ROLES:
+            raise ApiError(f"messages[{i}] must be an object with role one of {', '.join(_ROLES)}", "messages")
+        content = m.get("content")
+        if isinstance(content, list):  # OpenAI content parts; only text can reach a text model
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise ApiError(f"messages[{i}].content parts must all be of type 'text'", "messages")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise ApiError(f"messages[{i}].content must be a string", "messages")
+        return {"role": m["role"], "content": content}
+
+    def completion_job(self, body: Mapping[str, Any]) -> _Job:
+        sampling, n, stop, seeded, method, pref = self._common(body, _COMMON | {"prompt"})
+        prompt = body.get("prompt")
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p for p in prompts):
+            raise ApiError("prompt is required: a non-empty string or list of strings", "prompt")
+        if len(prompts) * n > self.max_batch:
+            raise ApiError(f"this request asks for {len(prompts) * n} completions; the server generates at "
+                           f"most {self.max_batch} per request", "prompt")
+        return _Job([apply_method(method, pref, p) for p in prompts], n, sampling, stop, seeded, False, method)
+
+    def respond(self, job: _Job, choices: list[tuple[str, str, int]], chat: bool) -> dict[str, Any]:
+        if chat:
+            items = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": reason} for i, (text, reason, _) in enumerate(choices)]
+        else:
+            items = [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}
+                     for i, (text, reason, _) in enumerate(choices)]
+        completion = sum(c for _, _, c in choices)
+        return {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": self.model_name,
+            "choices": items,
+            "usage": {"prompt_tokens": job.prompt_tokens, "completion_tokens": completion,
+                      "total_tokens": job.prompt_tokens + completion},
+        }
+
+
+def create_app(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", model_name: str, *,
+               max_batch: int = 8, default_method: str = "prompt", space: PreferenceSpace | None = None) -> "FastAPI":
+    """The FastAPI app serving ``model`` under the name ``model_name`` (see the module docstring)."""
+    try:
+        from fastapi import FastAPI, Request
+        from fastapi.responses import JSONResponse
+        from starlette.exceptions import HTTPException
+    except ImportError:
+        raise PersonalignError(INSTALL_HINT) from None
+    if max_batch < 1:
+        raise ConfigError(f"max_batch must be at least 1, got {max_batch}")
+    service = _Service(model, tokenizer, model_name, max_batch, Method.parse(default_method), space or default_space())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> Any:
+        yield
+        await asyncio.to_thread(service.batcher.close)
+
+    app = FastAPI(title="personalign", lifespan=lifespan)
+    app.state.service = service
+
+    def error(exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:  # unknown route, wrong verb
+        return error(ApiError(f"{exc.detail}", status=exc.status_code))
+
+    async def handle(request: Request, chat: bool) -> Any:
+        try:
+            try:
+                body = await request.json()
+            except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+                raise ApiError(f"the request body is not valid JSON: {exc}") from None
+            if not isinstance(body, dict):
+                raise ApiError("the request body must be a JSON object")
+            job = service.chat_job(body) if chat else service.completion_job(body)
+            choices = await asyncio.wrap_future(service.batcher.submit(job))
+            return service.respond(job, choices, chat)
+        except ApiError as exc:
+            return error(exc)
+        except PersonalignError as exc:
+            return error(ApiError(str(exc)))
+        except Exception as exc:  # noqa: BLE001 - a bug answers 500 and leaves the server up
+            log.exception("request failed")
+            return error(ApiError(f"internal error: {type(exc).__name__}: {exc}", status=500))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        return await handle(request, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        return await handle(request, chat=False)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
+                                            "owned_by": "personalign"}]}
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        b = service.batcher
+        return {"status": "ok", "model": model_name, "queued": b.pending(), "batches": b.batches, "jobs": b.jobs}
+
+    return app
+
+
+@contextlib.contextmanager
+def running_server(app: Any, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0) -> Iterator[str]:
+    """Serve ``app`` with uvicorn in a background thread; yield its root URL (``http://host:port``).
+
+    ``port=0`` takes a free port. The server stops, after its in-flight requests, when the block exits.
+    """
+    try:
+        import uvicorn
+    except ImportError:
+        raise PersonalignError(INSTALL_HINT) from None
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="personalign-uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            raise ConfigError(f"the server could not start on {host}:{port} (is the port in use?)")
+        time.sleep(0.01)
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{host}:{bound}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
+
+
+def run_server(model_name_or_path: str | None = None, host: str = "127.0.0.1", port: int = 8000,
+               device: str = "auto", dtype: str = "auto", *, model_name: str | None = None, max_batch: int = 8,
+               default_method: str = "prompt", dimensions: str | None = None, log_level: str = "info") -> None:
+    """Load a model with :func:`personalign.models.load_model` and serve it until interrupted.
+
+    ``model_name`` is the id clients send (default: the embedded model's name, or the id/path given).
+    """
+    try:
+        import uvicorn
+    except ImportError:
+        raise PersonalignError(INSTALL_HINT) from None
+    from personalign.models import canonical_name, load_model
+    from personalign.preferences import load_space
+
+    space = load_space(dimensions)  # a bad dimensions file fails before the model loads
+    Method.parse(default_method)
+    model, tokenizer = load_model(model_name_or_path, device=device, dtype=dtype)
+    name = model_name or canonical_name(model_name_or_path)
+    app = create_app(model, tokenizer, name, max_batch=max_batch, default_method=default_method, space=space)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
