@@ -301,6 +301,25 @@ def pipeline(
 
 @app.command()
 @_friendly_errors
+def serve(
+    model: ModelOpt = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port")] = 8000,
+    max_batch: Annotated[int, typer.Option("--max-batch", help="Most concurrent requests generated together.")] = 8,
+    method: Annotated[str, typer.Option("--method", help="Default method when a request names none.")] = "prompt",
+    dimensions: DimsOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """Serve an OpenAI-compatible API (/v1/chat/completions) that takes preferences per request."""
+    from personalign.serve import run_server
+
+    run_server(model, host=host, port=port, device=device, dtype=dtype, max_batch=max_batch, default_method=method,
+               dimensions=str(dimensions) if dimensions else None)
+
+
+@app.command()
+@_friendly_errors
 def demo(
     model: ModelOpt = None,
     output_dir: Annotated[Optional[Path], typer.Option("--output-dir", help="Also write demo.jsonl here.")] = None,

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from personalign.cli import app
 
 runner = CliRunner()
-COMMANDS = ["generate", "demo", "prefs", "env"]
+COMMANDS = ["generate", "demo", "prefs", "env", "rollout", "judge", "label", "train-rm", "score", "pipeline", "serve"]
 
 
 def run(*args: str):

@@ -21,6 +21,7 @@ __all__ = [
     "SUPPORTED_SIDES",
     "HumanLabelJudge",
     "JudgeConfig",
+    "LLMJudge",
     "OfflineJudge",
     "PairwiseJudge",
     "UnsupportedSideError",
@@ -31,6 +32,14 @@ __all__ = [
 ]
 
 JUDGE_KINDS = ("offline", "llm", "human")
+
+
+def __getattr__(name: str):  # noqa: ANN202 - lazy: LLMJudge needs the `api` extra (openai)
+    if name == "LLMJudge":
+        from personalign.judges.llm import LLMJudge
+
+        return LLMJudge
+    raise AttributeError(name)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,6 @@ import os
 import random
 import re
 import threading
-import time
 from collections.abc import Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -52,6 +51,10 @@ _ANSWER = re.compile(r"(?<![A-Za-z0-9])([AB])(?![A-Za-z0-9])")
 
 class JudgeAPIError(PersonalignError, RuntimeError):
     """The judge endpoint refused a request, or kept failing after every retry."""
+
+
+class _Abandoned(Exception):
+    """A question given up because another one in the same call failed for good."""
 
 
 @dataclass
@@ -146,13 +149,15 @@ class LLMJudge(PairwiseJudge):
         try:
             import openai
         except ImportError:
-            raise ConfigError(_INSTALL_HINT) from None
+            raise PersonalignError(_INSTALL_HINT) from None
         if concurrency < 1:
             raise ConfigError(f"concurrency must be at least 1, got {concurrency}")
         if max_retries < 0:
             raise ConfigError(f"max_retries must be at least 0, got {max_retries}")
         if not timeout > 0 or backoff < 0:
             raise ConfigError(f"timeout must be positive and backoff not negative, got {timeout} and {backoff}")
+        if not 0 <= temperature <= 2:
+            raise ConfigError(f"temperature must be in [0, 2], got {temperature}")
         if max_tokens < 1:  # a few tokens, so "Response A" or "**A**" still fits
             raise ConfigError(f"max_tokens must be at least 1, got {max_tokens}")
         self.name = f"llm:{model}"
@@ -226,24 +231,28 @@ class LLMJudge(PairwiseJudge):
     def _ask_all(self, questions: dict[str, list[dict[str, str]]]) -> dict[str, str]:
         if not questions:
             return {}
+        stop = threading.Event()  # set on the first hard failure: the other questions stop retrying
         pool = ThreadPoolExecutor(max_workers=min(self.concurrency, len(questions)), thread_name_prefix="judge")
         try:
-            futures = {key: pool.submit(self._ask, key, messages) for key, messages in questions.items()}
+            futures = {key: pool.submit(self._ask, key, messages, stop) for key, messages in questions.items()}
             done, _ = wait(futures.values(), return_when=FIRST_EXCEPTION)
-            for future in done:
-                if future.exception() is not None:  # answers already received stay cached for the rerun
-                    raise future.exception()  # type: ignore[misc]
+            errors = [f.exception() for f in done if f.exception() is not None]
+            if errors:  # answers already received stay cached, so a rerun resumes from here
+                raise errors[0]  # type: ignore[misc]
             return {key: future.result() for key, future in futures.items()}
-        finally:
+        finally:  # on any early exit (an error, Ctrl-C) the questions still queued or backing off stop
+            stop.set()
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def _ask(self, key: str, messages: list[dict[str, str]]) -> str:
+    def _ask(self, key: str, messages: list[dict[str, str]], stop: threading.Event) -> str:
         """One question, with retries; the answer is cached before it is returned."""
         openai = self._openai
         for attempt in range(self.max_retries + 1):
             retry_after = None
             try:
                 with self._slots:
+                    if stop.is_set():
+                        raise _Abandoned
                     self._count("requests")
                     response = self._client.chat.completions.create(
                         model=self.model, messages=messages,  # type: ignore[arg-type]
@@ -263,11 +272,13 @@ class LLMJudge(PairwiseJudge):
                 error = f"connection failed ({_first_line(exc.__cause__ or exc)})"
             except openai.APIError as exc:  # e.g. a response that is not a chat completion
                 raise JudgeAPIError(f"the judge endpoint {self.base_url} answered badly: {_first_line(exc)}") from None
+            if stop.is_set():
+                raise _Abandoned
             if attempt == self.max_retries:
                 break
             self._count("retries")
             delay = min(30.0, self.backoff * 2**attempt) + random.uniform(0, self.backoff)
-            time.sleep(min(60.0, max(delay, retry_after or 0.0)))  # sleeping holds no slot
+            stop.wait(min(60.0, max(delay, retry_after or 0.0)))  # backing off holds no slot
         raise JudgeAPIError(f"the judge endpoint {self.base_url} failed {self.max_retries + 1} times; last: {error}")
 
     def _rejected(self, exc: Any) -> str:

@@ -10,9 +10,9 @@ same seed: ``max_tokens`` 256, ``temperature`` 0.7, ``top_p`` 0.9, ``repetition_
 extra field; small models loop without it).
 
 Generation runs in one worker thread (the model is not thread-safe) that groups requests waiting
-with identical settings into one ``model.generate`` call, up to ``max_batch`` rows: on 2 CPU threads
-four concurrent 32-token answers from the embedded model take 3.0 s batched against 7.8 s one by
-one. A request with a ``seed`` always runs alone, seeded as :func:`generate_texts` seeds a batch, so
+with identical settings into one ``model.generate`` call, up to ``max_batch`` rows: with one torch
+thread, four concurrent 32-token answers from the embedded model take 4.1 s batched against 8.4 s
+one by one (``max_batch=1``). A request with a ``seed`` always runs alone, seeded as :func:`generate_texts` seeds a batch, so
 the same request gives the same text whatever else the server is doing. Requests without a seed may
 share a batch; their text then depends on their batch mates (sampling draws from one random stream,
 and padding can flip a greedy near-tie), as with any batching server.
@@ -23,20 +23,18 @@ is one line; nothing a client sends can stop the server.
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
-import secrets
+import math
 import threading
 import time
 import uuid
-from collections import deque
-from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Future
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from personalign.data import build_user_message
 from personalign.errors import ConfigError, PersonalignError
-from personalign.generation import Method, SamplingConfig, batch_seed, eos_token_ids
+from personalign.generation import Method, SamplingConfig
+from personalign.serve.batching import ApiError, _Batcher, _generate_batch, _Job
 from personalign.preferences import Preference, PreferenceSpace, default_space
 
 if TYPE_CHECKING:
@@ -58,18 +56,6 @@ _NEUTRAL_ONLY = {"frequency_penalty", "presence_penalty", "logit_bias", "logprob
 _ROLES = ("system", "user", "assistant")
 
 
-class ApiError(Exception):
-    """A request the server refuses, rendered as an OpenAI error object."""
-
-    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None):
-        super().__init__(" ".join(message.split()))  # one line, whatever the source
-        self.param, self.status, self.code = param, status, code
-
-    def body(self) -> dict[str, Any]:
-        kind = "invalid_request_error" if self.status < 500 else "server_error"
-        return {"error": {"message": str(self), "type": kind, "param": self.param, "code": self.code}}
-
-
 def apply_method(method: Method, preference: Preference | None, text: str) -> str:
     """What the model is asked under a method: ``text`` is the last user turn (chat) or the prompt.
 
@@ -81,168 +67,6 @@ def apply_method(method: Method, preference: Preference | None, text: str) -> st
     if method in (Method.VANILLA, Method.PROMPT):
         return text
     raise ConfigError(f"method {method.value!r} is not served yet")
-
-
-@dataclasses.dataclass(eq=False)
-class _Job:
-    """One request's generation: ``n`` choices for each input text, all with the same settings."""
-
-    texts: list[str]
-    n: int
-    sampling: SamplingConfig
-    stop: tuple[str, ...]
-    seeded: bool
-    strip: bool  # chat answers are stripped like generate_texts'; raw completions are not
-    method: Method
-    future: Future = dataclasses.field(default_factory=Future)
-    prompt_tokens: int = 0
-
-    @property
-    def rows(self) -> int:
-        return len(self.texts) * self.n
-
-    def key(self) -> object:
-        # A seeded job is keyed by itself: it never shares a batch, so its text never depends on others.
-        if self.seeded:
-            return self
-        return (self.method, self.sampling, self.stop)
-
-
-class _Batcher:
-    """A queue served by one worker thread that runs compatible waiting jobs as one batch.
-
-    It never waits to fill a batch: jobs arriving while a batch runs form the next one, so a lone
-    request pays no extra latency. The oldest job is always in the next batch (no starvation).
-    """
-
-    def __init__(self, run: Callable[[list[_Job]], None], max_batch: int):
-        self._run, self._max = run, max_batch
-        self._pending: deque[_Job] = deque()
-        self._cond = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._closed = False
-        self.batches = self.jobs = 0
-
-    def submit(self, job: _Job) -> Future:
-        with self._cond:
-            if self._closed:
-                raise ApiError("the server is shutting down", status=503)
-            if self._thread is None:  # started on first use, so a TestClient without lifespan works
-                self._thread = threading.Thread(target=self._loop, name="personalign-generate", daemon=True)
-                self._thread.start()
-            self._pending.append(job)
-            self._cond.notify()
-        return job.future
-
-    def pending(self) -> int:
-        with self._cond:
-            return len(self._pending)
-
-    def _take(self) -> list[_Job] | None:
-        with self._cond:
-            while not self._pending and not self._closed:
-                self._cond.wait()
-            if not self._pending:
-                return None
-            first = self._pending.popleft()
-            batch, rows, rest = [first], first.rows, deque()
-            for job in self._pending:
-                if job.key() == first.key() and rows + job.rows <= self._max:
-                    batch.append(job)
-                    rows += job.rows
-                else:
-                    rest.append(job)
-            self._pending = rest
-            return batch
-
-    def _loop(self) -> None:
-        while (batch := self._take()) is not None:
-            live = [job for job in batch if job.future.set_running_or_notify_cancel()]
-            if not live:
-                continue
-            self.batches += 1
-            self.jobs += len(live)
-            try:
-                self._run(live)
-            except Exception as exc:  # noqa: BLE001 - a failed batch fails its requests, not the worker
-                log.exception("generation failed")
-                error = exc if isinstance(exc, PersonalignError) else ApiError(
-                    f"generation failed: {type(exc).__name__}: {exc}", status=500)
-                for job in live:
-                    if not job.future.done():
-                        job.future.set_exception(error)
-
-    def close(self, timeout: float = 30.0) -> None:
-        """Finish the jobs already queued, then stop the worker."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-
-def _generate_batch(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", jobs: list[_Job]) -> None:
-    """Run compatible jobs as one ``model.generate`` call and resolve their futures.
-
-    Mirrors :func:`personalign.generation.generate_texts` (same tokenisation, eos ids, seeding and
-    decoding kwargs, so a seeded request equals ``generate_texts`` on its text), but keeps the token
-    ids, which the response needs for ``usage`` and ``finish_reason``.
-    """
-    import torch
-
-    ctx = getattr(model.config, "max_position_embeddings", None)
-    add_special = not getattr(tokenizer, "chat_template", None)
-    ready: list[_Job] = []
-    for job in jobs:  # tokenised here, in the worker: fast tokenizers are not safe across threads
-        lengths = [len(ids) for ids in tokenizer(job.texts, add_special_tokens=add_special)["input_ids"]]
-        job.prompt_tokens = sum(lengths)
-        if ctx and max(lengths) + job.sampling.max_new_tokens > ctx:
-            job.future.set_exception(ApiError(
-                f"the prompt has {max(lengths)} tokens; with max_tokens {job.sampling.max_new_tokens} that "
-                f"exceeds the model's context of {ctx} tokens; shorten the prompt or lower max_tokens",
-                param="max_tokens"))
-        else:
-            ready.append(job)
-    if not ready:
-        return
-    first = ready[0]
-    eos = eos_token_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    kwargs = first.sampling.generate_kwargs()
-    if first.stop:  # stop each row as soon as it ends with a stop string (cut from the text below)
-        kwargs.update(stop_strings=list(first.stop), tokenizer=tokenizer)
-    tokenizer.padding_side = "left"
-    rows = [text for job in ready for text in job.texts for _ in range(job.n)]
-    enc = tokenizer(rows, return_tensors="pt", padding=True, add_special_tokens=add_special)
-    enc = enc.to(next(model.parameters()).device)
-    seed = first.sampling.seed if first.seeded else secrets.randbits(62)
-    torch.manual_seed(batch_seed(seed, 0))
-    with torch.inference_mode():
-        out = model.generate(**enc, eos_token_id=eos, pad_token_id=pad_id, **kwargs)
-    new = out[:, enc["input_ids"].shape[1]:].tolist()  # (rows, T_new)
-    ends = set(eos) | {pad_id}
-    i = 0
-    for job in ready:
-        choices = [_finish(tokenizer, ids, ends, job) for ids in new[i : i + job.rows]]
-        i += job.rows
-        job.future.set_result(choices)
-
-
-def _finish(tokenizer: "PreTrainedTokenizerBase", ids: list[int], ends: set[int], job: _Job) -> tuple[str, str, int]:
-    """(text, finish_reason, completion tokens) of one generated row."""
-    end = next((k for k, t in enumerate(ids) if t in ends), len(ids))
-    text = tokenizer.decode(ids[:end], skip_special_tokens=True)
-    cuts = [text.find(s) for s in job.stop if s in text]
-    if cuts:  # the stop string itself is not returned, as in OpenAI's API
-        text, reason, count = text[: min(cuts)], "stop", end
-    elif end < len(ids):
-        reason, count = "stop", end + 1  # the end-of-sequence token was generated
-    else:
-        reason, count = "length", len(ids)
-    return (text.strip() if job.strip else text), reason, count
-
-
-# -- request parsing ----------------------------------------------------------------------------
 
 
 def _short(value: object) -> str:
@@ -257,8 +81,8 @@ def _number(body: Mapping[str, Any], key: str, default: Any, integer: bool = Fal
     if integer and isinstance(value, float) and value.is_integer():
         value = int(value)
     ok = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, ok):
-        raise ApiError(f"{key} must be {'an integer' if integer else 'a number'}, got {_short(value)}", key)
+    if isinstance(value, bool) or not isinstance(value, ok) or not math.isfinite(value):  # JSON may say NaN
+        raise ApiError(f"{key} must be {'an integer' if integer else 'a finite number'}, got {_short(value)}", key)
     return value
 
 
@@ -271,8 +95,8 @@ class _Service:
         self.default_method, self.space = default_method, space
         self.batcher = _Batcher(lambda jobs: _generate_batch(model, tokenizer, jobs), max_batch)
 
-    def _common(self, body: Mapping[str, Any], fields: set[str]) -> tuple[SamplingConfig, int, tuple[str, ...], bool,
-                                                                          Method, Preference | None]:
+    def _parse(self, body: Mapping[str, Any], fields: set[str], chat: bool) -> tuple[_Job, Preference | None]:
+        """The settings every endpoint shares, as a job without inputs, and the parsed preference."""
         for key, value in body.items():
             if key in _NEUTRAL_ONLY:
                 if value and value not in ({"type": "text"}, "none", "auto"):
@@ -326,26 +150,26 @@ class _Service:
             preference = self.space.parse(prefs) if prefs is not None else None
         except PersonalignError as exc:  # names the bad side and lists the valid ones
             raise ApiError(str(exc), "preferences") from None
-        return sampling, n, tuple(stop), seed is not None, method, preference
+        return _Job([], n, sampling, tuple(stop), seed is not None, chat, method), preference
 
     def chat_job(self, body: Mapping[str, Any]) -> _Job:
-        sampling, n, stop, seeded, method, pref = self._common(body, _COMMON | {"messages"})
+        job, pref = self._parse(body, _COMMON | {"messages"}, chat=True)
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise ApiError("messages is required: a non-empty list of {role, content} objects", "messages")
         convo = [self._message(i, m) for i, m in enumerate(messages)]
         users = [i for i, m in enumerate(convo) if m["role"] == "user"]
-        if method is Method.PROMPT and pref is not None:
+        if job.method is Method.PROMPT and pref is not None:
             if not users:
                 raise ApiError("preferences with method 'prompt' need a user message to append to", "messages")
-            convo[users[-1]]["content"] = apply_method(method, pref, convo[users[-1]]["content"])
+            convo[users[-1]]["content"] = apply_method(job.method, pref, convo[users[-1]]["content"])
         if not getattr(self.tokenizer, "chat_template", None):
             raise ApiError(f"model {self.model_name!r} has no chat template; use /v1/completions", "messages")
         try:
-            text = self.tokenizer.apply_chat_template(convo, tokenize=False, add_generation_prompt=True)
+            job.texts = [self.tokenizer.apply_chat_template(convo, tokenize=False, add_generation_prompt=True)]
         except Exception as exc:  # noqa: BLE001 - e.g. a template that demands alternating roles
             raise ApiError(f"the model's chat template rejected the messages: {exc}", "messages") from None
-        return _Job([text], n, sampling, stop, seeded, True, method)
+        return job
 
     @staticmethod
     def _message(i: int, m: object) -> dict[str, str]:
@@ -362,17 +186,19 @@ class _Service:
         return {"role": m["role"], "content": content}
 
     def completion_job(self, body: Mapping[str, Any]) -> _Job:
-        sampling, n, stop, seeded, method, pref = self._common(body, _COMMON | {"prompt"})
+        job, pref = self._parse(body, _COMMON | {"prompt"}, chat=False)
         prompt = body.get("prompt")
         prompts = [prompt] if isinstance(prompt, str) else prompt
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p for p in prompts):
             raise ApiError("prompt is required: a non-empty string or list of strings", "prompt")
-        if len(prompts) * n > self.max_batch:
-            raise ApiError(f"this request asks for {len(prompts) * n} completions; the server generates at "
+        job.texts = [apply_method(job.method, pref, p) for p in prompts]
+        if job.rows > self.max_batch:
+            raise ApiError(f"this request asks for {job.rows} completions; the server generates at "
                            f"most {self.max_batch} per request", "prompt")
-        return _Job([apply_method(method, pref, p) for p in prompts], n, sampling, stop, seeded, False, method)
+        return job
 
-    def respond(self, job: _Job, choices: list[tuple[str, str, int]], chat: bool) -> dict[str, Any]:
+    def respond(self, job: _Job, choices: list[tuple[str, str, int]]) -> dict[str, Any]:
+        chat = job.chat
         if chat:
             items = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
                       "finish_reason": reason} for i, (text, reason, _) in enumerate(choices)]
@@ -429,12 +255,12 @@ def create_app(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", m
                 raise ApiError("the request body must be a JSON object")
             job = service.chat_job(body) if chat else service.completion_job(body)
             choices = await asyncio.wrap_future(service.batcher.submit(job))
-            return service.respond(job, choices, chat)
+            return service.respond(job, choices)
         except ApiError as exc:
             return error(exc)
         except PersonalignError as exc:
             return error(ApiError(str(exc)))
-        except Exception as exc:  # noqa: BLE001 - a bug answers 500 and leaves the server up
+        except Exception as exc:  # a bug answers 500 and the server stays up
             log.exception("request failed")
             return error(ApiError(f"internal error: {type(exc).__name__}: {exc}", status=500))
 

@@ -1,0 +1,355 @@
+"""The OpenAI-compatible server on the tiny random llama: shapes, preferences, seeds, errors, batching."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient
+
+from personalign.data import build_user_message, format_chat
+from personalign.generation import Method, SamplingConfig, generate_texts
+from personalign.preferences import parse_preference
+from personalign.serve import create_app, running_server
+from personalign.serve.app import _Batcher, _Job
+
+USER = [{"role": "user", "content": "Explain rain."}]
+
+
+@pytest.fixture()
+def client(tiny):
+    model, tok = tiny
+    with TestClient(create_app(model, tok, "tiny")) as c:
+        yield c
+
+
+def chat(client, **body):
+    return client.post("/v1/chat/completions", json={"model": "tiny", "messages": USER, **body})
+
+
+def test_models_and_health(client):
+    assert client.get("/v1/models").json()["data"][0]["id"] == "tiny"
+    assert client.get("/health").json()["status"] == "ok"
+
+
+def test_chat_completion_shape_and_usage(client, tiny):
+    _, tok = tiny
+    r = chat(client, max_tokens=6, seed=1, method="vanilla")
+    assert r.status_code == 200
+    out = r.json()
+    assert out["object"] == "chat.completion" and out["model"] == "tiny" and out["id"].startswith("chatcmpl-")
+    (choice,) = out["choices"]
+    assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
+    assert choice["finish_reason"] in ("stop", "length")
+    usage = out["usage"]
+    prompt = tok.apply_chat_template(USER, tokenize=False, add_generation_prompt=True)
+    assert usage["prompt_tokens"] == len(tok(prompt, add_special_tokens=False)["input_ids"])
+    assert 1 <= usage["completion_tokens"] <= 6
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def spy_messages(monkeypatch, tok) -> list:
+    """Record the conversations rendered by the chat template: exactly what the model is given."""
+    seen: list = []
+    original = tok.apply_chat_template
+
+    def spy(messages, *args, **kwargs):
+        seen.append([dict(m) for m in messages])
+        return original(messages, *args, **kwargs)
+
+    monkeypatch.setattr(tok, "apply_chat_template", spy)
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("prefs", "method", "suffix"),
+    [
+        ("1A,2A,3A", "prompt", parse_preference("1A,2A,3A").prompt()),
+        ("concise=0.7,informative=0.3", "prompt", parse_preference("P2A").prompt()),  # dominant side
+        ("1A,2A,3A", "vanilla", ""),
+        (None, "prompt", ""),
+    ],
+)
+def test_preferences_are_appended_to_the_last_user_message(client, tiny, monkeypatch, prefs, method, suffix):
+    _, tok = tiny
+    seen = spy_messages(monkeypatch, tok)
+    convo = [{"role": "system", "content": "Be brief."}, *USER, {"role": "assistant", "content": "Rain is water."},
+             {"role": "user", "content": "And snow? "}]
+    body = {"messages": convo, "max_tokens": 2, "method": method}
+    if prefs is not None:
+        body["preferences"] = prefs
+    assert chat(client, **body).status_code == 200
+    (sent,) = seen
+    assert sent[:3] == convo[:3]  # earlier turns untouched
+    # With a preference prompt: one space after the stripped instruction, as build_user_message does;
+    # without one the message is passed through untouched.
+    assert sent[3]["content"] == (f"And snow? {suffix}" if suffix else "And snow? ")
+
+
+def test_seeded_request_equals_generate_texts_and_repeats(client, tiny):
+    model, tok = tiny
+    pref = parse_preference("1B,2B,3B")
+    body = {"max_tokens": 12, "temperature": 1.0, "top_p": 1.0, "seed": 7, "preferences": "1B,2B,3B"}
+    first = chat(client, **body).json()
+    assert chat(client, **body).json()["choices"] == first["choices"]
+    text = format_chat(tok, build_user_message("Explain rain.", pref.prompt()))
+    (ref,) = generate_texts(model, tok, [text], SamplingConfig(max_new_tokens=12, temperature=1.0, top_p=1.0, seed=7))
+    assert first["choices"][0]["message"]["content"] == ref
+    assert first["usage"]["prompt_tokens"] == len(tok(text, add_special_tokens=False)["input_ids"])
+    other = chat(client, **{**body, "seed": 8}).json()
+    assert other["choices"][0]["message"]["content"] != ref
+
+
+def test_n_choices_are_distinct_and_reproducible(client):
+    body = {"max_tokens": 10, "temperature": 1.0, "top_p": 1.0, "seed": 3, "n": 3}
+    a, b = chat(client, **body).json(), chat(client, **body).json()
+    texts = [c["message"]["content"] for c in a["choices"]]
+    assert [c["index"] for c in a["choices"]] == [0, 1, 2] and a["choices"] == b["choices"]
+    assert len(set(texts)) > 1
+    assert a["usage"]["completion_tokens"] <= 30  # summed over the choices
+    assert a["usage"]["prompt_tokens"] == chat(client, max_tokens=1).json()["usage"]["prompt_tokens"]  # counted once
+
+
+@pytest.mark.parametrize("max_tokens", [1, 5])
+def test_max_tokens_is_respected(client, max_tokens):
+    out = chat(client, max_tokens=max_tokens, temperature=0).json()
+    (choice,) = out["choices"]
+    assert out["usage"]["completion_tokens"] <= max_tokens
+    if choice["finish_reason"] == "length":
+        assert out["usage"]["completion_tokens"] == max_tokens
+
+
+def test_stop_strings_cut_the_text(client):
+    body = {"model": "tiny", "prompt": "Explain rain.", "max_tokens": 24, "temperature": 1.0, "top_p": 1.0,
+            "seed": 11}
+    unstopped = client.post("/v1/completions", json=body).json()
+    full = unstopped["choices"][0]["text"]
+    # A stop string taken from the middle of the unstopped text (the same seed gives the same prefix).
+    start = next(i for i in range(3, len(full) - 1) if full[i : i + 2].isascii() and full[i : i + 2].isalnum())
+    stop = full[start : start + 2]
+    out = client.post("/v1/completions", json={**body, "stop": ["\x00never", stop]}).json()
+    (choice,) = out["choices"]
+    assert choice["text"] == full[: full.index(stop)]
+    assert choice["finish_reason"] == "stop"
+    assert out["usage"]["completion_tokens"] < unstopped["usage"]["completion_tokens"]  # stopped early
+
+
+def test_completions_endpoint(client, tiny):
+    _, tok = tiny
+    r = client.post("/v1/completions", json={"model": "tiny", "prompt": ["Hello", "The heart"], "n": 2,
+                                             "max_tokens": 4, "seed": 0, "preferences": "2A", "method": "vanilla"})
+    out = r.json()
+    assert r.status_code == 200 and out["object"] == "text_completion"
+    assert [c["index"] for c in out["choices"]] == [0, 1, 2, 3]
+    assert all(isinstance(c["text"], str) and c["finish_reason"] in ("stop", "length") for c in out["choices"])
+    lengths = [len(tok(p, add_special_tokens=False)["input_ids"]) for p in ("Hello", "The heart")]
+    assert out["usage"]["prompt_tokens"] == sum(lengths)
+
+
+def test_completions_with_prompt_method_appends_preference(client, tiny):
+    _, tok = tiny
+    body = {"model": "tiny", "prompt": "Explain rain.", "max_tokens": 6, "temperature": 1.0, "top_p": 1.0,
+            "seed": 2, "preferences": "P3B"}
+    out = client.post("/v1/completions", json=body).json()
+    text = build_user_message("Explain rain.", parse_preference("P3B").prompt())
+    assert out["usage"]["prompt_tokens"] == len(tok(text, add_special_tokens=False)["input_ids"])
+
+
+BAD = [
+    ({"messages": None}, "messages", "messages is required"),
+    ({"messages": []}, "messages", "messages is required"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "messages", "messages[0] must be an object with role"),
+    ({"messages": [{"role": "user", "content": 3}]}, "messages", "messages[0].content must be a string"),
+    ({"preferences": "1A,9Z"}, "preferences", "unknown preference side '9Z'; valid sides: P1A"),
+    ({"preferences": "1A,1B"}, "preferences", "are both sides of 'expertise'"),
+    ({"preferences": "concise=lots"}, "preferences", "malformed weight"),
+    ({"preferences": 5}, "preferences", "preferences must be a string"),
+    ({"method": "soup"}, "method", "unknown method 'soup'; choose one of vanilla, prompt"),
+    ({"max_tokens": -3}, "max_tokens", "max_tokens must be at least 1, got -3"),
+    ({"max_tokens": "ten"}, "max_tokens", "max_tokens must be an integer"),
+    ({"max_tokens": 5000}, "max_tokens", "exceeds the model's context of 1024 tokens"),
+    ({"temperature": -1}, "temperature", "temperature must be in"),
+    ({"top_p": 0}, "top_p", "top_p must be in"),
+    ({"n": 0}, "n", "n must be between 1 and 8"),
+    ({"seed": 1.5}, "seed", "seed must be an integer"),
+    ({"stop": ""}, "stop", "stop must be"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "stop must be"),
+    ({"stream": True}, "stream", "stream is not supported"),
+    ({"logprobs": True}, "logprobs", "logprobs is not supported"),
+    ({"preference": "1A"}, "preference", "unknown field 'preference'"),
+    ({"max_tokens": 3, "max_completion_tokens": 3}, "max_completion_tokens", "not both"),
+    ({"model": None}, "model", "model is required"),
+    ({"messages": [{"role": "system", "content": "x"}], "preferences": "1A"}, "messages", "need a user message"),
+]
+
+
+@pytest.mark.parametrize(("patch", "param", "message"), BAD, ids=[f"{b[1]}-{i}" for i, b in enumerate(BAD)])
+def test_malformed_chat_requests_get_400(client, patch, param, message):
+    r = chat(client, **patch)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert message in err["message"] and "\n" not in err["message"]
+    assert err["type"] == "invalid_request_error" and err["param"] == param and err["code"] is None
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(b"{not json", "not valid JSON"), (b"[1, 2]", "must be a JSON object"), (b"\xff\xfe", "not valid JSON")],
+)
+def test_unparseable_bodies_get_400(client, content, message):
+    r = client.post("/v1/chat/completions", content=content, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and message in r.json()["error"]["message"]
+
+
+def test_nan_is_refused(client):
+    # Python's JSON parser accepts NaN; a NaN penalty would reach the sampler.
+    content = b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "repetition_penalty": NaN}'
+    r = client.post("/v1/chat/completions", content=content, headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    assert r.json()["error"]["message"] == "repetition_penalty must be a finite number, got nan"
+
+
+def test_other_errors_keep_the_openai_shape(client):
+    r = chat(client, model="gpt-4")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    r = client.post("/v1/completions", json={"model": "tiny", "prompt": ""})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    assert client.get("/v1/nothing").json()["error"]["message"] == "Not Found"
+
+
+def test_a_failing_generation_answers_500_and_the_server_keeps_serving(tiny, monkeypatch):
+    model, tok = tiny
+    original = model.generate
+    calls = iter([RuntimeError("boom\nsecond line")])
+
+    def flaky(*args, **kwargs):
+        exc = next(calls, None)
+        if exc is not None:
+            raise exc
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", flaky)
+    with TestClient(create_app(model, tok, "tiny")) as c:
+        r = chat(c, max_tokens=2)
+        assert r.status_code == 500 and r.json()["error"]["message"] == "generation failed: RuntimeError: boom second line"
+        assert chat(c, max_tokens=2).status_code == 200
+
+
+def test_batcher_groups_compatible_jobs_and_runs_seeded_ones_alone():
+    release = threading.Event()
+    batches: list[list[str]] = []
+
+    def run(jobs):
+        release.wait(5)
+        batches.append([job.texts[0] for job in jobs])
+        for job in jobs:
+            job.future.set_result(job.texts[0])
+
+    def job(name, seeded=False, temperature=0.7, n=1):
+        return _Job([name], n, SamplingConfig(temperature=temperature), (), seeded, True, Method.PROMPT)
+
+    batcher = _Batcher(run, max_batch=3)
+    jobs = [job("first"), job("s1", seeded=True), job("a"), job("b"), job("greedy", temperature=0),
+            job("c", n=2), job("d"), job("e"), job("s2", seeded=True)]
+    futures = [batcher.submit(j) for j in jobs]
+    release.set()
+    assert [f.result(5) for f in futures] == [j.texts[0] for j in jobs]
+    batcher.close()
+    # "first" runs alone (the worker took it before the rest arrived, or with its compatible
+    # followers); the seeded jobs never share a batch; no batch holds more than 3 rows.
+    flat = [name for b in batches for name in b]
+    assert sorted(flat) == sorted(j.texts[0] for j in jobs)
+    assert ["s1"] in batches and ["s2"] in batches and ["greedy"] in batches
+    assert any(len(b) > 1 for b in batches)
+    rows = {j.texts[0]: j.rows for j in jobs}
+    assert all(sum(rows[name] for name in b) <= 3 for b in batches)
+
+
+def test_seeded_requests_ignore_concurrent_traffic(tiny):
+    model, tok = tiny
+    app = create_app(model, tok, "tiny", max_batch=4)
+    seeded = [{"max_tokens": 8, "temperature": 1.0, "top_p": 1.0, "seed": s} for s in range(4)]
+    with TestClient(app) as c:
+        alone = [chat(c, **b).json()["choices"] for b in seeded]
+        noise = [{"max_tokens": 8, "temperature": 1.0}] * 6
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda b: chat(c, **b).json()["choices"], noise + seeded + noise))
+        assert results[6:10] == alone
+        assert c.get("/health").json()["jobs"] == 4 + 16
+
+
+def test_openai_client_over_http(tiny):
+    openai = pytest.importorskip("openai")
+    model, tok = tiny
+    with running_server(create_app(model, tok, "tiny")) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="EMPTY", max_retries=0)
+        r = client.chat.completions.create(model="tiny", messages=USER, max_tokens=3, seed=1,
+                                           extra_body={"preferences": "1A,2A,3A"})
+        assert r.choices[0].finish_reason in ("stop", "length") and r.usage.completion_tokens <= 3
+        assert client.completions.create(model="tiny", prompt="Hi", max_tokens=2).choices[0].text is not None
+        assert [m.id for m in client.models.list()] == ["tiny"]
+        with pytest.raises(openai.BadRequestError, match="unknown preference side 'zz'"):
+            client.chat.completions.create(model="tiny", messages=USER, extra_body={"preferences": "zz"})
+
+
+def test_import_needs_no_fastapi_and_building_the_app_gives_the_install_hint():
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('fastapi', 'uvicorn'): raise ImportError(name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import personalign.serve as s\n"
+        "try:\n"
+        "    s.create_app(None, None, 'x')\n"
+        "except Exception as e:\n"
+        "    print(type(e).__name__, e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "PersonalignError the server needs the 'serve' extra: pip install 'personalign[serve]'"
+
+
+def test_run_server_checks_its_arguments_before_loading_a_model(tmp_path):
+    from personalign.errors import ConfigError, PreferenceError
+    from personalign.serve import run_server
+
+    with pytest.raises(PreferenceError, match="does not exist"):
+        run_server(dimensions=str(tmp_path / "missing.yaml"))
+    with pytest.raises(ConfigError, match="unknown method 'soup'"):
+        run_server(default_method="soup")
+
+
+def test_run_server_serves_a_model_folder(tiny_model_dir):
+    import socket
+    import time
+
+    import httpx2
+
+    with socket.socket() as s:  # a free port (released just before the server takes it)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = f"from personalign.serve import run_server; run_server({str(tiny_model_dir)!r}, port={port}, device='cpu')"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                models = httpx2.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).json()
+                break
+            except httpx2.TransportError:
+                assert proc.poll() is None, proc.stderr.read().decode()
+                assert time.monotonic() < deadline, "the server did not start within 60 s"
+                time.sleep(0.2)
+        assert models["data"][0]["id"] == str(tiny_model_dir)
+        body = {"model": str(tiny_model_dir), "messages": USER, "max_tokens": 2, "preferences": "P2A"}
+        r = httpx2.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=30)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 2
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
