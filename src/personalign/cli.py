@@ -50,8 +50,15 @@ def _friendly_errors(fn: F) -> F:
 @app.callback()
 def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch (default: all cores). Use 1 when sharing the machine with another job: oversubscribed threads slow torch down many times over.")] = None,
 ) -> None:
     _STATE["debug"] = debug
+    if threads is not None:
+        if threads < 1:
+            raise typer.BadParameter("--threads must be at least 1")
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 # Options shared by several commands.
