@@ -1,12 +1,45 @@
-"""Evaluation math: judge agreement (and, with the evaluation harness, win rates, confidence
-intervals and Pareto metrics). Pure functions, tested against hand-computed values."""
+"""Evaluation math: judge agreement, win rates, bootstrap confidence intervals and Pareto metrics.
+
+Pure functions, tested against hand-computed values. The paper's protocol (METHODS.md section 2 item 6):
+for each instruction and criterion a judge compares the method's response with a reference method's,
+once in each presentation order. Vocabulary used throughout:
+
+* a judge *verdict* is ``"a"``, ``"b"`` or ``"tie"``: which of the two shown responses is better;
+* an *outcome* is ``"win"``, ``"loss"`` or ``"tie"`` from the evaluated method's side
+  (:func:`outcome` converts a verdict, given where the method's response was shown);
+* a *win rate* is the mean score of outcomes with win = 1, tie = 0.5, loss = 0.
+
+Confidence intervals are percentile bootstraps over instructions (the unit that was sampled), seeded so a
+report is reproducible.
+"""
 
 from __future__ import annotations
 
+import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
 
-__all__ = ["agreement"]
+import numpy as np
+
+from personalign.errors import ConfigError, DataError
+
+__all__ = [
+    "SCORES",
+    "WinRate",
+    "agreement",
+    "combine_orders",
+    "hypervolume_2d",
+    "mean_win_rate_ci",
+    "outcome",
+    "pareto_front",
+    "win_rate",
+    "win_rate_ci",
+]
+
+Outcome = Literal["win", "loss", "tie"]
+SCORES: dict[str, float] = {"win": 1.0, "tie": 0.5, "loss": 0.0}
 
 
 def agreement(x: Sequence[str], y: Sequence[str]) -> dict[str, float]:
@@ -25,3 +58,166 @@ def agreement(x: Sequence[str], y: Sequence[str]) -> dict[str, float]:
     p_e = sum(cx[k] * cy[k] for k in set(cx) | set(cy)) / (n * n)
     kappa = 1.0 if p_e == 1 else (p_o - p_e) / (1 - p_e)
     return {"pairs": n, "agreement": p_o, "kappa": kappa}
+
+
+# ---------------------------------------------------------------- outcomes and win rates
+
+
+@dataclass(frozen=True)
+class WinRate:
+    """A win rate with its bootstrap interval: ``value`` is computed on all ``n`` instructions, ``low`` and
+    ``high`` are the percentile bounds at ``confidence``."""
+
+    value: float
+    low: float
+    high: float
+    n: int
+    confidence: float
+
+
+def outcome(verdict: str, method_shown_as: str) -> Outcome:
+    """The method's outcome from a judge verdict, given where its response was shown (``"a"`` or ``"b"``)."""
+    if method_shown_as not in ("a", "b"):
+        raise ConfigError(f"method_shown_as={method_shown_as!r} is invalid: use 'a' or 'b'")
+    if verdict not in ("a", "b", "tie"):
+        raise DataError(f"judge verdict {verdict!r} is invalid: a verdict is 'a', 'b' or 'tie'")
+    if verdict == "tie":
+        return "tie"
+    return "win" if verdict == method_shown_as else "loss"
+
+
+def combine_orders(first: str, second: str) -> Outcome:
+    """One outcome for a pair judged in both presentation orders (each already an outcome for the method).
+
+    Agreeing orders keep their outcome; any disagreement, including win + tie, is a tie: an answer that
+    changes with the position is position bias, not a preference (as MT-Bench scores inconsistent pairs).
+    """
+    for o in (first, second):
+        _check_outcome(o, "combine_orders")
+    return first if first == second else "tie"  # type: ignore[return-value]
+
+
+def win_rate(outcomes: Sequence[str]) -> float:
+    """Mean score of the outcomes: win 1, tie 0.5, loss 0."""
+    return float(_scores(outcomes, "win_rate").mean())
+
+
+def win_rate_ci(
+    outcomes: Sequence[str], *, confidence: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> WinRate:
+    """Win rate with a percentile-bootstrap interval, resampling instructions (one outcome each)."""
+    scores = _scores(outcomes, "win_rate_ci")
+    low, high = _bootstrap(scores, confidence, resamples, seed)
+    return WinRate(float(scores.mean()), low, high, len(scores), confidence)
+
+
+def mean_win_rate_ci(
+    table: Mapping[str, Sequence[str]], *, confidence: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> WinRate:
+    """The average of several win rates (criteria, combinations) with an interval for the average.
+
+    ``table`` maps a column name (e.g. ``"1A,2A,3A/P1A"``) to outcomes aligned by instruction: position
+    ``i`` of every column is instruction ``i``. Instructions are resampled jointly, all columns at once,
+    so the interval reflects that columns judged on the same instructions move together; separate
+    per-column intervals cannot be averaged into a correct one. With equal-length columns the average of
+    column win rates is the mean over instructions of each instruction's row mean, which is what is
+    bootstrapped.
+    """
+    if not table:
+        raise DataError("mean_win_rate_ci got no columns: give at least one criterion's outcomes")
+    columns = {name: _scores(col, f"column {name!r}") for name, col in table.items()}
+    lengths = {name: len(col) for name, col in columns.items()}
+    if len(set(lengths.values())) > 1:
+        raise DataError(
+            f"columns cover different numbers of instructions {lengths}: every column needs one outcome per "
+            "instruction, in the same instruction order"
+        )
+    rows = np.stack(list(columns.values()), axis=1).mean(axis=1)  # (n_instructions,)
+    low, high = _bootstrap(rows, confidence, resamples, seed)
+    return WinRate(float(rows.mean()), low, high, len(rows), confidence)
+
+
+def _check_outcome(o: object, where: str) -> None:
+    if o in SCORES:
+        return
+    if o in ("a", "b"):
+        raise DataError(
+            f"{where} got the judge verdict {o!r}, not an outcome: convert it with outcome(verdict, "
+            "method_shown_as) first"
+        )
+    raise DataError(f"{where} got {o!r}: an outcome is 'win', 'loss' or 'tie'")
+
+
+def _scores(outcomes: Sequence[str], where: str) -> np.ndarray:
+    if isinstance(outcomes, str):
+        raise DataError(f"{where} got the string {outcomes!r}: give a list of outcomes, e.g. ['win', 'tie']")
+    if len(outcomes) == 0:
+        raise DataError(f"{where} got no outcomes: a win rate needs at least one judged pair")
+    for o in outcomes:
+        _check_outcome(o, where)
+    return np.array([SCORES[o] for o in outcomes], dtype=np.float64)
+
+
+def _bootstrap(values: np.ndarray, confidence: float, resamples: int, seed: int) -> tuple[float, float]:
+    """Percentile bootstrap of the mean of ``values`` (one per instruction)."""
+    if not (0 < confidence < 1):
+        raise ConfigError(f"confidence={confidence!r} is invalid: it must be in (0, 1), e.g. 0.95")
+    if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 1:
+        raise ConfigError(f"resamples={resamples!r} is invalid: it must be a positive integer, e.g. 2000")
+    rng = np.random.default_rng(seed)
+    n = len(values)
+    means = np.empty(resamples)
+    chunk = max(1, 2**20 // n)  # bound the (chunk, n) index matrix to about 8 MB
+    for start in range(0, resamples, chunk):
+        stop = min(resamples, start + chunk)
+        means[start:stop] = values[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(means, [tail, 1 - tail])
+    return float(low), float(high)
+
+
+# ---------------------------------------------------------------- Pareto metrics (maximise both axes)
+
+
+def pareto_front(points: Sequence[Sequence[float]]) -> list[int]:
+    """Indices of the points no other point dominates (>= on both axes, > on one), sorted by x.
+
+    Duplicated front points are all kept: neither dominates the other.
+    """
+    pts = _points(points, "pareto_front")
+    front = [
+        i for i, (x, y) in enumerate(pts)
+        if not any(u >= x and v >= y and (u > x or v > y) for u, v in pts)
+    ]
+    return sorted(front, key=lambda i: (pts[i][0], -pts[i][1], i))
+
+
+def hypervolume_2d(points: Sequence[Sequence[float]], reference: Sequence[float]) -> float:
+    """Area dominated by ``points`` and dominating ``reference`` (maximise both axes).
+
+    Points not strictly better than the reference on both axes add nothing. Sweeping the points by x
+    from right to left, each one adds the strip between the highest y seen so far and its own y.
+    """
+    pts = _points(points, "hypervolume_2d")
+    [(rx, ry)] = _points([reference], "hypervolume_2d reference")
+    area, top = 0.0, ry
+    for x, y in sorted(pts, key=lambda p: (-p[0], -p[1])):
+        if x > rx and y > top:
+            area += (x - rx) * (y - top)
+            top = y
+    return area
+
+
+def _points(points: Sequence[Sequence[float]], where: str) -> list[tuple[float, float]]:
+    if len(points) == 0:
+        raise DataError(f"{where} got no points: evaluate at least one method first")
+    out = []
+    for i, p in enumerate(points):
+        try:
+            x, y = (float(v) for v in p)
+        except (TypeError, ValueError):
+            raise DataError(f"{where}: point {i} is {p!r}; every point is two numbers (x, y)") from None
+        if not (math.isfinite(x) and math.isfinite(y)):
+            raise DataError(f"{where}: point {i} is {p!r}; coordinates must be finite numbers")
+        out.append((x, y))
+    return out

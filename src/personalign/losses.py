@@ -18,6 +18,7 @@ __all__ = [
     "pairwise_accuracy",
     "ppo_policy_loss",
     "ppo_value_loss",
+    "rebel_loss",
     "sequence_policy_loss",
 ]
 
@@ -191,3 +192,25 @@ class AdaptiveKLController:
         err = max(-0.2, min(0.2, kl / self.target - 1))
         self.value *= 1 + err * n_steps / self.horizon
         return self.value
+
+
+def rebel_loss(logp_y: torch.Tensor, logp_old_y: torch.Tensor, logp_yp: torch.Tensor, logp_old_yp: torch.Tensor,
+               u_y: torch.Tensor, u_yp: torch.Tensor, eta: float) -> torch.Tensor:
+    """REBEL (Gao et al. 2024): regress the relative log-ratio of two responses onto their utility gap.
+
+    Inputs are per-sequence values (B,): log-probs summed over response tokens under the current and the
+    sampling policy, and utilities. With D(y) = logp(y) - logp_old(y) the loss is
+    mean(((D(y) - D(y')) / eta - (U(y) - U(y')))^2).
+    """
+    from personalign.errors import ConfigError
+
+    if not eta > 0:
+        raise ConfigError(f"REBEL eta must be positive, got {eta}; a typical value is 1.0")
+    tensors = {"logp_y": logp_y, "logp_old_y": logp_old_y, "logp_yp": logp_yp, "logp_old_yp": logp_old_yp,
+               "u_y": u_y, "u_yp": u_yp}
+    for name, x in tensors.items():
+        if x.dim() != 1 or x.shape != logp_y.shape:
+            raise ValueError(f"REBEL input {name} has shape {tuple(x.shape)}; every input must be (B,) = "
+                             f"{tuple(logp_y.shape)}, one value per sequence")
+    d = (logp_y - logp_old_y) - (logp_yp - logp_old_yp)  # (B,)
+    return ((d / eta - (u_y - u_yp)) ** 2).mean()

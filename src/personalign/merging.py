@@ -1,0 +1,566 @@
+"""Merging LoRA experts trained on one base model: the P-Soups average, the exact weighted sum, TIES, DARE.
+
+Everything here works on plain adapter state dicts (what peft's ``get_peft_model_state_dict`` returns and
+``adapter_model.safetensors`` holds, keys like ``...q_proj.lora_A.weight``) plus each adapter's LoRA
+settings, so every rule is a pure function that can be tested on delta weights. For a module with factors
+``A`` (r, in) and ``B`` (out, r) the adapter's delta weight is ``scale * B @ A``, ``scale = alpha / r``
+(``alpha / sqrt(r)`` for rsLoRA).
+
+Methods (METHODS.md section 2 item 5):
+
+* ``psoups`` - the paper's rule: ``lora_A`` and ``lora_B`` are averaged *separately*, so the update is
+  ``mean(B) @ mean(A)``, cross terms included. With weights ``w``: ``A = sum_i (|w_i| / sum_j |w_j|) A_i``
+  and ``B = sum_i w_i B_i``. Uniform weights ``1/k`` give the paper's average exactly; weight ``w`` on a
+  single adapter gives ``w`` times its delta (negative weights subtract); and whenever the experts share
+  ``A`` the result equals ``exact`` with the same weights, so one weight vector means the same thing in
+  every method. Needs equal ranks.
+* ``exact`` - ``sum_i w_i * scale_i * B_i @ A_i`` exactly, as a LoRA of rank ``sum(r_i)`` (A stacked on
+  rows, weighted and scaled B side by side), servable by peft as an ordinary adapter; optionally
+  compressed to a given rank by truncated SVD.
+* ``ties``, ``dare``, ``dare_ties`` - peft's task-arithmetic merges applied to each module's delta weights,
+  then factored back to a LoRA by truncated SVD (reported error).
+
+Weights are real numbers (negative allowed); pass ``Preference.normalized()`` for an average. All merge
+math runs on CPU in float32, one module at a time; results are cast back to the adapters' dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from personalign.errors import ConfigError, ModelError
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+
+__all__ = [
+    "METHODS",
+    "LoraAdapter",
+    "MergeReport",
+    "adapter_from_model",
+    "adapter_from_state_dict",
+    "compress_adapter",
+    "delta_weights",
+    "load_adapter",
+    "merge_adapters",
+    "save_adapter",
+]
+
+METHODS = ("psoups", "exact", "ties", "dare", "dare_ties")
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+_A, _B = ".lora_A.weight", ".lora_B.weight"
+# LoRA initialisations that rewrite the base weights: their adapters only make sense on that rewritten base.
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+# Hints for tensors a LoRA merge cannot handle, matched by substring of the state-dict key.
+_UNSUPPORTED_KEYS = {
+    "lora_magnitude_vector": "DoRA magnitudes do not combine linearly; merge plain LoRA experts",
+    "lora_embedding_": "embedding LoRA is not supported; target linear layers only",
+    "modules_to_save": "fully trained modules (modules_to_save) cannot be weighted; retrain without them",
+    ".lora_B.bias": "LoRA biases (lora_bias=True) are not supported; retrain with lora_bias=False",
+}
+
+
+@dataclass(frozen=True, eq=False)
+class LoraAdapter:
+    """One LoRA adapter: its state dict and the settings that give its tensors meaning.
+
+    ``tensors`` maps peft state-dict keys (adapter name removed) to tensors; treat it as read-only.
+    ``config`` keeps the full peft config so a saved adapter round-trips; the explicit fields win over it.
+    Validated on construction, so an adapter that exists is one the merge rules can handle.
+    """
+
+    tensors: Mapping[str, torch.Tensor] = field(repr=False)
+    r: int
+    lora_alpha: float
+    target_modules: tuple[str, ...] | str
+    base_model: str | None
+    use_rslora: bool = False
+    config: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ModelError(f"LoRA rank r={self.r!r} is invalid: it must be a positive integer")
+        if not math.isfinite(float(self.lora_alpha)):
+            raise ModelError(f"lora_alpha={self.lora_alpha!r} is invalid: it must be a finite number")
+        if not self.tensors:
+            raise ModelError("adapter has no LoRA tensors: save the trained adapter with its weights")
+        for key in self.tensors:
+            if not key.endswith((_A, _B)):
+                hint = next((h for s, h in _UNSUPPORTED_KEYS.items() if s in key), None)
+                raise ModelError(
+                    f"adapter tensor {key!r} cannot be merged: "
+                    + (hint or "only LoRA linear layers (lora_A/lora_B weights) can be merged")
+                )
+        for module in self.modules:
+            a, b = self.tensors.get(module + _A), self.tensors.get(module + _B)
+            if a is None or b is None:
+                missing = _A if a is None else _B
+                raise ModelError(
+                    f"adapter module {module!r} lacks {missing.lstrip('.')}: the state dict is incomplete"
+                )
+            if a.dim() != 2 or b.dim() != 2:
+                raise ModelError(
+                    f"adapter module {module!r} has {a.dim()}-d lora_A: only linear layers can be merged "
+                    "(convolution LoRA is not supported)"
+                )
+            if a.shape[0] != self.r or b.shape[1] != self.r:
+                raise ModelError(
+                    f"adapter module {module!r} has rank {a.shape[0]} (lora_A {tuple(a.shape)}, lora_B "
+                    f"{tuple(b.shape)}) but the config says r={self.r}: per-module ranks (rank_pattern) "
+                    "are not supported"
+                )
+
+    @property
+    def scale(self) -> float:
+        """The factor peft multiplies ``B @ A`` by."""
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        """Module keys (state-dict prefixes before ``.lora_A.weight``), sorted."""
+        return tuple(sorted({k[: -len(_A)] if k.endswith(_A) else k[: -len(_B)] for k in self.tensors}))
+
+    def factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` of one module as CPU float32: A (r, in), B (out, r)."""
+        return _f32(self.tensors[module + _A]), _f32(self.tensors[module + _B])
+
+
+@dataclass(frozen=True)
+class MergeReport:
+    """What a merge did and how far its result is from the exact weighted sum.
+
+    ``svd_error``: per module, relative Frobenius error of the truncated-SVD factorisation (empty when
+    nothing was factored). ``deviation``: per module, ``||delta_merged - delta_exact||_F / ||delta_exact||_F``
+    where ``delta_exact = sum_i w_i * delta_i``: the cross terms of ``psoups``, the pruning of TIES/DARE,
+    the truncation of a compressed ``exact`` merge (about 1e-7 for an uncompressed one).
+    """
+
+    method: str
+    weights: tuple[float, ...]
+    rank: int
+    svd_error: Mapping[str, float]
+    deviation: Mapping[str, float]
+
+    def summary(self) -> dict[str, float]:
+        """Largest and mean errors, with slash names as in ``metrics.jsonl``."""
+        out: dict[str, float] = {"merge/rank": float(self.rank)}
+        for name, values in (("svd_error", self.svd_error), ("deviation", self.deviation)):
+            if values:
+                out[f"merge/{name}_max"] = max(values.values())
+                out[f"merge/{name}_mean"] = sum(values.values()) / len(values)
+        return out
+
+
+# ---------------------------------------------------------------- reading and writing adapters
+
+
+def adapter_from_state_dict(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> LoraAdapter:
+    """An adapter from a peft state dict and its ``adapter_config.json`` contents (refusing variants
+    whose tensors do not combine as plain LoRA)."""
+    cfg = dict(config)
+    peft_type = str(cfg.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise ModelError(f"adapter is peft_type={peft_type!r}: only LoRA adapters can be merged")
+    refusals = [
+        (bool(cfg.get("use_dora")), "use_dora=True: DoRA magnitudes do not combine linearly"),
+        (bool(cfg.get("rank_pattern")), "a rank_pattern: per-module ranks are not supported"),
+        (bool(cfg.get("alpha_pattern")), "an alpha_pattern: per-module alphas are not supported"),
+        (bool(cfg.get("lora_bias")), "lora_bias=True: LoRA biases are not supported"),
+        (bool(cfg.get("target_parameters")), "target_parameters: only LoRA on linear modules is supported"),
+    ]
+    for bad, what in refusals:
+        if bad:
+            raise ModelError(f"adapter config has {what}; train the experts as plain LoRA to merge them")
+    init = cfg.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        raise ModelError(
+            f"adapter was initialised with init_lora_weights={init!r}, which rewrites the base weights; "
+            "convert it to a plain LoRA first (peft's save_pretrained with "
+            "path_initial_model_for_weight_conversion)"
+        )
+    targets = cfg.get("target_modules")
+    if targets is None:
+        raise ModelError("adapter config has no target_modules: it is not a LoRA adapter config")
+    targets = targets if isinstance(targets, str) else tuple(sorted(targets))
+    base = cfg.get("base_model_name_or_path") or None
+    return LoraAdapter(
+        tensors=dict(tensors),
+        r=cfg.get("r", 8),
+        lora_alpha=cfg.get("lora_alpha", 8),
+        target_modules=targets,
+        base_model=base,
+        use_rslora=bool(cfg.get("use_rslora", False)),
+        config=cfg,
+    )
+
+
+def adapter_from_model(model: PeftModel, adapter_name: str = "default") -> LoraAdapter:
+    """The named adapter of an in-memory ``PeftModel`` (after training, without a round trip to disk)."""
+    from peft.utils import get_peft_model_state_dict
+
+    if adapter_name not in model.peft_config:
+        raise ModelError(
+            f"the model has no adapter {adapter_name!r}; it has {', '.join(sorted(model.peft_config))}"
+        )
+    tensors = get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
+    config = _jsonable(model.peft_config[adapter_name].to_dict())
+    return adapter_from_state_dict({k: v.detach().clone() for k, v in tensors.items()}, config)
+
+
+def load_adapter(folder: str | Path) -> LoraAdapter:
+    """Read a peft adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``; never pickle)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    cfg_path, weights = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    if not cfg_path.is_file():
+        raise ModelError(f"no {CONFIG_FILE} in {folder}: give a folder written by peft's save_pretrained")
+    if not weights.is_file():
+        if (folder / "adapter_model.bin").is_file():
+            raise ModelError(
+                f"{folder} holds only adapter_model.bin (pickle), which is never loaded; re-save it with "
+                "save_pretrained(folder, safe_serialization=True)"
+            )
+        raise ModelError(f"no {WEIGHTS_FILE} in {folder}: the adapter's weights are missing")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelError(f"cannot read {cfg_path}: {exc}") from None
+    try:
+        tensors = load_file(weights)
+    except (OSError, SafetensorError) as exc:
+        raise ModelError(f"cannot read {weights}: {exc}") from None
+    return adapter_from_state_dict(tensors, config)
+
+
+def save_adapter(adapter: LoraAdapter, folder: str | Path) -> Path:
+    """Write ``adapter`` as a peft adapter folder that ``PeftModel.from_pretrained`` loads."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = dict(adapter.config)
+    config.update(
+        peft_type="LORA",
+        r=adapter.r,
+        lora_alpha=adapter.lora_alpha,
+        use_rslora=adapter.use_rslora,
+        target_modules=adapter.target_modules
+        if isinstance(adapter.target_modules, str)
+        else list(adapter.target_modules),
+        base_model_name_or_path=adapter.base_model,
+        rank_pattern={},
+        alpha_pattern={},
+        inference_mode=True,
+    )
+    (folder / CONFIG_FILE).write_text(json.dumps(_jsonable(config), indent=2, sort_keys=True) + "\n")
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter.tensors.items()}
+    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    return folder
+
+
+# ---------------------------------------------------------------- delta weights and SVD
+
+
+def delta_weights(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
+    """Per module, the dense update the adapter adds to the base weight: ``scale * B @ A`` (out, in)."""
+    return {module: _module_delta(adapter, module) for module in adapter.modules}
+
+
+def _module_delta(adapter: LoraAdapter, module: str) -> torch.Tensor:
+    a, b = adapter.factors(module)
+    return adapter.scale * (b @ a)  # (out, in)
+
+
+def compress_adapter(adapter: LoraAdapter, rank: int) -> tuple[LoraAdapter, dict[str, float]]:
+    """Truncate every module's delta to ``rank`` by SVD (never forming the dense delta).
+
+    Returns the compressed adapter (rank ``min(rank, adapter.r)``, scale 1) and, per module, the relative
+    Frobenius error ``||delta - delta_k||_F / ||delta||_F`` - zero when ``rank`` >= the delta's true rank.
+    """
+    _check_rank(rank)
+    k = min(rank, adapter.r)
+    tensors, errors = {}, {}
+    for module in adapter.modules:
+        a, b = adapter.factors(module)
+        # delta = scale * B @ A = Qb (Rb Ra^T) Qa^T: the SVD of the small core is the SVD of the delta.
+        qb, rb = torch.linalg.qr(adapter.scale * b)  # (out, p), (p, r)
+        qa, ra = torch.linalg.qr(a.T)  # (in, q), (q, r)
+        u, s, vh = torch.linalg.svd(rb @ ra.T, full_matrices=False)
+        new_b, new_a, errors[module] = _truncate(qb @ u, s, vh @ qa.T, k)
+        tensors[module + _A], tensors[module + _B] = new_a, new_b
+    return _derived(adapter, tensors, k, _dtype_of([adapter])), errors
+
+
+def _truncate(
+    u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Rank-``k`` factors ``(B, A)`` of ``u diag(s) vh`` (sqrt(s) on each side, zero-padded when fewer than
+    ``k`` singular values exist) and the relative Frobenius error of the truncation."""
+    kept = min(k, s.numel())
+    root = s[:kept].sqrt()
+    b = torch.zeros(u.shape[0], k)
+    a = torch.zeros(k, vh.shape[1])
+    b[:, :kept] = u[:, :kept] * root
+    a[:kept] = root[:, None] * vh[:kept]
+    total = float(s.square().sum())
+    error = math.sqrt(float(s[kept:].square().sum()) / total) if total > 0 else 0.0
+    return b, a, error
+
+
+# ---------------------------------------------------------------- the merge rules
+
+
+def merge_adapters(
+    adapters: Sequence[LoraAdapter],
+    weights: Sequence[float] | None = None,
+    method: str = "psoups",
+    *,
+    rank: int | None = None,
+    density: float | None = None,
+    seed: int | None = None,
+    majority_sign_method: str = "total",
+) -> tuple[LoraAdapter, MergeReport]:
+    """Merge LoRA experts of one base model into one adapter, validating everything before any math.
+
+    ``weights`` default to ``1/k`` each (the paper's average). ``rank``: target rank of an ``exact``
+    merge's SVD compression (none by default) or of the TIES/DARE factorisation (default: the largest
+    expert rank, as peft's ``*_svd`` merges). ``density``: fraction of each delta TIES/DARE keep, in
+    (0, 1]. ``seed``: DARE's random pruning (default 0; the global RNG is left untouched).
+    """
+    if method not in METHODS:
+        raise ConfigError(f"unknown merge method {method!r}; use one of {', '.join(METHODS)}")
+    adapters = list(adapters)
+    if not adapters:
+        raise ConfigError("no adapters to merge: give at least one trained expert")
+    w = _check_weights(weights, len(adapters))
+    _check_adapters(adapters, method)
+    _check_options(method, rank, density, seed, majority_sign_method)
+
+    if method == "psoups":
+        merged, errors = _psoups(adapters, w), {}
+    elif method == "exact":
+        merged, errors = _exact(adapters, w), {}
+        if rank is not None:
+            merged, errors = compress_adapter(merged, rank)
+    else:
+        k = rank if rank is not None else max(a.r for a in adapters)
+        merged, errors = _task_merge(adapters, w, method, density, k, 0 if seed is None else seed,
+                                     majority_sign_method)
+    report = MergeReport(method, w, merged.r, errors, _deviation(adapters, w, merged))
+    return merged, report
+
+
+def _psoups(adapters: list[LoraAdapter], w: tuple[float, ...]) -> LoraAdapter:
+    """The paper's separate averaging of A and B, generalised to real weights (see the module docstring)."""
+    total = sum(abs(x) for x in w)
+    same_scale = len({a.scale for a in adapters}) == 1
+    tensors = {}
+    for module in adapters[0].modules:
+        a_sum, b_sum = None, None
+        for adapter, wi in zip(adapters, w):
+            a, b = adapter.factors(module)
+            # Experts of different scales: fold each scale into its B, so the merged scale is 1.
+            b = b if same_scale else adapter.scale * b
+            a_sum = abs(wi) / total * a if a_sum is None else a_sum + abs(wi) / total * a
+            b_sum = wi * b if b_sum is None else b_sum + wi * b
+        tensors[module + _A], tensors[module + _B] = a_sum, b_sum
+    if same_scale:
+        first = adapters[0]
+        return _derived(first, tensors, first.r, _dtype_of(adapters), first.lora_alpha, first.use_rslora)
+    return _derived(adapters[0], tensors, adapters[0].r, _dtype_of(adapters))
+
+
+def _exact(adapters: list[LoraAdapter], w: tuple[float, ...]) -> LoraAdapter:
+    """``sum_i w_i scale_i B_i A_i`` as one LoRA: [B_1 w_1 s_1 | B_2 w_2 s_2 | ...] @ [A_1; A_2; ...]."""
+    kept = [(a, wi) for a, wi in zip(adapters, w) if wi != 0]  # zero weights add nothing but rank
+    tensors = {}
+    for module in adapters[0].modules:
+        parts = [(adapter.factors(module), wi * adapter.scale) for adapter, wi in kept]
+        tensors[module + _A] = torch.cat([a for (a, _), _ in parts], dim=0)  # (R, in)
+        tensors[module + _B] = torch.cat([c * b for (_, b), c in parts], dim=1)  # (out, R)
+    return _derived(adapters[0], tensors, sum(a.r for a, _ in kept), _dtype_of(adapters))
+
+
+def _task_merge(
+    adapters: list[LoraAdapter], w: tuple[float, ...], method: str, density: float, rank: int, seed: int,
+    majority_sign_method: str,
+) -> tuple[LoraAdapter, dict[str, float]]:
+    """peft's TIES / DARE on each module's delta weights, factored back to rank ``rank`` by SVD."""
+    from peft.utils import merge_utils
+
+    weights = torch.tensor(w, dtype=torch.float32)
+    tensors, errors = {}, {}
+    # DARE draws its masks from torch's global RNG; fork it so a seed gives the same merge every time
+    # without disturbing the caller's random state. Modules go in sorted order, so draws are stable.
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        torch.manual_seed(seed)
+        # density=1 means "keep everything", which peft announces with a warning on every module.
+        warnings.filterwarnings("ignore", message="The density .* no pruning will be performed")
+        for module in adapters[0].modules:
+            deltas = [_module_delta(a, module) for a in adapters]  # k x (out, in)
+            if method == "ties":
+                delta = merge_utils.ties(deltas, weights, density, majority_sign_method)
+            elif method == "dare":
+                delta = merge_utils.dare_linear(deltas, weights, density)
+            else:
+                delta = merge_utils.dare_ties(deltas, weights, density, majority_sign_method)
+            u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+            new_b, new_a, errors[module] = _truncate(u, s, vh, rank)
+            tensors[module + _A], tensors[module + _B] = new_a, new_b
+    return _derived(adapters[0], tensors, rank, _dtype_of(adapters)), errors
+
+
+def _deviation(adapters: list[LoraAdapter], w: tuple[float, ...], merged: LoraAdapter) -> dict[str, float]:
+    """Per module, relative Frobenius distance of the merged delta from ``sum_i w_i delta_i``."""
+    out = {}
+    for module in adapters[0].modules:
+        exact = sum(wi * _module_delta(a, module) for a, wi in zip(adapters, w))
+        got = _module_delta(merged, module)
+        norm = float(torch.linalg.norm(exact))
+        diff = float(torch.linalg.norm(got - exact))
+        out[module] = diff / norm if norm > 0 else (0.0 if diff == 0 else math.inf)
+    return out
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _check_weights(weights: Sequence[float] | None, n: int) -> tuple[float, ...]:
+    if weights is None:
+        return tuple(1.0 / n for _ in range(n))
+    try:
+        w = tuple(float(x) for x in weights)
+    except (TypeError, ValueError):
+        raise ConfigError(f"merge weights {list(weights)!r} must be real numbers, as in [0.7, 0.3]") from None
+    if len(w) != n:
+        raise ConfigError(f"got {len(w)} merge weights for {n} adapters: give exactly one weight per adapter")
+    bad = [x for x in w if not math.isfinite(x)]
+    if bad:
+        raise ConfigError(f"merge weights {list(w)} contain {bad[0]}: every weight must be a finite number")
+    if all(x == 0 for x in w):
+        raise ConfigError(f"merge weights {list(w)} are all zero: give at least one adapter a nonzero weight")
+    return w
+
+
+def _check_adapters(adapters: list[LoraAdapter], method: str) -> None:
+    """Refuse adapters that cannot be combined, naming the first offending adapter by position."""
+    first = adapters[0]
+    for i, a in enumerate(adapters[1:], start=1):
+        if _base_id(a.base_model) != _base_id(first.base_model):
+            raise ModelError(
+                f"adapter {i} was trained on base model {a.base_model!r} but adapter 0 on "
+                f"{first.base_model!r}: merge only experts of one base model"
+            )
+        if a.target_modules != first.target_modules:
+            raise ModelError(
+                f"adapter {i} targets {a.target_modules!r} but adapter 0 targets {first.target_modules!r}: "
+                "merge only experts trained with the same target_modules"
+            )
+        if set(a.modules) != set(first.modules):
+            only = sorted(set(a.modules) ^ set(first.modules))
+            raise ModelError(
+                f"adapter {i} and adapter 0 adapt different modules (e.g. {only[0]!r}): merge only experts "
+                "trained with the same LoRA settings"
+            )
+        for module in first.modules:
+            (a0, b0), (ai, bi) = first.factors(module), a.factors(module)
+            if a0.shape[1] != ai.shape[1] or b0.shape[0] != bi.shape[0]:
+                raise ModelError(
+                    f"module {module!r} is {bi.shape[0]}x{ai.shape[1]} in adapter {i} but "
+                    f"{b0.shape[0]}x{a0.shape[1]} in adapter 0: the adapters belong to different base models"
+                )
+    if method == "psoups":
+        ranks = [a.r for a in adapters]
+        if len(set(ranks)) > 1:
+            raise ModelError(
+                f"psoups averages lora_A and lora_B entry by entry, so it needs equal ranks, got r={ranks}; "
+                "use method='exact' (any ranks)"
+            )
+
+
+def _check_options(method: str, rank: int | None, density: float | None, seed: int | None, sign: str) -> None:
+    if rank is not None:
+        if method == "psoups":
+            raise ConfigError(
+                "rank does not apply to psoups (it keeps the experts' rank); use method='exact' with rank"
+            )
+        _check_rank(rank)
+    pruning = method in ("ties", "dare", "dare_ties")
+    if pruning:
+        if density is None:
+            raise ConfigError(
+                f"method {method!r} needs density, the fraction of each delta kept, e.g. density=0.5"
+            )
+        if not (0 < density <= 1):
+            raise ConfigError(f"density={density!r} is invalid: it must be in (0, 1] (1 keeps every entry)")
+    elif density is not None:
+        raise ConfigError(f"density applies only to ties, dare and dare_ties, not to {method!r}; drop it")
+    if seed is not None and method not in ("dare", "dare_ties"):
+        raise ConfigError(
+            f"seed applies only to dare and dare_ties (random pruning), not to {method!r}; drop it"
+        )
+    if sign not in ("total", "frequency"):
+        raise ConfigError(f"majority_sign_method={sign!r} is invalid: use 'total' or 'frequency'")
+
+
+def _check_rank(rank: int) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ConfigError(f"rank={rank!r} is invalid: it must be a positive integer, e.g. rank=16")
+
+
+# ---------------------------------------------------------------- small helpers
+
+
+def _derived(
+    template: LoraAdapter, tensors: dict[str, torch.Tensor], r: int, dtype: torch.dtype,
+    lora_alpha: float | None = None, use_rslora: bool = False,
+) -> LoraAdapter:
+    """A new adapter on ``template``'s base and modules; by default of scale 1 (alpha = r, no rsLoRA),
+    because merged factors carry their scales already."""
+    return LoraAdapter(
+        tensors={k: v.to(dtype).contiguous() for k, v in tensors.items()},
+        r=r,
+        lora_alpha=r if lora_alpha is None else lora_alpha,
+        target_modules=template.target_modules,
+        base_model=template.base_model,
+        use_rslora=use_rslora,
+        config=dict(template.config),
+    )
+
+
+def _dtype_of(adapters: Sequence[LoraAdapter]) -> torch.dtype:
+    dtypes = {t.dtype for a in adapters for t in a.tensors.values()}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", torch.float32)
+
+
+def _base_id(name: str | None) -> str | None:
+    return (name.strip().rstrip("/") or None) if name else None
+
+
+def _jsonable(value: Any) -> Any:
+    """peft configs hold sets and enums; ``adapter_config.json`` holds lists and strings."""
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (set, frozenset)):
+        return sorted(_jsonable(v) for v in value)
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
