@@ -73,7 +73,7 @@ DimsOpt = Annotated[Optional[Path], typer.Option("--dimensions", help="YAML file
 def generate(
     instruction: Annotated[Optional[str], typer.Argument(help="The instruction to answer (or use --input).")] = None,
     prefs: Annotated[Optional[str], typer.Option("--prefs", "-p", help="Preference: 1A,2A,3A or P1A+P2A+P3A or elementary,concise,friendly or weighted concise=0.7,informative=0.3.")] = None,
-    method: Annotated[str, typer.Option("--method", help="vanilla (no preference) or prompt (preference prompting).")] = "prompt",
+    method: Annotated[str, typer.Option("--method", help="vanilla (no preference), prompt (preference prompting), expert (one side's expert), soup (experts merged) or mope (experts mixed per token).")] = "prompt",
     input: Annotated[Optional[str], typer.Option("--input", "-i", help="Prompts: a JSONL/JSON file (prompt, or instruction+input), builtin:train, builtin:eval or hf:NAME[:SPLIT].")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write JSONL here (resumes if it exists).")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first N prompts of --input.")] = None,
@@ -83,6 +83,11 @@ def generate(
     repetition_penalty: Annotated[float, typer.Option("--repetition-penalty")] = 1.1,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
+    experts: Annotated[Optional[Path], typer.Option("--experts", help="Folder of <SIDE>/ expert adapters (default: the experts shipped for the model).")] = None,
+    merge: Annotated[str, typer.Option("--merge", help="soup: psoups (A and B averaged, as the paper), exact (sum of B@A), ties, dare, dare_ties.")] = "psoups",
+    merge_rank: Annotated[Optional[int], typer.Option("--merge-rank", help="soup: compress exact/ties/dare merges to this rank by SVD.")] = None,
+    density: Annotated[Optional[float], typer.Option("--density", help="soup: fraction kept by ties/dare (default 0.5).")] = None,
+    mix: Annotated[str, typer.Option("--mix", help="mope: prob (mix probabilities), logit (mix logits) or uniform.")] = "prob",
     model: ModelOpt = None,
     dimensions: DimsOpt = None,
     device: DeviceOpt = "auto",
@@ -101,6 +106,9 @@ def generate(
         input=input, instructions=(instruction,) if instruction is not None else (), output=str(output) if output else None,
         limit=limit, batch_size=batch_size, device=device, dtype=dtype,
         sampling=SamplingConfig(max_new_tokens, temperature, top_p, repetition_penalty, seed),
+        experts=str(experts) if experts else None, merge=merge, merge_rank=merge_rank,
+        merge_density=density if density is not None else (0.5 if merge in ("ties", "dare", "dare_ties") else None),
+        mix=mix,
     )
     rows = recipe.main(cfg)
     if output is None:
@@ -287,6 +295,34 @@ def _resolve_config_path(config: Path) -> Path:
     from personalign.errors import ConfigError
 
     raise ConfigError(f"config {config} does not exist (shipped configs: {', '.join(names)})")
+
+
+@app.command()
+@_friendly_errors
+def merge(
+    prefs: Annotated[str, typer.Option("--prefs", "-p", help="Preference whose experts to merge: 1A,2A,3A or concise=0.7,informative=0.3.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="New folder for the merged adapter (or model).")],
+    experts: Annotated[Optional[Path], typer.Option("--experts", help="Folder of <SIDE>/ expert adapters (default: the shipped experts).")] = None,
+    method: Annotated[str, typer.Option("--method", help="psoups (A and B averaged, as the paper), exact (sum of B@A), ties, dare, dare_ties.")] = "psoups",
+    rank: Annotated[Optional[int], typer.Option("--rank", help="exact/ties/dare: compress to this rank by SVD (the error is reported).")] = None,
+    density: Annotated[Optional[float], typer.Option("--density", help="ties/dare: fraction of each delta kept.")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="dare: random seed.")] = None,
+    full_model: Annotated[bool, typer.Option("--full-model", help="Write the base model with the merge folded into its weights.")] = False,
+    model: ModelOpt = None,
+    dimensions: DimsOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """Merge the experts of a preference into one adapter (Personalized Soups), or into a full model."""
+    from personalign.recipes import merge as recipe
+
+    if density is None and method in ("ties", "dare", "dare_ties"):
+        density = 0.5
+    report = recipe.main(recipe.MergeConfig(
+        prefs=prefs, output=str(output), experts=str(experts) if experts else None, method=method, rank=rank,
+        density=density, seed=seed, full_model=full_model, model=model,
+        dimensions=str(dimensions) if dimensions else None, device=device, dtype=dtype))
+    typer.echo(json.dumps(report, indent=2))
 
 
 @app.command()

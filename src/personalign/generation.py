@@ -28,6 +28,13 @@ class Method(str, enum.Enum):
 
     VANILLA = "vanilla"  # base model, no preference prompt
     PROMPT = "prompt"  # base model, preference prompt appended (the PP baseline)
+    EXPERT = "expert"  # one side's expert adapter, with that side's prompt
+    SOUP = "soup"  # the chosen sides' experts merged into one adapter (Personalized Soups)
+    MOPE = "mope"  # the chosen sides' experts mixed token by token (MoPE)
+
+    @property
+    def uses_experts(self) -> bool:
+        return self in (Method.EXPERT, Method.SOUP, Method.MOPE)
 
     @classmethod
     def parse(cls, value: str) -> Method:

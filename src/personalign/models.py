@@ -277,6 +277,9 @@ def load_model(
         model.generation_config.pad_token_id = tok.pad_token_id
     # The name users gave, kept for adapter compatibility checks and provenance.
     model.config.personalign_base = canonical_name(name_or_path)
+    if canonical_name(name_or_path) in EMBEDDED_MODELS:
+        # Adapters record this as their base model: the embedded name, not this machine's cache path.
+        model.config._name_or_path = canonical_name(name_or_path)
     return model, tok
 
 

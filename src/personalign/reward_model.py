@@ -45,10 +45,22 @@ class LoraSpec:
     alpha: int = 32
     dropout: float = 0.05
     target_modules: tuple[str, ...] = DEFAULT_TARGETS
+    # LoRA on the last N decoder layers only (None: every layer). Backpropagation then stops at the
+    # first adapted layer, so a step costs a full forward pass but only N layers of backward pass.
+    top_layers: int | None = None
 
     def __post_init__(self) -> None:
         if self.r < 1:
             raise ValueError(f"lora r must be at least 1, got {self.r}")
+        if self.top_layers is not None and self.top_layers < 1:
+            raise ValueError(f"lora top_layers must be at least 1 (or unset for every layer), got {self.top_layers}")
+
+    def layers_to_transform(self, num_layers: int) -> list[int] | None:
+        if self.top_layers is None:
+            return None
+        if self.top_layers > num_layers:
+            raise ValueError(f"lora top_layers={self.top_layers} but the model has only {num_layers} layers")
+        return list(range(num_layers - self.top_layers, num_layers))
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -102,7 +114,8 @@ class RewardModel(nn.Module):
         targets = [t for t in lora.target_modules if any(n.endswith(t) for n, _ in decoder.named_modules())]
         if not targets:
             raise ModelError(f"none of the LoRA target modules {list(lora.target_modules)} exist in this base model")
-        cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets)
+        cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                         layers_to_transform=lora.layers_to_transform(base.config.num_hidden_layers))
         self.backbone = get_peft_model(decoder, cfg)
         hidden = base.config.hidden_size
         self.head = nn.Linear(hidden, len(self.sides))

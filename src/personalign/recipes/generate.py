@@ -35,6 +35,11 @@ class GenerateConfig:
     dtype: str = "auto"
     progress: bool = True
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    experts: str | None = None  # experts folder; None = the experts shipped for the model
+    merge: str = "psoups"  # soup: psoups | exact | ties | dare | dare_ties
+    merge_rank: int | None = None  # exact/ties/dare: compress to this rank
+    merge_density: float | None = None  # ties/dare
+    mix: str = "prob"  # mope: prob | logit | uniform
 
 
 def resolve_preference(cfg: GenerateConfig) -> Preference | None:
@@ -47,12 +52,63 @@ def resolve_preference(cfg: GenerateConfig) -> Preference | None:
     return space.parse(cfg.prefs)
 
 
-def _row(item: Instruction, pref: Preference | None, method: Method, model: str, response: str) -> dict[str, Any]:
+def check_method(cfg: GenerateConfig, method: Method, pref: Preference | None) -> None:
+    """Option combinations that cannot work, refused before any model is loaded."""
+    from personalign.merging import METHODS
+    from personalign.mixing import MixRule
+
+    if method is Method.EXPERT and pref is not None:
+        active = [s for s, w in pref.weights if w != 0]
+        if len(active) != 1:
+            raise DataError(f"--method expert uses one side's expert, but {pref.spec()!r} names {len(active)}; "
+                            "use --method soup or --method mope to combine experts")
+    if method is Method.SOUP and cfg.merge not in METHODS:
+        raise DataError(f"unknown --merge {cfg.merge!r}; choose one of {', '.join(METHODS)}")
+    if method is Method.MOPE:
+        MixRule.parse(cfg.mix)
+
+
+def prepare_model(cfg: GenerateConfig, method: Method, pref: Preference | None, model: Any, tok: Any,
+                  model_name: str) -> tuple[Any, Any]:
+    """The model to generate with: the base, an expert, a soup (merged into the weights), or for MoPE
+    the experts and their mixing weights (returned as the second item)."""
+    if not method.uses_experts or pref is None:
+        return model, None
+    from personalign import compose
+
+    folder = compose.resolve_experts_dir(cfg.experts, model_name)
+    if method is Method.EXPERT:
+        side = next(s for s, w in pref.weights if w != 0)
+        folders = compose.expert_folders(folder)
+        if side not in folders:
+            raise DataError(f"no expert for side {side} in {folder} (experts there: {', '.join(folders) or 'none'})")
+        return compose.load_expert_model(model, folders[side]), None
+    if method is Method.SOUP:
+        adapter, _ = compose.soup_adapter(pref, folder, method=cfg.merge, rank=cfg.merge_rank,
+                                          density=cfg.merge_density, seed=0 if cfg.merge.startswith("dare") else None)
+        return compose.load_expert_model(model, adapter), None
+    from personalign.mixing import FixedWeights, MixRule
+
+    experts, weights = compose.load_mixture(model, pref, folder)
+    rule = MixRule.parse(cfg.mix)
+    return experts, (None if rule is MixRule.UNIFORM else FixedWeights(weights), rule)
+
+
+def method_label(cfg: GenerateConfig, method: Method) -> str:
+    """The method as recorded in output rows: variants are distinct (``soup-exact``, ``mope-uniform``)."""
+    if method is Method.SOUP:
+        return f"soup-{cfg.merge}"
+    if method is Method.MOPE:
+        return f"mope-{cfg.mix}"
+    return method.value
+
+
+def _row(item: Instruction, pref: Preference | None, method: str, model: str, response: str) -> dict[str, Any]:
     return {
         "id": item.id,
         "prompt": item.prompt,
         "prefs": pref.spec() if pref else None,
-        "method": method.value,
+        "method": method,
         "response": response,
         "model": model,
     }
@@ -73,12 +129,20 @@ def main(cfg: GenerateConfig) -> list[dict[str, Any]]:
         raise DataError("give an instruction, or --input FILE")
     if cfg.batch_size < 1:
         raise DataError(f"--batch-size must be at least 1, got {cfg.batch_size}")
+    check_method(cfg, method, pref)
+    if method.uses_experts and pref is not None:
+        from personalign import compose
+        from personalign.models import canonical_name
 
+        folder = compose.resolve_experts_dir(cfg.experts, canonical_name(cfg.model))
+        compose.require_experts(pref, compose.expert_folders(folder), folder)
+
+    label = method_label(cfg, method)
     done: list[dict[str, Any]] = []
     output = Path(cfg.output) if cfg.output else None
     if output is not None:
         spec = pref.spec() if pref else None
-        done = resume_rows(output, [{"prompt": it.prompt, "prefs": spec, "method": method.value} for it in items])
+        done = resume_rows(output, [{"prompt": it.prompt, "prefs": spec, "method": label} for it in items])
     todo = items[len(done):]
     if not todo:
         return done
@@ -87,6 +151,7 @@ def main(cfg: GenerateConfig) -> list[dict[str, Any]]:
 
     model, tok = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     model_name = canonical_name(cfg.model)
+    model, mixture = prepare_model(cfg, method, pref, model, tok, model_name)
     texts = build_prompts(tok, [it.prompt for it in todo], pref, method)
 
     rows: list[dict[str, Any]] = list(done)
@@ -98,7 +163,7 @@ def main(cfg: GenerateConfig) -> list[dict[str, Any]]:
         bar = tqdm(total=len(items), initial=len(done), desc="generate", unit="prompt")
 
     def on_batch(start: int, responses: list[str]) -> None:
-        batch = [_row(items[start + j], pref, method, model_name, r) for j, r in enumerate(responses)]
+        batch = [_row(items[start + j], pref, label, model_name, r) for j, r in enumerate(responses)]
         rows.extend(batch)
         if writer is not None:
             writer.write_many(batch)
@@ -106,8 +171,14 @@ def main(cfg: GenerateConfig) -> list[dict[str, Any]]:
             bar.update(len(batch))
 
     try:
-        generate_texts(model, tok, texts, cfg.sampling, batch_size=cfg.batch_size, first_index=len(done),
-                       on_batch=on_batch)
+        if mixture is not None:
+            from personalign.compose import generate_mixture_texts
+
+            generate_mixture_texts(model, tok, texts, mixture[0], mixture[1], cfg.sampling,
+                                   batch_size=cfg.batch_size, first_index=len(done), on_batch=on_batch)
+        else:
+            generate_texts(model, tok, texts, cfg.sampling, batch_size=cfg.batch_size, first_index=len(done),
+                           on_batch=on_batch)
     finally:
         if writer is not None:
             writer.close()

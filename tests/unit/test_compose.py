@@ -1,0 +1,170 @@
+"""Composing experts: experts folders, cached soups, single experts, token mixtures, and the generate
+and merge commands with --method expert|soup|mope, on a tiny random llama with random LoRA experts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from personalign import compose
+from personalign.cli import app
+from personalign.errors import ModelError, PersonalignError, PreferenceError
+from personalign.generation import SamplingConfig
+from personalign.models import load_model
+from personalign.preferences import parse_preference
+from personalign.recipes import generate as gen_recipe
+from personalign.recipes import merge as merge_recipe
+
+runner = CliRunner()
+SIDES = ("P1A", "P2A", "P3A")
+
+
+def _make_experts(model_dir, folder, sides=SIDES, base_name=None):
+    from peft import LoraConfig, get_peft_model
+
+    for i, side in enumerate(sides):
+        base, _ = load_model(str(model_dir), device="cpu", dtype="float32")
+        peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+        g = torch.Generator().manual_seed(100 + i)
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        out = folder / side / "adapter"
+        peft_model.save_pretrained(out)
+        if base_name is not None:
+            cfg = json.loads((out / "adapter_config.json").read_text())
+            cfg["base_model_name_or_path"] = base_name
+            (out / "adapter_config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+@pytest.fixture()
+def experts_dir(tiny_model_dir, tmp_path):
+    return _make_experts(tiny_model_dir, tmp_path / "experts")
+
+
+def _logits(model, tok, text="Explain photosynthesis to me."):
+    ids = tok(text, return_tensors="pt")
+    with torch.no_grad():
+        return model(**ids).logits
+
+
+def test_expert_folders_and_missing_side(experts_dir, tmp_path):
+    found = compose.expert_folders(experts_dir)
+    assert set(found) == set(SIDES) and all(p.name == "adapter" for p in found.values())
+    (experts_dir / "P1B").mkdir()  # an empty folder is not an expert
+    assert "P1B" not in compose.expert_folders(experts_dir)
+    with pytest.raises(PreferenceError, match="no expert for side.*P1B"):
+        compose.require_experts(parse_preference("1B,2A,3A"), compose.expert_folders(experts_dir), experts_dir)
+    with pytest.raises(PersonalignError, match="does not exist"):
+        compose.resolve_experts_dir(tmp_path / "nowhere", "whatever")
+    with pytest.raises(PersonalignError, match="no experts are shipped"):
+        compose.resolve_experts_dir(None, "some-other-model")
+
+
+def test_expert_weights_hard_and_weighted():
+    assert compose.expert_weights(parse_preference("1A,2A,3A")) == pytest.approx({s: 1 / 3 for s in SIDES})
+    w = compose.expert_weights(parse_preference("concise=0.6,informative=0.2,friendly=0"))
+    assert w == pytest.approx({"P2A": 0.75, "P2B": 0.25})
+
+
+def test_soup_is_cached_and_equals_merge(experts_dir, tmp_path, monkeypatch):
+    from personalign import merging
+
+    pref = parse_preference("1A,2A,3A")
+    folder, report = compose.soup_adapter(pref, experts_dir, method="exact", cache=tmp_path / "c")
+    assert report["method"] == "exact" and set(report["sides"]) == set(SIDES)
+    adapters = [merging.load_adapter(experts_dir / s / "adapter") for s in SIDES]
+    want = merging.delta_weights(merging.merge_adapters(adapters, [1 / 3] * 3, method="exact")[0])
+    got = merging.delta_weights(merging.load_adapter(folder))
+    assert all(torch.allclose(got[k], want[k], atol=1e-6) for k in want)
+
+    def boom(*a, **k):
+        raise AssertionError("merged again")
+
+    monkeypatch.setattr(merging, "merge_adapters", boom)
+    again, _ = compose.soup_adapter(pref, experts_dir, method="exact", cache=tmp_path / "c")
+    assert again == folder
+    with pytest.raises(AssertionError, match="merged again"):  # new weights: a new merge
+        compose.soup_adapter(parse_preference("P1A=0.5,P2A=0.5"), experts_dir, method="exact", cache=tmp_path / "c")
+
+
+def test_single_expert_merged_equals_peft(tiny_model_dir, experts_dir):
+    from peft import PeftModel
+
+    base, tok = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
+    merged = compose.load_expert_model(base, experts_dir / "P2A" / "adapter")
+    base2, _ = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
+    ref = PeftModel.from_pretrained(base2, str(experts_dir / "P2A" / "adapter"))
+    assert torch.allclose(_logits(merged, tok), _logits(ref, tok), atol=1e-5)
+
+
+def test_adapter_of_another_base_is_refused(tiny_model_dir, tmp_path):
+    folder = _make_experts(tiny_model_dir, tmp_path / "other", sides=("P1A",), base_name="some/other-model")
+    base, _ = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
+    with pytest.raises(ModelError, match="trained on base model 'some/other-model'"):
+        compose.load_expert_model(base, folder / "P1A" / "adapter")
+
+
+def _gen(tiny_model_dir, experts_dir, method, prefs, out=None, **kw):
+    cfg = gen_recipe.GenerateConfig(
+        prefs=prefs, method=method, model=str(tiny_model_dir), instructions=("Explain photosynthesis.", "Bake bread?"),
+        experts=str(experts_dir), progress=False, batch_size=2, output=str(out) if out else None,
+        input=None, sampling=SamplingConfig(max_new_tokens=6, temperature=0.0, repetition_penalty=1.0), **kw)
+    return gen_recipe.main(cfg)
+
+
+def test_mope_with_all_weight_on_one_expert_equals_that_expert(tiny_model_dir, experts_dir):
+    expert = _gen(tiny_model_dir, experts_dir, "expert", "P2A")
+    mixed = _gen(tiny_model_dir, experts_dir, "mope", "P2A=1,P1A=0")
+    assert [r["response"] for r in mixed] == [r["response"] for r in expert]
+    assert mixed[0]["method"] == "mope-prob" and expert[0]["method"] == "expert"
+
+
+def test_soup_and_mope_methods_run_and_label_rows(tiny_model_dir, experts_dir):
+    for method, kw, label in [("soup", {"merge": "psoups"}, "soup-psoups"), ("soup", {"merge": "exact"}, "soup-exact"),
+                              ("mope", {"mix": "uniform"}, "mope-uniform"), ("mope", {"mix": "logit"}, "mope-logit")]:
+        rows = _gen(tiny_model_dir, experts_dir, method, "1A,2A,3A", **kw)
+        assert len(rows) == 2 and all(r["method"] == label for r in rows)
+
+
+def test_expert_method_needs_one_side_and_mope_non_negative(tiny_model_dir, experts_dir):
+    with pytest.raises(PersonalignError, match="names 3"):
+        _gen(tiny_model_dir, experts_dir, "expert", "1A,2A,3A")
+    with pytest.raises(PersonalignError, match="unknown --merge"):
+        _gen(tiny_model_dir, experts_dir, "soup", "1A,2A,3A", merge="average")
+    with pytest.raises(PersonalignError, match="non-negative"):
+        _gen(tiny_model_dir, experts_dir, "mope", "P1A=1,P2A=-0.5")
+
+
+def test_merge_command_adapter_and_full_model(tiny_model_dir, experts_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    res = runner.invoke(app, ["merge", "--prefs", "1A,2A,3A", "--experts", str(experts_dir), "--method", "exact",
+                              "--model", str(tiny_model_dir), "-o", str(tmp_path / "soup")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "soup" / "adapter_model.safetensors").is_file()
+    assert json.loads(res.stdout)["method"] == "exact"
+    report = merge_recipe.main(merge_recipe.MergeConfig(
+        prefs="1A,2A,3A", output=str(tmp_path / "full"), experts=str(experts_dir), method="exact", full_model=True,
+        model=str(tiny_model_dir), device="cpu", dtype="float32"))
+    assert report["method"] == "exact"
+    full = AutoModelForCausalLM.from_pretrained(tmp_path / "full")
+    base, tok = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
+    ref = PeftModel.from_pretrained(base, str(tmp_path / "soup"))
+    assert torch.allclose(_logits(full, tok), _logits(ref, tok), atol=1e-5)
+    again = runner.invoke(app, ["merge", "--prefs", "1A", "--experts", str(experts_dir), "--model",
+                                str(tiny_model_dir), "-o", str(tmp_path / "soup")])
+    assert again.exit_code == 2 and "not empty" in again.output
+
+
+def test_generate_cli_soup_without_experts_is_one_line(tiny_model_dir, tmp_path):
+    res = runner.invoke(app, ["generate", "--method", "soup", "--prefs", "1A,2A,3A", "--model", str(tiny_model_dir),
+                              "--experts", str(tmp_path / "missing"), "Hello"])
+    assert res.exit_code == 2
+    assert "does not exist" in res.output and len(res.output.strip().splitlines()) == 1
