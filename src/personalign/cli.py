@@ -245,6 +245,26 @@ def train_rm(
     typer.echo(json.dumps({k: v for k, v in metrics.items() if k.startswith("eval/accuracy")}, indent=1))
 
 
+@app.command("train-expert")
+@_friendly_errors
+def train_expert(
+    side: Annotated[Optional[str], typer.Option("--side", help="The side this expert learns (P1A, concise, ...).")] = None,
+    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="Run folder (resumes from its checkpoint).")] = None,
+    reward: Annotated[Optional[str], typer.Option("--reward", help="offline, rm:PATH (a train-rm folder) or module:function.")] = None,
+    algorithm: Annotated[Optional[str], typer.Option("--algorithm", help="rloo (default), grpo or ppo (the paper's).")] = None,
+    model: ModelOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Train one expert: a LoRA adapter on the base model, by RL against one side's reward."""
+    from personalign.config import load_config
+    from personalign.recipes import train_expert as recipe
+
+    given = {"side": side, "output_dir": output_dir, "reward": reward, "algorithm": algorithm, "model": model}
+    cfg = load_config(recipe.TrainExpertConfig, config, _overrides(given, set_))
+    typer.echo(json.dumps(recipe.main(cfg), indent=1))
+
+
 @app.command()
 @_friendly_errors
 def score(

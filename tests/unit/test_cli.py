@@ -10,7 +10,13 @@ from typer.testing import CliRunner
 from personalign.cli import app
 
 runner = CliRunner()
-COMMANDS = ["generate", "demo", "prefs", "env", "rollout", "judge", "label", "train-rm", "score", "pipeline", "serve"]
+COMMANDS = ["generate", "demo", "prefs", "env", "rollout", "judge", "label", "train-rm", "train-expert", "score",
+            "merge", "pipeline", "serve"]
+
+
+def test_command_list_is_complete():
+    registered = {c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands}
+    assert registered == set(COMMANDS)
 
 
 def run(*args: str):

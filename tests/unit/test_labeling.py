@@ -39,6 +39,10 @@ def test_make_pairs_groups_consecutive_samples():
     rows.insert(2, {"side": "P2B", "prompt": "q", "response": "x"})
     pairs = label.make_pairs(rows)
     assert [(a["response"], b["response"]) for a, b in pairs] == [("0", "1"), ("2", "3")]
+    every = label.make_pairs(rows[:4], "all")  # samples 0, 1, 2 of P2A (and one of P2B: no pair)
+    assert [(a["response"], b["response"]) for a, b in every] == [("0", "1"), ("0", "2"), ("1", "2")]
+    with pytest.raises(ConfigError, match="unknown pairing"):
+        label.make_pairs(rows, "random")
 
 
 def _rollouts(tmp_path):

@@ -87,4 +87,4 @@ def test_shipped_pipeline_config_is_valid():
     path = resources.files("personalign") / "configs" / "psoups-smollm2.yaml"
     cfg = load_config(pipeline.PipelineConfig, str(path))
     roll, lab, rms = pipeline.build_stage_configs(cfg)
-    assert roll.samples == 2 and set(rms) == {"P1A", "P1B", "P2A", "P2B", "P3A", "P3B", "multihead"}
+    assert roll.samples == 3 and lab.pairing == "all" and set(rms) == {"P1A", "P1B", "P2A", "P2B", "P3A", "P3B", "multihead"}

@@ -34,17 +34,27 @@ class LabelConfig:
     combine: str = "first"  # first: the first judge decides; unanimous: keep pairs all judges agree on
     sides: tuple[str, ...] = ()  # empty: every side in the rollouts
     dimensions: str | None = None
+    # disjoint: samples (0, 1), (2, 3), ... of an instruction form pairs (the paper, with 2 samples);
+    # all: every two samples form a pair, so n samples give n(n-1)/2 pairs for the cost of n rollouts.
+    pairing: str = "disjoint"
 
 
-def make_pairs(rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    """Consecutive samples of each (side, instruction) form disjoint pairs: (0, 1), (2, 3), ..."""
+PAIRINGS = ("disjoint", "all")
+
+
+def make_pairs(rows: list[dict[str, Any]], pairing: str = "disjoint") -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Pairs of samples of one (side, instruction): disjoint (0, 1), (2, 3), ..., or all n(n-1)/2."""
+    if pairing not in PAIRINGS:
+        raise ConfigError(f"unknown pairing {pairing!r}; choose one of {', '.join(PAIRINGS)}")
     groups: OrderedDict[tuple[str, str], list[dict[str, Any]]] = OrderedDict()
     for r in rows:
         groups.setdefault((r["side"], r["prompt"]), []).append(r)
     pairs = []
     for samples in groups.values():
-        for i in range(0, len(samples) - 1, 2):
-            pairs.append((samples[i], samples[i + 1]))
+        if pairing == "all":
+            pairs.extend((samples[i], samples[j]) for i in range(len(samples)) for j in range(i + 1, len(samples)))
+        else:
+            pairs.extend((samples[i], samples[i + 1]) for i in range(0, len(samples) - 1, 2))
     return pairs
 
 
@@ -66,7 +76,7 @@ def main(cfg: LabelConfig) -> dict[str, Any]:
     if wanted:
         rows = [r for r in rows if r["side"] in wanted]
     judges = [build_judge(j, space) for j in cfg.judges]
-    pairs = make_pairs(rows)
+    pairs = make_pairs(rows, cfg.pairing)
     if not pairs:
         raise DataError(f"{cfg.rollouts} has no instruction with two samples of one side to compare")
 
