@@ -73,7 +73,7 @@ DimsOpt = Annotated[Optional[Path], typer.Option("--dimensions", help="YAML file
 def generate(
     instruction: Annotated[Optional[str], typer.Argument(help="The instruction to answer (or use --input).")] = None,
     prefs: Annotated[Optional[str], typer.Option("--prefs", "-p", help="Preference: 1A,2A,3A or P1A+P2A+P3A or elementary,concise,friendly or weighted concise=0.7,informative=0.3.")] = None,
-    method: Annotated[str, typer.Option("--method", help="vanilla (no preference), prompt (preference prompting), expert (one side's expert), soup (experts merged) or mope (experts mixed per token).")] = "prompt",
+    method: Annotated[str, typer.Option("--method", help="vanilla (no preference), prompt (preference prompting), expert (one side's expert), soup (experts merged), mope (experts mixed per token) or adapter (--adapter FOLDER).")] = "prompt",
     input: Annotated[Optional[str], typer.Option("--input", "-i", help="Prompts: a JSONL/JSON file (prompt, or instruction+input), builtin:train, builtin:eval or hf:NAME[:SPLIT].")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write JSONL here (resumes if it exists).")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first N prompts of --input.")] = None,
@@ -88,6 +88,7 @@ def generate(
     merge_rank: Annotated[Optional[int], typer.Option("--merge-rank", help="soup: compress exact/ties/dare merges to this rank by SVD.")] = None,
     density: Annotated[Optional[float], typer.Option("--density", help="soup: fraction kept by ties/dare (default 0.5).")] = None,
     mix: Annotated[str, typer.Option("--mix", help="mope: prob (mix probabilities), logit (mix logits) or uniform.")] = "prob",
+    adapter: Annotated[Optional[Path], typer.Option("--adapter", help="With --method adapter: a trained adapter folder (multitask, P-MORL, RLHF).")] = None,
     model: ModelOpt = None,
     dimensions: DimsOpt = None,
     device: DeviceOpt = "auto",
@@ -108,7 +109,7 @@ def generate(
         sampling=SamplingConfig(max_new_tokens, temperature, top_p, repetition_penalty, seed),
         experts=str(experts) if experts else None, merge=merge, merge_rank=merge_rank,
         merge_density=density if density is not None else (0.5 if merge in ("ties", "dare", "dare_ties") else None),
-        mix=mix,
+        mix=mix, adapter=str(adapter) if adapter else None,
     )
     rows = recipe.main(cfg)
     if output is None:

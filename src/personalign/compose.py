@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from personalign.preferences import Preference
 
 __all__ = [
+    "adapter_folder",
     "expert_folders",
     "expert_weights",
     "generate_mixture_texts",
@@ -68,7 +69,8 @@ def resolve_experts_dir(experts: str | Path | None, model_name: str) -> Path:
     return shipped
 
 
-def _adapter_folder(folder: Path) -> Path | None:
+def adapter_folder(folder: Path) -> Path | None:
+    """``folder`` or ``folder/adapter`` if it holds a complete peft adapter, else None."""
     for cand in (folder, folder / "adapter"):
         if all((cand / f).is_file() for f in ADAPTER_FILES):
             return cand
@@ -80,7 +82,7 @@ def expert_folders(folder: str | Path) -> dict[str, Path]:
     out: dict[str, Path] = {}
     for sub in sorted(Path(folder).iterdir()):
         if sub.is_dir():
-            found = _adapter_folder(sub)
+            found = adapter_folder(sub)
             if found is not None:
                 out[sub.name] = found
     return out

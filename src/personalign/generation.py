@@ -31,6 +31,7 @@ class Method(str, enum.Enum):
     EXPERT = "expert"  # one side's expert adapter, with that side's prompt
     SOUP = "soup"  # the chosen sides' experts merged into one adapter (Personalized Soups)
     MOPE = "mope"  # the chosen sides' experts mixed token by token (MoPE)
+    ADAPTER = "adapter"  # one given adapter (multitask, P-MORL, RLHF), with the preference prompt
 
     @property
     def uses_experts(self) -> bool:

@@ -113,7 +113,7 @@ def test_adapter_of_another_base_is_refused(tiny_model_dir, tmp_path):
 def _gen(tiny_model_dir, experts_dir, method, prefs, out=None, **kw):
     cfg = gen_recipe.GenerateConfig(
         prefs=prefs, method=method, model=str(tiny_model_dir), instructions=("Explain photosynthesis.", "Bake bread?"),
-        experts=str(experts_dir), progress=False, batch_size=2, output=str(out) if out else None,
+        experts=str(experts_dir) if experts_dir else None, progress=False, batch_size=2, output=str(out) if out else None,
         input=None, sampling=SamplingConfig(max_new_tokens=6, temperature=0.0, repetition_penalty=1.0), **kw)
     return gen_recipe.main(cfg)
 
@@ -168,3 +168,14 @@ def test_generate_cli_soup_without_experts_is_one_line(tiny_model_dir, tmp_path)
                               "--experts", str(tmp_path / "missing"), "Hello"])
     assert res.exit_code == 2
     assert "does not exist" in res.output and len(res.output.strip().splitlines()) == 1
+
+
+def test_adapter_method_uses_the_given_adapter(tiny_model_dir, experts_dir, tmp_path):
+    expert = _gen(tiny_model_dir, experts_dir, "expert", "P3A")
+    given = _gen(tiny_model_dir, None, "adapter", "P3A", adapter=str(experts_dir / "P3A"))
+    assert [r["response"] for r in given] == [r["response"] for r in expert]
+    assert given[0]["method"] == "adapter-P3A"
+    with pytest.raises(PersonalignError, match="holds no adapter"):
+        _gen(tiny_model_dir, None, "adapter", "P3A", adapter=str(tmp_path))
+    with pytest.raises(PersonalignError, match="goes with --method adapter"):
+        _gen(tiny_model_dir, None, "prompt", "P3A", adapter=str(experts_dir / "P3A"))

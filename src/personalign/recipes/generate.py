@@ -40,6 +40,7 @@ class GenerateConfig:
     merge_rank: int | None = None  # exact/ties/dare: compress to this rank
     merge_density: float | None = None  # ties/dare
     mix: str = "prob"  # mope: prob | logit | uniform
+    adapter: str | None = None  # adapter: a peft adapter folder (multitask, P-MORL, RLHF policies)
 
 
 def resolve_preference(cfg: GenerateConfig) -> Preference | None:
@@ -66,15 +67,25 @@ def check_method(cfg: GenerateConfig, method: Method, pref: Preference | None) -
         raise DataError(f"unknown --merge {cfg.merge!r}; choose one of {', '.join(METHODS)}")
     if method is Method.MOPE:
         MixRule.parse(cfg.mix)
+    if (method is Method.ADAPTER) != (cfg.adapter is not None):
+        raise DataError("--adapter FOLDER goes with --method adapter (and --method adapter needs --adapter)")
+    if cfg.adapter is not None:
+        from personalign.compose import ADAPTER_FILES, adapter_folder
+
+        if adapter_folder(Path(cfg.adapter)) is None:
+            raise DataError(f"{cfg.adapter} holds no adapter ({' and '.join(ADAPTER_FILES)}, directly or in adapter/)")
 
 
 def prepare_model(cfg: GenerateConfig, method: Method, pref: Preference | None, model: Any, tok: Any,
                   model_name: str) -> tuple[Any, Any]:
     """The model to generate with: the base, an expert, a soup (merged into the weights), or for MoPE
     the experts and their mixing weights (returned as the second item)."""
+    from personalign import compose
+
+    if method is Method.ADAPTER:
+        return compose.load_expert_model(model, compose.adapter_folder(Path(cfg.adapter))), None
     if not method.uses_experts or pref is None:
         return model, None
-    from personalign import compose
 
     folder = compose.resolve_experts_dir(cfg.experts, model_name)
     if method is Method.EXPERT:
@@ -100,6 +111,8 @@ def method_label(cfg: GenerateConfig, method: Method) -> str:
         return f"soup-{cfg.merge}"
     if method is Method.MOPE:
         return f"mope-{cfg.mix}"
+    if method is Method.ADAPTER:
+        return f"adapter-{Path(cfg.adapter).resolve().name}"
     return method.value
 
 
