@@ -1,0 +1,111 @@
+"""RL training throughput: personalign's critic-free loop (``train-expert --algorithm rloo``) versus
+TRL's ``RLOOTrainer`` on the same settings, in one process.
+
+Same base model, same LoRA (r=16, alpha=32, dropout 0.05, attention and MLP projections), same prompts
+with the side's preference prompt, 4 prompts x 4 samples per step, the same maximum completion length,
+temperature 1, learning rate, KL coefficient and reward (the offline judge of the side). The first step
+of each is warm-up and not counted; samples per second is 16 / the median step time.
+
+    python bench/rl_throughput.py [--steps 4] [--side P2A] [--max-new-tokens 48] [--model PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from personalign.data import build_user_message, load_builtin
+from personalign.judges.offline import side_score
+from personalign.preferences import default_space
+from personalign.recipes.train_expert import TrainExpertConfig
+from personalign.recipes.train_expert import main as train_expert
+from personalign.reward_model import LoraSpec
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def ours(args, out: Path) -> list[float]:
+    cfg = TrainExpertConfig(
+        side=args.side, output_dir=str(out), model=args.model, reward="offline", algorithm="rloo",
+        lora=LoraSpec(r=16, alpha=32, dropout=0.05, target_modules=TARGETS), lr=5e-5, steps=args.steps + 1,
+        batch_prompts=4, group_size=4, kl_coef=0.05, max_new_tokens=args.max_new_tokens, temperature=1.0,
+        top_p=1.0, checkpoint_every=10_000, device="cpu", dtype="float32", progress=False,
+    )
+    train_expert(cfg)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["time/step_seconds"] for r in rows if "time/step_seconds" in r][1:]
+
+
+def trl(args, out: Path) -> list[float]:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import RLOOConfig, RLOOTrainer
+
+    from personalign.models import load_model
+
+    model, tok = load_model(args.model, device="cpu", dtype="float32")
+    side_prompt = default_space().sides[args.side].prompt
+    prompts = [i.prompt for i in load_builtin("train")]
+    data = Dataset.from_list([{"prompt": [{"role": "user", "content": build_user_message(p, side_prompt)}],
+                               "instruction": p} for p in prompts])
+
+    def reward(prompts, completions, instruction, **_):
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        return [side_score(args.side, q, t) for q, t in zip(instruction, texts)]
+
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter() - self.t0)
+
+    cfg = RLOOConfig(
+        output_dir=str(out), use_cpu=True, bf16=False, per_device_train_batch_size=16, num_generations=4,
+        max_completion_length=args.max_new_tokens, temperature=1.0, top_p=1.0, learning_rate=5e-5, beta=0.05,
+        max_steps=args.steps + 1, logging_steps=1, save_strategy="no", report_to=[], seed=0,
+    )
+    peft_cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=list(TARGETS))
+    trainer = RLOOTrainer(model=model, reward_funcs=reward, args=cfg, train_dataset=data, processing_class=tok,
+                          peft_config=peft_cfg, callbacks=[Timer()])
+    trainer.train()
+    return times[1:]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--side", default="P2A")
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--output", default=str(Path(__file__).with_name("rl_throughput.json")))
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        ours_t = ours(args, Path(tmp) / "ours")
+        trl_t = trl(args, Path(tmp) / "trl")
+    n = 16
+    record = {
+        "date": date.today().isoformat(), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "torch": torch.__version__, "model": args.model or "smollm2-135m-instruct", "side": args.side,
+        "samples_per_step": n, "max_new_tokens": args.max_new_tokens,
+        "ours_step_s": ours_t, "trl_step_s": trl_t,
+        "ours_samples_per_s": n / statistics.median(ours_t), "trl_samples_per_s": n / statistics.median(trl_t),
+    }
+    record["ratio"] = record["ours_samples_per_s"] / record["trl_samples_per_s"]
+    print(json.dumps(record, indent=2))
+    Path(args.output).write_text(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()
