@@ -389,16 +389,20 @@ def demo(
     output_dir: Annotated[Optional[Path], typer.Option("--output-dir", help="Also write demo.jsonl here.")] = None,
     num_instructions: Annotated[int, typer.Option("--num-instructions", "-n")] = 3,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 160,
+    experts: Annotated[Optional[Path], typer.Option("--experts", help="Folder of <SIDE>/ experts to compose (default: the shipped experts, if any).")] = None,
+    prompting_only: Annotated[bool, typer.Option("--prompting-only", help="Show preference prompting only, even when experts exist.")] = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
 ) -> None:
-    """Answer a few instructions under contrasting preferences, side by side."""
+    """Answer a few instructions under contrasting preferences, side by side (with soup and MoPE when
+    experts exist)."""
     from personalign.generation import SamplingConfig
     from personalign.recipes import demo as recipe
 
     cfg = recipe.DemoConfig(
         model=model, output_dir=str(output_dir) if output_dir else None, num_instructions=num_instructions,
         device=device, dtype=dtype, sampling=SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0),
+        experts=str(experts) if experts else None, compose=() if prompting_only else ("soup", "mope"),
     )
     recipe.main(cfg)
 

@@ -179,3 +179,15 @@ def test_adapter_method_uses_the_given_adapter(tiny_model_dir, experts_dir, tmp_
         _gen(tiny_model_dir, None, "adapter", "P3A", adapter=str(tmp_path))
     with pytest.raises(PersonalignError, match="goes with --method adapter"):
         _gen(tiny_model_dir, None, "prompt", "P3A", adapter=str(experts_dir / "P3A"))
+
+
+def test_demo_composes_experts_next_to_prompting(tiny_model_dir, experts_dir):
+    from personalign.recipes import demo
+
+    cfg = demo.DemoConfig(model=str(tiny_model_dir), combinations=("P1A,P2A,P3A",), instructions=("Bake bread?",),
+                          experts=str(experts_dir), device="cpu", dtype="float32",
+                          sampling=SamplingConfig(max_new_tokens=4, temperature=0.0))
+    rows = demo.main(cfg, show=True)
+    assert [r["method"] for r in rows] == ["prompt", "soup-psoups", "mope-prob"]
+    only = demo.main(demo.DemoConfig(**{**cfg.__dict__, "compose": ()}), show=False)
+    assert [r["method"] for r in only] == ["prompt"]

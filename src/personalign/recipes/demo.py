@@ -2,7 +2,9 @@
 and shows the answers side by side.
 
 config -> main(cfg) -> phases: pick instructions -> load model -> generate every (instruction,
-combination) in one batched pass -> show a table -> write ``demo.jsonl`` when a run folder is given.
+combination) in one batched pass -> with experts (shipped, or ``experts``), also the soup and the
+token-level mixture of each combination -> show a table -> write ``demo.jsonl`` when a run folder is
+given.
 """
 
 from __future__ import annotations
@@ -34,6 +36,19 @@ class DemoConfig:
     device: str = "auto"
     dtype: str = "auto"
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=160, temperature=0.0))
+    experts: str | None = None  # None: the shipped experts, when there are any for the model
+    compose: tuple[str, ...] = ("soup", "mope")  # composition methods shown when experts exist
+
+
+def experts_for(cfg: DemoConfig) -> str | None:
+    """The experts folder the demo composes, or None (preference prompting only)."""
+    from personalign.compose import resolve_experts_dir, shipped_experts_dir
+    from personalign.models import canonical_name
+
+    if cfg.experts is not None:
+        return str(resolve_experts_dir(cfg.experts, canonical_name(cfg.model)))
+    shipped = shipped_experts_dir(canonical_name(cfg.model))
+    return str(shipped) if shipped is not None else None
 
 
 def main(cfg: DemoConfig, show: bool = True) -> list[dict[str, Any]]:
@@ -57,6 +72,13 @@ def main(cfg: DemoConfig, show: bool = True) -> list[dict[str, Any]]:
             if len(instructions) == cfg.num_instructions:
                 break
 
+    experts = experts_for(cfg) if cfg.compose else None
+    if experts is not None:
+        from personalign import compose
+
+        for p in prefs:
+            compose.require_experts(p, compose.expert_folders(experts), experts)
+
     from personalign.models import load_model
 
     t0 = time.perf_counter()
@@ -70,13 +92,24 @@ def main(cfg: DemoConfig, show: bool = True) -> list[dict[str, Any]]:
         keys += [(ii, pi) for ii in range(len(instructions))]
     t1 = time.perf_counter()
     responses = generate_texts(model, tok, texts, cfg.sampling, batch_size=cfg.batch_size)
-    gen_s = time.perf_counter() - t1
 
     rows = [
         {"instruction": instructions[ii], "prefs": prefs[pi].spec(), "describe": prefs[pi].describe(),
          "method": method.value, "response": r}
         for (ii, pi), r in zip(keys, responses)
     ]
+    if experts is not None:
+        from personalign.recipes import generate
+
+        for name in cfg.compose:
+            for p in prefs:
+                gcfg = generate.GenerateConfig(prefs=p.spec(), method=name, model=cfg.model,
+                                               instructions=tuple(instructions), batch_size=cfg.batch_size,
+                                               device=cfg.device, dtype=cfg.dtype, progress=False,
+                                               sampling=cfg.sampling, experts=experts)
+                rows += [{"instruction": r["prompt"], "prefs": p.spec(), "describe": p.describe(),
+                          "method": r["method"], "response": r["response"]} for r in generate.main(gcfg)]
+    gen_s = time.perf_counter() - t1
     if cfg.output_dir:
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -93,11 +126,16 @@ def _show(instructions: list[str], prefs: list[Any], rows: list[dict[str, Any]],
     from rich.table import Table
 
     console = Console()
-    by_key = {(r["instruction"], r["prefs"]): r["response"] for r in rows}
+    by_key = {(r["instruction"], r["prefs"], r["method"]): r["response"] for r in rows}
+    methods = list(dict.fromkeys(r["method"] for r in rows))
     for instr in instructions:
         table = Table(title=instr, show_lines=True, expand=True)
+        if len(methods) > 1:
+            table.add_column("method", ratio=0)
         for p in prefs:
             table.add_column(f"{p.describe()}  ({p.spec()})", ratio=1)
-        table.add_row(*[by_key[(instr, p.spec())] for p in prefs])
+        for m in methods:
+            cells = [by_key.get((instr, p.spec(), m), "") for p in prefs]
+            table.add_row(*([m] if len(methods) > 1 else []), *cells)
         console.print(table)
     console.print(f"[dim]model loaded in {load_s:.1f} s; {len(rows)} responses generated in {gen_s:.1f} s[/dim]")

@@ -1,0 +1,336 @@
+"""Evaluation reports: fluency and on-topic text metrics, markdown tables and PNG plots.
+
+The text metrics sit beside win rates because a judge asked about one criterion can reward a
+degenerate reply (a looping answer is "informative" to a word counter, an empty one "concise"):
+
+* **distinct-n** (Li et al. 2016): distinct word n-grams over all n-grams of a method's responses,
+  pooled over responses. It grows with diversity and shrinks with corpus size, so compare methods
+  on the same instructions only (the evaluation always does).
+* **repetition rate**: the share of word 3-grams that repeat an earlier 3-gram *of the same
+  response*, pooled over responses; a looping decoder scores near 1.
+* **mean length** in words, and the share of empty responses.
+* **on-topic similarity**: mean cosine similarity of instruction and response embeddings (the
+  embedding model is loaded by the recipe; this module only has the pure cosine).
+
+Words are lowercase runs of letters and digits (inner apostrophes kept), punctuation dropped.
+
+The results layout every function here reads (written by ``personalign.recipes.evaluate``)::
+
+    reference, judge, instructions, confidence, combinations [labels], criteria [side ids],
+    methods [judged labels], skipped {label: reason}, notes [str],
+    win_rates {method: {avg: WR, by_criterion: {side: WR},
+                        by_combination: {combo: {avg: WR, criteria: {side: WR}}},
+                        counts: {win, tie, loss}}},
+    text {method: {responses, distinct_1, distinct_2, repetition_3, mean_words, empty_share, ontopic}}
+
+where WR is ``{"value", "low", "high", "n", "confidence"}`` (a :class:`~personalign.evaluation.WinRate`).
+Plots are drawn on a bare ``Figure`` with the Agg canvas, so no display or pyplot state is involved.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "cosine_similarities",
+    "distinct_n",
+    "markdown_report",
+    "mean_length",
+    "pareto_markdown",
+    "plot_pareto",
+    "plot_win_rates",
+    "repetition_rate",
+    "text_metrics",
+    "words",
+    "write_pareto_report",
+    "write_report",
+]
+
+_WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)*")
+
+
+# ---------------------------------------------------------------- text metrics (pure)
+
+
+def words(text: str) -> list[str]:
+    """Lowercase word tokens; punctuation and markup are not words."""
+    return _WORD.findall((text or "").lower())
+
+
+def _ngrams(tokens: Sequence[str], n: int) -> list[tuple[str, ...]]:
+    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def distinct_n(texts: Sequence[str], n: int) -> float | None:
+    """Distinct n-grams / all n-grams, pooled over ``texts``; None when no text has n words."""
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    grams = [g for t in texts for g in _ngrams(words(t), n)]
+    return len(set(grams)) / len(grams) if grams else None
+
+
+def repetition_rate(texts: Sequence[str], n: int = 3) -> float | None:
+    """Share of n-grams that repeat an earlier n-gram of the same text, pooled; None without n-grams."""
+    total = repeated = 0
+    for t in texts:
+        seen: set[tuple[str, ...]] = set()
+        for g in _ngrams(words(t), n):
+            repeated += g in seen
+            seen.add(g)
+            total += 1
+    return repeated / total if total else None
+
+
+def mean_length(texts: Sequence[str]) -> float | None:
+    """Mean number of words per text; None for no texts."""
+    return sum(len(words(t)) for t in texts) / len(texts) if texts else None
+
+
+def text_metrics(texts: Sequence[str]) -> dict[str, float | int | None]:
+    """The fluency metrics of one method's responses (see the module docstring)."""
+    return {
+        "responses": len(texts),
+        "distinct_1": distinct_n(texts, 1),
+        "distinct_2": distinct_n(texts, 2),
+        "repetition_3": repetition_rate(texts, 3),
+        "mean_words": mean_length(texts),
+        "empty_share": (sum(not words(t) for t in texts) / len(texts)) if texts else None,
+    }
+
+
+def cosine_similarities(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Row-wise cosine similarity of two (N, D) arrays; a zero row has similarity 0."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 2:
+        raise ValueError(f"expected two (N, D) arrays of one shape, got {x.shape} and {y.shape}")
+    nx = np.linalg.norm(x, axis=1)
+    ny = np.linalg.norm(y, axis=1)
+    dots = (x * y).sum(axis=1)
+    denom = nx * ny
+    return np.divide(dots, denom, out=np.zeros_like(dots), where=denom > 0)
+
+
+# ---------------------------------------------------------------- markdown
+
+
+def _pct(v: float | None) -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
+
+
+def _wr(w: Mapping[str, Any] | None, ci: bool) -> str:
+    if not w:
+        return "–"
+    text = _pct(w["value"])
+    return f"{text} [{_pct(w['low'])}, {_pct(w['high'])}]" if ci else text
+
+
+def _num(v: float | None, digits: int = 3) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return lines
+
+
+def markdown_report(results: Mapping[str, Any]) -> str:
+    """Three tables: win rate per combination (the papers' layout) with the average and its interval,
+    win rate per criterion, and the text metrics (reference included)."""
+    ref = results["reference"]
+    conf = round(100 * results.get("confidence", 0.95))
+    wrs = results["win_rates"]
+    methods = [m for m in results["methods"] if m in wrs]
+    combos, criteria = results["combinations"], results["criteria"]
+    out = [
+        f"# Evaluation: win rate against `{ref}`",
+        "",
+        f"Judge `{results['judge']}`, {results['instructions']} instructions, each pair judged in both orders "
+        f"(an order-dependent verdict is a tie); ties count half. Intervals: {conf}% percentile bootstrap "
+        "over instructions.",
+        "",
+        "## Win rate (%) per combination",
+        "",
+    ]
+    header = ["method", *combos, f"avg [{conf}% CI]"]
+    rows = [[m, *(_wr(wrs[m]["by_combination"].get(c, {}).get("avg"), False) for c in combos),
+             _wr(wrs[m]["avg"], True)] for m in methods]
+    out += _table(header, rows)
+    out += ["", "## Win rate (%) per criterion, over the combinations that include it", ""]
+    header = ["method", *criteria, "avg"]
+    rows = [[m, *(_wr(wrs[m]["by_criterion"].get(s), True) for s in criteria), _wr(wrs[m]["avg"], True)]
+            for m in methods]
+    out += _table(header, rows)
+    counts = [[m, *(str(wrs[m]["counts"][k]) for k in ("win", "tie", "loss"))] for m in methods]
+    out += ["", "## Outcomes (criterion x instruction pairs)", ""]
+    out += _table(["method", "wins", "ties", "losses"], counts)
+
+    text = results.get("text", {})
+    if text:
+        out += ["", "## Fluency and on-topic-ness", ""]
+        header = ["method", "distinct-1", "distinct-2", "repeated 3-grams", "mean words", "empty", "on-topic"]
+        rows = []
+        for m in [ref, *(m for m in text if m != ref)]:
+            if m not in text:
+                continue
+            t = text[m]
+            rows.append([f"{m} (reference)" if m == ref else m, _num(t["distinct_1"]), _num(t["distinct_2"]),
+                         _num(t["repetition_3"]), _num(t["mean_words"], 1), _num(t["empty_share"], 2),
+                         _num(t.get("ontopic"))])
+        out += _table(header, rows)
+    skipped = results.get("skipped") or {}
+    notes = list(results.get("notes") or [])
+    if skipped or notes:
+        out += ["", "## Notes", ""]
+        out += [f"- skipped `{m}`: {why}" for m, why in skipped.items()]
+        out += [f"- {n}" for n in notes]
+    return "\n".join(out) + "\n"
+
+
+# ---------------------------------------------------------------- plots
+
+
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def plot_win_rates(results: Mapping[str, Any], path: str | Path, by: str = "criterion") -> Path:
+    """Grouped bars: one group per criterion (or combination) plus the average, one bar per method,
+    with the bootstrap interval as error bars; the dashed line is parity with the reference."""
+    if by not in ("criterion", "combination"):
+        raise ValueError(f"by must be 'criterion' or 'combination', got {by!r}")
+    wrs = results["win_rates"]
+    methods = [m for m in results["methods"] if m in wrs]
+    groups = list(results["criteria"] if by == "criterion" else results["combinations"]) + ["avg"]
+
+    def cell(m: str, g: str) -> Mapping[str, Any] | None:
+        if g == "avg":
+            return wrs[m]["avg"]
+        if by == "criterion":
+            return wrs[m]["by_criterion"].get(g)
+        return wrs[m]["by_combination"].get(g, {}).get("avg")
+
+    fig = _figure(max(6.0, 0.9 * len(groups) * max(1, len(methods)) ** 0.5 + 2), 4.2)
+    ax = fig.add_subplot()
+    width = 0.8 / max(1, len(methods))
+    x = np.arange(len(groups))
+    for j, m in enumerate(methods):
+        cells = [cell(m, g) for g in groups]
+        vals = np.array([c["value"] if c else np.nan for c in cells])
+        low = np.array([c["value"] - c["low"] if c else 0.0 for c in cells])
+        high = np.array([c["high"] - c["value"] if c else 0.0 for c in cells])
+        ax.bar(x + (j - (len(methods) - 1) / 2) * width, vals, width, yerr=[low, high], capsize=2, label=m)
+    ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+    ax.set_xticks(x, groups, rotation=30 if by == "combination" else 0, ha="right" if by == "combination" else "center")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel(f"win rate vs {results['reference']}")
+    ax.set_title(f"Win rate per {by} (judge {results['judge']}, {results['instructions']} instructions)")
+    if methods:
+        ax.legend(fontsize="small", ncols=min(len(methods), 4), loc="upper left")
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def write_report(folder: str | Path, results: Mapping[str, Any]) -> dict[str, str]:
+    """Write ``results.json``, ``results.md`` and the two PNGs into ``folder``; return their paths."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {
+        "json": folder / "results.json",
+        "markdown": folder / "results.md",
+        "plot_criterion": folder / "win_rate_by_criterion.png",
+        "plot_combination": folder / "win_rate_by_combination.png",
+    }
+    _write_atomic(files["json"], json.dumps(results, indent=2, ensure_ascii=False))
+    _write_atomic(files["markdown"], markdown_report(results))
+    plot_win_rates(results, files["plot_criterion"], by="criterion")
+    plot_win_rates(results, files["plot_combination"], by="combination")
+    return {k: str(v) for k, v in files.items()}
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------- Pareto sweeps
+
+# Layout read here (written by ``personalign.recipes.pareto``)::
+#
+#     sides [x side, y side], names [x name, y name], reference_point [x, y], margin,
+#     methods {method: {points: [{weight, x, y, n}], front: [indices], hypervolume}}
+
+
+def pareto_markdown(result: Mapping[str, Any]) -> str:
+    """One table per sweep: each weight's two mean side scores, front membership, and the hypervolume."""
+    sx, sy = result["sides"]
+    rx, ry = result["reference_point"]
+    out = [
+        f"# Pareto sweep: {sx} ({result['names'][0]}) vs {sy} ({result['names'][1]})",
+        "",
+        f"Scores: the offline judge's side scores, averaged over {result['instructions']} instructions. "
+        f"Hypervolume reference point ({rx:.3f}, {ry:.3f}); compare hypervolumes only at the same point.",
+        "",
+        "| method | hypervolume | front size |",
+        "|---|---:|---:|",
+    ]
+    for m, sweep in result["methods"].items():
+        out.append(f"| {m} | {sweep['hypervolume']:.4f} | {len(sweep['front'])} |")
+    for m, sweep in result["methods"].items():
+        out += ["", f"## {m}", "", f"| weight on {sx} | {sx} score | {sy} score | on front |", "|---:|---:|---:|:---:|"]
+        front = set(sweep["front"])
+        for i, p in enumerate(sweep["points"]):
+            out.append(f"| {p['weight']:g} | {p['x']:.3f} | {p['y']:.3f} | {'yes' if i in front else ''} |")
+    return "\n".join(out) + "\n"
+
+
+def plot_pareto(result: Mapping[str, Any], path: str | Path) -> Path:
+    """Each sweep's points (labelled by the weight on the x side), its front as a line, and the
+    hypervolume reference point."""
+    sx, sy = result["sides"]
+    fig = _figure(6.0, 4.8)
+    ax = fig.add_subplot()
+    for m, sweep in result["methods"].items():
+        pts = sweep["points"]
+        xs, ys = [p["x"] for p in pts], [p["y"] for p in pts]
+        dots = ax.scatter(xs, ys, label=f"{m} (HV {sweep['hypervolume']:.3g})")
+        front = sweep["front"]
+        ax.plot([xs[i] for i in front], [ys[i] for i in front], color=dots.get_facecolor()[0], linewidth=1.2)
+        for p in pts:
+            ax.annotate(f"{p['weight']:g}", (p["x"], p["y"]), textcoords="offset points", xytext=(4, 4),
+                        fontsize="x-small")
+    rx, ry = result["reference_point"]
+    ax.scatter([rx], [ry], marker="x", color="black", label="reference point")
+    ax.set_xlabel(f"{sx} ({result['names'][0]}) score")
+    ax.set_ylabel(f"{sy} ({result['names'][1]}) score")
+    ax.set_title(f"Pareto sweep, labels = weight on {sx}")
+    ax.legend(fontsize="small")
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def write_pareto_report(folder: str | Path, result: Mapping[str, Any]) -> dict[str, str]:
+    """Write ``pareto.json``, ``pareto.md`` and ``pareto.png`` into ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {"json": folder / "pareto.json", "markdown": folder / "pareto.md", "plot": folder / "pareto.png"}
+    _write_atomic(files["json"], json.dumps(result, indent=2, ensure_ascii=False))
+    _write_atomic(files["markdown"], pareto_markdown(result))
+    plot_pareto(result, files["plot"])
+    return {k: str(v) for k, v in files.items()}
