@@ -49,7 +49,11 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 def shipped_experts_dir(model_name: str) -> Path | None:
-    """The experts shipped inside the package for ``model_name``, if any."""
+    """The experts shipped inside the package for ``model_name`` (an embedded model's name), if any."""
+    from personalign.models import EMBEDDED_MODELS
+
+    if model_name not in EMBEDDED_MODELS:  # paths and hub ids never name a shipped folder
+        return None
     folder = Path(__file__).parent / "data" / "experts" / model_name
     return folder if folder.is_dir() and any(folder.iterdir()) else None
 

@@ -153,9 +153,9 @@ def markdown_report(results: Mapping[str, Any]) -> str:
     out = [
         f"# Evaluation: win rate against `{ref}`",
         "",
-        f"Judge `{results['judge']}`, {results['instructions']} instructions, each pair judged in both orders "
+        (f"Judge `{results['judge']}`, {results['instructions']} instructions, each pair judged in both orders "
         f"(an order-dependent verdict is a tie); ties count half. Intervals: {conf}% percentile bootstrap "
-        "over instructions.",
+        "over instructions."),
         "",
         "## Win rate (%) per combination",
         "",
@@ -283,8 +283,8 @@ def pareto_markdown(result: Mapping[str, Any]) -> str:
     out = [
         f"# Pareto sweep: {sx} ({result['names'][0]}) vs {sy} ({result['names'][1]})",
         "",
-        f"Scores: the offline judge's side scores, averaged over {result['instructions']} instructions. "
-        f"Hypervolume reference point ({rx:.3f}, {ry:.3f}); compare hypervolumes only at the same point.",
+        (f"Scores: the offline judge's side scores, averaged over {result['instructions']} instructions. "
+        f"Hypervolume reference point ({rx:.3f}, {ry:.3f}); compare hypervolumes only at the same point."),
         "",
         "| method | hypervolume | front size |",
         "|---|---:|---:|",

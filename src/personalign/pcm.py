@@ -1,0 +1,445 @@
+"""The Preference Control Model (PCM) of MoPE: per-token weights over frozen experts, from the preference
+and cheap features of the decoding state.
+
+Design (the paper's PCM is a 160M LLaMA; this one must cost next to nothing beside the experts):
+
+* **Preference** = a weight vector over *every* side the PCM knows (``sides``), normalised to sum 1.
+  One PCM therefore serves every combination and every weighted preference. The head outputs one
+  logit per known side; the softmax runs over the preference's active sides only (weight > 0), so
+  inactive sides get exactly 0.
+* **Prior**: the logits are ``log w + MLP(...)`` with the MLP's last layer initialised to zero, so an
+  untrained PCM *is* the user's declared mix (uniform for a hard combination) and training learns a
+  per-token correction to it.
+* **Context** (``context=True``), read at every step without any extra transformer:
+  per active expert the entropy of its next-token distribution (divided by log V), its largest
+  probability, and its disagreement with the declared mixture ``KL(p_k || sum_j w_j p_j)`` squashed to
+  [0, 1) (these are laid out in the slots of the known sides, zero for inactive ones); the position
+  ``log(1 + t) / log(513)``; and the mean of the frozen base model's *input embeddings* over the
+  prompt (instruction + preference prompt) and over the tokens generated so far, each layer-normed
+  and projected to ``proj`` dimensions. ``context=False`` is the ablation: weights depend on the
+  preference alone (one weight vector per preference, constant over tokens).
+* **MLP**: two hidden layers of ``hidden`` units (SiLU). With 6 sides, hidden 64, proj 32 and the
+  576-wide SmolLM2 embeddings that is about 46k parameters (37k of them the embedding projection).
+
+Features are recorded during generation (:class:`PCMWeights` with ``record=True``), and they do not
+depend on the PCM's parameters (experts are frozen, tokens fixed), so a training step recomputes the
+weights of a whole batch of responses from the record, with no expert forward pass.
+
+Saved as ``pcm.safetensors`` + ``pcm.json`` (architecture, sides, base-model fingerprint); loading
+checks the sides and the base model and says what to do on a mismatch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from personalign.errors import ConfigError, ModelError, PreferenceError
+from personalign.mixing import Experts, StepContext, mixture_sequence_logprob
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from personalign.preferences import Preference
+
+__all__ = [
+    "PCM_CONFIG",
+    "PCM_WEIGHTS",
+    "PCMConfig",
+    "PCMInputs",
+    "PCMWeights",
+    "PreferenceControlModel",
+    "expert_features",
+    "pcm_sequence_logprob",
+    "pooled_embeddings",
+    "position_feature",
+    "preference_utility",
+    "preference_vector",
+    "weight_kl",
+]
+
+PCM_WEIGHTS = "pcm.safetensors"
+PCM_CONFIG = "pcm.json"
+FORMAT = 1
+EXPERT_FEATURES = 3  # entropy, top probability, disagreement with the declared mixture
+_POSITION_NORM = math.log(513.0)  # log(1 + t) / log(513): 1 at t = 512, independent of max_new_tokens
+
+
+# -- configuration and model -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PCMConfig:
+    """The architecture; saved in ``pcm.json`` and needed to rebuild the model."""
+
+    sides: tuple[str, ...]  # every side the PCM can weight, in the preference space's order
+    embed_size: int = 0  # width of the base model's input embeddings (needed when context is on)
+    context: bool = True  # False: weights depend on the preference only (ablation)
+    hidden: int = 64
+    proj: int = 32  # width of the projected pooled embeddings
+
+    def __post_init__(self) -> None:
+        if not self.sides or len(set(self.sides)) != len(self.sides):
+            raise ConfigError(f"a PCM needs distinct sides, got {list(self.sides)}")
+        if self.hidden < 1 or self.proj < 1:
+            raise ConfigError(f"PCM hidden and proj must be at least 1, got hidden={self.hidden} proj={self.proj}")
+        if self.context and self.embed_size < 1:
+            raise ConfigError("a PCM with context needs embed_size, the base model's hidden size")
+
+    @property
+    def n_sides(self) -> int:
+        return len(self.sides)
+
+    @property
+    def n_scalars(self) -> int:
+        """Per-step scalar features: EXPERT_FEATURES per known side, plus the position."""
+        return EXPERT_FEATURES * self.n_sides + 1
+
+
+@dataclass(frozen=True)
+class PCMInputs:
+    """What the PCM reads, for B rows and T steps (``scalars`` etc. are None without context)."""
+
+    pref: torch.Tensor  # (B, S) normalised preference weights, 0 on inactive sides
+    scalars: torch.Tensor | None = None  # (B, T, 3S + 1)
+    prompt_emb: torch.Tensor | None = None  # (B, H) mean input embedding of the prompt
+    gen_emb: torch.Tensor | None = None  # (B, T, H) mean input embedding of the tokens before step t
+
+    def select(self, rows: torch.Tensor) -> PCMInputs:
+        """The same inputs for a subset of rows (a minibatch)."""
+        pick = lambda x: None if x is None else x[rows]  # noqa: E731
+        return PCMInputs(self.pref[rows], pick(self.scalars), pick(self.prompt_emb), pick(self.gen_emb))
+
+
+class PreferenceControlModel(nn.Module):
+    """Preference (+ context features) -> weights over the known sides, 0 on the inactive ones."""
+
+    def __init__(self, config: PCMConfig, base: Mapping[str, Any] | None = None):
+        super().__init__()
+        self.config = config
+        self.base = dict(base or {})  # fingerprint of the base model whose embeddings and experts it reads
+        s = config.n_sides
+        in_dim = s
+        if config.context:
+            self.proj_prompt = nn.Linear(config.embed_size, config.proj)
+            self.proj_gen = nn.Linear(config.embed_size, config.proj, bias=False)
+            in_dim += config.n_scalars + config.proj
+        self.mlp = nn.Sequential(
+            nn.Linear(in_dim, config.hidden), nn.SiLU(),
+            nn.Linear(config.hidden, config.hidden), nn.SiLU(),
+            nn.Linear(config.hidden, s),
+        )
+        # Zero output layer: a fresh PCM returns the declared weights exactly (see the module docstring).
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    @property
+    def sides(self) -> tuple[str, ...]:
+        return self.config.sides
+
+    def logits(self, inputs: PCMInputs) -> torch.Tensor:
+        """``log w + MLP(features)``: (B, S) without context, (B, T, S) with it; -inf on inactive sides."""
+        pref = inputs.pref.float()
+        if pref.dim() != 2 or pref.shape[-1] != self.config.n_sides:
+            raise ConfigError(f"preference weights of shape {tuple(pref.shape)}; expected (B, {self.config.n_sides}) "
+                              f"over the sides {', '.join(self.sides)}")
+        if bool((pref <= 0).all(-1).any()):
+            raise PreferenceError("a preference row has no side with positive weight; give some side a weight")
+        prior = torch.where(pref > 0, pref.clamp_min(1e-30).log(), -torch.inf)  # (B, S)
+        if not self.config.context:
+            return prior + self.mlp(pref)
+        if inputs.scalars is None or inputs.prompt_emb is None or inputs.gen_emb is None:
+            raise ConfigError("this PCM reads context features; record them with PCMWeights(record=True)")
+        t = inputs.scalars.shape[1]
+        emb = self.proj_prompt(F.layer_norm(inputs.prompt_emb.float(), inputs.prompt_emb.shape[-1:]))  # (B, E)
+        emb = emb[:, None] + self.proj_gen(F.layer_norm(inputs.gen_emb.float(), inputs.gen_emb.shape[-1:]))
+        pref_t = pref[:, None].expand(-1, t, -1)  # (B, T, S)
+        x = torch.cat([pref_t, inputs.scalars.float(), emb], -1)  # (B, T, S + 3S + 1 + E)
+        return prior[:, None] + self.mlp(x)
+
+    def forward(self, inputs: PCMInputs) -> torch.Tensor:
+        """Weights over the known sides: (B, S) without context, (B, T, S) with it; rows sum to 1."""
+        return torch.softmax(self.logits(inputs), -1)
+
+    def weights(self, inputs: PCMInputs, steps: int) -> torch.Tensor:
+        """Weights for every step, (B, T, S), in both modes."""
+        w = self(inputs)
+        return w[:, None].expand(-1, steps, -1) if w.dim() == 2 else w
+
+    # -- sides -----------------------------------------------------------------------------------------
+    def side_index(self, names: Sequence[str]) -> list[int]:
+        """Position of each expert (named by its side) among the PCM's sides."""
+        unknown = [n for n in names if n not in self.sides]
+        if unknown:
+            raise PreferenceError(f"this PCM weights sides {', '.join(self.sides)}, not {', '.join(unknown)}; "
+                                  f"train one that knows them: personalign train-pcm --set "
+                                  f"sides={','.join(list(self.sides) + unknown)}")
+        return [self.sides.index(n) for n in names]
+
+    # -- persistence -------------------------------------------------------------------------------------
+    def save(self, folder: str | Path, extra: Mapping[str, Any] | None = None) -> Path:
+        """Write ``pcm.safetensors`` then ``pcm.json`` (last, so a complete JSON means a complete PCM)."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / (PCM_WEIGHTS + ".tmp")
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(tmp))
+        os.replace(tmp, folder / PCM_WEIGHTS)
+        arch = {k: v for k, v in asdict(self.config).items() if k != "sides"}
+        doc = {"kind": "pcm", "format": FORMAT, "sides": list(self.sides), "architecture": arch,
+               "base": self.base, **dict(extra or {})}
+        tmp = folder / (PCM_CONFIG + ".tmp")
+        tmp.write_text(json.dumps(doc, indent=2))
+        os.replace(tmp, folder / PCM_CONFIG)
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path, base_model: PreTrainedModel | None = None,
+             sides: Sequence[str] | None = None, device: str | torch.device = "cpu") -> PreferenceControlModel:
+        """Read a PCM folder; with ``base_model``, refuse one trained on another base; with ``sides``,
+        refuse one that cannot weight them."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        cfg_path, weights = folder / PCM_CONFIG, folder / PCM_WEIGHTS
+        if not cfg_path.is_file() or not weights.is_file():
+            raise ModelError(f"{folder} is not a PCM folder (needs {PCM_CONFIG} and {PCM_WEIGHTS}); "
+                             "train one with personalign train-pcm")
+        try:
+            doc = json.loads(cfg_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ModelError(f"{cfg_path} is unreadable ({exc}); retrain the PCM") from None
+        if doc.get("kind") != "pcm" or doc.get("format") != FORMAT:
+            raise ModelError(f"{cfg_path} does not describe a PCM of format {FORMAT}; retrain it with train-pcm")
+        known = {f.name for f in fields(PCMConfig)} - {"sides"}
+        arch = {k: v for k, v in doc.get("architecture", {}).items() if k in known}
+        pcm = cls(PCMConfig(sides=tuple(doc["sides"]), **arch), base=doc.get("base"))
+        try:
+            state = load_file(str(weights))
+            pcm.load_state_dict(state)
+        except (OSError, SafetensorError, RuntimeError) as exc:
+            raise ModelError(f"{weights} does not fit {cfg_path} ({type(exc).__name__}); retrain the PCM") from None
+        if base_model is not None:
+            pcm.check_base(base_model, str(folder))
+        if sides is not None:
+            pcm.side_index(list(sides))
+        return pcm.to(device).eval()
+
+    def check_base(self, base_model: PreTrainedModel, where: str = "this PCM") -> None:
+        """The PCM reads the base model's input embeddings and its experts' distributions: same base only."""
+        from personalign.reward_model import base_fingerprint, check_fingerprint
+
+        if not self.base:
+            return
+        check_fingerprint(self.base, base_model, f"PCM {where}")
+        have, want = base_fingerprint(base_model).get("name"), self.base.get("name")
+        if have and want and str(have).rstrip("/") != str(want).rstrip("/"):
+            raise ModelError(f"PCM {where} was trained on base model {want!r}, not {have!r}; use --model {want} "
+                             "or train a PCM on this model with personalign train-pcm")
+
+
+# -- features (pure) --------------------------------------------------------------------------------------
+
+
+def expert_features(expert_logp: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Per expert: entropy / log V, top probability, and KL(p_k || sum_j w_j p_j) / (1 + KL).
+
+    (B, K, V) next-token log-probs, (B, K) declared weights (0 for experts not in the preference)
+    -> (B, K, 3), each in [0, 1]. Cheap next to a forward pass: a few elementwise passes over (B, K, V).
+    """
+    logp = expert_logp.float().clamp_min(-1e4)  # finite, so 0 * logp stays 0
+    v = logp.shape[-1]
+    p = logp.exp()
+    entropy = -(p * logp).sum(-1) / math.log(v)  # (B, K)
+    top = p.amax(-1)  # (B, K)
+    w = weights.float()
+    log_mix = torch.logsumexp(logp + torch.where(w > 0, w.clamp_min(1e-30).log(), -torch.inf)[..., None], 1)  # (B, V)
+    kl = (p * (logp - log_mix[:, None])).sum(-1).clamp_min(0)  # (B, K)
+    return torch.stack([entropy, top, kl / (1 + kl)], -1)
+
+
+def position_feature(step: int) -> float:
+    """log(1 + t) / log(513): grows fast early, where the response's character is decided."""
+    return math.log1p(step) / _POSITION_NORM
+
+
+def pooled_embeddings(embeddings: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Masked mean of the (V, H) embedding rows of ``ids`` (B, L) -> (B, H); zero for an empty row."""
+    emb = F.embedding(ids.to(embeddings.device), embeddings).float()  # (B, L, H)
+    m = mask.to(emb.device, emb.dtype)[..., None]
+    return (emb * m).sum(1) / m.sum(1).clamp_min(1)
+
+
+def preference_vector(pref: Preference, sides: Sequence[str]) -> torch.Tensor:
+    """A preference's normalised weights laid out over ``sides`` (S,); refuses negative weights and
+    sides outside ``sides``."""
+    weights = {s: w for s, w in pref.normalized().items() if w != 0}
+    if any(w < 0 for w in weights.values()):
+        raise PreferenceError(f"token-level mixing needs non-negative weights, got {pref.spec()!r}; "
+                              "use --method soup for negative weights")
+    unknown = [s for s in weights if s not in sides]
+    if unknown:
+        raise PreferenceError(f"side(s) {', '.join(unknown)} of {pref.spec()!r} are not among {', '.join(sides)}; "
+                              "train a PCM (and experts) for them")
+    out = torch.zeros(len(sides))
+    for s, w in weights.items():
+        out[list(sides).index(s)] = w
+    return out
+
+
+def _scatter_sides(x: torch.Tensor, index: torch.Tensor, n_sides: int) -> torch.Tensor:
+    """(B, K, F) per-expert values into (B, S, F) side slots (zeros elsewhere)."""
+    out = x.new_zeros(x.shape[0], n_sides, x.shape[-1])
+    out[:, index] = x
+    return out
+
+
+# -- training quantities (pure) ---------------------------------------------------------------------------
+
+
+def pcm_sequence_logprob(pcm: PreferenceControlModel, inputs: PCMInputs, expert_logprobs: torch.Tensor,
+                         index: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi_theta(y) of recorded responses under the PCM's current weights, and those weights.
+
+    (B, T, K) recorded expert log-probs of the chosen tokens, ``index`` (K,) the experts' positions
+    among the PCM's sides, (B, T) response mask -> ((B,), (B, T, S)). Differentiable in the PCM.
+    """
+    alpha = pcm.weights(inputs, expert_logprobs.shape[1])  # (B, T, S)
+    return mixture_sequence_logprob(expert_logprobs, alpha[..., index], mask), alpha
+
+
+def preference_utility(rewards: torch.Tensor, ref_rewards: torch.Tensor, weights: torch.Tensor,
+                       scales: torch.Tensor) -> torch.Tensor:
+    """U = sum_j w_j sigmoid((r_j(y) - r_j(y_ref)) / scale_j) over the active sides (w_j > 0).
+
+    (N, S) rewards of the responses and of their references, (N, S) normalised weights, (S,) scales
+    -> (N,). Inactive sides' rewards may hold anything (NaN included): they are never read.
+    """
+    active = weights > 0
+    diff = torch.where(active, rewards - ref_rewards, torch.zeros_like(rewards))
+    return (torch.where(active, weights, 0.0) * torch.sigmoid(diff / scales)).sum(-1)
+
+
+def weight_kl(alpha: torch.Tensor, prior: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over response tokens of KL(alpha_t || prior): (B, T, S) weights, (B, S) declared weights,
+    (B, T) mask -> scalar. The optional pull toward the user's declared mix."""
+    prior = prior[:, None].expand_as(alpha).to(alpha.dtype)
+    kl = (torch.xlogy(alpha, alpha) - torch.xlogy(alpha, prior)).sum(-1)  # (B, T); 0 where alpha = 0
+    m = mask.to(kl.dtype)
+    return (kl * m).sum() / m.sum().clamp_min(1)
+
+
+# -- the weight provider ----------------------------------------------------------------------------------
+
+
+class _FeatureExperts(Experts):
+    """The same experts, keeping the last step's logits: StepContext does not carry them, and the PCM's
+    features need each expert's next-token distribution."""
+
+    def __init__(self, inner: Experts) -> None:
+        super().__init__(inner.models, inner.names, inner.adapters)
+        self.last_logits: torch.Tensor | None = None  # (B, K, V)
+        self.calls = 0
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                caches: list[Any] | None, logits_to_keep: int = 1) -> tuple[torch.Tensor, list[Any] | None]:
+        logits, new = super().forward(input_ids, attention_mask, position_ids, caches, logits_to_keep)
+        self.last_logits = logits[:, :, -1]
+        self.calls += 1
+        return logits, new
+
+
+class PCMWeights:
+    """A :class:`~personalign.mixing.WeightProvider` backed by a PCM, for the experts of a preference.
+
+    Pass ``provider.experts`` (not the experts it was built from) to ``generate_mixed``: that wrapper
+    records the logits the PCM's features are computed from. ``preference`` is a Preference (same for
+    every row) or a (B, S) tensor of normalised weights over the PCM's sides (one row each). With
+    ``record=True`` the features of every step are kept for :meth:`recorded` (training).
+    """
+
+    def __init__(self, pcm: PreferenceControlModel, experts: Experts, embeddings: torch.Tensor | nn.Embedding,
+                 preference: Preference | torch.Tensor, *, record: bool = False) -> None:
+        self.pcm = pcm
+        self.experts = experts if isinstance(experts, _FeatureExperts) else _FeatureExperts(experts)
+        self.index = torch.tensor(pcm.side_index(experts.names), dtype=torch.long)  # (K,)
+        pref = preference if isinstance(preference, torch.Tensor) else preference_vector(preference, pcm.sides)
+        if pref.shape[-1] != len(pcm.sides):
+            raise ConfigError(f"preference weights of width {pref.shape[-1]}; the PCM knows {len(pcm.sides)} sides")
+        covered = torch.zeros(len(pcm.sides), dtype=torch.bool)
+        covered[self.index] = True
+        uncovered = ((pref.reshape(-1, len(pcm.sides)) > 0) & ~covered).any(0)
+        if bool(uncovered.any()):
+            names = [pcm.sides[i] for i in uncovered.nonzero().flatten().tolist()]
+            raise PreferenceError(f"no expert loaded for side(s) {', '.join(names)} of the preference; load "
+                                  "the experts of every side it weights")
+        self.pref = pref.float()
+        weight = embeddings.weight if isinstance(embeddings, nn.Embedding) else embeddings
+        self.embeddings = weight.detach()  # (V, H) frozen
+        self.record = record
+        self._steps: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._prompt_emb: torch.Tensor | None = None
+        self._gen_sum: torch.Tensor | None = None
+        self._seen_calls = -1
+
+    def _rows(self, b: int, device: torch.device) -> torch.Tensor:
+        pref = self.pref.to(device)
+        if pref.dim() == 1:
+            return pref[None].expand(b, -1)
+        if pref.shape[0] != b:
+            raise ConfigError(f"{pref.shape[0]} preference rows for a batch of {b}; give one row per prompt row")
+        return pref
+
+    @torch.no_grad()
+    def __call__(self, ctx: StepContext) -> torch.Tensor:
+        b, device = ctx.prompt_ids.shape[0], ctx.prompt_ids.device
+        pref = self._rows(b, device)  # (B, S)
+        index = self.index.to(device)
+        if not self.pcm.config.context:
+            alpha = self.pcm(PCMInputs(pref))  # (B, S)
+            return alpha[:, index]
+        logits = self.experts.last_logits
+        if logits is None or self.experts.calls == self._seen_calls or logits.shape[0] != b:
+            raise ConfigError("the PCM saw no expert logits for this step; pass provider.experts (which records "
+                              "them) to generate_mixed, not the experts the provider was built from")
+        self._seen_calls = self.experts.calls
+        emb = self.embeddings
+        if ctx.step == 0:  # a new batch: reset the running sums
+            self._prompt_emb = pooled_embeddings(emb, ctx.prompt_ids, ctx.prompt_mask).to(device)  # (B, H)
+            self._gen_sum = torch.zeros_like(self._prompt_emb)
+            self._steps = []
+        else:
+            self._gen_sum = self._gen_sum + F.embedding(ctx.generated[:, -1].to(emb.device), emb).float().to(device)
+        logp = F.log_softmax(logits.float(), -1)  # (B, K, V)
+        feats = expert_features(logp, pref[:, index])  # (B, K, 3)
+        feats = _scatter_sides(feats, index, len(self.pcm.sides)) * (pref > 0)[..., None]  # (B, S, 3)
+        pos = torch.full((b, 1), position_feature(ctx.step), device=device)
+        scalars = torch.cat([feats.flatten(1), pos], -1)  # (B, 3S + 1)
+        gen_emb = self._gen_sum / max(ctx.step, 1)  # (B, H); zero at step 0
+        alpha = self.pcm(PCMInputs(pref, scalars[:, None], self._prompt_emb, gen_emb[:, None]))[:, 0]  # (B, S)
+        if self.record:
+            self._steps.append((scalars, gen_emb))
+        return alpha[:, index]
+
+    def recorded(self, batch_rows: int | None = None) -> PCMInputs:
+        """The inputs the PCM read at every step of the last generation: (B, T, ...)."""
+        if not self.pcm.config.context:
+            if batch_rows is None:
+                raise ConfigError("give batch_rows to recorded() for a PCM without context")
+            return PCMInputs(self._rows(batch_rows, self.pref.device))
+        if not self.record or not self._steps:
+            raise ConfigError("nothing recorded; build PCMWeights(..., record=True) and generate first")
+        scalars = torch.stack([s for s, _ in self._steps], 1)  # (B, T, 3S + 1)
+        gen = torch.stack([g for _, g in self._steps], 1)  # (B, T, H)
+        return PCMInputs(self._rows(scalars.shape[0], scalars.device), scalars, self._prompt_emb, gen)
