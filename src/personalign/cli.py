@@ -266,6 +266,89 @@ def train_expert(
     typer.echo(json.dumps(recipe.main(cfg), indent=1))
 
 
+@app.command("train-multitask")
+@_friendly_errors
+def train_multitask(
+    pairs: Annotated[Optional[Path], typer.Option("--pairs", help="Preference pairs JSONL (prompt, chosen, rejected, side); the chosen responses are trained.")] = None,
+    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="Run folder (resumes from its checkpoint).")] = None,
+    side: Annotated[Optional[list[str]], typer.Option("--side", help="Only these sides (repeat; default: every side in the pairs).")] = None,
+    model: ModelOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Multitask baseline: one LoRA adapter fine-tuned on the judge-chosen responses of every side."""
+    from personalign.config import load_config
+    from personalign.recipes import train_multitask as recipe
+
+    given = {"pairs": pairs, "output_dir": output_dir, "model": model, "sides": ",".join(side) if side else None}
+    cfg = load_config(recipe.TrainMultitaskConfig, config, _overrides(given, set_))
+    typer.echo(json.dumps(recipe.main(cfg), indent=1))
+
+
+@app.command("train-pmorl")
+@_friendly_errors
+def train_pmorl(
+    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="Run folder (resumes from its checkpoint).")] = None,
+    reward: Annotated[Optional[str], typer.Option("--reward", help="Every side's reward: offline, rm:PATH (a multi-head train-rm folder) or module:function; per side --set rewards.P1A=rm:PATH.")] = None,
+    algorithm: Annotated[Optional[str], typer.Option("--algorithm", help="rloo (default), grpo or ppo.")] = None,
+    side: Annotated[Optional[list[str]], typer.Option("--side", help="Sides whose combinations are trained (repeat; default: the six P-SOUPS sides, 8 combinations).")] = None,
+    model: ModelOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """P-MORL baseline: one policy trained by RL on prompts carrying a whole combination, reward = mean of its sides."""
+    from personalign.config import load_config
+    from personalign.recipes import train_pmorl as recipe
+
+    given = {"output_dir": output_dir, "reward": reward, "algorithm": algorithm, "model": model,
+             "sides": ",".join(side) if side else None}
+    cfg = load_config(recipe.TrainPMORLConfig, config, _overrides(given, set_))
+    typer.echo(json.dumps(recipe.main(cfg), indent=1))
+
+
+@app.command("eval")
+@_friendly_errors
+def eval_(
+    config: ConfigOpt = None,
+    run_dir: Annotated[Optional[Path], typer.Option("--run-dir", "-o", help="Run folder: generations, verdicts and the report (a rerun resumes).")] = None,
+    model: ModelOpt = None,
+    experts: Annotated[Optional[Path], typer.Option("--experts", help="Folder of <SIDE>/ expert adapters (default: the experts shipped for the model).")] = None,
+    judge: Annotated[Optional[str], typer.Option("--judge", help="offline (default), llm, human or rm:FOLDER (trained reward models).")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first N instructions.")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Evaluate methods against preference prompting: win rates with bootstrap intervals, fluency, plots."""
+    from personalign.config import load_config
+    from personalign.recipes import evaluate as recipe
+
+    given = {"run_dir": run_dir, "model": model, "experts": experts, "judge": judge, "limit": limit}
+    cfg = load_config(recipe.EvalConfig, config, _overrides(given, set_))
+    results = recipe.main(cfg)
+    typer.echo(Path(results["files"]["markdown"]).read_text())
+
+
+@app.command()
+@_friendly_errors
+def pareto(
+    config: ConfigOpt = None,
+    run_dir: Annotated[Optional[Path], typer.Option("--run-dir", "-o", help="Run folder (a rerun resumes).")] = None,
+    sides: Annotated[Optional[str], typer.Option("--sides", help="Two opposite sides, x axis then y axis (default P2A,P2B).")] = None,
+    method: Annotated[Optional[list[str]], typer.Option("--method", help="Composition method(s) to sweep: soup-psoups (default), soup-exact, mope-prob, mope-logit.")] = None,
+    model: ModelOpt = None,
+    experts: Annotated[Optional[Path], typer.Option("--experts", help="Folder of <SIDE>/ expert adapters.")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Sweep the weight between two opposite sides; report the Pareto front and its hypervolume."""
+    from personalign.config import load_config
+    from personalign.recipes import pareto as recipe
+
+    given = {"run_dir": run_dir, "sides": sides, "methods": ",".join(method) if method else None,
+             "model": model, "experts": experts}
+    cfg = load_config(recipe.ParetoConfig, config, _overrides(given, set_))
+    result = recipe.main(cfg)
+    typer.echo(Path(result["files"]["markdown"]).read_text())
+
+
 @app.command()
 @_friendly_errors
 def score(

@@ -153,7 +153,8 @@ def markdown_report(results: Mapping[str, Any]) -> str:
     out = [
         f"# Evaluation: win rate against `{ref}`",
         "",
-        (f"Judge `{results['judge']}`, {results['instructions']} instructions, each pair judged in both orders "
+        (f"Judge `{results['judge']}`, {results['instructions']} instructions, "
+        "each pair judged in both orders "
         f"(an order-dependent verdict is a tie); ties count half. Intervals: {conf}% percentile bootstrap "
         "over instructions."),
         "",
@@ -234,12 +235,13 @@ def plot_win_rates(results: Mapping[str, Any], path: str | Path, by: str = "crit
         high = np.array([c["high"] - c["value"] if c else 0.0 for c in cells])
         ax.bar(x + (j - (len(methods) - 1) / 2) * width, vals, width, yerr=[low, high], capsize=2, label=m)
     ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
-    ax.set_xticks(x, groups, rotation=30 if by == "combination" else 0, ha="right" if by == "combination" else "center")
-    ax.set_ylim(0, 1)
+    slanted = by == "combination"
+    ax.set_xticks(x, groups, rotation=30 if slanted else 0, ha="right" if slanted else "center")
+    ax.set_ylim(0, 1.02)
     ax.set_ylabel(f"win rate vs {results['reference']}")
     ax.set_title(f"Win rate per {by} (judge {results['judge']}, {results['instructions']} instructions)")
-    if methods:
-        ax.legend(fontsize="small", ncols=min(len(methods), 4), loc="upper left")
+    if methods:  # outside the axes: bars and intervals reach every height
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     path = Path(path)
     fig.savefig(path, dpi=120)
     return path
@@ -292,7 +294,8 @@ def pareto_markdown(result: Mapping[str, Any]) -> str:
     for m, sweep in result["methods"].items():
         out.append(f"| {m} | {sweep['hypervolume']:.4f} | {len(sweep['front'])} |")
     for m, sweep in result["methods"].items():
-        out += ["", f"## {m}", "", f"| weight on {sx} | {sx} score | {sy} score | on front |", "|---:|---:|---:|:---:|"]
+        out += ["", f"## {m}", "", f"| weight on {sx} | {sx} score | {sy} score | on front |",
+                "|---:|---:|---:|:---:|"]
         front = set(sweep["front"])
         for i, p in enumerate(sweep["points"]):
             out.append(f"| {p['weight']:g} | {p['x']:.3f} | {p['y']:.3f} | {'yes' if i in front else ''} |")

@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 from personalign.cli import app
 
 runner = CliRunner()
-COMMANDS = ["generate", "demo", "prefs", "env", "rollout", "judge", "label", "train-rm", "train-expert", "score",
+COMMANDS = ["generate", "demo", "prefs", "env", "rollout", "judge", "label", "train-rm", "train-expert", "train-multitask",
+            "train-pmorl", "score", "eval", "pareto",
             "merge", "pipeline", "serve"]
 
 

@@ -9,6 +9,9 @@ order-dependent answer is a tie), and ties count half. Win rates are reported pe
 combination and averaged, each with a percentile-bootstrap interval over instructions; fluency and
 on-topic metrics (:mod:`personalign.report`) sit beside them.
 
+``expert-k`` is the combination's dimension-k side's expert alone, prompted with that side's prompt
+only (as it was trained), and judged on all of the combination's criteria: the single-expert baseline.
+
 Everything that can be checked without a model is checked first: method names, missing experts or
 adapters (an error, or a skipped method with ``skip_missing: true``), combinations, the judge and
 the sides it can measure, the prompts.
@@ -20,7 +23,8 @@ Run folder::
     generations/<method>/<combination>.jsonl      one line per instruction (``personalign generate``'s rows)
     generations/vanilla/all.jsonl                 vanilla ignores preferences: generated once for all
     generations/expert/<SIDE>.jsonl               expert-k: one file per side, shared by combinations
-    judgments/<judge>/<method>/<combination>.jsonl  verdicts in both orders, keyed by (side, prompt, responses)
+    judgments/<judge>/<method>/<combination>.jsonl  verdicts in both orders, keyed by
+                                                    (side, prompt, both responses)
     judgments/<judge>/results.json                the results with that judge
     results.json  results.md  win_rate_by_criterion.png  win_rate_by_combination.png   the latest report
     metrics.jsonl                                 eval/win_rate/<method>[/<side>] per run
@@ -43,6 +47,7 @@ import hashlib
 import json
 import re
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -62,8 +67,9 @@ MIX_RULES = ("prob", "logit", "uniform")
 # defaults take the logit-space mixture (MOD) as the second token-level method instead.
 DEFAULT_METHODS = ("vanilla", "prompt", "soup-psoups", "soup-exact", "expert-1", "expert-2", "expert-3",
                    "mope-uniform", "mope-logit")
-METHOD_FORMS = ("vanilla, prompt, soup-<merge> (merge: psoups, exact, ties, dare, dare_ties), expert-<k> (the "
-                "combination's side of dimension k alone), mope-<rule> (rule: prob, logit, uniform), adapter:PATH")
+METHOD_FORMS = ("vanilla, prompt, soup-<merge> (merge: psoups, exact, ties, dare, dare_ties), "
+                "expert-<k> (the combination's side of dimension k alone), "
+                "mope-<rule> (rule: prob, logit, uniform), adapter:PATH")
 
 
 @dataclass(frozen=True)
@@ -74,7 +80,7 @@ class EvalConfig:
     experts: str | None = None  # folder of <SIDE>/ adapters; None: the experts shipped for the model
     prompts: str = "builtin:eval"
     limit: int | None = None  # first N instructions
-    combinations: tuple[str, ...] = ()  # hard combinations; empty: every one (the 8 of P-SOUPS)
+    combinations: tuple[str, ...] = ()  # hard combinations as 1A+2A+3A; empty: every one (the 8 of P-SOUPS)
     methods: tuple[str, ...] = DEFAULT_METHODS
     reference: str = "prompt"  # every method is compared with this one
     skip_missing: bool = False  # methods whose experts/adapters are missing: skip (True) or fail (False)
@@ -100,7 +106,8 @@ class EvalConfig:
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"limit must be at least 1 (or unset for every instruction), got {self.limit}")
         if self.bootstrap_resamples < 1:
-            raise ConfigError(f"bootstrap_resamples must be at least 1, e.g. 2000; got {self.bootstrap_resamples}")
+            raise ConfigError(f"bootstrap_resamples must be at least 1, e.g. 2000; "
+                              f"got {self.bootstrap_resamples}")
         if not 0 < self.confidence < 1:
             raise ConfigError(f"confidence must be in (0, 1), e.g. 0.95; got {self.confidence}")
         if not self.rm_margin >= 0:
@@ -187,7 +194,8 @@ def generate_config(cfg: Any, m: MethodSpec, prefs: str | None, output: Path) ->
     return GenerateConfig(
         prefs=prefs, method=m.kind.value, model=cfg.model, dimensions=cfg.dimensions, input=cfg.prompts,
         limit=cfg.limit, output=str(output), batch_size=cfg.batch_size, device=cfg.device, dtype=cfg.dtype,
-        progress=cfg.progress, sampling=replace(cfg.sampling, seed=cfg.seed), experts=cfg.experts, merge=merge,
+        progress=cfg.progress, sampling=replace(cfg.sampling, seed=cfg.seed), experts=cfg.experts,
+        merge=merge,
         merge_density=cfg.merge_density if merge in ("ties", "dare", "dare_ties") else None,
         mix=m.variant if m.kind is Method.MOPE else "prob", adapter=m.adapter)
 
@@ -212,7 +220,8 @@ def missing_requirement(cfg: Any, m: MethodSpec, prefs: list[Preference]) -> str
     needed = sorted({s for p in prefs for s, w in p.weights if w != 0})
     missing = [s for s in needed if s not in have]
     if missing:
-        return (f"no expert for side(s) {', '.join(missing)} in {folder} (experts there: {', '.join(have) or 'none'}); "
+        return (f"no expert for side(s) {', '.join(missing)} in {folder} "
+                f"(experts there: {', '.join(have) or 'none'}); "
                 f"train one with: personalign train-expert --side {missing[0]} -o {folder}/{missing[0]}")
     return None
 
@@ -237,7 +246,8 @@ def check_generation_identity(run: Path, identity: dict[str, Any]) -> None:
             previous = {}
         differ = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
         if differ:
-            raise ConfigError(f"{run}/generations was made with different {', '.join(differ)}; use another run_dir "
+            raise ConfigError(f"{run}/generations was made with different {', '.join(differ)}; "
+                              "use another run_dir "
                               f"(or delete {run}/generations and {run}/judgments to start over)")
         return
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -245,13 +255,15 @@ def check_generation_identity(run: Path, identity: dict[str, Any]) -> None:
 
 
 def complete_rows(path: Path, items: list[Instruction]) -> list[dict[str, Any]] | None:
-    """The first ``len(items)`` rows of a generation file if it has them all (for these prompts), else None."""
+    """The first ``len(items)`` rows of a generation file if it has them all (for these prompts),
+    else None."""
     rows = read_completed(path)
     if len(rows) < len(items):
         return None
     for i, (row, item) in enumerate(zip(rows, items)):
         if row.get("prompt") != item.prompt:
-            raise DataError(f"{path} line {i + 1} answers another prompt than {item.prompt[:60]!r}; the prompts "
+            raise DataError(f"{path} line {i + 1} answers another prompt than {item.prompt[:60]!r}; "
+                            "the prompts "
                             "changed since it was generated: use another run_dir")
     return rows[: len(items)]
 
@@ -297,7 +309,8 @@ def judge_kind(spec: str) -> str:
         return spec
     if spec.startswith("rm:") and spec[3:].strip():
         return "rm"
-    raise ConfigError(f"unknown judge {spec!r}; use offline, llm, human or rm:FOLDER (reward models written by "
+    raise ConfigError(f"unknown judge {spec!r}; use offline, llm, human or rm:FOLDER "
+                      "(reward models written by "
                       "personalign train-rm or pipeline)")
 
 
@@ -311,7 +324,8 @@ def reward_model_sources(folder: str | Path) -> dict[str, Path]:
 
     folder = Path(folder)
     if not folder.is_dir():
-        raise ConfigError(f"reward-model folder {folder} does not exist; give a folder written by personalign "
+        raise ConfigError(f"reward-model folder {folder} does not exist; "
+                          "give a folder written by personalign "
                           "train-rm or the pipeline's rm/ folder")
 
     def sides_of(f: Path) -> list[str]:
@@ -375,7 +389,8 @@ class RewardModelJudge(PairwiseJudge):
         todo = sorted({(p, r) for p, r in zip(prompts, responses) if (side, p, r) not in self._memo})
         if todo:
             model = self._model(side)
-            vals = model.score([p for p, _ in todo], [r for _, r in todo], side=side, batch_size=self.batch_size)
+            vals = model.score([p for p, _ in todo], [r for _, r in todo], side=side,
+                               batch_size=self.batch_size)
             for (p, r), v in zip(todo, vals.tolist()):
                 self._memo[(side, p, r)] = float(v)
         return [self._memo[(side, p, r)] for p, r in zip(prompts, responses)]
@@ -383,7 +398,7 @@ class RewardModelJudge(PairwiseJudge):
     def judge(self, prompt: str, a: str, b: str, side: str) -> Verdict:
         return self.judge_many([(prompt, a, b)], side)[0]
 
-    def judge_many(self, items: Any, side: str) -> list[Verdict]:
+    def judge_many(self, items: Sequence[tuple[str, str, str]], side: str) -> list[Verdict]:
         items = list(items)
         ra = self.rewards(side, [p for p, _, _ in items], [a for _, a, _ in items])
         rb = self.rewards(side, [p for p, _, _ in items], [b for _, _, b in items])
@@ -401,15 +416,18 @@ def build_eval_judge(cfg: EvalConfig, space: PreferenceSpace, sides: list[str]) 
     if kind == "offline":
         unsupported = [s for s in sides if s not in SUPPORTED_SIDES]
         if unsupported:
-            raise ConfigError(f"the offline judge cannot measure side(s) {', '.join(unsupported)} (it measures "
+            raise ConfigError(f"the offline judge cannot measure side(s) {', '.join(unsupported)} "
+                              "(it measures "
                               f"{', '.join(SUPPORTED_SIDES)}); use judge: llm, human or rm:FOLDER")
         return build_judge(JudgeConfig(), space), "offline"
     if kind == "rm":
-        judge = RewardModelJudge(cfg.judge[3:].strip(), margin=cfg.rm_margin, device=cfg.device, dtype=cfg.dtype,
+        judge = RewardModelJudge(cfg.judge[3:].strip(), margin=cfg.rm_margin, device=cfg.device,
+                                 dtype=cfg.dtype,
                                  batch_size=max(cfg.batch_size, 16))
         missing = [s for s in sides if s not in judge.sources]
         if missing:
-            raise ConfigError(f"the reward models in {judge.folder} do not score side(s) {', '.join(missing)} (they "
+            raise ConfigError(f"the reward models in {judge.folder} do not score side(s) "
+                              f"{', '.join(missing)} (they "
                               f"score {', '.join(judge.sources)}); train them with personalign train-rm")
         tag = _digest(f"{judge.folder.resolve()}|{cfg.rm_margin}")
         return judge, f"rm-{_slug(judge.folder.resolve().name)}-{tag}"
@@ -454,8 +472,8 @@ def pair_outcome(method_first: str, method_second: str) -> Outcome:
 # ---------------------------------------------------------------- scoring
 
 
-def score_method(outcomes: dict[str, dict[str, list[str]]], *, confidence: float = 0.95, resamples: int = 2000,
-                 seed: int = 0) -> dict[str, Any]:
+def score_method(outcomes: dict[str, dict[str, list[str]]], *, confidence: float = 0.95,
+                 resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
     """Win rates of one method from ``outcomes[combination][side]`` (aligned by instruction).
 
     ``by_combination[c]["avg"]`` averages c's criteria, ``by_criterion[s]`` averages side s over the
@@ -469,8 +487,10 @@ def score_method(outcomes: dict[str, dict[str, list[str]]], *, confidence: float
         for c, cols in outcomes.items()
     }
     sides = list(dict.fromkeys(s for cols in outcomes.values() for s in cols))
-    by_criterion = {s: asdict(mean_win_rate_ci({c: cols[s] for c, cols in outcomes.items() if s in cols}, **kw))
-                    for s in sides}
+    by_criterion = {
+        s: asdict(mean_win_rate_ci({c: cols[s] for c, cols in outcomes.items() if s in cols}, **kw))
+        for s in sides
+    }
     every = {f"{c}/{s}": o for c, cols in outcomes.items() for s, o in cols.items()}
     counts = Counter(o for col in every.values() for o in col)
     return {"avg": asdict(mean_win_rate_ci(every, **kw)), "by_criterion": by_criterion,
@@ -528,8 +548,13 @@ def validate(cfg: EvalConfig, judge: PairwiseJudge | None = None) -> EvalPlan:
     else:
         combos_list = space.combinations()
     for c in combos_list:
+        if len(c.sides) == 1 and len(space.dimensions) > 1:
+            raise ConfigError(f"combination {c.spec()!r} has one side; a combination joins one side "
+                              "per dimension with '+', e.g. 1A+2A+3A (on the command line a comma "
+                              "separates list items)")
         if not c.hard:
-            raise ConfigError(f"combination {c.spec()!r} has weights; evaluate hard combinations (one side per "
+            raise ConfigError(f"combination {c.spec()!r} has weights; evaluate hard combinations "
+                              "(one side per "
                               "dimension, e.g. 1A,2B,3A) and sweep weights with personalign pareto")
     combos = {combo_label(c): c for c in combos_list}
     if len(combos) != len(combos_list):
@@ -545,7 +570,8 @@ def validate(cfg: EvalConfig, judge: PairwiseJudge | None = None) -> EvalPlan:
             raise ConfigError(f"methods lists {m.label} twice (adapter methods are named after their folder)")
         methods.append(m)
     if not methods:
-        raise ConfigError(f"methods holds only the reference {reference.label}; add methods to compare with it")
+        raise ConfigError(f"methods holds only the reference {reference.label}; "
+                          "add methods to compare with it")
     for m in [reference, *methods]:
         for c in combos_list:
             method_prefs(m, c)  # expert-k needs k dimensions
@@ -561,8 +587,12 @@ def validate(cfg: EvalConfig, judge: PairwiseJudge | None = None) -> EvalPlan:
         if why:
             problems[m.label] = why
     if problems and not cfg.skip_missing:
-        listed = "; ".join(f"{k}: {v}" for k, v in problems.items())
-        raise ConfigError(f"method(s) {', '.join(problems)} cannot run ({listed}). Provide them, remove these "
+        by_reason: dict[str, list[str]] = {}
+        for label, why in problems.items():
+            by_reason.setdefault(why, []).append(label)
+        listed = "; ".join(f"{', '.join(labels)}: {why}" for why, labels in by_reason.items())
+        raise ConfigError(f"method(s) {', '.join(problems)} cannot run ({listed}). "
+                          "Provide them, remove these "
                           "methods, or set skip_missing: true to evaluate the others")
     skipped.update(problems)
     methods = [m for m in methods if m.label not in skipped]
@@ -595,8 +625,8 @@ def judge_phase(plan: EvalPlan, responses: dict[Path, list[str]], progress: bool
     one model per side loads each once.
     """
     order = {s: i for i, s in enumerate(plan.space.sides)}
-    tasks = sorted(((s, m.label, c) for m in plan.methods for c, pref in plan.combos.items() for s in pref.criteria()),
-                   key=lambda t: order[t[0]])
+    tasks = sorted(((s, m.label, c) for m in plan.methods for c, pref in plan.combos.items()
+                    for s in pref.criteria()), key=lambda t: order[t[0]])
     prompts = [it.prompt for it in plan.items]
     caches: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
     keys: dict[tuple[str, str, str], list[str]] = {}
@@ -609,7 +639,9 @@ def judge_phase(plan: EvalPlan, responses: dict[Path, list[str]], progress: bool
         keys[(side, m, c)] = [pair_key(side, p, a, b) for p, a, b in zip(prompts, mine, ref)]
         pending += sum(k not in caches[(m, c)] for k in keys[(side, m, c)])
 
-    outcomes: dict[str, dict[str, dict[str, list[str]]]] = {m.label: {c: {} for c in plan.combos} for m in plan.methods}
+    outcomes: dict[str, dict[str, dict[str, list[str]]]] = {
+        m.label: {c: {} for c in plan.combos} for m in plan.methods
+    }
     bar = _bar(progress and pending > 0, pending, f"eval judge ({plan.judge_dir.name})", "pair")
     try:
         for side, m, c in tasks:
@@ -625,7 +657,8 @@ def judge_phase(plan: EvalPlan, responses: dict[Path, list[str]], progress: bool
                 cache.update({r["key"]: r for r in rows})
                 if bar is not None:
                     bar.update(len(todo))
-            outcomes[m][c][side] = [pair_outcome(cache[k]["method_first"], cache[k]["method_second"]) for k in ks]
+            outcomes[m][c][side] = [pair_outcome(cache[k]["method_first"], cache[k]["method_second"])
+                                    for k in ks]
     finally:
         if bar is not None:
             bar.close()

@@ -71,7 +71,8 @@ class ParetoConfig:
 
     def __post_init__(self) -> None:
         if len(self.sides) != 2:
-            raise ConfigError(f"sides must name two sides (x axis, y axis), e.g. P2A,P2B; got {list(self.sides)}")
+            raise ConfigError(f"sides must name two sides (x axis, y axis), e.g. P2A,P2B; "
+                              f"got {list(self.sides)}")
         if not self.weights:
             raise ConfigError("weights is empty; give the weights on the first side, e.g. 0,0.25,0.5,0.75,1")
         bad = [w for w in self.weights if not (math.isfinite(w) and 0 <= w <= 1)]
@@ -104,7 +105,8 @@ def hypervolume_reference(points: Sequence[Sequence[float]], margin: float = 0.1
     return ref[0], ref[1]
 
 
-def sweep_preference(space: PreferenceSpace, sides: Sequence[str], w: float, fixed: Sequence[str]) -> Preference:
+def sweep_preference(space: PreferenceSpace, sides: Sequence[str], w: float,
+                     fixed: Sequence[str]) -> Preference:
     """``w`` on the first side, ``1 - w`` on the second, 1 on each fixed side."""
     weights = {sides[0]: w, sides[1]: round(1.0 - w, 12), **{s: 1.0 for s in fixed}}
     return space.parse(weights)
@@ -136,15 +138,18 @@ def validate(cfg: ParetoConfig) -> ParetoPlan:
     swept_dims = {space.dimension_of(sx), space.dimension_of(sy)}
     clash = [s for s in fixed if s in (sx, sy) or space.dimension_of(s) in swept_dims]
     if clash:
-        raise ConfigError(f"fixed side(s) {', '.join(clash)} belong to a swept dimension; fix sides of other dimensions")
+        raise ConfigError(f"fixed side(s) {', '.join(clash)} belong to a swept dimension; "
+                          "fix sides of other dimensions")
     if len({space.dimension_of(s) for s in fixed}) != len(fixed):
-        raise ConfigError(f"fixed {fixed} holds two sides of one dimension; fix at most one side per dimension")
+        raise ConfigError(f"fixed {fixed} holds two sides of one dimension; "
+                          "fix at most one side per dimension")
 
     methods = []
     for spec in cfg.methods:
         m = parse_method(spec)
         if m.kind not in (Method.SOUP, Method.MOPE) or m.variant == "uniform":
-            raise ConfigError(f"method {m.label} does not take weights; sweep soup-<merge>, mope-prob or mope-logit")
+            raise ConfigError(f"method {m.label} does not take weights; "
+                              "sweep soup-<merge>, mope-prob or mope-logit")
         if any(o.label == m.label for o in methods):
             raise ConfigError(f"methods lists {m.label} twice")
         methods.append(m)
@@ -174,7 +179,8 @@ def measure(side: str, prompts: Sequence[str], responses: Sequence[str]) -> floa
 
 
 def main(cfg: ParetoConfig) -> dict[str, Any]:
-    """Sweep, measure, and write pareto.json/md/png; return the result (``report.pareto_markdown``'s layout)."""
+    """Sweep, measure, and write pareto.json/md/png; return the result
+    (``report.pareto_markdown``'s layout)."""
     # -- validate ------------------------------------------------------------------------------------
     plan = validate(cfg)
     run = Path(cfg.run_dir)
@@ -193,8 +199,8 @@ def main(cfg: ParetoConfig) -> dict[str, Any]:
         points[m.label] = []
         for w in cfg.weights:
             texts = responses[plan.files[(m.label, w)]]
-            points[m.label].append({"weight": w, "x": measure(sx, prompts, texts), "y": measure(sy, prompts, texts),
-                                    "n": len(texts)})
+            points[m.label].append({"weight": w, "x": measure(sx, prompts, texts),
+                                    "y": measure(sy, prompts, texts), "n": len(texts)})
 
     # -- front and hypervolume (one reference point for every method) ------------------------------
     every = [(p["x"], p["y"]) for pts in points.values() for p in pts]

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from personalign.config import to_dict
 from personalign.data import build_user_message, format_chat
-from personalign.errors import ConfigError, DataError, PreferenceError
+from personalign.errors import ConfigError, DataError, ModelError, PreferenceError
 from personalign.reward_model import LoraSpec
 from personalign.runlog import MetricsLogger, prepare_run_dir
 
@@ -303,7 +303,7 @@ def _checkpoint_step(folder: Path) -> tuple[str | None, int]:
     try:
         step = int(json.loads((Path(last) / "trainer_state.json").read_text())["global_step"])
     except (OSError, KeyError, ValueError, json.JSONDecodeError):
-        raise DataError(f"checkpoint {last} is unreadable; delete {folder} to start over") from None
+        raise ModelError(f"checkpoint {last} is unreadable; delete {folder} to start over") from None
     return last, step
 
 
@@ -330,8 +330,6 @@ def main(cfg: TrainMultitaskConfig) -> dict[str, float]:
         return json.loads((out / EXPERT_JSON).read_text()).get("metrics", {})
 
     # -- model: the base with a fresh LoRA adapter, as the experts are built
-    import torch
-
     from personalign.models import load_model, quiet_transformers
     from personalign.recipes.train_expert import _truncate_metrics, build_policy
     from personalign.reward_model import base_fingerprint
@@ -351,7 +349,6 @@ def main(cfg: TrainMultitaskConfig) -> dict[str, float]:
     # -- train
     from trl import SFTTrainer
 
-    torch.manual_seed(cfg.seed)
     with quiet_transformers(progress=cfg.progress):
         trainer = SFTTrainer(model=model, args=sft_config(cfg, ckpt_dir, len(dataset)), train_dataset=dataset,
                              processing_class=tok, callbacks=[_metrics_callback(logger)])

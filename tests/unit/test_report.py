@@ -1,0 +1,117 @@
+"""Text metrics on hand-written strings, and the markdown/PNG report of a hand-made results layout."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from personalign import report
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_words_drop_punctuation_and_keep_apostrophes():
+    assert report.words("Hello, world! It's  FINE... 42") == ["hello", "world", "it's", "fine", "42"]
+    assert report.words("") == [] and report.words("!!! :-)") == []
+
+
+def test_distinct_n_is_pooled_over_responses():
+    texts = ["a b a b", "a c"]
+    assert report.distinct_n(texts, 1) == pytest.approx(3 / 6)  # a b c over 6 words
+    assert report.distinct_n(texts, 2) == pytest.approx(3 / 4)  # ab ba ab | ac
+    assert report.distinct_n(["one"], 2) is None  # no bigram at all
+    with pytest.raises(ValueError):
+        report.distinct_n(texts, 0)
+
+
+def test_repetition_rate_counts_repeats_within_a_response_only():
+    assert report.repetition_rate(["a b c a b c", "x y z"]) == pytest.approx(1 / 5)  # abc bca cab ABC | xyz
+    assert report.repetition_rate(["a b c", "a b c"]) == 0.0  # the same answer twice is not a loop
+    assert report.repetition_rate(["go go go go go"]) == pytest.approx(2 / 3)
+    assert report.repetition_rate(["too short"]) is None
+
+
+def test_length_and_empty_share():
+    m = report.text_metrics(["one two", "", "three"])
+    assert m["responses"] == 3 and m["mean_words"] == pytest.approx(1.0)
+    assert m["empty_share"] == pytest.approx(1 / 3)
+    assert report.mean_length([]) is None
+    assert report.text_metrics([])["empty_share"] is None
+
+
+def test_cosine_similarities_rowwise_with_zero_rows():
+    x = np.array([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]])
+    y = np.array([[2.0, 0.0], [-1.0, -1.0], [1.0, 0.0]])
+    assert report.cosine_similarities(x, y) == pytest.approx([1.0, -1.0, 0.0])
+    with pytest.raises(ValueError):
+        report.cosine_similarities(x, y[:2])
+
+
+def _wr(v, lo, hi, n=4):
+    return {"value": v, "low": lo, "high": hi, "n": n, "confidence": 0.95}
+
+
+def _results():
+    combos, criteria = ["P1A+P2A+P3A", "P1B+P2A+P3A"], ["P1A", "P1B", "P2A", "P3A"]
+
+    def method(v):
+        return {
+            "avg": _wr(v, v - 0.1, v + 0.1),
+            "by_criterion": {s: _wr(v, v - 0.2, v + 0.2) for s in criteria},
+            "by_combination": {c: {"avg": _wr(v, 0, 1), "criteria": {}} for c in combos},
+            "counts": {"win": 3, "tie": 2, "loss": 1},
+        }
+
+    text = {"distinct_1": 0.5, "distinct_2": 0.75, "repetition_3": 0.1, "mean_words": 12.0,
+            "empty_share": 0.0, "ontopic": None, "responses": 8}
+    return {
+        "reference": "prompt", "judge": "offline", "instructions": 4, "confidence": 0.95,
+        "combinations": combos, "criteria": criteria, "methods": ["soup-psoups", "vanilla"],
+        "skipped": {"mope-logit": "no expert for side(s) P1B"},
+        "notes": ["on-topic similarity not measured: x"],
+        "win_rates": {"soup-psoups": method(0.625), "vanilla": method(0.25)},
+        "text": {"prompt": text, "soup-psoups": text, "vanilla": text},
+    }
+
+
+def test_markdown_has_the_papers_layout():
+    md = report.markdown_report(_results())
+    lines = md.splitlines()
+    header = next(line for line in lines if line.startswith("| method | P1A+P2A+P3A"))
+    assert header == "| method | P1A+P2A+P3A | P1B+P2A+P3A | avg [95% CI] |"
+    assert "| soup-psoups | 62.5 | 62.5 | 62.5 [52.5, 72.5] |" in lines
+    assert "| vanilla | 25.0 | 25.0 | 25.0 [15.0, 35.0] |" in lines
+    assert "| method | P1A | P1B | P2A | P3A | avg |" in lines
+    assert "| soup-psoups | 3 | 2 | 1 |" in lines
+    text_rows = [line for line in lines if line.startswith("| prompt (reference)")]
+    assert text_rows == ["| prompt (reference) | 0.500 | 0.750 | 0.100 | 12.0 | 0.00 | – |"]
+    assert "skipped `mope-logit`: no expert for side(s) P1B" in md
+    assert "judged in both orders" in md
+
+
+def test_write_report_writes_json_markdown_and_pngs(tmp_path):
+    files = report.write_report(tmp_path / "out", _results())
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["reference"] == "prompt"
+    assert (tmp_path / "out" / "results.md").read_text().startswith("# Evaluation")
+    for key in ("plot_criterion", "plot_combination"):
+        with open(files[key], "rb") as fh:
+            assert fh.read(8) == PNG
+    with pytest.raises(ValueError):
+        report.plot_win_rates(_results(), tmp_path / "x.png", by="side")
+
+
+def test_pareto_report(tmp_path):
+    result = {
+        "sides": ["P2A", "P2B"], "names": ["concise", "informative"], "fixed": [], "instructions": 2,
+        "margin": 0.1, "reference_point": [-6.0, 1.0],
+        "methods": {"soup-psoups": {"points": [{"weight": 0.0, "x": -5.0, "y": 3.0, "n": 2},
+                                               {"weight": 1.0, "x": -3.0, "y": 2.0, "n": 2}],
+                                    "front": [0, 1], "hypervolume": 5.0}},
+    }
+    files = report.write_pareto_report(tmp_path, result)
+    md = (tmp_path / "pareto.md").read_text()
+    assert "| soup-psoups | 5.0000 | 2 |" in md and "| 0 | -5.000 | 3.000 | yes |" in md
+    with open(files["plot"], "rb") as fh:
+        assert fh.read(8) == PNG
