@@ -89,6 +89,7 @@ def generate(
     density: Annotated[Optional[float], typer.Option("--density", help="soup: fraction kept by ties/dare (default 0.5).")] = None,
     mix: Annotated[str, typer.Option("--mix", help="mope: prob (mix probabilities), logit (mix logits) or uniform.")] = "prob",
     adapter: Annotated[Optional[Path], typer.Option("--adapter", help="With --method adapter: a trained adapter folder (multitask, P-MORL, RLHF).")] = None,
+    pcm: Annotated[Optional[Path], typer.Option("--pcm", help="mope: a Preference Control Model folder written by train-pcm (per-token weights).")] = None,
     model: ModelOpt = None,
     dimensions: DimsOpt = None,
     device: DeviceOpt = "auto",
@@ -109,7 +110,7 @@ def generate(
         sampling=SamplingConfig(max_new_tokens, temperature, top_p, repetition_penalty, seed),
         experts=str(experts) if experts else None, merge=merge, merge_rank=merge_rank,
         merge_density=density if density is not None else (0.5 if merge in ("ties", "dare", "dare_ties") else None),
-        mix=mix, adapter=str(adapter) if adapter else None,
+        mix=mix, adapter=str(adapter) if adapter else None, pcm=str(pcm) if pcm else None,
     )
     rows = recipe.main(cfg)
     if output is None:
@@ -263,6 +264,27 @@ def train_expert(
 
     given = {"side": side, "output_dir": output_dir, "reward": reward, "algorithm": algorithm, "model": model}
     cfg = load_config(recipe.TrainExpertConfig, config, _overrides(given, set_))
+    typer.echo(json.dumps(recipe.main(cfg), indent=1))
+
+
+@app.command("train-pcm")
+@_friendly_errors
+def train_pcm(
+    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="Run folder (resumes from its checkpoint).")] = None,
+    experts: Annotated[Optional[Path], typer.Option("--experts", help="Folder of <SIDE>/ expert adapters (default: the experts shipped for the model).")] = None,
+    side: Annotated[Optional[list[str]], typer.Option("--side", help="Side(s) the PCM weights (default: every side with an expert).")] = None,
+    reward: Annotated[Optional[str], typer.Option("--reward", help="Every side's reward: offline, rm:PATH or module:function; per side: --set rewards.P3C=rm:PATH.")] = None,
+    model: ModelOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Train the Preference Control Model (MoPE): per-token expert weights by REBEL, experts frozen."""
+    from personalign.config import load_config
+    from personalign.recipes import train_pcm as recipe
+
+    given = {"output_dir": output_dir, "experts": str(experts) if experts else None, "reward": reward,
+             "model": model, "sides": ",".join(side) if side else None}
+    cfg = load_config(recipe.TrainPCMConfig, config, _overrides(given, set_))
     typer.echo(json.dumps(recipe.main(cfg), indent=1))
 
 

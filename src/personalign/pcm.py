@@ -64,6 +64,7 @@ __all__ = [
     "position_feature",
     "preference_utility",
     "preference_vector",
+    "read_pcm_config",
     "weight_kl",
 ]
 
@@ -91,7 +92,8 @@ class PCMConfig:
         if not self.sides or len(set(self.sides)) != len(self.sides):
             raise ConfigError(f"a PCM needs distinct sides, got {list(self.sides)}")
         if self.hidden < 1 or self.proj < 1:
-            raise ConfigError(f"PCM hidden and proj must be at least 1, got hidden={self.hidden} proj={self.proj}")
+            raise ConfigError(f"PCM hidden and proj must be at least 1, got hidden={self.hidden} "
+                              f"proj={self.proj}")
         if self.context and self.embed_size < 1:
             raise ConfigError("a PCM with context needs embed_size, the base model's hidden size")
 
@@ -116,7 +118,7 @@ class PCMInputs:
 
     def select(self, rows: torch.Tensor) -> PCMInputs:
         """The same inputs for a subset of rows (a minibatch)."""
-        pick = lambda x: None if x is None else x[rows]  # noqa: E731
+        pick = lambda x: None if x is None else x[rows]
         return PCMInputs(self.pref[rows], pick(self.scalars), pick(self.prompt_emb), pick(self.gen_emb))
 
 
@@ -148,22 +150,25 @@ class PreferenceControlModel(nn.Module):
 
     def logits(self, inputs: PCMInputs) -> torch.Tensor:
         """``log w + MLP(features)``: (B, S) without context, (B, T, S) with it; -inf on inactive sides."""
-        pref = inputs.pref.float()
+        dtype = self.mlp[0].weight.dtype  # inputs follow the parameters (float32 unless cast)
+        pref = inputs.pref.to(dtype)
         if pref.dim() != 2 or pref.shape[-1] != self.config.n_sides:
-            raise ConfigError(f"preference weights of shape {tuple(pref.shape)}; expected (B, {self.config.n_sides}) "
-                              f"over the sides {', '.join(self.sides)}")
+            raise ConfigError(f"preference weights of shape {tuple(pref.shape)}; expected "
+                              f"(B, {self.config.n_sides}) over the sides {', '.join(self.sides)}")
         if bool((pref <= 0).all(-1).any()):
-            raise PreferenceError("a preference row has no side with positive weight; give some side a weight")
+            raise PreferenceError("a preference row has no side with positive weight; give some side a "
+                                  "weight")
         prior = torch.where(pref > 0, pref.clamp_min(1e-30).log(), -torch.inf)  # (B, S)
         if not self.config.context:
             return prior + self.mlp(pref)
         if inputs.scalars is None or inputs.prompt_emb is None or inputs.gen_emb is None:
             raise ConfigError("this PCM reads context features; record them with PCMWeights(record=True)")
         t = inputs.scalars.shape[1]
-        emb = self.proj_prompt(F.layer_norm(inputs.prompt_emb.float(), inputs.prompt_emb.shape[-1:]))  # (B, E)
-        emb = emb[:, None] + self.proj_gen(F.layer_norm(inputs.gen_emb.float(), inputs.gen_emb.shape[-1:]))
+        h = inputs.prompt_emb.shape[-1:]
+        emb = self.proj_prompt(F.layer_norm(inputs.prompt_emb.to(dtype), h))  # (B, E)
+        emb = emb[:, None] + self.proj_gen(F.layer_norm(inputs.gen_emb.to(dtype), h))  # (B, T, E)
         pref_t = pref[:, None].expand(-1, t, -1)  # (B, T, S)
-        x = torch.cat([pref_t, inputs.scalars.float(), emb], -1)  # (B, T, S + 3S + 1 + E)
+        x = torch.cat([pref_t, inputs.scalars.to(dtype), emb], -1)  # (B, T, S + 3S + 1 + E)
         return prior[:, None] + self.mlp(x)
 
     def forward(self, inputs: PCMInputs) -> torch.Tensor:
@@ -180,8 +185,9 @@ class PreferenceControlModel(nn.Module):
         """Position of each expert (named by its side) among the PCM's sides."""
         unknown = [n for n in names if n not in self.sides]
         if unknown:
-            raise PreferenceError(f"this PCM weights sides {', '.join(self.sides)}, not {', '.join(unknown)}; "
-                                  f"train one that knows them: personalign train-pcm --set "
+            raise PreferenceError(f"this PCM weights sides {', '.join(self.sides)}, not "
+                                  f"{', '.join(unknown)}; train one that knows them: personalign train-pcm "
+                                  f"--set "
                                   f"sides={','.join(list(self.sides) + unknown)}")
         return [self.sides.index(n) for n in names]
 
@@ -205,23 +211,15 @@ class PreferenceControlModel(nn.Module):
 
     @classmethod
     def load(cls, folder: str | Path, base_model: PreTrainedModel | None = None,
-             sides: Sequence[str] | None = None, device: str | torch.device = "cpu") -> PreferenceControlModel:
+             sides: Sequence[str] | None = None, device: str | torch.device = "cpu",
+             ) -> PreferenceControlModel:
         """Read a PCM folder; with ``base_model``, refuse one trained on another base; with ``sides``,
         refuse one that cannot weight them."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        folder = Path(folder)
-        cfg_path, weights = folder / PCM_CONFIG, folder / PCM_WEIGHTS
-        if not cfg_path.is_file() or not weights.is_file():
-            raise ModelError(f"{folder} is not a PCM folder (needs {PCM_CONFIG} and {PCM_WEIGHTS}); "
-                             "train one with personalign train-pcm")
-        try:
-            doc = json.loads(cfg_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ModelError(f"{cfg_path} is unreadable ({exc}); retrain the PCM") from None
-        if doc.get("kind") != "pcm" or doc.get("format") != FORMAT:
-            raise ModelError(f"{cfg_path} does not describe a PCM of format {FORMAT}; retrain it with train-pcm")
+        doc = read_pcm_config(folder, sides)
+        cfg_path, weights = Path(folder) / PCM_CONFIG, Path(folder) / PCM_WEIGHTS
         known = {f.name for f in fields(PCMConfig)} - {"sides"}
         arch = {k: v for k, v in doc.get("architecture", {}).items() if k in known}
         pcm = cls(PCMConfig(sides=tuple(doc["sides"]), **arch), base=doc.get("base"))
@@ -229,11 +227,10 @@ class PreferenceControlModel(nn.Module):
             state = load_file(str(weights))
             pcm.load_state_dict(state)
         except (OSError, SafetensorError, RuntimeError) as exc:
-            raise ModelError(f"{weights} does not fit {cfg_path} ({type(exc).__name__}); retrain the PCM") from None
+            raise ModelError(f"{weights} does not fit {cfg_path} ({type(exc).__name__}); retrain the "
+                             "PCM") from None
         if base_model is not None:
             pcm.check_base(base_model, str(folder))
-        if sides is not None:
-            pcm.side_index(list(sides))
         return pcm.to(device).eval()
 
     def check_base(self, base_model: PreTrainedModel, where: str = "this PCM") -> None:
@@ -245,8 +242,31 @@ class PreferenceControlModel(nn.Module):
         check_fingerprint(self.base, base_model, f"PCM {where}")
         have, want = base_fingerprint(base_model).get("name"), self.base.get("name")
         if have and want and str(have).rstrip("/") != str(want).rstrip("/"):
-            raise ModelError(f"PCM {where} was trained on base model {want!r}, not {have!r}; use --model {want} "
-                             "or train a PCM on this model with personalign train-pcm")
+            raise ModelError(f"PCM {where} was trained on base model {want!r}, not {have!r}; use --model "
+                             f"{want} or train a PCM on this model with personalign train-pcm")
+
+
+def read_pcm_config(folder: str | Path, sides: Sequence[str] | None = None) -> dict[str, Any]:
+    """The ``pcm.json`` of a PCM folder, checked (and, with ``sides``, checked to weight them) without
+    loading any tensor: commands call it before loading models."""
+    folder = Path(folder)
+    cfg_path = folder / PCM_CONFIG
+    if not cfg_path.is_file() or not (folder / PCM_WEIGHTS).is_file():
+        raise ModelError(f"{folder} is not a PCM folder (needs {PCM_CONFIG} and {PCM_WEIGHTS}); "
+                         "train one with personalign train-pcm")
+    try:
+        doc = json.loads(cfg_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{cfg_path} is unreadable ({exc}); retrain the PCM") from None
+    if not isinstance(doc, dict) or doc.get("kind") != "pcm" or doc.get("format") != FORMAT:
+        raise ModelError(f"{cfg_path} does not describe a PCM of format {FORMAT}; retrain it with train-pcm")
+    known = [str(s) for s in doc.get("sides", [])]
+    unknown = [s for s in (sides or ()) if s not in known]
+    if unknown:
+        raise PreferenceError(f"the PCM in {folder} weights sides {', '.join(known)}, not "
+                              f"{', '.join(unknown)}; train one that knows them: personalign train-pcm "
+                              f"--set sides={','.join(known + unknown)}")
+    return doc
 
 
 # -- features (pure) --------------------------------------------------------------------------------------
@@ -256,17 +276,17 @@ def expert_features(expert_logp: torch.Tensor, weights: torch.Tensor) -> torch.T
     """Per expert: entropy / log V, top probability, and KL(p_k || sum_j w_j p_j) / (1 + KL).
 
     (B, K, V) next-token log-probs, (B, K) declared weights (0 for experts not in the preference)
-    -> (B, K, 3), each in [0, 1]. Cheap next to a forward pass: a few elementwise passes over (B, K, V).
+    -> (B, K, 3), each in [0, 1]. About five passes over (B, K, V), and no reduction across K of a
+    (B, K, V) tensor, which is slow on a CPU (logsumexp over K cost more than all the rest together).
     """
-    logp = expert_logp.float().clamp_min(-1e4)  # finite, so 0 * logp stays 0
-    v = logp.shape[-1]
-    p = logp.exp()
-    entropy = -(p * logp).sum(-1) / math.log(v)  # (B, K)
+    logp = expert_logp.float()
+    p = logp.exp()  # (B, K, V)
+    neg_entropy = (p * logp).nansum(-1)  # (B, K); nansum: 0 * -inf for a masked token counts 0
     top = p.amax(-1)  # (B, K)
-    w = weights.float()
-    log_mix = torch.logsumexp(logp + torch.where(w > 0, w.clamp_min(1e-30).log(), -torch.inf)[..., None], 1)  # (B, V)
-    kl = (p * (logp - log_mix[:, None])).sum(-1).clamp_min(0)  # (B, K)
-    return torch.stack([entropy, top, kl / (1 + kl)], -1)
+    mix = torch.einsum("bk,bkv->bv", weights.to(p.dtype), p)  # (B, V) the declared mixture
+    cross = torch.einsum("bkv,bv->bk", p, mix.clamp_min(torch.finfo(p.dtype).tiny).log())  # (B, K)
+    kl = (neg_entropy - cross).clamp_min(0)  # KL(p_k || mix) = sum p_k log p_k - sum p_k log mix
+    return torch.stack([-neg_entropy / math.log(logp.shape[-1]), top, kl / (1 + kl)], -1)
 
 
 def position_feature(step: int) -> float:
@@ -290,8 +310,8 @@ def preference_vector(pref: Preference, sides: Sequence[str]) -> torch.Tensor:
                               "use --method soup for negative weights")
     unknown = [s for s in weights if s not in sides]
     if unknown:
-        raise PreferenceError(f"side(s) {', '.join(unknown)} of {pref.spec()!r} are not among {', '.join(sides)}; "
-                              "train a PCM (and experts) for them")
+        raise PreferenceError(f"side(s) {', '.join(unknown)} of {pref.spec()!r} are not among "
+                              f"{', '.join(sides)}; train a PCM (and experts) for them")
     out = torch.zeros(len(sides))
     for s, w in weights.items():
         out[list(sides).index(s)] = w
@@ -335,7 +355,12 @@ def weight_kl(alpha: torch.Tensor, prior: torch.Tensor, mask: torch.Tensor) -> t
     """Mean over response tokens of KL(alpha_t || prior): (B, T, S) weights, (B, S) declared weights,
     (B, T) mask -> scalar. The optional pull toward the user's declared mix."""
     prior = prior[:, None].expand_as(alpha).to(alpha.dtype)
-    kl = (torch.xlogy(alpha, alpha) - torch.xlogy(alpha, prior)).sum(-1)  # (B, T); 0 where alpha = 0
+    active = prior > 0
+    # Logs only of active entries (and clamped): 0 * log 0 would make the gradient NaN, not 0.
+    tiny = torch.finfo(alpha.dtype).tiny
+    log_a = torch.where(active, alpha, 1.0).clamp_min(tiny).log()
+    log_p = torch.where(active, prior, 1.0).log()
+    kl = (torch.where(active, alpha, 0.0) * (log_a - log_p)).sum(-1)  # (B, T)
     m = mask.to(kl.dtype)
     return (kl * m).sum() / m.sum().clamp_min(1)
 
@@ -374,9 +399,13 @@ class PCMWeights:
         self.pcm = pcm
         self.experts = experts if isinstance(experts, _FeatureExperts) else _FeatureExperts(experts)
         self.index = torch.tensor(pcm.side_index(experts.names), dtype=torch.long)  # (K,)
-        pref = preference if isinstance(preference, torch.Tensor) else preference_vector(preference, pcm.sides)
+        if isinstance(preference, torch.Tensor):
+            pref = preference
+        else:
+            pref = preference_vector(preference, pcm.sides)
         if pref.shape[-1] != len(pcm.sides):
-            raise ConfigError(f"preference weights of width {pref.shape[-1]}; the PCM knows {len(pcm.sides)} sides")
+            raise ConfigError(f"preference weights of width {pref.shape[-1]}; the PCM knows "
+                              f"{len(pcm.sides)} sides")
         covered = torch.zeros(len(pcm.sides), dtype=torch.bool)
         covered[self.index] = True
         uncovered = ((pref.reshape(-1, len(pcm.sides)) > 0) & ~covered).any(0)
@@ -398,7 +427,8 @@ class PCMWeights:
         if pref.dim() == 1:
             return pref[None].expand(b, -1)
         if pref.shape[0] != b:
-            raise ConfigError(f"{pref.shape[0]} preference rows for a batch of {b}; give one row per prompt row")
+            raise ConfigError(f"{pref.shape[0]} preference rows for a batch of {b}; give one row per "
+                              "prompt row")
         return pref
 
     @torch.no_grad()
@@ -411,8 +441,8 @@ class PCMWeights:
             return alpha[:, index]
         logits = self.experts.last_logits
         if logits is None or self.experts.calls == self._seen_calls or logits.shape[0] != b:
-            raise ConfigError("the PCM saw no expert logits for this step; pass provider.experts (which records "
-                              "them) to generate_mixed, not the experts the provider was built from")
+            raise ConfigError("the PCM saw no expert logits for this step; pass provider.experts (which "
+                              "records them) to generate_mixed, not the experts the provider was built from")
         self._seen_calls = self.experts.calls
         emb = self.embeddings
         if ctx.step == 0:  # a new batch: reset the running sums
@@ -420,14 +450,16 @@ class PCMWeights:
             self._gen_sum = torch.zeros_like(self._prompt_emb)
             self._steps = []
         else:
-            self._gen_sum = self._gen_sum + F.embedding(ctx.generated[:, -1].to(emb.device), emb).float().to(device)
+            last = F.embedding(ctx.generated[:, -1].to(emb.device), emb).float()  # (B, H)
+            self._gen_sum = self._gen_sum + last.to(device)
         logp = F.log_softmax(logits.float(), -1)  # (B, K, V)
         feats = expert_features(logp, pref[:, index])  # (B, K, 3)
         feats = _scatter_sides(feats, index, len(self.pcm.sides)) * (pref > 0)[..., None]  # (B, S, 3)
         pos = torch.full((b, 1), position_feature(ctx.step), device=device)
         scalars = torch.cat([feats.flatten(1), pos], -1)  # (B, 3S + 1)
         gen_emb = self._gen_sum / max(ctx.step, 1)  # (B, H); zero at step 0
-        alpha = self.pcm(PCMInputs(pref, scalars[:, None], self._prompt_emb, gen_emb[:, None]))[:, 0]  # (B, S)
+        inputs = PCMInputs(pref, scalars[:, None], self._prompt_emb, gen_emb[:, None])
+        alpha = self.pcm(inputs)[:, 0]  # (B, S)
         if self.record:
             self._steps.append((scalars, gen_emb))
         return alpha[:, index]

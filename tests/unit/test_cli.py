@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from personalign.cli import app
 
 runner = CliRunner()
-COMMANDS = ["generate", "demo", "prefs", "env", "rollout", "judge", "label", "train-rm", "train-expert", "train-multitask",
+COMMANDS = ["generate", "demo", "prefs", "env", "rollout", "judge", "label", "train-rm", "train-expert", "train-pcm", "train-multitask",
             "train-pmorl", "score", "eval", "pareto",
             "merge", "pipeline", "serve"]
 

@@ -1,0 +1,572 @@
+"""Recipe: train the Preference Control Model (MoPE) with REBEL, the experts frozen.
+
+config -> main(cfg) -> validate (before any model loads) -> load base + every side's expert + rewards
+-> build PCM -> resume -> per step: preferences -> references -> rollout -> score -> utility -> loss ->
+step -> log -> checkpoint; at the end ``pcm.safetensors`` + ``pcm.json``.
+
+* **Preferences**: each step takes ``batch_prompts`` instructions, each with its own preference: with
+  probability ``weighted_fraction`` a random *weighted* preference (a random number of dimensions, one
+  random side each, Dirichlet(``dirichlet_alpha``) weights; a single dimension takes both of its sides,
+  as in ``concise=0.7,informative=0.3``), otherwise one of the hard combinations of the trained sides
+  (the benchmark's 8 for the six P-SOUPS sides). Every preference weights at least two sides: with one,
+  there is nothing to control.
+* **Rollout**: two responses per (instruction, preference) from the token-level mixture of *all* the
+  trained sides' experts (one batched forward per step), the PCM giving each row's weights (zero on
+  sides outside its preference), features and expert log-probs recorded. The recorded log-probs are
+  the untempered mixture's and sampling uses no repetition penalty, so with the default temperature 1
+  and top_p 1 they are exactly the probabilities the samples were drawn with (on-policy REBEL).
+* **References** ``y_ref``: the base model (adapters disabled) with the preference prompt, sampled as
+  ``generate`` samples (``ref_*``). The base sees only the prompt text, so a reference serves every
+  preference with the same prompt (the same dominant side per dimension); each is generated once and
+  kept in ``references.jsonl`` in the run folder (a resumed run reads it back).
+* **Utility**: ``U = sum_j w_j sigmoid((r_j(x, y) - r_j(x, y_ref)) / scale_j)`` with the preference's
+  normalised weights (:func:`personalign.pcm.preference_utility`). Scales: the offline judge's scores
+  live in different units per side (a school grade for expertise, log2 words for concision, ...), so
+  ``scale_j = offline_scale x`` that side's tie margin (:data:`~personalign.judges.offline.DEFAULT_MARGINS`,
+  the smallest difference the judge calls a win): with the default 4, a one-margin lead gives 0.56 and a
+  four-margin lead 0.73. Reward models and user functions are used as they are (scale 1).
+  ``reward_scales`` overrides any side.
+* **Loss**: REBEL (:func:`personalign.losses.rebel_loss`) on the PCM's parameters only. D(y) is the
+  sum over response tokens of log pi_theta - log pi_old, both from the recorded expert log-probs:
+  pi_old with the weights used at sampling time, pi_theta with the PCM's weights recomputed from the
+  recorded features (:func:`personalign.pcm.pcm_sequence_logprob`), so the gradient epochs
+  (``epochs``) need no expert forward pass. ``eta`` (default 1): utilities lie in [0, 1], so one update
+  asks a pair's relative log-probability to move by at most about one nat. ``prior_coef`` adds
+  ``prior_coef x`` the mean per-token KL(alpha || declared weights) (:func:`personalign.pcm.weight_kl`):
+  a pull toward the user's mix (uniform for a hard combination) where the rewards carry no signal.
+  Off by default, as in the paper.
+
+Determinism and resumption: a step's instructions, preferences, sampling seed and minibatch order all
+derive from (seed, step); every ``checkpoint_every`` steps the checkpoint holds the PCM, AdamW's state
+and the step, and running the same command again resumes from it (metrics lines after it are dropped
+and redone).
+
+Run folder: ``config.json``, ``metrics.jsonl``, ``references.jsonl``, ``checkpoint/`` while training,
+then ``pcm.safetensors`` and ``pcm.json`` (architecture, sides, base model, config, final metrics),
+written last. Metrics per step: ``train/loss``, ``train/rebel_loss``, ``train/prior_kl``,
+``train/utility`` (mean over responses), ``train/utility_gap`` (mean |U(y) - U(y')|),
+``train/win_vs_ref`` (share of sides on which a response beats its reference), ``train/reward/<SIDE>``
+(raw), ``train/weight_entropy`` (mean per-token entropy of the weights, over the active sides),
+``train/weight_shift`` (mean per-token |alpha - declared weights|_1), ``train/weight/<SIDE>`` (mean
+weight of the side over the tokens of responses whose preference includes it), ``train/log_ratio``
+(mean |D(y)| after the update), ``train/response_length``, ``train/lr``, ``time/step_seconds``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from personalign.checkpoint import load_checkpoint, save_checkpoint
+from personalign.config import to_dict
+from personalign.errors import ConfigError, PreferenceError
+from personalign.generation import Method, SamplingConfig, batch_seed, build_prompts
+from personalign.losses import rebel_loss
+from personalign.pcm import (
+    PCM_CONFIG,
+    PCM_WEIGHTS,
+    PCMConfig,
+    PCMWeights,
+    PreferenceControlModel,
+    pcm_sequence_logprob,
+    preference_utility,
+    preference_vector,
+    weight_kl,
+)
+from personalign.recipes.train_expert import _finite, _require, _truncate_metrics, step_prompt_indices
+from personalign.runlog import MetricsLogger, prepare_run_dir
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from personalign.data import Instruction
+    from personalign.mixing import Experts
+    from personalign.preferences import Preference, PreferenceSpace
+    from personalign.rewards import RewardFunction, RewardSpec
+
+REFERENCES = "references.jsonl"
+
+
+@dataclass(frozen=True)
+class TrainPCMConfig:
+    output_dir: str
+    experts: str | None = None  # folder of <SIDE>/ experts; None: the experts shipped for the model
+    model: str | None = None  # None: the embedded default
+    dimensions: str | None = None  # a YAML file of extra dimensions
+    sides: tuple[str, ...] = ()  # the sides the PCM weights; empty: every side with an expert in `experts`
+    reward: str = "offline"  # every side's reward: offline | rm:PATH | module:function
+    rewards: dict[str, str] = field(default_factory=dict)  # per-side overrides, e.g. {P3C: rm:runs/rm-P3C}
+    offline_scale: float = 4.0  # offline rewards: scale_j = offline_scale x the judge's tie margin of side j
+    reward_scales: dict[str, float] = field(default_factory=dict)  # per-side scale overrides
+    prompts: str = "builtin:train"
+    limit: int | None = None
+    # PCM architecture (see personalign.pcm)
+    context: bool = True  # False: weights from the preference alone (ablation)
+    hidden: int = 64
+    proj: int = 32
+    # REBEL
+    eta: float = 1.0
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    steps: int = 200
+    batch_prompts: int = 8  # (instruction, preference) pairs per step; two responses each
+    epochs: int = 2  # gradient passes over each batch
+    minibatch_pairs: int | None = None  # pairs per optimizer step; None: the whole batch
+    prior_coef: float = 0.0  # weight of KL(alpha || declared weights); 0 = plain REBEL
+    max_grad_norm: float = 1.0
+    weighted_fraction: float = 0.5  # share of random weighted preferences (the rest: hard combinations)
+    dirichlet_alpha: float = 1.0
+    # rollouts (REBEL's log-probs are of the untempered mixture: keep temperature 1 and top_p 1)
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    # references from the preference-prompted base model (the PP baseline, sampled as `generate` does)
+    ref_temperature: float = 0.7
+    ref_top_p: float = 0.9
+    ref_repetition_penalty: float = 1.1
+    ref_batch_size: int = 16
+    seed: int = 0
+    checkpoint_every: int = 20
+    device: str = "auto"
+    dtype: str = "auto"
+    progress: bool = True
+
+
+# -- validation -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What validation found: everything the run needs that does not need a model."""
+
+    cfg: TrainPCMConfig
+    space: PreferenceSpace
+    sides: tuple[str, ...]  # in the space's order
+    experts_dir: Path
+    rewards: dict[str, RewardSpec]
+    scales: dict[str, float]
+    combinations: list[Preference]  # hard combinations with at least two sides
+    instructions: list[Instruction]
+
+
+def validate(cfg: TrainPCMConfig) -> Plan:
+    """Check every field, the sides, their experts, rewards and the prompts; load no model."""
+    from personalign.compose import expert_folders, resolve_experts_dir
+    from personalign.data import load_prompts
+    from personalign.judges.offline import DEFAULT_MARGINS
+    from personalign.models import canonical_name, resolve_device, resolve_dtype
+    from personalign.preferences import load_space
+    from personalign.rewards import parse_reward_spec
+
+    c = cfg
+    _require(_finite(c.eta) and c.eta > 0, "eta", c.eta, "a positive number (e.g. eta=1.0)")
+    _require(_finite(c.lr) and c.lr > 0, "lr", c.lr, "a positive number (e.g. lr=1e-3)")
+    _require(_finite(c.weight_decay) and c.weight_decay >= 0, "weight_decay", c.weight_decay, "a number >= 0")
+    _require(c.steps >= 1, "steps", c.steps, "at least 1")
+    _require(c.batch_prompts >= 1, "batch_prompts", c.batch_prompts, "at least 1")
+    _require(c.epochs >= 1, "epochs", c.epochs, "at least 1")
+    _require(c.minibatch_pairs is None or 1 <= c.minibatch_pairs <= c.batch_prompts, "minibatch_pairs",
+             c.minibatch_pairs, f"between 1 and batch_prompts ({c.batch_prompts}), or null for all")
+    _require(_finite(c.prior_coef) and c.prior_coef >= 0, "prior_coef", c.prior_coef, "a number >= 0")
+    _require(_finite(c.max_grad_norm) and c.max_grad_norm > 0, "max_grad_norm", c.max_grad_norm,
+             "a positive number")
+    _require(_finite(c.weighted_fraction) and 0 <= c.weighted_fraction <= 1, "weighted_fraction",
+             c.weighted_fraction, "in [0, 1]")
+    _require(_finite(c.dirichlet_alpha) and c.dirichlet_alpha > 0, "dirichlet_alpha", c.dirichlet_alpha,
+             "a positive number")
+    _require(_finite(c.offline_scale) and c.offline_scale > 0, "offline_scale", c.offline_scale,
+             "a positive number")
+    _require(c.hidden >= 1, "hidden", c.hidden, "at least 1")
+    _require(c.proj >= 1, "proj", c.proj, "at least 1")
+    _require(c.max_new_tokens >= 1, "max_new_tokens", c.max_new_tokens, "at least 1")
+    _require(_finite(c.temperature) and 0 < c.temperature <= 10, "temperature", c.temperature,
+             "in (0, 10] (REBEL needs sampling; 1.0 keeps the samples on-policy)")
+    _require(_finite(c.top_p) and 0 < c.top_p <= 1, "top_p", c.top_p, "in (0, 1]")
+    _require(c.ref_batch_size >= 1, "ref_batch_size", c.ref_batch_size, "at least 1")
+    _require(c.checkpoint_every >= 1, "checkpoint_every", c.checkpoint_every, "at least 1")
+    ref_sampling(c, 0)  # SamplingConfig checks the ref_* fields
+    resolve_dtype(c.dtype, resolve_device(c.device))  # raises ModelError naming the value
+
+    space = load_space(c.dimensions)
+    experts_dir = resolve_experts_dir(c.experts, canonical_name(c.model))
+    folders = expert_folders(experts_dir)
+    if c.sides:
+        chosen = {space.resolve(s) for s in c.sides}
+        missing = [s for s in space.sides if s in chosen and s not in folders]
+        if missing:
+            raise PreferenceError(f"no expert for side(s) {', '.join(missing)} in {experts_dir} (experts "
+                                  f"there: {', '.join(folders) or 'none'}); train one with: personalign "
+                                  f"train-expert --side {missing[0]} -o {experts_dir}/{missing[0]}")
+    else:
+        chosen = set(folders) & set(space.sides)
+    sides = tuple(s for s in space.sides if s in chosen)  # the space's order
+    if len(sides) < 2:
+        raise PreferenceError(f"a PCM weights at least two sides' experts, found {len(sides)} "
+                              f"({', '.join(sides) or 'none'}) in {experts_dir}; train more experts or set "
+                              "sides")
+
+    for key, what in ((c.rewards, "rewards"), (c.reward_scales, "reward_scales")):
+        for name in key:
+            sid = space.resolve(name)
+            if sid not in sides:
+                raise ConfigError(f"{what} names side {name!r}, which the PCM does not weight (sides: "
+                                  f"{', '.join(sides)})")
+    overrides = {space.resolve(k): v for k, v in c.rewards.items()}
+    rewards = {s: parse_reward_spec(overrides.get(s, c.reward), s) for s in sides}
+    scales = {s: c.offline_scale * DEFAULT_MARGINS[s] if rewards[s].kind == "offline" else 1.0
+              for s in sides}
+    for name, value in c.reward_scales.items():
+        _require(_finite(value) and value > 0, f"reward_scales.{name}", value, "a positive number")
+        scales[space.resolve(name)] = float(value)
+
+    combos = [p for p in space.combinations(sides) if len(p.sides) >= 2]
+    if not combos and c.weighted_fraction < 1:
+        raise PreferenceError(f"the sides {', '.join(sides)} form no combination of two or more dimensions; "
+                              "set weighted_fraction=1 (weighted preferences only) or add sides")
+    instructions = load_prompts(c.prompts, limit=c.limit)
+    return Plan(c, space, sides, experts_dir, rewards, scales, combos, instructions)
+
+
+def ref_sampling(cfg: TrainPCMConfig, seed: int) -> SamplingConfig:
+    return SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.ref_temperature,
+                          top_p=cfg.ref_top_p, repetition_penalty=cfg.ref_repetition_penalty, seed=seed)
+
+
+# -- pieces each phase calls (tested on their own) -------------------------------------------------
+
+
+def sample_preference(space: PreferenceSpace, sides: tuple[str, ...], combos: list[Preference],
+                      rng: random.Random, weighted_fraction: float, alpha: float) -> Preference:
+    """One training preference over ``sides``: a hard combination, or a random weighted one (see the
+    module docstring). Always at least two sides with positive weight."""
+    if not combos or rng.random() < weighted_fraction:
+        dims = [[s for s in d.sides if s in sides] for d in space.dimensions.values()]
+        dims = [d for d in dims if d]
+        while True:
+            chosen = rng.sample(dims, rng.randint(1, len(dims)))
+            picked = [rng.choice(d) for d in chosen]
+            if len(picked) == 1 and len(chosen[0]) > 1:  # one dimension: weigh two of its sides
+                picked = rng.sample(chosen[0], 2)
+            if len(picked) >= 2:
+                break
+        g = [rng.gammavariate(alpha, 1.0) for _ in picked]
+        total = sum(g)
+        # A Dirichlet draw can put (numerically) all mass on one side; keep every side present.
+        w = [max(x / total, 1e-3) if total > 0 else 1.0 / len(g) for x in g]
+        return space.parse({s: x / sum(w) for s, x in zip(picked, w)})
+    return combos[rng.randrange(len(combos))]
+
+
+def _key(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+class ReferenceCache:
+    """``y_ref`` per model input text (instruction + preference prompt), kept in a JSONL file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.responses: dict[str, str] = {}
+        if path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue  # a line cut by an interruption: it is regenerated
+                    self.responses[row["key"]] = row["response"]
+
+    def missing(self, texts: list[str]) -> list[str]:
+        out: list[str] = []
+        for t in texts:
+            if _key(t) not in self.responses and t not in out:
+                out.append(t)
+        return out
+
+    def add(self, texts: list[str], responses: list[str]) -> None:
+        with self.path.open("a", encoding="utf-8") as fh:
+            for t, r in zip(texts, responses):
+                self.responses[_key(t)] = r
+                fh.write(json.dumps({"key": _key(t), "input": t, "response": r}) + "\n")
+
+    def get(self, text: str) -> str:
+        return self.responses[_key(text)]
+
+
+class SideRewards:
+    """r_j for every side j; a reward-model folder named for several sides is loaded once."""
+
+    def __init__(self, specs: dict[str, RewardSpec], device: str, dtype: str):
+        from personalign.rewards import ModelReward, reward_from_spec, reward_model_reward
+
+        loaded: dict[str, Any] = {}
+        self.fns: dict[str, RewardFunction] = {}
+        for side, spec in specs.items():
+            if spec.kind == "rm" and spec.target in loaded:
+                self.fns[side] = ModelReward(loaded[spec.target], side, name=f"rm:{spec.target}")
+            elif spec.kind == "rm":
+                fn = reward_model_reward(spec.target, side, device=device, dtype=dtype)
+                loaded[spec.target] = fn.model
+                self.fns[side] = fn
+            else:
+                self.fns[side] = reward_from_spec(spec, side)
+
+    def __call__(self, side: str, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        from personalign.rewards import as_reward_tensor
+
+        return as_reward_tensor(self.fns[side](prompts, responses), len(responses), f"for side {side}")
+
+
+def decode_responses(tokenizer: PreTrainedTokenizerBase, tokens: torch.Tensor, mask: torch.Tensor,
+                     eos_ids: list[int]) -> list[str]:
+    """Response texts from (B, T) tokens and the (B, T) mask (which covers the end-of-sequence token)."""
+    out = []
+    for row, m in zip(tokens.tolist(), mask.tolist()):
+        n = int(sum(m))
+        if n and row[n - 1] in eos_ids:
+            n -= 1
+        out.append(tokenizer.decode(row[:n], skip_special_tokens=True).strip())
+    return out
+
+
+def score_batch(rewards: SideRewards, sides: tuple[str, ...], prompts: list[str], responses: list[str],
+                refs: list[str], pref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw rewards (N, S) of the responses and (N, S) of their references, on the active sides only
+    (NaN elsewhere). Rows: N = len(responses); ``refs`` and ``pref`` (N, S) are aligned with them."""
+    n = len(responses)
+    r = torch.full((n, len(sides)), math.nan)
+    r_ref = torch.full((n, len(sides)), math.nan)
+    for j, side in enumerate(sides):
+        rows = (pref[:, j] > 0).nonzero().flatten().tolist()
+        if not rows:
+            continue
+        # Each reference is scored once per side even though both responses of a pair share it.
+        uniq = sorted({(prompts[i], refs[i]) for i in rows})
+        texts = [prompts[i] for i in rows] + [p for p, _ in uniq]
+        vals = rewards(side, texts, [responses[i] for i in rows] + [y for _, y in uniq])
+        r[rows, j] = vals[: len(rows)]
+        ref_val = dict(zip(uniq, vals[len(rows):].tolist()))
+        r_ref[rows, j] = torch.tensor([ref_val[(prompts[i], refs[i])] for i in rows])
+    return r, r_ref
+
+
+# -- the recipe ------------------------------------------------------------------------------------
+
+
+def _load_experts(base: PreTrainedModel, plan: Plan) -> Experts:
+    """Every trained side's expert as an adapter of one peft model, in the PCM's side order."""
+    from personalign.compose import load_mixture
+
+    experts, _ = load_mixture(base, plan.space.parse({s: 1.0 for s in plan.sides}), plan.experts_dir)
+    if experts.names != plan.sides:
+        raise ConfigError(f"experts loaded as {experts.names}, expected {plan.sides}")  # defensive: order
+    return experts
+
+
+def _summary(rows: list[dict[str, Any]]) -> dict[str, float]:
+    steps = [r for r in rows if "train/utility" in r]
+    if not steps:
+        return {}
+    w = max(1, min(10, len(steps) // 4 or 1))
+
+    def mean(key: str, part: list[dict[str, Any]]) -> float:
+        vals = [r[key] for r in part if key in r]
+        return sum(vals) / len(vals) if vals else float("nan")
+
+    return {
+        "steps": steps[-1]["step"],
+        "train/utility_first": mean("train/utility", steps[:w]),
+        "train/utility_last": mean("train/utility", steps[-w:]),
+        "train/weight_shift_last": mean("train/weight_shift", steps[-w:]),
+        "train/weight_entropy_last": mean("train/weight_entropy", steps[-w:]),
+        "time/train_seconds": sum(r.get("time/step_seconds", 0.0) for r in steps),
+    }
+
+
+def main(cfg: TrainPCMConfig) -> dict[str, float]:
+    plan = validate(cfg)  # before any model loads
+    c, sides = plan.cfg, plan.sides
+    out = prepare_run_dir(cfg.output_dir, cfg)
+    logger = MetricsLogger(out)
+    if (out / PCM_CONFIG).is_file() and (out / PCM_WEIGHTS).is_file():
+        return json.loads((out / PCM_CONFIG).read_text()).get("metrics", {})
+
+    # -- models: the experts (frozen adapters on one base), the rewards, a fresh PCM
+    from personalign.generation import eos_token_ids, generate_texts
+    from personalign.mixing import MixRule, generate_mixed
+    from personalign.models import load_model
+    from personalign.reward_model import base_fingerprint
+
+    base, tok = load_model(c.model, device=c.device, dtype=c.dtype)
+    fingerprint = base_fingerprint(base)
+    embeddings = base.get_input_embeddings().weight.detach()  # (V, H), read by the PCM's features
+    experts = _load_experts(base, plan)
+    peft_model = experts.models[0]
+    for p in peft_model.parameters():
+        p.requires_grad_(False)
+    device = experts.device
+    eos = eos_token_ids(base, tok)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
+    rewards = SideRewards(plan.rewards, c.device, c.dtype)
+    scales = torch.tensor([plan.scales[s] for s in sides])  # (S,)
+
+    torch.manual_seed(c.seed)
+    pcm = PreferenceControlModel(PCMConfig(sides, int(embeddings.shape[1]), c.context, c.hidden, c.proj),
+                                 base=fingerprint).to(device)
+    opt = torch.optim.AdamW(pcm.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+    index = torch.arange(len(sides), device=device)  # expert k is side k
+
+    # -- resume
+    step = 0
+    ckpt = out / "checkpoint"
+    restored = load_checkpoint(ckpt, opt)
+    if restored is not None:
+        state, progress = restored
+        pcm.load_state_dict(state)
+        step = int(progress["step"])
+    _truncate_metrics(logger, step)
+    refs = ReferenceCache(out / REFERENCES)
+
+    bar = None
+    if c.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=c.steps, initial=step, desc=f"train-pcm ({len(sides)} sides)", unit="step")
+
+    n_pairs = c.batch_prompts
+    mb = c.minibatch_pairs or n_pairs
+    tok.padding_side = "left"
+    add_special = not getattr(tok, "chat_template", None)
+    while step < c.steps:
+        t0 = time.perf_counter()
+        seed = batch_seed(c.seed, step)
+
+        # -- preferences and inputs: pair i is rows 2i (y) and 2i + 1 (y')
+        rng = random.Random(seed)
+        prompt_ids = step_prompt_indices(len(plan.instructions), n_pairs, step, c.seed)
+        prefs = [sample_preference(plan.space, sides, plan.combinations, rng, c.weighted_fraction,
+                                   c.dirichlet_alpha) for _ in range(n_pairs)]
+        instr = [plan.instructions[i].prompt for i in prompt_ids]
+        texts = [build_prompts(tok, [x], p, Method.MOPE)[0] for x, p in zip(instr, prefs)]
+        pref_pairs = torch.stack([preference_vector(p, sides) for p in prefs])  # (P, S)
+        pref_rows = pref_pairs.repeat_interleave(2, 0)  # (2P, S)
+
+        # -- references: the preference-prompted base model, once per input text
+        todo = refs.missing(texts)
+        if todo:
+            with peft_model.disable_adapter():
+                made = generate_texts(peft_model, tok, todo, ref_sampling(c, seed % (2**31)),
+                                      batch_size=c.ref_batch_size)
+            refs.add(todo, made)
+        y_ref = [refs.get(t) for t in texts]
+
+        # -- rollout: two samples per pair from the current mixture, features recorded
+        rows_text = [t for t in texts for _ in range(2)]
+        enc = tok(rows_text, return_tensors="pt", padding=True, add_special_tokens=add_special)
+        provider = PCMWeights(pcm, experts, embeddings, pref_rows, record=True)
+        sampling = SamplingConfig(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
+                                  repetition_penalty=1.0, seed=seed % (2**31))
+        pcm.eval()
+        gen = generate_mixed(provider.experts, enc["input_ids"], enc["attention_mask"], provider,
+                             eos_token_ids=eos, pad_token_id=pad, rule=MixRule.PROB, sampling=sampling)
+        inputs = provider.recorded(2 * n_pairs)
+        mask = gen.mask.float()  # (2P, T)
+        responses = decode_responses(tok, gen.tokens, gen.mask, eos)
+
+        # -- score and utility
+        row_instr = [x for x in instr for _ in range(2)]
+        row_ref = [y for y in y_ref for _ in range(2)]
+        raw, raw_ref = score_batch(rewards, sides, row_instr, responses, row_ref, pref_rows)
+        utility = preference_utility(raw, raw_ref, pref_rows, scales).to(device)  # (2P,)
+        with torch.no_grad():
+            old_logp = gen.sequence_logprob(gen.weights)  # (2P,) pi_old: the weights used when sampling
+
+        # -- loss and step: REBEL over pairs, the PCM's parameters only
+        pcm.train()
+        g = torch.Generator().manual_seed(seed)
+        sums = {"loss": 0.0, "rebel_loss": 0.0, "prior_kl": 0.0}
+        updates = 0
+        for _ in range(c.epochs):
+            for sel in torch.randperm(n_pairs, generator=g).split(mb):
+                rows = torch.stack([2 * sel, 2 * sel + 1], 1).flatten().to(device)  # y, y' of each pair
+                logp, alpha = pcm_sequence_logprob(pcm, inputs.select(rows), gen.expert_logprobs[rows], index,
+                                                   mask[rows])
+                rl = rebel_loss(logp[0::2], old_logp[rows][0::2], logp[1::2], old_logp[rows][1::2],
+                                utility[rows][0::2], utility[rows][1::2], c.eta)
+                prior = inputs.pref[rows].to(alpha.device)
+                if c.prior_coef > 0:
+                    kl = weight_kl(alpha, prior, mask[rows])
+                    loss = rl + c.prior_coef * kl
+                else:
+                    with torch.no_grad():
+                        kl = weight_kl(alpha, prior, mask[rows])
+                    loss = rl
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(pcm.parameters(), c.max_grad_norm)
+                opt.step()
+                sums["loss"] += loss.item()
+                sums["rebel_loss"] += rl.item()
+                sums["prior_kl"] += kl.item()
+                updates += 1
+        step += 1
+
+        # -- log: weights as sampled, log-ratio after the update
+        with torch.no_grad():
+            new_logp, _ = pcm_sequence_logprob(pcm, inputs, gen.expert_logprobs, index, mask)
+            w = gen.weights  # (2P, T, S)
+            active = (pref_rows > 0).to(device)
+            tok_mask = mask[..., None]
+            ent = -(torch.xlogy(w, w)).sum(-1)  # (2P, T)
+            shift = (w - pref_rows.to(device)[:, None]).abs().sum(-1)  # (2P, T)
+            n_tok = mask.sum().clamp_min(1)
+            diff = torch.where(torch.isnan(raw), 0.0, raw - raw_ref)
+            wins = ((diff > 0).float() + 0.5 * (diff == 0).float()) * (pref_rows > 0)
+        seconds = time.perf_counter() - t0
+        u_pairs = utility.view(-1, 2)
+        metrics: dict[str, float] = {
+            **{f"train/{k}": v / updates for k, v in sums.items()},
+            "train/utility": float(utility.mean()),
+            "train/utility_gap": float((u_pairs[:, 0] - u_pairs[:, 1]).abs().mean()),
+            "train/win_vs_ref": float(wins.sum() / (pref_rows > 0).sum()),
+            "train/weight_entropy": float((ent * mask).sum() / n_tok),
+            "train/weight_shift": float((shift * mask).sum() / n_tok),
+            "train/log_ratio": float((new_logp - old_logp).abs().mean()),
+            "train/response_length": float(mask.sum(1).mean()),
+            "train/lr": c.lr,
+            "time/step_seconds": seconds,
+        }
+        for j, side in enumerate(sides):
+            on = active[:, j]
+            if bool(on.any()):
+                m = tok_mask[on]
+                side_w = (w[on][..., j:j + 1] * m).sum() / m.sum().clamp_min(1)
+                metrics[f"train/weight/{side}"] = float(side_w)
+                metrics[f"train/reward/{side}"] = float(raw[on.cpu(), j].mean())
+        logger.log(step, metrics)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(utility=f"{metrics['train/utility']:.3f}", loss=f"{metrics['train/loss']:.4f}")
+
+        # -- checkpoint
+        if step % c.checkpoint_every == 0 and step < c.steps:
+            save_checkpoint(ckpt, pcm.state_dict(), opt, {"step": step})
+    if bar is not None:
+        bar.close()
+
+    # -- save: pcm.safetensors, then pcm.json (last)
+    final = _summary(logger.read())
+    pcm.save(out, extra={"experts": str(plan.experts_dir),
+                         "rewards": {s: str(plan.rewards[s]) for s in sides},
+                         "scales": plan.scales, "config": to_dict(c), "metrics": final})
+    shutil.rmtree(ckpt, ignore_errors=True)
+    return final

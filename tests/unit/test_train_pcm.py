@@ -1,0 +1,278 @@
+"""train-pcm on the tiny random llama with random LoRA experts: the training preferences, a run that saves
+a PCM usable by generation, learning a toy utility, exact resumption, and bad input refused before any
+model loads."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from personalign.config import load_config
+from personalign.errors import ConfigError, PersonalignError
+from personalign.preferences import default_space
+from personalign.recipes import train_pcm as tp
+
+SIDES = ("P1A", "P2A", "P3C")  # P3C: a side the offline judge cannot score
+
+
+def _make_experts(model_dir, folder, sides=SIDES):
+    from peft import LoraConfig, get_peft_model
+
+    from personalign.models import load_model
+
+    for i, side in enumerate(sides):
+        base, _ = load_model(str(model_dir), device="cpu", dtype="float32")
+        # LoRA on the output layer too, so that the experts' next-token distributions clearly differ.
+        lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"])
+        peft_model = get_peft_model(base, lora)
+        g = torch.Generator().manual_seed(100 + i)
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.7)
+        peft_model.save_pretrained(folder / side / "adapter", save_embedding_layers=False)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def experts_dir(tiny_model_dir, tmp_path_factory):
+    return _make_experts(tiny_model_dir, tmp_path_factory.mktemp("experts"))
+
+
+# Toy rewards, imported by the recipe as module:function (this module's own name).
+_LIKES: dict[str, object] = {}
+
+
+def likes_p1a(prompts: list[str], responses: list[str]) -> torch.Tensor:
+    """Mean per-token log-likelihood ratio of expert P1A over expert P2A given the policy's prompt (the
+    combination 1A,2A): high for text that P1A would write, measured on the text alone."""
+    from personalign.generation import Method, build_prompts
+    from personalign.mixing import score_responses
+    from personalign.preferences import parse_preference
+
+    experts, tok = _LIKES["experts"], _LIKES["tok"]
+    inputs = build_prompts(tok, prompts, parse_preference("1A,2A"), Method.MOPE)
+    tok.padding_side = "left"
+    enc = tok(inputs, return_tensors="pt", padding=True, add_special_tokens=False)
+    tok.padding_side = "right"
+    resp = tok([r or "." for r in responses], return_tensors="pt", padding=True, add_special_tokens=False)
+    tok.padding_side = "left"
+    lp = score_responses(experts, enc["input_ids"], enc["attention_mask"], resp["input_ids"],
+                         resp["attention_mask"])  # (N, T, 2)
+    m = resp["attention_mask"].float()
+    return _LIKES.get("sign", 1.0) * ((lp[..., 0] - lp[..., 1]) * m).sum(1) / m.sum(1)
+
+
+def zero(prompts: list[str], responses: list[str]) -> list[float]:
+    return [0.0] * len(responses)
+
+
+def length(prompts: list[str], responses: list[str]) -> list[float]:
+    return [len(r) / 20 for r in responses]
+
+
+def _cfg(tmp_path, tiny_model_dir, experts_dir, name: str = "run", **kw) -> tp.TrainPCMConfig:
+    base = {"output_dir": str(tmp_path / name), "experts": str(experts_dir), "model": str(tiny_model_dir),
+            "rewards": {"P3C": f"{__name__}:length"}, "steps": 3, "batch_prompts": 3, "max_new_tokens": 5,
+            "hidden": 16, "proj": 8, "progress": False, "device": "cpu", "dtype": "float32", "limit": 8,
+            "checkpoint_every": 2, "ref_batch_size": 4}
+    return tp.TrainPCMConfig(**{**base, **kw})
+
+
+def _rows(folder) -> list[dict]:
+    return [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+# -- pieces ----------------------------------------------------------------------------------------
+
+
+def test_training_preferences_are_combinations_or_weighted_over_two_sides_or_more():
+    space = default_space()
+    sides = ("P1A", "P1B", "P2A", "P2B", "P3A", "P3B")
+    combos = space.combinations(sides)
+    rng = random.Random(0)
+    prefs = [tp.sample_preference(space, sides, combos, rng, 0.5, 1.0) for _ in range(400)]
+    hard = [p for p in prefs if p.hard]
+    assert 150 < len(hard) < 250 and {p.spec() for p in hard} == {p.spec() for p in combos}  # all 8 appear
+    for p in prefs:
+        w = p.normalized()
+        assert len(w) >= 2 and set(w) <= set(sides) and sum(w.values()) == pytest.approx(1)
+        assert all(v > 0 for v in w.values())
+    weighted = [p for p in prefs if not p.hard]
+    assert {len(p.sides) for p in weighted} == {2, 3}
+    # One dimension only: both of its sides, weighted (concise=0.7,informative=0.3 style).
+    one = [tp.sample_preference(space, ("P2A", "P2B"), [], rng, 0.0, 1.0) for _ in range(5)]
+    assert all(set(p.sides) == {"P2A", "P2B"} and not p.hard for p in one)
+
+
+def test_reference_cache_round_trip(tmp_path):
+    cache = tp.ReferenceCache(tmp_path / "refs.jsonl")
+    assert cache.missing(["a", "b", "a"]) == ["a", "b"]
+    cache.add(["a", "b"], ["ra", "rb"])
+    with (tmp_path / "refs.jsonl").open("a") as fh:
+        fh.write('{"key": "cut')  # an interrupted write
+    again = tp.ReferenceCache(tmp_path / "refs.jsonl")
+    assert again.missing(["a", "b", "c"]) == ["c"] and again.get("b") == "rb"
+
+
+# -- the recipe ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("context", [True, False])
+def test_run_logs_saves_and_the_pcm_drives_generation(tmp_path, tiny_model_dir, experts_dir, context):
+    from personalign import compose
+    from personalign.generation import SamplingConfig
+    from personalign.mixing import MixRule, generate_mixed
+    from personalign.models import load_model
+    from personalign.pcm import PCMWeights, PreferenceControlModel
+    from personalign.preferences import parse_preference
+
+    cfg = _cfg(tmp_path, tiny_model_dir, experts_dir, weighted_fraction=0.5, context=context)
+    result = tp.main(cfg)
+    out = tmp_path / "run"
+    rows = _rows(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for key in ("train/loss", "train/utility", "train/utility_gap", "train/weight_entropy",
+                "train/weight_shift", "train/win_vs_ref", "train/log_ratio", "train/response_length",
+                "time/step_seconds"):
+        assert all(key in r and r[key] == r[key] for r in rows), key
+    assert any(k.startswith("train/weight/P") for k in rows[0])
+    assert rows[0]["train/weight_shift"] < 1e-5  # step 1 samples with the declared weights exactly
+    assert all(0 <= r["train/utility"] <= 1 for r in rows)
+    assert (out / "pcm.safetensors").is_file() and not (out / "checkpoint").exists()
+    refs = [json.loads(x) for x in (out / "references.jsonl").read_text().splitlines()]
+    assert len(refs) == len({r["key"] for r in refs}) >= 3  # one reference per input text, never twice
+    doc = json.loads((out / "pcm.json").read_text())
+    assert doc["sides"] == list(SIDES) and doc["metrics"] == result and result["steps"] == 3
+    assert doc["architecture"]["context"] is context
+    assert doc["scales"]["P1A"] == pytest.approx(4.0) and doc["scales"]["P3C"] == 1.0  # 4 x judge margin
+    assert tp.main(cfg) == result and len(_rows(out)) == 3  # a finished run is not redone
+
+    # What `generate --method mope --pcm FOLDER` does: load the PCM for the base and the preference.
+    base, tok = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
+    pref = parse_preference("1A,3C")
+    pcm = PreferenceControlModel.load(out, base_model=base, sides=pref.sides)
+    experts, _ = compose.load_mixture(base, pref, experts_dir)
+    provider = PCMWeights(pcm, experts, base.get_input_embeddings(), pref)
+    texts = compose.generate_mixture_texts(provider.experts, tok, ["Hi", "Explain photosynthesis to me."],
+                                           provider, MixRule.PROB, SamplingConfig(max_new_tokens=4, seed=1))
+    assert len(texts) == 2
+    # Through the generate recipe: the same PCM, its rows labelled, and --pcm refused with other mixes.
+    from personalign.errors import PersonalignError
+    from personalign.recipes import generate as gen_recipe
+
+    gcfg = gen_recipe.GenerateConfig(prefs="1A,3C", method="mope", model=str(tiny_model_dir), pcm=str(out),
+                                     experts=str(experts_dir), instructions=("Hi",), progress=False,
+                                     sampling=SamplingConfig(max_new_tokens=4, seed=1))
+    assert gen_recipe.main(gcfg)[0]["method"] == "mope-pcm-run"
+    with pytest.raises(PersonalignError, match="goes with --method mope --mix prob"):
+        gen_recipe.main(gen_recipe.GenerateConfig(**{**gcfg.__dict__, "mix": "uniform"}))
+    if not context:  # the ablation's weights depend on the preference alone
+        ids = tok(["Hi"], return_tensors="pt")
+        gen = generate_mixed(provider.experts, ids["input_ids"], ids["attention_mask"], provider,
+                             eos_token_ids=[len(tok) + 1], sampling=SamplingConfig(max_new_tokens=4))
+        assert torch.allclose(gen.weights, gen.weights[:, :1].expand_as(gen.weights))
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_toy_utility_moves_weight_toward_the_rewarded_expert(tmp_path, tiny_model_dir, experts_dir, sign):
+    """P1A's reward is the likelihood ratio of expert P1A over P2A (or its negative), P2A's is constant:
+    within 16 REBEL steps the PCM's weight for the combination 1A,2A leaves 0.5 toward the expert whose
+    text is rewarded (both signs, so it is the reward that moves it, not a drift)."""
+    from personalign.compose import load_mixture
+    from personalign.models import load_model
+    from personalign.preferences import parse_preference
+
+    base, tok = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
+    _LIKES["experts"], _ = load_mixture(base, parse_preference("1A,2A"), experts_dir)
+    _LIKES["tok"], _LIKES["sign"] = tok, sign
+    cfg = _cfg(tmp_path, tiny_model_dir, experts_dir, sides=("P1A", "P2A"), weighted_fraction=0.0,
+               rewards={"P1A": f"{__name__}:likes_p1a", "P2A": f"{__name__}:zero"}, steps=16, batch_prompts=4,
+               max_new_tokens=6, lr=2e-2, eta=4.0, epochs=2, checkpoint_every=100)
+    tp.main(cfg)
+    rows = _rows(tmp_path / "run")
+    assert rows[0]["train/weight/P1A"] == pytest.approx(0.5)  # the fresh PCM is the declared mix
+    favoured = [r["train/weight/P1A"] if sign > 0 else 1 - r["train/weight/P1A"] for r in rows]
+    assert sum(favoured[-3:]) / 3 > 0.75, favoured
+    reward = [r["train/reward/P1A"] for r in rows]
+    assert sum(reward[-5:]) / 5 > sum(reward[:3]) / 3, reward  # the rewarded text became more frequent
+
+
+def test_resume_after_interruption_is_exact(tmp_path, tiny_model_dir, experts_dir, monkeypatch):
+    from safetensors.torch import load_file
+
+    common = {"steps": 5, "checkpoint_every": 2, "epochs": 1, "lr": 5e-2, "weighted_fraction": 0.5}
+    tp.main(_cfg(tmp_path, tiny_model_dir, experts_dir, "full", **common))
+
+    # Fail in the optimizer step of step 4: step 3 is logged but only step 2 is checkpointed, and step 4's
+    # references are already in the cache.
+    calls = {"n": 0}
+    real_step = torch.optim.AdamW.step
+
+    def flaky(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        tp.main(_cfg(tmp_path, tiny_model_dir, experts_dir, "resumed", **common))
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    resumed = tmp_path / "resumed"
+    assert (resumed / "checkpoint").exists() and [r["step"] for r in _rows(resumed)] == [1, 2, 3]
+    tp.main(_cfg(tmp_path, tiny_model_dir, experts_dir, "resumed", **common))
+
+    full_rows, resumed_rows = _rows(tmp_path / "full"), _rows(resumed)
+    assert [r["step"] for r in resumed_rows] == [1, 2, 3, 4, 5]
+    for a, b in zip(full_rows, resumed_rows):
+        assert {k: v for k, v in a.items() if k.startswith("train/")} == \
+               {k: v for k, v in b.items() if k.startswith("train/")}
+    fa = load_file(str(tmp_path / "full" / "pcm.safetensors"))
+    fb = load_file(str(resumed / "pcm.safetensors"))
+    assert fa.keys() == fb.keys() and all(torch.equal(fa[k], fb[k]) for k in fa)
+    assert any(float(v.abs().sum()) > 0 for k, v in fa.items() if k.startswith("mlp.4"))  # it did train
+
+
+@pytest.mark.parametrize(("change", "match"), [
+    ({"sides": ("P9Z", "P1A")}, "unknown preference side 'P9Z'"),
+    ({"sides": ("P1A", "P1B")}, "no expert for side.*P1B.*train-expert --side P1B"),
+    ({"sides": ("P1A",)}, "at least two sides"),
+    ({"rewards": {}}, "cannot score side P3C"),
+    ({"rewards": {"P3C": f"{__name__}:length", "P3A": "offline"}}, "names side 'P3A'.*does not weight"),
+    ({"rewards": {"P3C": "no_such_module_xyz:fn"}}, "cannot import module 'no_such_module_xyz'"),
+    ({"reward_scales": {"P1A": 0.0}}, "reward_scales.P1A must be a positive number"),
+    ({"eta": 0.0}, "eta must be a positive number"),
+    ({"eta": float("nan")}, "eta must be a positive number"),
+    ({"lr": -1.0}, "lr must be a positive number"),
+    ({"weighted_fraction": 1.5}, r"weighted_fraction must be in \[0, 1\]"),
+    ({"minibatch_pairs": 9}, "minibatch_pairs must be between 1 and batch_prompts"),
+    ({"temperature": 0.0}, "temperature must be in"),
+    ({"ref_top_p": 0.0}, "top_p must be in"),
+    ({"experts": "/no/such/experts"}, "does not exist"),
+    ({"prompts": "/no/such/prompts.jsonl"}, "does not exist"),
+])
+def test_bad_input_fails_before_any_model_loads(tmp_path, tiny_model_dir, experts_dir, monkeypatch, change,
+                                                match):
+    import personalign.models
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded before validation finished")
+
+    monkeypatch.setattr(personalign.models, "load_model", no_load)
+    with pytest.raises(PersonalignError, match=match):
+        tp.main(_cfg(tmp_path, tiny_model_dir, experts_dir, **change))
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_loads_from_overrides_and_is_strict():
+    overrides = ["output_dir=/tmp/x", "eta=2", "sides=P1A,P2A", "context=false", "rewards.P3C=rm:runs/rm",
+                 "reward_scales.P1A=0.5"]
+    cfg = load_config(tp.TrainPCMConfig, None, overrides)
+    assert cfg.eta == 2.0 and cfg.sides == ("P1A", "P2A") and cfg.rewards == {"P3C": "rm:runs/rm"}
+    assert cfg.reward_scales == {"P1A": 0.5} and cfg.context is False
+    with pytest.raises(ConfigError, match="unknown field"):
+        load_config(tp.TrainPCMConfig, None, ["output_dir=x", "learning_rate=1"])
