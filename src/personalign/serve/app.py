@@ -56,6 +56,17 @@ _NEUTRAL_ONLY = {"frequency_penalty", "presence_penalty", "logit_bias", "logprob
 _ROLES = ("system", "user", "assistant")
 
 
+SERVED_METHODS = (Method.VANILLA, Method.PROMPT)
+
+
+def served_method(name: str) -> Method:
+    """The method a request or the server default names, among those the server generates with."""
+    method = Method.parse(name) if name in {m.value for m in SERVED_METHODS} else None
+    if method is None:
+        raise ConfigError(f"unknown method {name!r}; choose one of {', '.join(m.value for m in SERVED_METHODS)}")
+    return method
+
+
 def apply_method(method: Method, preference: Preference | None, text: str) -> str:
     """What the model is asked under a method: ``text`` is the last user turn (chat) or the prompt.
 
@@ -139,7 +150,7 @@ class _Service:
         if not isinstance(method_name, str):
             raise ApiError(f"method must be a string, got {_short(method_name)}", "method")
         try:
-            method = Method.parse(method_name)
+            method = served_method(method_name)
         except ConfigError as exc:  # "unknown method 'x'; choose one of vanilla, prompt"
             raise ApiError(str(exc), "method") from None
         prefs = body.get("preferences")
@@ -228,7 +239,7 @@ def create_app(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", m
         raise PersonalignError(INSTALL_HINT) from None
     if max_batch < 1:
         raise ConfigError(f"max_batch must be at least 1, got {max_batch}")
-    service = _Service(model, tokenizer, model_name, max_batch, Method.parse(default_method), space or default_space())
+    service = _Service(model, tokenizer, model_name, max_batch, served_method(default_method), space or default_space())
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> Any:
@@ -327,7 +338,7 @@ def run_server(model_name_or_path: str | None = None, host: str = "127.0.0.1", p
     from personalign.preferences import load_space
 
     space = load_space(dimensions)  # a bad dimensions file fails before the model loads
-    Method.parse(default_method)
+    served_method(default_method)
     model, tokenizer = load_model(model_name_or_path, device=device, dtype=dtype)
     name = model_name or canonical_name(model_name_or_path)
     app = create_app(model, tokenizer, name, max_batch=max_batch, default_method=default_method, space=space)
