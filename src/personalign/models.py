@@ -280,6 +280,7 @@ def load_model(
     if canonical_name(name_or_path) in EMBEDDED_MODELS:
         # Adapters record this as their base model: the embedded name, not this machine's cache path.
         model.config._name_or_path = canonical_name(name_or_path)
+        model.name_or_path = canonical_name(name_or_path)  # what peft reads into adapter_config.json
     return model, tok
 
 

@@ -97,3 +97,17 @@ def test_readme_commands_exist_and_demo_runs():
                          timeout=600)
     assert res.returncode == 0, res.stderr
     assert "elementary+concise+friendly" in res.stdout
+
+
+def test_adapters_record_the_embedded_base_by_name(tmp_path):
+    """Experts trained on the embedded model must load on any machine, whatever its cache path."""
+    from peft import LoraConfig, get_peft_model
+
+    from personalign import compose
+    from personalign.merging import load_adapter
+
+    base, _ = load_model(EMBEDDED_DEFAULT, device="cpu", dtype="float32")
+    get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "P1A")
+    assert load_adapter(tmp_path / "P1A").base_model == EMBEDDED_DEFAULT
+    fresh, _ = load_model(EMBEDDED_DEFAULT, device="cpu", dtype="float32")
+    compose.load_expert_model(fresh, tmp_path / "P1A")  # accepted: same base by name

@@ -399,6 +399,78 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, float]:
 # -- the recipe ------------------------------------------------------------------------------------
 
 
+def rl_update(model: Any, value_head: nn.Module | None, opt: torch.optim.Optimizer, params: list[nn.Parameter],
+              ro: Rollout, score_n: torch.Tensor, c: TrainExpertConfig, kl_ctl: AdaptiveKLController,
+              ) -> dict[str, float]:
+    """reference log-probs -> KL penalty -> advantages -> loss -> step, for one batch of rollouts whose
+    normalised scores are ``score_n`` (N,). Shared by train-expert and train-pmorl."""
+    device = score_n.device
+    n, t = ro.response.shape
+    mask = ro.mask  # (N, T)
+    g = c.group_size
+
+    def autocast() -> Any:
+        return torch.autocast(device.type, dtype=torch.bfloat16) if c.autocast_bf16 else nullcontext()
+
+    # -- reference log-probs: the same model with the adapter disabled
+    with torch.no_grad(), autocast():
+        old_logp, old_values, entropy = response_logprobs(model, ro.input_ids, ro.attention_mask, t,
+                                                             c.temperature, value_head, entropy=True)
+        with model.disable_adapter():
+            ref_logp, _, _ = response_logprobs(model, ro.input_ids, ro.attention_mask, t, c.temperature)
+
+    # -- KL penalty
+    kl = kl_per_token(old_logp, ref_logp, c.kl_estimator) * mask  # (N, T)
+    seq_kl = kl.sum(1)  # (N,)
+    beta = kl_ctl.value if c.adaptive_kl else c.kl_coef
+
+    # -- advantages
+    if c.algorithm == "ppo":
+        rewards = -beta * kl  # (N, T)
+        last = (mask.sum(1).long() - 1).clamp(min=0)
+        rewards[torch.arange(n, device=device), last] += score_n
+        advantages, returns = gae_advantages(rewards, old_values, mask, c.gamma, c.lam)
+        advantages = masked_whiten(advantages, mask)
+    else:
+        advantages = group_advantages(score_n - beta * seq_kl, g, c.algorithm)  # (N,)
+        returns = None
+
+    # -- loss and step: ppo_epochs passes over the batch in minibatches
+    model.train()
+    sums = {"loss": 0.0, "policy_loss": 0.0, "value_loss": 0.0, "clipfrac": 0.0}
+    updates = 0
+    for _ in range(c.ppo_epochs):
+        for sel in torch.randperm(n, device=device).split(c.minibatch_size or n):
+            with autocast():
+                logp, values, _ = response_logprobs(model, ro.input_ids[sel], ro.attention_mask[sel], t,
+                                                       c.temperature, value_head)
+            if c.algorithm == "ppo":
+                pl, info = ppo_policy_loss(logp, old_logp[sel], advantages[sel], mask[sel], c.clip_range)
+                vl = ppo_value_loss(values, old_values[sel], returns[sel], mask[sel], c.value_clip_range)
+                loss = pl + c.vf_coef * vl
+                sums["value_loss"] += vl.item()
+            else:
+                pl, info = sequence_policy_loss(logp, old_logp[sel], advantages[sel], mask[sel], c.clip_range)
+                loss = pl
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
+            opt.step()
+            sums["loss"] += loss.item()
+            sums["policy_loss"] += pl.item()
+            sums["clipfrac"] += info["clipfrac"]
+            updates += 1
+    if c.adaptive_kl:
+        kl_ctl.update(float(seq_kl.mean()), n)
+    return {
+        "train/reward_total": float((score_n - beta * seq_kl).mean()),
+        "train/kl": float(seq_kl.mean()),
+        "train/kl_coef": beta,
+        "train/entropy": float(masked_mean(entropy, mask)),
+        **{f"train/{k}": v / updates for k, v in sums.items() if c.algorithm == "ppo" or k != "value_loss"},
+    }
+
+
 def main(cfg: TrainExpertConfig) -> dict[str, float]:
     plan = validate(cfg)  # before any model loads
     c, side = plan.cfg, plan.side
@@ -451,12 +523,8 @@ def main(cfg: TrainExpertConfig) -> dict[str, float]:
 
         bar = tqdm(total=c.steps, initial=step, desc=f"train-expert {side} ({c.algorithm})", unit="step")
 
-    def autocast() -> Any:
-        return torch.autocast(device.type, dtype=torch.bfloat16) if c.autocast_bf16 else nullcontext()
-
     g = c.group_size
     n = c.batch_prompts * g
-    mb = c.minibatch_size or n
     while step < c.steps:
         t0 = time.perf_counter()
         torch.manual_seed(batch_seed(c.seed, step))
@@ -468,7 +536,6 @@ def main(cfg: TrainExpertConfig) -> dict[str, float]:
         ro = rollout(model, tok, [policy_texts[i] for i in idx], eos, max_new_tokens=c.max_new_tokens,
                      temperature=c.temperature, top_p=c.top_p, autocast=c.autocast_bf16)
         mask = ro.mask  # (N, T)
-        t = ro.response.shape[1]
 
         # -- score: the reward function on the decoded text, normalised by running statistics
         raw = reward_fn([plan.instructions[i].prompt for i in idx], ro.texts).to(device)  # (N,)
@@ -476,57 +543,8 @@ def main(cfg: TrainExpertConfig) -> dict[str, float]:
         stats.update(score)
         score_n = stats.normalize(score).float()  # (N,)
 
-        # -- reference log-probs: the same model with the adapter disabled
-        with torch.no_grad(), autocast():
-            old_logp, old_values, entropy = response_logprobs(model, ro.input_ids, ro.attention_mask, t,
-                                                              c.temperature, value_head, entropy=True)
-            with model.disable_adapter():
-                ref_logp, _, _ = response_logprobs(model, ro.input_ids, ro.attention_mask, t, c.temperature)
-
-        # -- KL penalty
-        kl = kl_per_token(old_logp, ref_logp, c.kl_estimator) * mask  # (N, T)
-        seq_kl = kl.sum(1)  # (N,)
-        beta = kl_ctl.value if c.adaptive_kl else c.kl_coef
-
-        # -- advantages
-        if c.algorithm == "ppo":
-            rewards = -beta * kl  # (N, T)
-            last = (mask.sum(1).long() - 1).clamp(min=0)
-            rewards[torch.arange(n, device=device), last] += score_n
-            advantages, returns = gae_advantages(rewards, old_values, mask, c.gamma, c.lam)
-            advantages = masked_whiten(advantages, mask)
-        else:
-            advantages = group_advantages(score_n - beta * seq_kl, g, c.algorithm)  # (N,)
-            returns = None
-
-        # -- loss and step: ppo_epochs passes over the batch in minibatches
-        model.train()
-        sums: dict[str, float] = {"loss": 0.0, "policy_loss": 0.0, "value_loss": 0.0, "clipfrac": 0.0}
-        updates = 0
-        for _ in range(c.ppo_epochs):
-            for sel in torch.randperm(n, device=device).split(mb):
-                with autocast():
-                    logp, values, _ = response_logprobs(model, ro.input_ids[sel], ro.attention_mask[sel], t,
-                                                        c.temperature, value_head)
-                if c.algorithm == "ppo":
-                    pl, info = ppo_policy_loss(logp, old_logp[sel], advantages[sel], mask[sel], c.clip_range)
-                    vl = ppo_value_loss(values, old_values[sel], returns[sel], mask[sel], c.value_clip_range)
-                    loss = pl + c.vf_coef * vl
-                    sums["value_loss"] += vl.item()
-                else:
-                    pl, info = sequence_policy_loss(logp, old_logp[sel], advantages[sel], mask[sel],
-                                                    c.clip_range)
-                    loss = pl
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
-                opt.step()
-                sums["loss"] += loss.item()
-                sums["policy_loss"] += pl.item()
-                sums["clipfrac"] += info["clipfrac"]
-                updates += 1
-        if c.adaptive_kl:
-            kl_ctl.update(float(seq_kl.mean()), n)
+        # -- reference log-probs -> KL penalty -> advantages -> loss -> step
+        update = rl_update(model, value_head, opt, params, ro, score_n, c, kl_ctl)
         step += 1
 
         # -- log
@@ -534,15 +552,10 @@ def main(cfg: TrainExpertConfig) -> dict[str, float]:
         metrics = {
             "train/reward_raw": float(raw.mean()),
             "train/reward": float(score_n.mean()),
-            "train/reward_total": float((score_n - beta * seq_kl).mean()),
-            "train/kl": float(seq_kl.mean()),
-            "train/kl_coef": beta,
-            "train/entropy": float(masked_mean(entropy, mask)),
+            **update,
             "train/response_length": float(mask.sum(1).mean()),
             "train/truncated": float((~ro.finished).float().mean()),
             "train/lr": c.lr,
-            **{f"train/{k}": v / updates for k, v in sums.items()
-               if c.algorithm == "ppo" or k != "value_loss"},
             "time/step_seconds": seconds,
             "time/samples_per_second": n / seconds,
         }

@@ -41,9 +41,8 @@ import os
 import random
 import shutil
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -56,14 +55,6 @@ from personalign.generation import batch_seed, eos_token_ids
 from personalign.losses import (
     AdaptiveKLController,
     RunningMeanStd,
-    gae_advantages,
-    group_advantages,
-    kl_per_token,
-    masked_mean,
-    masked_whiten,
-    ppo_policy_loss,
-    ppo_value_loss,
-    sequence_policy_loss,
 )
 from personalign.recipes import train_expert as te
 from personalign.reward_model import LoraSpec
@@ -238,78 +229,6 @@ def score_samples(combined: Mapping[str, CombinedReward], keys: Sequence[str], p
     return Scores(out, raw, {s: torch.cat(v) for s, v in raw_by_side.items()})
 
 
-def rl_update(model: Any, value_head: nn.Module | None, opt: torch.optim.Optimizer, params: list[nn.Parameter],
-              ro: te.Rollout, score_n: torch.Tensor, c: te.TrainExpertConfig, kl_ctl: AdaptiveKLController,
-              ) -> dict[str, float]:
-    """reference log-probs -> KL penalty -> advantages -> loss -> step, for one batch of rollouts whose
-    normalised scores are ``score_n`` (N,): train-expert's update, phase for phase."""
-    device = score_n.device
-    n, t = ro.response.shape
-    mask = ro.mask  # (N, T)
-    g = c.group_size
-
-    def autocast() -> Any:
-        return torch.autocast(device.type, dtype=torch.bfloat16) if c.autocast_bf16 else nullcontext()
-
-    # -- reference log-probs: the same model with the adapter disabled
-    with torch.no_grad(), autocast():
-        old_logp, old_values, entropy = te.response_logprobs(model, ro.input_ids, ro.attention_mask, t,
-                                                             c.temperature, value_head, entropy=True)
-        with model.disable_adapter():
-            ref_logp, _, _ = te.response_logprobs(model, ro.input_ids, ro.attention_mask, t, c.temperature)
-
-    # -- KL penalty
-    kl = kl_per_token(old_logp, ref_logp, c.kl_estimator) * mask  # (N, T)
-    seq_kl = kl.sum(1)  # (N,)
-    beta = kl_ctl.value if c.adaptive_kl else c.kl_coef
-
-    # -- advantages
-    if c.algorithm == "ppo":
-        rewards = -beta * kl  # (N, T)
-        last = (mask.sum(1).long() - 1).clamp(min=0)
-        rewards[torch.arange(n, device=device), last] += score_n
-        advantages, returns = gae_advantages(rewards, old_values, mask, c.gamma, c.lam)
-        advantages = masked_whiten(advantages, mask)
-    else:
-        advantages = group_advantages(score_n - beta * seq_kl, g, c.algorithm)  # (N,)
-        returns = None
-
-    # -- loss and step: ppo_epochs passes over the batch in minibatches
-    model.train()
-    sums = {"loss": 0.0, "policy_loss": 0.0, "value_loss": 0.0, "clipfrac": 0.0}
-    updates = 0
-    for _ in range(c.ppo_epochs):
-        for sel in torch.randperm(n, device=device).split(c.minibatch_size or n):
-            with autocast():
-                logp, values, _ = te.response_logprobs(model, ro.input_ids[sel], ro.attention_mask[sel], t,
-                                                       c.temperature, value_head)
-            if c.algorithm == "ppo":
-                pl, info = ppo_policy_loss(logp, old_logp[sel], advantages[sel], mask[sel], c.clip_range)
-                vl = ppo_value_loss(values, old_values[sel], returns[sel], mask[sel], c.value_clip_range)
-                loss = pl + c.vf_coef * vl
-                sums["value_loss"] += vl.item()
-            else:
-                pl, info = sequence_policy_loss(logp, old_logp[sel], advantages[sel], mask[sel], c.clip_range)
-                loss = pl
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
-            opt.step()
-            sums["loss"] += loss.item()
-            sums["policy_loss"] += pl.item()
-            sums["clipfrac"] += info["clipfrac"]
-            updates += 1
-    if c.adaptive_kl:
-        kl_ctl.update(float(seq_kl.mean()), n)
-    return {
-        "train/reward_total": float((score_n - beta * seq_kl).mean()),
-        "train/kl": float(seq_kl.mean()),
-        "train/kl_coef": beta,
-        "train/entropy": float(masked_mean(entropy, mask)),
-        **{f"train/{k}": v / updates for k, v in sums.items() if c.algorithm == "ppo" or k != "value_loss"},
-    }
-
-
 # -- the recipe ------------------------------------------------------------------------------------
 
 
@@ -394,7 +313,7 @@ def main(cfg: TrainPMORLConfig) -> dict[str, float]:
         score_n = stats.normalize(score).float()  # (N,)
 
         # -- reference log-probs -> KL penalty -> advantages -> loss -> step
-        update = rl_update(model, value_head, opt, params, ro, score_n, c, kl_ctl)
+        update = te.rl_update(model, value_head, opt, params, ro, score_n, c, kl_ctl)
         step += 1
 
         # -- log
