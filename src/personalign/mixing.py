@@ -12,6 +12,7 @@ Shapes: B rows, K experts, V vocabulary, L prompt tokens, T response tokens.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 from collections.abc import Sequence
@@ -260,6 +261,16 @@ class Experts:
     def k(self) -> int:
         return len(self.names)
 
+    def _stacked(self) -> list[_StackedLoRA] | None:
+        """Every LoRA Linear with the K experts' factors stacked, rebuilt when a factor changed in place."""
+        model = self.models[0]
+        cached = getattr(self, "_stack_cache", None)
+        if cached is not None and cached[0] == _lora_versions(model):
+            return cached[1]
+        stacked = _stack_lora(model, self.names)
+        self._stack_cache = (_lora_versions(model), stacked)
+        return stacked
+
     @property
     def device(self) -> torch.device:
         return next(self.models[0].parameters()).device
@@ -287,11 +298,16 @@ class Experts:
                                  "(use the '__base__' expert for the base model)")
             b, k = input_ids.shape[0], self.k
             # Expert-major layout: rows [k * B + b] are expert k on prompt b, each with its own cache rows.
-            names = [n for n in self.names for _ in range(b)]
             if caches is not None:
                 kw[self._cache_arg] = caches[0]
-            out = model(input_ids=input_ids.repeat(k, 1), attention_mask=attention_mask.repeat(k, 1),
-                        position_ids=position_ids.repeat(k, 1), adapter_names=names, **kw)
+            args = {"input_ids": input_ids.repeat(k, 1), "attention_mask": attention_mask.repeat(k, 1),
+                    "position_ids": position_ids.repeat(k, 1), **kw}
+            stacked = self._stacked()
+            if stacked is not None:
+                with _patched(stacked):
+                    out = model(**args)
+            else:  # adapters on modules other than Linear: peft's own mixed-adapter batch
+                out = model(**args, adapter_names=[n for n in self.names for _ in range(b)])
             logits = out.logits.view(k, b, *out.logits.shape[1:]).transpose(0, 1)  # (B, K, S, V)
             new = [getattr(out, self._cache_arg)] if caches is not None else None
             return logits, new
@@ -305,6 +321,74 @@ class Experts:
             per_model.append(out.logits.to(self.device))  # (B, S, V)
             new_caches.append(getattr(out, self._cache_arg) if caches is not None else None)
         return torch.stack(per_model, dim=1), (new_caches if caches is not None else None)
+
+
+class _StackedLoRA:
+    """One LoRA Linear applying K adapters to an expert-major batch (rows k*N..(k+1)*N-1 are expert k)
+    with two batched matmuls, instead of peft's per-adapter loop over sub-batches: on a CPU the loop's
+    many small operations cost more than the experts' arithmetic."""
+
+    def __init__(self, layer: Any, names: Sequence[str]) -> None:
+        lin = layer.base_layer
+        ranks = [layer.lora_A[n].weight.shape[0] for n in names if n in layer.lora_A]
+        r = max(ranks) if ranks else 1
+        a = torch.zeros(len(names), r, lin.in_features, dtype=lin.weight.dtype, device=lin.weight.device)
+        b = torch.zeros(len(names), lin.out_features, r, dtype=lin.weight.dtype, device=lin.weight.device)
+        with torch.no_grad():
+            for i, n in enumerate(names):
+                if n in layer.lora_A:  # zero rows beyond an expert's rank keep the product exact
+                    ri = layer.lora_A[n].weight.shape[0]
+                    a[i, :ri] = layer.lora_A[n].weight
+                    b[i, :, :ri] = layer.lora_B[n].weight * layer.scaling[n]
+        self.layer, self.a_t, self.b_t = layer, a.transpose(1, 2), b.transpose(1, 2)  # (K, in, r), (K, r, out)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = self.layer.base_layer(x, *args, **kwargs)
+        k = self.a_t.shape[0]
+        xs = x.reshape(k, -1, x.shape[-1]).to(self.a_t.dtype)  # (K, N*S, in)
+        delta = torch.bmm(torch.bmm(xs, self.a_t), self.b_t)  # (K, N*S, out)
+        return out + delta.reshape(out.shape).to(out.dtype)
+
+
+def _lora_layers(model: Any) -> list[Any]:
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+def _lora_versions(model: Any) -> tuple[int, ...]:
+    return tuple(p._version for m in _lora_layers(model) for d in (m.lora_A, m.lora_B)
+                 for sub in d.values() for p in sub.parameters())
+
+
+def _stack_lora(model: Any, names: Sequence[str]) -> list[_StackedLoRA] | None:
+    """Stacked factors for every LoRA layer, or None where a layer is not a plain LoRA Linear (embedding,
+    convolution, bias or merged adapters), which peft's mixed batch handles instead."""
+    from torch import nn
+
+    out = []
+    for layer in _lora_layers(model):
+        used = [n for n in names if n in layer.lora_A or n in getattr(layer, "lora_embedding_A", {})]
+        if not used:
+            continue
+        plain = (isinstance(getattr(layer, "base_layer", None), nn.Linear) and all(n in layer.lora_A for n in used)
+                 and not getattr(layer, "merged_adapters", []) and not any(getattr(layer, "lora_bias", {}).get(n)
+                                                                          for n in used))
+        if not plain:
+            return None
+        out.append(_StackedLoRA(layer, names))
+    return out
+
+
+@contextlib.contextmanager
+def _patched(stacked: list[_StackedLoRA]) -> Any:
+    for s in stacked:
+        s.layer.forward = s.forward  # an instance attribute shadows the class's forward
+    try:
+        yield
+    finally:
+        for s in stacked:
+            del s.layer.forward
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:

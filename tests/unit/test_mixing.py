@@ -318,3 +318,37 @@ def test_engine_errors_name_the_problem(peft_model, batch, tok):
             generate_mixed(experts, ids, mask, FixedWeights([1, 0, 0]), eos_token_ids=[0], sampling=GREEDY)
     finally:
         peft_model.eval()
+
+
+def test_stacked_lora_equals_peft_mixed_batch_with_unequal_ranks_and_tracks_changes(tok, batch, monkeypatch):
+    """The two-bmm path (used for plain LoRA Linears) equals peft's own mixed-adapter batch, with experts
+    of different ranks, an expert missing from some modules, and the base; and sees in-place edits."""
+    from peft import LoraConfig, get_peft_model
+
+    from personalign import mixing
+
+    model = get_peft_model(build_tiny_model(tok, seed=3), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]),
+                           adapter_name="small")
+    model.add_adapter("big", LoraConfig(r=6, lora_alpha=3, target_modules=["q_proj", "down_proj"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    model.eval()
+    ids, mask = batch
+    response = torch.randint(3, len(tok), (3, 4))
+    rmask = torch.ones_like(response)
+    experts = Experts.from_adapters(model, ["small", "big", "__base__"])
+    assert experts._stacked() is not None  # plain LoRA Linears: the stacked path runs
+    fast = score_responses(experts, ids, mask, response, rmask)
+    monkeypatch.setattr(mixing, "_stack_lora", lambda *a: None)  # force peft's adapter_names path
+    slow = score_responses(Experts.from_adapters(model, ["small", "big", "__base__"]), ids, mask, response, rmask)
+    assert torch.allclose(fast, slow, atol=1e-5)
+    monkeypatch.undo()
+    with torch.no_grad():  # an in-place change of a factor rebuilds the stacks
+        next(p for n, p in model.named_parameters() if "lora_B.big" in n).mul_(3)
+    changed = score_responses(experts, ids, mask, response, rmask)
+    assert not torch.allclose(changed[:, :, 1], fast[:, :, 1], atol=1e-4)
+    assert torch.allclose(changed[:, :, 2], fast[:, :, 2], atol=1e-6)  # the base is untouched
+    assert not hasattr(model.base_model.model.model.layers[0].self_attn.q_proj, "__dict__") or \
+        "forward" not in model.base_model.model.model.layers[0].self_attn.q_proj.__dict__  # patch removed
