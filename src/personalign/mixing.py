@@ -264,11 +264,15 @@ class Experts:
     def _stacked(self) -> list[_StackedLoRA] | None:
         """Every LoRA Linear with the K experts' factors stacked, rebuilt when a factor changed in place."""
         model = self.models[0]
+        if getattr(self, "_lora_params", None) is None:  # walking every module each step costs milliseconds
+            self._lora_params = [p for m in _lora_layers(model) for d in (m.lora_A, m.lora_B)
+                                 for sub in d.values() for p in sub.parameters()]
+        versions = tuple(p._version for p in self._lora_params)
         cached = getattr(self, "_stack_cache", None)
-        if cached is not None and cached[0] == _lora_versions(model):
+        if cached is not None and cached[0] == versions:
             return cached[1]
         stacked = _stack_lora(model, self.names)
-        self._stack_cache = (_lora_versions(model), stacked)
+        self._stack_cache = (versions, stacked)
         return stacked
 
     @property
@@ -354,11 +358,6 @@ def _lora_layers(model: Any) -> list[Any]:
     from peft.tuners.lora import LoraLayer
 
     return [m for m in model.modules() if isinstance(m, LoraLayer)]
-
-
-def _lora_versions(model: Any) -> tuple[int, ...]:
-    return tuple(p._version for m in _lora_layers(model) for d in (m.lora_A, m.lora_B)
-                 for sub in d.values() for p in sub.parameters())
 
 
 def _stack_lora(model: Any, names: Sequence[str]) -> list[_StackedLoRA] | None:
