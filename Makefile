@@ -34,6 +34,9 @@ test-integration: install
 
 bench: install
 	$(PY) bench/generation_throughput.py
+	$(PY) bench/soup_switch.py --random-experts
+	$(PY) bench/mixing_throughput.py
+	$(PY) bench/rl_throughput.py
 
 clean-venv:
 	rm -rf $(VENV)
