@@ -18,6 +18,7 @@ base model is loaded from its own name and checked against the fingerprint store
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -55,12 +56,21 @@ class LoraSpec:
         if self.top_layers is not None and self.top_layers < 1:
             raise ValueError(f"lora top_layers must be at least 1 (or unset for every layer), got {self.top_layers}")
 
-    def layers_to_transform(self, num_layers: int) -> list[int] | None:
+    def module_names(self, model: nn.Module) -> list[str]:
+        """The modules of ``model`` that get LoRA: every target module, or with ``top_layers`` the target
+        modules of the last N numbered layers (full names, so the choice does not depend on how peft
+        matches layer patterns)."""
+        names = [n for n, _ in model.named_modules() if any(n == t or n.endswith("." + t) for t in self.target_modules)]
         if self.top_layers is None:
-            return None
-        if self.top_layers > num_layers:
-            raise ValueError(f"lora top_layers={self.top_layers} but the model has only {num_layers} layers")
-        return list(range(num_layers - self.top_layers, num_layers))
+            return names
+        layer_of = {n: int(m.group(1)) for n in names if (m := re.search(r"(?:^|\.)(?:layers|h|blocks?)\.(\d+)\.", n))}
+        if not layer_of:
+            raise ModelError("lora top_layers needs numbered decoder layers (layers.N, h.N or blocks.N), "
+                             "which this model does not have; leave top_layers unset")
+        count = max(layer_of.values()) + 1
+        if self.top_layers > count:
+            raise ValueError(f"lora top_layers={self.top_layers} but the model has only {count} layers")
+        return [n for n, i in layer_of.items() if i >= count - self.top_layers]
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -111,11 +121,10 @@ class RewardModel(nn.Module):
         self.tokenizer = tokenizer
         # The decoder without its language-model head: the head's 49k-way logits are not needed.
         decoder = base.get_decoder() if hasattr(base, "get_decoder") else base.base_model
-        targets = [t for t in lora.target_modules if any(n.endswith(t) for n, _ in decoder.named_modules())]
+        targets = lora.module_names(decoder)
         if not targets:
             raise ModelError(f"none of the LoRA target modules {list(lora.target_modules)} exist in this base model")
-        cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
-                         layers_to_transform=lora.layers_to_transform(base.config.num_hidden_layers))
+        cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets)
         self.backbone = get_peft_model(decoder, cfg)
         hidden = base.config.hidden_size
         self.head = nn.Linear(hidden, len(self.sides))

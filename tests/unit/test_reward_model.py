@@ -196,3 +196,26 @@ def test_single_side_model_conditions_on_side_prompt(rm):
     both = rm.score(["Hi"], ["x"])
     assert torch.allclose(both[:, 0], rm.score(["Hi"], ["x"], side="P2A"))
     assert torch.allclose(both[:, 1], rm.score(["Hi"], ["x"], side="P2B"))
+
+
+def test_lora_on_top_layers_only(tiny, tiny_model_dir, tmp_path):
+    from personalign.models import load_model
+    from personalign.reward_model import LoraSpec
+
+    base, tok = tiny  # two decoder layers
+    rm = RewardModel(base, tok, ["P2A"], LoraSpec(top_layers=1))
+    adapted = {n.split(".lora_A")[0] for n, _ in rm.backbone.named_parameters() if ".lora_A" in n}
+    assert adapted and all(".layers.1." in n for n in adapted)
+    assert len(adapted) == len(LoraSpec().target_modules)  # every target module of the last layer
+    for name, p in rm.backbone.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    before = rm.score(["Explain rain."], ["Water falls."])
+    rm.save(tmp_path / "rm")
+    base2, tok2 = load_model(str(tiny_model_dir), device="cpu")
+    again = RewardModel.load(tmp_path / "rm", base=base2, tokenizer=tok2)
+    assert torch.allclose(before, again.score(["Explain rain."], ["Water falls."]), atol=1e-6)
+    with pytest.raises(ValueError, match="only 2 layers"):
+        RewardModel(load_model(str(tiny_model_dir), device="cpu")[0], tok, ["P2A"], LoraSpec(top_layers=3))
+    with pytest.raises(ValueError, match="at least 1"):
+        LoraSpec(top_layers=0)
