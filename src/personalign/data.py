@@ -28,6 +28,7 @@ __all__ = [
     "Instruction",
     "load_builtin",
     "load_prompts",
+    "iter_jsonl",
     "read_jsonl",
     "JsonlWriter",
     "build_user_message",
@@ -45,12 +46,11 @@ class Instruction:
     kind: str | None = None
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Read a JSONL file; a malformed line is an error naming the file and line number."""
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line; a malformed line is an error naming file and line."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"file {path} does not exist")
-    rows: list[dict[str, Any]] = []
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
@@ -61,8 +61,12 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
                 raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-    return rows
+            yield lineno, row
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Read a JSONL file; a malformed line is an error naming the file and line number."""
+    return [row for _, row in iter_jsonl(path)]
 
 
 def _record_to_instruction(row: dict[str, Any], where: str) -> Instruction:

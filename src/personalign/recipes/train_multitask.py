@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from personalign.config import to_dict
-from personalign.data import build_user_message, format_chat
+from personalign.data import build_user_message, format_chat, iter_jsonl
 from personalign.errors import ConfigError, DataError, ModelError, PreferenceError
 from personalign.reward_model import LoraSpec
 from personalign.runlog import MetricsLogger, prepare_run_dir
@@ -120,29 +120,20 @@ def read_examples(path: str | Path, space: PreferenceSpace) -> list[Example]:
         raise DataError(f"pairs file {path} does not exist (write one with personalign label)")
     out: list[Example] = []
     seen: set[tuple[str, str, str]] = set()
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            bad = [k for k in ("prompt", "chosen", "side") if not isinstance(row.get(k), str) or not row[k].strip()]
-            if bad:
-                raise DataError(f"{path}:{lineno}: field(s) {', '.join(bad)} missing or empty (each line needs "
-                                "prompt, chosen, rejected and side, as personalign label writes)")
-            try:
-                side = space.resolve(row["side"])
-            except PreferenceError:
-                raise DataError(f"{path}:{lineno}: unknown side {row['side']!r}; valid sides: "
-                                f"{space.valid_sides_text()} (declare your own with dimensions=FILE)") from None
-            key = (side, row["prompt"].strip(), row["chosen"].strip())
-            if key not in seen:
-                seen.add(key)
-                out.append(Example(key[1], key[2], side, lineno))
+    for lineno, row in iter_jsonl(path):
+        bad = [k for k in ("prompt", "chosen", "side") if not isinstance(row.get(k), str) or not row[k].strip()]
+        if bad:
+            raise DataError(f"{path}:{lineno}: field(s) {', '.join(bad)} missing or empty (each line needs "
+                            "prompt, chosen, rejected and side, as personalign label writes)")
+        try:
+            side = space.resolve(row["side"])
+        except PreferenceError:
+            raise DataError(f"{path}:{lineno}: unknown side {row['side']!r}; valid sides: "
+                            f"{space.valid_sides_text()} (declare your own with dimensions=FILE)") from None
+        key = (side, row["prompt"].strip(), row["chosen"].strip())
+        if key not in seen:
+            seen.add(key)
+            out.append(Example(key[1], key[2], side, lineno))
     if not out:
         raise DataError(f"pairs file {path} is empty")
     return out
