@@ -119,6 +119,8 @@ def generate_texts(
     """
     import torch
 
+    from personalign.kernels import fast_decode
+
     eos = eos_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     kwargs = sampling.generate_kwargs()
@@ -131,7 +133,7 @@ def generate_texts(
     for start, chunk in batched(list(texts), batch_size):
         enc = tokenizer(list(chunk), return_tensors="pt", padding=True, add_special_tokens=add_special).to(device)
         torch.manual_seed(batch_seed(sampling.seed, first_index + start))
-        with torch.inference_mode():
+        with torch.inference_mode(), fast_decode(model):
             out = model.generate(**enc, eos_token_id=eos, pad_token_id=pad_id, **kwargs)
         new_tokens = out[:, enc["input_ids"].shape[1] :]  # (B, T_new)
         responses = [r.strip() for r in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from personalign.errors import ConfigError, ModelError
 from personalign.generation import SamplingConfig
+from personalign.kernels import fast_decode
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -471,6 +472,14 @@ def generate_mixed(
     if bool((mask[:, -1] == 0).any()):
         raise ConfigError("prompts must be left-padded (the last column is padding); set padding_side='left'")
 
+    with fast_decode(*experts.models):  # thin-input linear layers: each step multiplies K*B rows
+        return _decode(experts, input_ids, mask, weights, eos, pad, rule, sampling)
+
+
+def _decode(experts: Experts, input_ids: torch.Tensor, mask: torch.Tensor, weights: WeightProvider | None,
+            eos: list[int], pad: int, rule: MixRule, sampling: SamplingConfig) -> MixedGeneration:
+    device = experts.device
+    b, k = input_ids.shape[0], experts.k
     gen = torch.Generator(device=device).manual_seed(sampling.seed)
     eos_t = torch.tensor(eos, device=device)
     seen = torch.zeros(b, experts.vocab_size, device=device)  # (B, V) counts of prompt/generated tokens

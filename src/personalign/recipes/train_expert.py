@@ -66,6 +66,7 @@ from personalign.checkpoint import load_checkpoint, save_checkpoint
 from personalign.config import to_dict
 from personalign.errors import ConfigError, ModelError
 from personalign.generation import Method, batch_seed, build_prompts, eos_token_ids
+from personalign.kernels import fast_decode
 from personalign.losses import (
     AdaptiveKLController,
     RunningMeanStd,
@@ -288,7 +289,7 @@ def rollout(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: l
     add_special = not getattr(tokenizer, "chat_template", None)  # chat text already holds its specials
     enc = tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=add_special).to(device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast), fast_decode(model):
         out = model.generate(**enc, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
                              repetition_penalty=1.0, max_new_tokens=max_new_tokens, eos_token_id=eos_ids,
                              pad_token_id=pad_id)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from personalign.errors import PersonalignError
 from personalign.generation import Method, SamplingConfig, batch_seed, eos_token_ids
+from personalign.kernels import fast_decode
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -166,7 +167,7 @@ def _generate_batch(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBas
     enc = enc.to(next(model.parameters()).device)
     seed = first.sampling.seed if first.seeded else secrets.randbits(62)
     torch.manual_seed(batch_seed(seed, 0))
-    with torch.inference_mode():
+    with torch.inference_mode(), fast_decode(model):
         out = model.generate(**enc, eos_token_id=eos, pad_token_id=pad_id, **kwargs)
     new = out[:, enc["input_ids"].shape[1]:].tolist()  # (rows, T_new)
     ends = set(eos) | {pad_id}
