@@ -1,7 +1,9 @@
 """Decoding throughput of the token-level mixture (MoPE) with K experts, next to the base model alone and
 next to a naive mixture that runs K separate models, in one process.
 
-* base: transformers ``generate`` on the base model (greedy);
+* base: plain transformers ``generate`` on the base model (greedy);
+* base_fast: the same, with the thin-input linear path the mixture also uses (``kernels.fast_decode``),
+  so the mixture's ratio to it isolates the cost of mixing;
 * mixture, one pass: K LoRA experts on one base, all K in one batched forward pass per token with
   their own KV-cache rows (``Experts.from_adapters``);
 * mixture, K models: the same experts merged into K separate models, each run every token
@@ -29,6 +31,7 @@ import torch
 
 from personalign.data import load_builtin
 from personalign.generation import Method, SamplingConfig, build_prompts
+from personalign.kernels import fast_decode
 from personalign.mixing import Experts, FixedWeights, MixRule, generate_mixed
 from personalign.models import load_model
 from personalign.preferences import parse_preference
@@ -85,6 +88,11 @@ def main() -> None:
             plain.generate(**enc, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
                            pad_token_id=tok.pad_token_id)
 
+    def run_base_fast(enc):  # the base model on the same thin-input linear path the mixture uses
+        with torch.inference_mode(), fast_decode(plain):
+            plain.generate(**enc, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
+                           pad_token_id=tok.pad_token_id)
+
     def run_mix(experts):
         def f(enc):
             with torch.inference_mode():
@@ -95,7 +103,7 @@ def main() -> None:
     results = []
     for b in args.batch:
         enc = tok(prompts[:b], return_tensors="pt", padding=True, add_special_tokens=False)
-        paths = {"base": run_base, "mixture_one_pass": run_mix(one_pass), "mixture_k_models": run_mix(k_models)}
+        paths = {"base": run_base, "base_fast": run_base_fast, "mixture_one_pass": run_mix(one_pass), "mixture_k_models": run_mix(k_models)}
         times: dict[str, list[float]] = {p: [] for p in paths}
         for rep in range(args.reps + 1):
             order = list(paths) if rep % 2 == 0 else list(reversed(paths))
@@ -107,6 +115,7 @@ def main() -> None:
         tps = {p: b * args.new_tokens / statistics.median(t) for p, t in times.items()}
         row = {"batch": b, "tok_s": tps, "seconds": times,
                "one_pass_vs_base": tps["mixture_one_pass"] / tps["base"],
+               "one_pass_vs_base_fast": tps["mixture_one_pass"] / tps["base_fast"],
                "k_models_vs_base": tps["mixture_k_models"] / tps["base"],
                "one_pass_vs_k_models": tps["mixture_one_pass"] / tps["mixture_k_models"]}
         results.append(row)

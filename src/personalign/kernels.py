@@ -1,14 +1,15 @@
 """A faster CPU path for the linear layers of decoding, where each step multiplies few rows.
 
 During decoding a linear layer sees one row per sequence (B rows, or K*B for a token-level mixture).
-On CPUs, ``torch.nn.functional.linear`` computes ``x @ W.T`` for such thin inputs far below what the
+On CPUs, ``torch.nn.functional.linear`` computes ``x @ W.T`` for such thin inputs well below what the
 memory bandwidth allows: on the reference machine (2 AVX2 cores, float32) the 211 linear layers of
-SmolLM2-135M take 104 ms for 3 rows and 88 ms for 8, against 47 ms for one. Computing the same
-product as ``(W @ x.T).T``, with the rows padded up to the next size the BLAS handles well, takes
-39 ms for up to 5 rows and 64 ms for 8 (``bench/linear_kernels.py`` measures it on the machine at hand).
+SmolLM2-135M take 54 ms for one row but 96-127 ms for 2-4 rows. Computing the same product as
+``(W @ x.T).T``, with the rows padded up to a size the BLAS handles well, takes 52-57 ms for 2-4 rows
+and is 1.1-1.5x faster from 16 to 128 rows (``bench/linear_kernels.py`` measures it on the machine at
+hand; results in ``bench/RESULTS.md``).
 
-``fast_decode(model)`` routes every ``nn.Linear`` of a model through that product while gradients are
-off; training, gradients, other devices and other dtypes keep ``torch.nn.functional.linear``.
+``fast_decode(model)`` routes every ``nn.Linear`` of a model through that product for 2 to 128 rows while
+gradients are off; training, gradients, other devices and other dtypes keep ``torch.nn.functional.linear``.
 Results equal the plain product up to float rounding (summation order). Set
 ``PERSONALIGN_FAST_LINEAR=0`` to turn it off.
 """
@@ -63,7 +64,8 @@ def _use_thin(x: torch.Tensor, weight: torch.Tensor) -> bool:
         return False
     if x.device.type != "cpu" or weight.dtype != torch.float32 or x.dtype != torch.float32:
         return False
-    return x.dim() >= 1 and x.numel() // max(1, x.shape[-1]) <= MAX_ROWS
+    # One row is a matrix-vector product, which the plain path already runs at memory speed.
+    return x.dim() >= 1 and 2 <= x.numel() // max(1, x.shape[-1]) <= MAX_ROWS
 
 
 def _forward_for(layer: nn.Linear) -> Any:

@@ -17,9 +17,10 @@ base model is loaded from its own name and checked against the fingerprint store
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,7 +34,7 @@ from personalign.errors import ModelError
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["LoraSpec", "RewardModel", "last_token_index", "base_fingerprint"]
+__all__ = ["LoraSpec", "PrefixCache", "RewardModel", "last_token_index", "base_fingerprint"]
 
 WEIGHTS = "reward_model.safetensors"
 CONFIG = "reward_config.json"
@@ -166,6 +167,48 @@ class RewardModel(nn.Module):
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]  # (B, H)
         return self.head(last.to(self.head.weight.dtype))
 
+    # -- the frozen prefix (LoRA on the top layers only) ---------------------------------------------
+    def frozen_prefix(self) -> int:
+        """Number of decoder layers before the first adapted one (0 when every layer is adapted or the
+        decoder does not expose ``layers`` and ``norm``). Their output never changes during training."""
+        from peft.tuners.lora import LoraLayer
+
+        decoder = self.backbone.get_base_model()
+        layers = getattr(decoder, "layers", None)
+        if not isinstance(layers, nn.ModuleList) or not isinstance(getattr(decoder, "norm", None), nn.Module):
+            return 0
+        for i, layer in enumerate(layers):
+            if any(isinstance(m, LoraLayer) for m in layer.modules()):
+                return i
+        return 0
+
+    @contextlib.contextmanager
+    def _decoder_span(self, start: int, stop: int | None, final_norm: bool) -> Iterator[nn.Module]:
+        decoder = self.backbone.get_base_model()
+        layers, norm = decoder.layers, decoder.norm
+        decoder.layers = nn.ModuleList(list(layers)[start:stop])
+        if not final_norm:
+            decoder.norm = nn.Identity()
+        try:
+            yield decoder
+        finally:
+            decoder.layers, decoder.norm = layers, norm
+
+    @torch.no_grad()
+    def prefix_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: int) -> torch.Tensor:
+        """Hidden states entering decoder layer ``layers``. # (B, T) -> (B, T, H)"""
+        with self._decoder_span(0, layers, final_norm=False) as decoder:
+            return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+    def forward_from(self, hidden: torch.Tensor, attention_mask: torch.Tensor, layers: int) -> torch.Tensor:
+        """Rewards from the hidden states entering layer ``layers`` (see :meth:`prefix_hidden`).
+        # (B, T, H) -> (B, K)"""
+        with self._decoder_span(layers, None, final_norm=True) as decoder:
+            out = decoder(inputs_embeds=hidden, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        idx = last_token_index(attention_mask)
+        last = out[torch.arange(out.shape[0], device=out.device), idx]  # (B, H)
+        return self.head(last.to(self.head.weight.dtype))
+
     def side_index(self, side: str) -> int:
         try:
             return self.sides.index(side)
@@ -262,3 +305,72 @@ class RewardModel(nn.Module):
         model.load_trainable_state(load_file(str(folder / WEIGHTS)))
         model.eval()
         return model
+
+
+class PrefixCache:
+    """Training-time rewards that run the frozen bottom of the backbone once per distinct text.
+
+    With LoRA on the top N layers only (``lora.top_layers``), the layers below never change, so their
+    output for a text is the same in every epoch and in every pair the text appears in (with all-pairs
+    labelling each response is in several pairs). The cache keeps, per text, the hidden states entering
+    the first adapted layer (float32, unpadded, on the CPU) and each step runs only the top layers.
+
+    Some architectures transform ``inputs_embeds`` inside their forward (Gemma scales them), which would
+    make the split differ from the full model. ``check`` compares the two on real texts first and
+    :func:`for_model` returns None (caller falls back to the full forward) when they differ.
+    """
+
+    def __init__(self, model: RewardModel, layers: int):
+        self.model = model
+        self.layers = layers
+        self.store: dict[str, torch.Tensor] = {}
+        self.hits = 0
+        self.misses = 0
+
+    @classmethod
+    def for_model(cls, model: RewardModel, probe_texts: Sequence[str]) -> PrefixCache | None:
+        layers = model.frozen_prefix()
+        if layers == 0:
+            return None
+        cache = cls(model, layers)
+        return cache if cache.check(probe_texts[:2]) else None
+
+    @torch.no_grad()
+    def check(self, texts: Sequence[str], tol: float = 1e-4) -> bool:
+        was = self.model.training
+        self.model.eval()  # no LoRA dropout: the two paths must agree exactly up to rounding
+        try:
+            enc = self.model.encode(list(texts))
+            full = self.model(**enc).float()
+            split = self.model.forward_from(self.model.prefix_hidden(enc["input_ids"], enc["attention_mask"],
+                                                                     self.layers),
+                                            enc["attention_mask"], self.layers).float()
+        finally:
+            self.model.train(was)
+        return bool(torch.allclose(full, split, rtol=tol, atol=tol))
+
+    def _fill(self, texts: Sequence[str], batch_size: int = 16) -> None:
+        missing = list(dict.fromkeys(t for t in texts if t not in self.store))
+        self.hits += len(texts) - len(missing)
+        self.misses += len(missing)
+        for i in range(0, len(missing), batch_size):
+            chunk = missing[i:i + batch_size]
+            enc = self.model.encode(chunk)
+            hidden = self.model.prefix_hidden(enc["input_ids"], enc["attention_mask"], self.layers).float().cpu()
+            lengths = enc["attention_mask"].sum(1).tolist()  # right-padded: real tokens come first
+            for text, h, n in zip(chunk, hidden, lengths):
+                self.store[text] = h[: int(n)].clone()
+
+    def rewards(self, texts: Sequence[str]) -> torch.Tensor:
+        """Rewards of ``texts`` on every side, with gradients through the top layers. # -> (B, K)"""
+        self._fill(texts)
+        rows = [self.store[t] for t in texts]
+        width = max(r.shape[0] for r in rows)
+        device = self.model.head.weight.device
+        hidden = torch.zeros(len(rows), width, rows[0].shape[1])
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, r in enumerate(rows):
+            hidden[i, : r.shape[0]] = r
+            mask[i, : r.shape[0]] = 1
+        dtype = next(self.model.backbone.parameters()).dtype
+        return self.model.forward_from(hidden.to(device, dtype), mask.to(device), self.layers)

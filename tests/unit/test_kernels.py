@@ -80,6 +80,7 @@ def test_fast_decode_skips_many_rows_and_other_dtypes(monkeypatch):
     model = nn.Linear(8, 4)
     with torch.no_grad(), fast_decode(model):
         model(torch.randn(MAX_ROWS + 1, 8))
+        model(torch.randn(1, 1, 8))  # one row: a matrix-vector product, left to the plain path
         model.to(torch.float64)(torch.randn(2, 8, dtype=torch.float64))
     assert seen == []
 

@@ -219,3 +219,70 @@ def test_lora_on_top_layers_only(tiny, tiny_model_dir, tmp_path):
         RewardModel(load_model(str(tiny_model_dir), device="cpu")[0], tok, ["P2A"], LoraSpec(top_layers=3))
     with pytest.raises(ValueError, match="at least 1"):
         LoraSpec(top_layers=0)
+
+
+def _top_layer_rm(tiny):
+    from personalign.reward_model import LoraSpec
+
+    base, tok = tiny  # two decoder layers; LoRA on the second only
+    rm = RewardModel(base, tok, ["P2A", "P2B"], LoraSpec(top_layers=1, dropout=0.0))
+    for name, p in rm.backbone.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    return rm
+
+
+def test_prefix_cache_matches_full_forward_and_gradients(tiny):
+    from personalign.reward_model import PrefixCache
+
+    rm = _top_layer_rm(tiny)
+    assert rm.frozen_prefix() == 1
+    texts = [rm.format("Explain rain.", "Water falls from clouds."), rm.format("Hi", "Hello!"),
+             rm.format("Explain rain.", "Water falls from clouds.")]  # a repeated text is computed once
+    cache = PrefixCache.for_model(rm, texts)
+    assert cache is not None and cache.layers == 1
+    rm.train()
+    full = rm(**rm.encode(texts))
+    cached = cache.rewards(texts)
+    torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)
+    assert len(cache.store) == 2 and cache.hits == 1
+    # Gradients reach the adapted layer and the head exactly as through the full model.
+    lora = [p for n, p in rm.named_parameters() if p.requires_grad]
+    g_full = torch.autograd.grad(full.sum(), lora)
+    g_cached = torch.autograd.grad(cache.rewards(texts).sum(), lora)
+    for a, b in zip(g_full, g_cached):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert cache.hits == 4  # the second call read every text from the cache
+    assert len(list(rm.backbone.get_base_model().layers)) == 2  # the decoder is whole again
+
+
+def test_prefix_cache_off_when_every_layer_is_adapted(rm):
+    from personalign.reward_model import PrefixCache
+
+    assert rm.frozen_prefix() == 0 and PrefixCache.for_model(rm, ["x"]) is None
+
+
+def test_prefix_cache_off_when_split_differs(tiny, monkeypatch):
+    from personalign.reward_model import PrefixCache
+
+    top = _top_layer_rm(tiny)
+    probe = [top.format("Hi", "Hello")]
+    assert PrefixCache.for_model(top, probe) is not None
+    # An architecture that transforms inputs_embeds would make the split disagree: no cache then.
+    real = RewardModel.forward_from
+    monkeypatch.setattr(RewardModel, "forward_from", lambda self, h, m, n: real(self, h * 2.0, m, n))
+    assert PrefixCache.for_model(top, probe) is None
+
+
+def test_train_rm_prefix_cache_same_result(tmp_path, tiny_model_dir):
+    from personalign.recipes import train_rm
+
+    pairs = _pairs(tmp_path / "pairs.jsonl")
+    common = dict(pairs=str(pairs), model=str(tiny_model_dir), lr=5e-3, epochs=2, batch_size=4, progress=False,
+                  device="cpu", autocast_bf16=False,
+                  lora=train_rm.LoraSpec(top_layers=1, dropout=0.0))
+    cached = train_rm.main(train_rm.TrainRMConfig(output_dir=str(tmp_path / "c"), **common))
+    plain = train_rm.main(train_rm.TrainRMConfig(output_dir=str(tmp_path / "p"), prefix_cache=False, **common))
+    assert cached["prefix_cache/layers"] == 1 and "prefix_cache/layers" not in plain
+    assert cached["eval/loss"] == pytest.approx(plain["eval/loss"], rel=1e-3)
+    assert cached["eval/accuracy"] == pytest.approx(plain["eval/accuracy"])

@@ -30,7 +30,7 @@ from personalign.data import read_jsonl
 from personalign.errors import ConfigError, DataError
 from personalign.losses import bradley_terry_loss, pairwise_accuracy
 from personalign.preferences import load_space
-from personalign.reward_model import CONFIG, WEIGHTS, LoraSpec, RewardModel
+from personalign.reward_model import CONFIG, WEIGHTS, LoraSpec, PrefixCache, RewardModel
 from personalign.runlog import MetricsLogger, prepare_run_dir
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected", "side")
@@ -55,7 +55,12 @@ class TrainRMConfig:
     side_prompt_in_input: bool | None = None  # None: True for one side, False for a multi-head model
     seed: int = 0
     checkpoint_every: int = 25
-    autocast_bf16: bool = True  # bf16 autocast on CPU: about 1.7x faster, float32 master weights
+    # bf16 autocast (float32 master weights): for CUDA and CPUs with native bf16 (AVX512-BF16/AMX); on
+    # an AVX2-only CPU it is slower than float32.
+    autocast_bf16: bool = False
+    # With lora.top_layers, run the frozen layers below once per distinct text and keep their output
+    # (see reward_model.PrefixCache); ignored when every layer is adapted.
+    prefix_cache: bool = True
     device: str = "auto"
     progress: bool = True
 
@@ -89,13 +94,13 @@ def _lr_lambda(total: int, warmup: int):
     return f
 
 
-def _pair_losses(model: RewardModel, batch: list[dict[str, Any]], autocast: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _pair_losses(model: RewardModel, batch: list[dict[str, Any]], autocast: bool,
+                 cache: PrefixCache | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     texts = [model.format(r["prompt"], r["chosen"], r["side"]) for r in batch] + \
             [model.format(r["prompt"], r["rejected"], r["side"]) for r in batch]
-    enc = model.encode(texts)
-    dev = enc["input_ids"].device
+    dev = model.head.weight.device
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
-        rewards = model(**enc).float()  # (2B, K)
+        rewards = (cache.rewards(texts) if cache is not None else model(**model.encode(texts))).float()  # (2B, K)
     cols = torch.tensor([model.side_index(r["side"]) for r in batch], device=rewards.device)
     n = len(batch)
     chosen = rewards[:n].gather(1, cols[:, None]).squeeze(1)
@@ -104,12 +109,13 @@ def _pair_losses(model: RewardModel, batch: list[dict[str, Any]], autocast: bool
 
 
 @torch.no_grad()
-def evaluate(model: RewardModel, rows: list[dict[str, Any]], batch_size: int, autocast: bool) -> dict[str, float]:
+def evaluate(model: RewardModel, rows: list[dict[str, Any]], batch_size: int, autocast: bool,
+             cache: PrefixCache | None = None) -> dict[str, float]:
     model.eval()
     by_side: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
     for i in range(0, len(rows), batch_size):
         batch = rows[i:i + batch_size]
-        _, c, r = _pair_losses(model, batch, autocast)
+        _, c, r = _pair_losses(model, batch, autocast, cache)
         for j, row in enumerate(batch):
             by_side[row["side"]].append((c[j:j + 1], r[j:j + 1]))
     model.train()
@@ -177,6 +183,10 @@ def main(cfg: TrainRMConfig) -> dict[str, float]:
     total = steps_per_epoch * cfg.epochs
     lr_at = _lr_lambda(total, max(1, int(total * cfg.warmup_fraction)))
     autocast = cfg.autocast_bf16
+    cache = None
+    if cfg.prefix_cache:
+        probe = [model.format(r["prompt"], r["chosen"], r["side"]) for r in train_rows[:2]]
+        cache = PrefixCache.for_model(model, probe)
 
     step = 0
     ckpt = out / "checkpoint"
@@ -201,7 +211,7 @@ def main(cfg: TrainRMConfig) -> dict[str, float]:
             lr = cfg.lr * lr_at(step)
             for group in opt.param_groups:
                 group["lr"] = lr
-            loss, c, r = _pair_losses(model, batch, autocast)
+            loss, c, r = _pair_losses(model, batch, autocast, cache)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -215,7 +225,7 @@ def main(cfg: TrainRMConfig) -> dict[str, float]:
             if step % cfg.checkpoint_every == 0 and step < total:
                 save_checkpoint(ckpt, model.trainable_state(), opt, {"step": step})
         if eval_rows:
-            metrics = evaluate(model, eval_rows, cfg.batch_size * 2, autocast)
+            metrics = evaluate(model, eval_rows, cfg.batch_size * 2, autocast, cache)
             logger.log(step, {**metrics, "train/epoch": epoch + 1})
         if step < total:
             save_checkpoint(ckpt, model.trainable_state(), opt, {"step": step})
@@ -223,6 +233,9 @@ def main(cfg: TrainRMConfig) -> dict[str, float]:
         bar.close()
     seconds = time.perf_counter() - t0
     final = {**metrics, "time/train_seconds": seconds, "data/train_pairs": len(train_rows), "data/eval_pairs": len(eval_rows)}
+    if cache is not None:
+        final.update({"prefix_cache/layers": cache.layers, "prefix_cache/texts": len(cache.store),
+                      "prefix_cache/hits": cache.hits})
     logger.log(step, final)
     model.save(out, extra={"metrics": final})
     shutil.rmtree(ckpt, ignore_errors=True)
