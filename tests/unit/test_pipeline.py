@@ -25,6 +25,8 @@ def _cfg(tmp_path, tiny_model_dir, **extra):
         "rollout": {"prompts": str(prompts), "batch_size": 4, "device": "cpu", "progress": False},
         "reward": {"epochs": 1, "batch_size": 4, "lr": 5e-3, "device": "cpu", "progress": False,
                    "autocast_bf16": False, "eval_fraction": 0.25},
+        "expert": {"steps": 2, "batch_prompts": 2, "group_size": 2, "max_new_tokens": 4, "device": "cpu",
+                   "progress": False, "prompts": str(prompts)},
         **extra,
     }
     return from_dict(pipeline.PipelineConfig, data)
@@ -52,6 +54,10 @@ def test_pipeline_runs_stages_and_skips_done_ones(tmp_path, tiny_model_dir, monk
     assert set(summary["stages"]["reward"]) == {"P2A", "P2B", "multihead"}
     for name in ("P2A", "P2B", "multihead"):
         assert (tmp_path / "run" / "rm" / name / "reward_model.safetensors").exists()
+    for side in ("P2A", "P2B"):  # stage 4: an expert per side, trained against that side's reward model
+        doc = json.loads((tmp_path / "run" / "experts" / side / "expert.json").read_text())
+        assert doc["reward"].endswith(f"rm/{side}") and doc["metrics"]["steps"] == 2
+    assert set(summary["stages"]["expert"]) == {"P2A", "P2B"}
 
     # A second run trains nothing and labels nothing: every stage is complete.
     from personalign.recipes import label, train_rm
@@ -65,6 +71,9 @@ def test_pipeline_runs_stages_and_skips_done_ones(tmp_path, tiny_model_dir, monk
 
     monkeypatch.setattr(train_rm, "main", no_training)
     monkeypatch.setattr(train_rm.torch.optim.AdamW, "step", lambda *a, **k: pytest.fail("trained again"))
+    from personalign.recipes import train_expert
+
+    monkeypatch.setattr(train_expert, "rollout", lambda *a, **k: pytest.fail("expert trained again"))
     again = pipeline.main(cfg)
     assert again["stages"]["reward"]["P2A"]["eval/accuracy"] == summary["stages"]["reward"]["P2A"]["eval/accuracy"]
 
@@ -74,6 +83,10 @@ def test_pipeline_validates_every_stage_first(tmp_path, tiny_model_dir):
         pipeline.build_stage_configs(_cfg(tmp_path, tiny_model_dir, reward={"learning_rate": 1}))
     with pytest.raises(ConfigError, match="set by the pipeline itself"):
         pipeline.build_stage_configs(_cfg(tmp_path, tiny_model_dir, label={"output": "x"}))
+    with pytest.raises(ConfigError, match="steps"):  # an expert setting is checked before any stage runs
+        pipeline.build_stage_configs(_cfg(tmp_path, tiny_model_dir, expert={"steps": 0}))
+    with pytest.raises(ConfigError, match="set by the pipeline itself"):
+        pipeline.build_stage_configs(_cfg(tmp_path, tiny_model_dir, expert={"side": "P1A"}))
     with pytest.raises(ConfigError, match="unknown stage"):
         pipeline.build_stage_configs(_cfg(tmp_path, tiny_model_dir, stages=["rollout", "ppo"]))
     assert not (tmp_path / "run").exists()
@@ -88,3 +101,5 @@ def test_shipped_pipeline_config_is_valid():
     cfg = load_config(pipeline.PipelineConfig, str(path))
     roll, lab, rms = pipeline.build_stage_configs(cfg)
     assert roll.samples == 3 and lab.pairing == "all" and set(rms) == {"P1A", "P1B", "P2A", "P2B", "P3A", "P3B", "multihead"}
+    experts = pipeline.build_expert_configs(cfg)
+    assert experts["P2A"].reward == "rm:runs/psoups-smollm2/rm/P2A"

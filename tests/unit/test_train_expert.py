@@ -125,6 +125,52 @@ def test_reference_is_base_model_with_adapter_disabled(tiny_model_dir):
     assert torch.equal(ref, want)
 
 
+def test_single_pass_update_equals_three_pass_update(tiny_model_dir, monkeypatch):
+    """rloo/grpo with one update on the whole batch reuse the gradient pass for the old log-probs:
+    the update and the metrics equal those of the separate no-grad pass."""
+    from personalign.generation import eos_token_ids
+    from personalign.losses import AdaptiveKLController
+    from personalign.models import load_model
+
+    def run(single: bool):
+        monkeypatch.setattr(te, "single_pass", lambda *a: single)
+        base, tok = load_model(str(tiny_model_dir), device="cpu")
+        policy = te.build_policy(base, LoraSpec(r=4, alpha=8, dropout=0.0), seed=0)
+        with torch.no_grad():
+            for name, p in policy.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
+        torch.manual_seed(0)
+        ro = te.rollout(policy, tok, ["Explain photosynthesis to me."] * 2 + ["How do I bake bread at home?"] * 2,
+                        eos_token_ids(base, tok), max_new_tokens=5, temperature=1.0)
+        c = te.resolve_defaults(te.TrainExpertConfig(side="P2A", output_dir="unused", group_size=2, batch_prompts=2))
+        params = [p for p in policy.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-2)
+        metrics = te.rl_update(policy, None, opt, params, ro, torch.tensor([1.0, -1.0, 0.5, -0.5]), c,
+                               AdaptiveKLController(c.kl_coef, c.kl_target, c.kl_horizon))
+        return metrics, [p.detach().clone() for p in params]
+
+    m3, p3 = run(False)
+    m1, p1 = run(True)
+    for a, b in zip(p1, p3):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for key in ("train/kl", "train/loss", "train/entropy", "train/reward_total"):
+        assert m1[key] == pytest.approx(m3[key], rel=1e-4, abs=1e-6), key
+
+
+def test_single_pass_only_where_it_is_exact():
+    from torch import nn
+
+    c = te.resolve_defaults(te.TrainExpertConfig(side="P2A", output_dir="unused"))
+    plain = nn.Sequential(nn.Linear(2, 2))
+    assert te.single_pass(plain, c, 16)
+    assert not te.single_pass(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.1)), c, 16)
+    assert not te.single_pass(plain, te.resolve_defaults(te.TrainExpertConfig(side="P2A", output_dir="u",
+                                                                               minibatch_size=8)), 16)
+    assert not te.single_pass(plain, te.resolve_defaults(te.TrainExpertConfig(side="P2A", output_dir="u",
+                                                                               algorithm="ppo")), 16)
+
+
 # -- the recipe ------------------------------------------------------------------------------------
 
 

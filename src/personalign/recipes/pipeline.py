@@ -1,8 +1,10 @@
-"""Recipe: stages 1-3 of Personalized Soups in one command, from one config file.
+"""Recipe: stages 1-4 of Personalized Soups in one command, from one config file.
 
-rollouts -> pairwise labels -> one reward model per side (and optionally one multi-head model).
-Each stage's outputs live in the run folder; a stage whose outputs are complete is skipped, and an
-interrupted stage resumes, so the same command finishes a run however often it is stopped.
+rollouts -> pairwise labels -> one reward model per side -> one RL-trained LoRA expert per side
+(against its side's reward model) -> optionally one multi-head reward model, trained last because
+only the later stages (MoPE's controller, P-MORL, evaluation) need it. Each stage's outputs live in
+the run folder; a stage whose outputs are complete is skipped, and an interrupted stage resumes, so
+the same command finishes a run however often it is stopped.
 
 Every stage config is built and validated before anything runs: a typo in the last section fails
 at once, not an hour later.
@@ -12,7 +14,9 @@ Run folder layout::
     rollouts.jsonl          stage 1
     pairs.jsonl(.stats.json) stage 2
     rm/<SIDE>/              stage 3, one reward model per side
-    rm/multihead/           stage 3, all sides in one model (when multihead: true)
+    experts/<SIDE>/         stage 4, one expert per side (adapter/ + expert.json): an experts folder
+                            that ``generate --experts`` and ``eval --experts`` read as it is
+    rm/multihead/           stage 3, all sides in one model (when multihead: true), trained last
     summary.json            per-side pair counts, reward-model accuracy and training time
 """
 
@@ -27,7 +31,7 @@ from typing import Any
 from personalign.config import from_dict, to_dict
 from personalign.errors import ConfigError
 from personalign.preferences import PSOUPS_SIDES, load_space
-from personalign.recipes import label, rollout, train_rm
+from personalign.recipes import label, rollout, train_expert, train_rm
 
 
 @dataclass(frozen=True)
@@ -39,13 +43,28 @@ class PipelineConfig:
     rollout: dict[str, Any] = field(default_factory=dict)  # fields of RolloutConfig
     label: dict[str, Any] = field(default_factory=dict)  # fields of LabelConfig
     reward: dict[str, Any] = field(default_factory=dict)  # fields of TrainRMConfig
+    # Fields of TrainExpertConfig. ``reward`` defaults to the side's reward model (rm:<run>/rm/<SIDE>);
+    # set it (e.g. "offline") to train against something else.
+    expert: dict[str, Any] = field(default_factory=dict)
     multihead: bool = True
-    stages: tuple[str, ...] = ("rollout", "label", "reward")
+    stages: tuple[str, ...] = ("rollout", "label", "reward", "expert")
 
 
-STAGES = ("rollout", "label", "reward")
+STAGES = ("rollout", "label", "reward", "expert")
 _DERIVED = {"rollout": {"output", "sides", "model", "dimensions"}, "label": {"rollouts", "output", "dimensions"},
-            "reward": {"pairs", "output_dir", "sides", "model", "dimensions"}}
+            "reward": {"pairs", "output_dir", "sides", "model", "dimensions"},
+            "expert": {"side", "output_dir", "model", "dimensions"}}
+
+
+def build_expert_configs(cfg: PipelineConfig) -> dict[str, train_expert.TrainExpertConfig]:
+    space = load_space(cfg.dimensions)
+    run = Path(cfg.run_dir)
+    out = {}
+    for s in (space.resolve(x) for x in cfg.sides):
+        data = {"reward": f"rm:{run / 'rm' / s}", **cfg.expert, "model": cfg.model, "dimensions": cfg.dimensions,
+                "side": s, "output_dir": str(run / "experts" / s)}
+        out[s] = from_dict(train_expert.TrainExpertConfig, data, "expert")
+    return out
 
 
 def build_stage_configs(cfg: PipelineConfig) -> tuple[rollout.RolloutConfig, label.LabelConfig,
@@ -70,6 +89,15 @@ def build_stage_configs(cfg: PipelineConfig) -> tuple[rollout.RolloutConfig, lab
            for s in sides}
     if cfg.multihead and len(sides) > 1:
         rms["multihead"] = replace(rms[sides[0]], output_dir=str(run / "rm" / "multihead"), sides=sides)
+    if "expert" in cfg.stages:  # validated now, not after hours of training
+        from personalign.judges.offline import SUPPORTED_SIDES
+
+        for side, ex in build_expert_configs(cfg).items():
+            pending = ex.reward.startswith("rm:") and not Path(ex.reward[3:]).exists()
+            if not pending:
+                train_expert.validate(ex)
+            elif side in SUPPORTED_SIDES:  # its reward model comes from stage 3: check everything else
+                train_expert.validate(replace(ex, reward="offline"))
     return roll, lab, rms
 
 
@@ -103,10 +131,28 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
             stats = label.main(lab)
         summary["stages"]["label"] = stats
 
+    results: dict[str, Any] = {}
     if "reward" in cfg.stages:
-        results = {}
         for name, rm_cfg in rms.items():
-            results[name] = train_rm.main(rm_cfg)  # returns at once when already trained
+            if name != "multihead":
+                results[name] = train_rm.main(rm_cfg)  # returns at once when already trained
         summary["stages"]["reward"] = results
-    (run / "summary.json").write_text(json.dumps(summary, indent=2))
+        _write_summary(run, summary)
+
+    if "expert" in cfg.stages:
+        experts = {}
+        for side, ex_cfg in build_expert_configs(cfg).items():
+            experts[side] = train_expert.main(ex_cfg)  # returns at once when already trained
+            summary["stages"]["expert"] = experts
+            _write_summary(run, summary)
+
+    if "reward" in cfg.stages and "multihead" in rms:
+        results["multihead"] = train_rm.main(rms["multihead"])
+    _write_summary(run, summary)
     return summary
+
+
+def _write_summary(run: Path, summary: dict[str, Any]) -> None:
+    tmp = run / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(run / "summary.json")

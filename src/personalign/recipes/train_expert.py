@@ -106,7 +106,9 @@ class TrainExpertConfig:
     algorithm: str = "rloo"  # rloo | grpo | ppo
     prompts: str = "builtin:train"
     limit: int | None = None
-    lora: LoraSpec = field(default_factory=lambda: LoraSpec(r=16, alpha=32, dropout=0.05))  # the paper's
+    # The paper's rank and alpha. No dropout: with dropout the policy that is trained differs from the
+    # one that sampled, and an update on the whole batch can no longer reuse its forward pass.
+    lora: LoraSpec = field(default_factory=lambda: LoraSpec(r=16, alpha=32, dropout=0.0))
     # None = per algorithm: 1.4e-5 for ppo (the paper's), 5e-5 for rloo/grpo (see DEFAULT_LR).
     lr: float | None = None
     weight_decay: float = 0.0
@@ -327,7 +329,8 @@ def response_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask:
             values = value_head(hidden.float()).squeeze(-1)
     ent = None
     if entropy:
-        ent = norm - (torch.softmax(logits, -1) * logits).sum(-1)
+        with torch.no_grad():  # a metric: never part of the graph
+            ent = norm.detach() - (torch.softmax(logits.detach(), -1) * logits.detach()).sum(-1)
     return logp, values, ent
 
 
@@ -400,6 +403,14 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, float]:
 # -- the recipe ------------------------------------------------------------------------------------
 
 
+def single_pass(model: nn.Module, c: TrainExpertConfig, n: int) -> bool:
+    """True when the update is one step on the whole batch with a critic-free loss and no dropout:
+    the gradient pass then sees exactly the parameters and inputs the old log-probs would, so its own
+    log-probs (detached) serve as the old ones and one forward pass of three is saved."""
+    return (c.algorithm != "ppo" and c.ppo_epochs == 1 and (c.minibatch_size or n) >= n
+            and not any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()))
+
+
 def rl_update(model: Any, value_head: nn.Module | None, opt: torch.optim.Optimizer, params: list[nn.Parameter],
               ro: Rollout, score_n: torch.Tensor, c: TrainExpertConfig, kl_ctl: AdaptiveKLController,
               ) -> dict[str, float]:
@@ -413,10 +424,18 @@ def rl_update(model: Any, value_head: nn.Module | None, opt: torch.optim.Optimiz
     def autocast() -> Any:
         return torch.autocast(device.type, dtype=torch.bfloat16) if c.autocast_bf16 else nullcontext()
 
-    # -- reference log-probs: the same model with the adapter disabled
+    # -- the sampling policy's log-probs, and the reference's: the same model with the adapter disabled
+    single = single_pass(model, c, n)
+    if single:  # one update on the whole batch: its forward pass gives the old log-probs too
+        model.train()
+        with autocast():
+            logp, _, entropy = response_logprobs(model, ro.input_ids, ro.attention_mask, t, c.temperature,
+                                                 entropy=True)
+        old_logp, old_values = logp.detach(), None
     with torch.no_grad(), autocast():
-        old_logp, old_values, entropy = response_logprobs(model, ro.input_ids, ro.attention_mask, t,
-                                                             c.temperature, value_head, entropy=True)
+        if not single:
+            old_logp, old_values, entropy = response_logprobs(model, ro.input_ids, ro.attention_mask, t,
+                                                                 c.temperature, value_head, entropy=True)
         with model.disable_adapter():
             ref_logp, _, _ = response_logprobs(model, ro.input_ids, ro.attention_mask, t, c.temperature)
 
@@ -442,9 +461,12 @@ def rl_update(model: Any, value_head: nn.Module | None, opt: torch.optim.Optimiz
     updates = 0
     for _ in range(c.ppo_epochs):
         for sel in torch.randperm(n, device=device).split(c.minibatch_size or n):
-            with autocast():
-                logp, values, _ = response_logprobs(model, ro.input_ids[sel], ro.attention_mask[sel], t,
-                                                       c.temperature, value_head)
+            if single:
+                sel, values = torch.arange(n, device=device), None  # the forward pass above, in order
+            else:
+                with autocast():
+                    logp, values, _ = response_logprobs(model, ro.input_ids[sel], ro.attention_mask[sel], t,
+                                                           c.temperature, value_head)
             if c.algorithm == "ppo":
                 pl, info = ppo_policy_loss(logp, old_logp[sel], advantages[sel], mask[sel], c.clip_range)
                 vl = ppo_value_loss(values, old_values[sel], returns[sel], mask[sel], c.value_clip_range)

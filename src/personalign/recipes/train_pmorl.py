@@ -84,7 +84,7 @@ class TrainPMORLConfig:
     algorithm: str = "rloo"  # rloo | grpo | ppo
     prompts: str = "builtin:train"
     limit: int | None = None
-    lora: LoraSpec = field(default_factory=lambda: LoraSpec(r=16, alpha=32, dropout=0.05))
+    lora: LoraSpec = field(default_factory=lambda: LoraSpec(r=16, alpha=32, dropout=0.0))  # as train-expert
     lr: float | None = None
     weight_decay: float = 0.0
     steps: int = 100
