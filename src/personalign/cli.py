@@ -337,13 +337,15 @@ def eval_(
     experts: Annotated[Optional[Path], typer.Option("--experts", help="Folder of <SIDE>/ expert adapters (default: the experts shipped for the model).")] = None,
     judge: Annotated[Optional[str], typer.Option("--judge", help="offline (default), llm, human or rm:FOLDER (trained reward models).")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first N instructions.")] = None,
+    single_sides: Annotated[Optional[bool], typer.Option("--single-sides", help="Each side alone (each expert against the base with that side's prompt) instead of the combinations.")] = None,
     set_: SetOpt = None,
 ) -> None:
     """Evaluate methods against preference prompting: win rates with bootstrap intervals, fluency, plots."""
     from personalign.config import load_config
     from personalign.recipes import evaluate as recipe
 
-    given = {"run_dir": run_dir, "model": model, "experts": experts, "judge": judge, "limit": limit}
+    given = {"run_dir": run_dir, "model": model, "experts": experts, "judge": judge, "limit": limit,
+             "single_sides": single_sides}
     cfg = load_config(recipe.EvalConfig, config, _overrides(given, set_))
     results = recipe.main(cfg)
     typer.echo(Path(results["files"]["markdown"]).read_text())

@@ -331,3 +331,18 @@ def test_pareto_validation_and_reference_point(tmp_path):
             pareto.validate(from_dict(pareto.ParetoConfig, {**base, **bad}))
     with pytest.raises(ConfigError, match="no expert for side"):
         pareto.validate(pareto.ParetoConfig(run_dir=str(tmp_path), experts=str(tmp_path)))
+
+
+def test_single_sides_evaluate_each_expert_against_its_prompted_base(tmp_path):
+    experts = _fake_experts(tmp_path / "experts", ("P1A", "P1B", "P2A", "P2B", "P3A", "P3B"))
+    plan = evaluate.validate(_cfg(tmp_path, "m", experts, single_sides=True, combinations=[],
+                                  methods=list(evaluate.DEFAULT_METHODS)), judge=AlwaysA())
+    assert list(plan.combos) == ["P1A", "P1B", "P2A", "P2B", "P3A", "P3B"]
+    assert [m.label for m in plan.methods] == ["expert-1"] and plan.reference.label == "prompt"
+    # expert-1 of a one-side combination is that side's expert; the reference is the base with its prompt.
+    assert plan.jobs[plan.files[("expert-1", "P2A")]].prefs == "P2A"
+    assert plan.jobs[plan.files[("prompt", "P2A")]].method == "prompt"
+    with pytest.raises(ConfigError, match="single_sides evaluates one side at a time, but P1A,P2A join"):
+        evaluate.validate(_cfg(tmp_path, "m", experts, single_sides=True, combinations=["1A+2A"]), judge=AlwaysA())
+    with pytest.raises(ConfigError, match="has one side"):  # without the switch, a lone side is a mistake
+        evaluate.validate(_cfg(tmp_path, "m", experts, combinations=["P2A"]), judge=AlwaysA())

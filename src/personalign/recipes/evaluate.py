@@ -81,6 +81,9 @@ class EvalConfig:
     prompts: str = "builtin:eval"
     limit: int | None = None  # first N instructions
     combinations: tuple[str, ...] = ()  # hard combinations as 1A+2A+3A; empty: every one (the 8 of P-SOUPS)
+    # Each side alone instead of combinations (``combinations`` then lists sides; empty: every side of
+    # the combinations): how well each expert learned its side. Default methods then: expert-1.
+    single_sides: bool = False
     methods: tuple[str, ...] = DEFAULT_METHODS
     reference: str = "prompt"  # every method is compared with this one
     skip_missing: bool = False  # methods whose experts/adapters are missing: skip (True) or fail (False)
@@ -543,12 +546,24 @@ class EvalPlan:
 def validate(cfg: EvalConfig, judge: PairwiseJudge | None = None) -> EvalPlan:
     """Phase 1: parse and check everything cheap; nothing is generated or loaded."""
     space = load_space(cfg.dimensions)
-    if cfg.combinations:
+    if cfg.single_sides:
+        if cfg.combinations:
+            combos_list = [space.parse(c) for c in cfg.combinations]
+        else:
+            used = {x for c in space.combinations() for x in c.sides}
+            combos_list = [space.parse(s) for s in space.sides if s in used]
+        several = [c.spec() for c in combos_list if len(c.sides) != 1]
+        if several:
+            raise ConfigError(f"single_sides evaluates one side at a time, but {', '.join(several)} "
+                              "join several; list single sides such as P2A")
+        if cfg.methods == DEFAULT_METHODS:
+            cfg = replace(cfg, methods=("expert-1",))
+    elif cfg.combinations:
         combos_list = [space.parse(c) for c in cfg.combinations]
     else:
         combos_list = space.combinations()
     for c in combos_list:
-        if len(c.sides) == 1 and len(space.dimensions) > 1:
+        if len(c.sides) == 1 and len(space.dimensions) > 1 and not cfg.single_sides:
             raise ConfigError(f"combination {c.spec()!r} has one side; a combination joins one side "
                               "per dimension with '+', e.g. 1A+2A+3A (on the command line a comma "
                               "separates list items)")
