@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 EXTRAS ?= judges,embed,api,serve,dev
 
-.PHONY: install demo test test-unit test-integration bench clean-venv
+.PHONY: install demo test test-unit test-integration bench experts clean-venv
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,12 @@ bench: install
 	$(PY) bench/soup_switch.py --random-experts
 	$(PY) bench/mixing_throughput.py
 	$(PY) bench/rl_throughput.py
+
+# The shipped experts, from scratch: rollouts, labels, reward models and RL experts (hours on a CPU;
+# rerun to resume), then copied into the package.
+experts: install
+	$(VENV)/bin/personalign pipeline --config psoups-smollm2.yaml
+	$(PY) scripts/ship_experts.py runs/psoups-smollm2
 
 clean-venv:
 	rm -rf $(VENV)
