@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -174,7 +175,12 @@ class StepContext:
 
 
 class WeightProvider(Protocol):
-    """Returns the (B, K) expert weights for the next token; a learned controller implements this."""
+    """Returns the (B, K) expert weights for the next token; a learned controller implements this.
+
+    A provider may also have ``active(rows, device) -> (B, K) bool``: the experts it may weight for each
+    row during the whole generation. The others are then not run at all (LoRA experts on one base),
+    and their weight must stay exactly zero.
+    """
 
     def __call__(self, ctx: StepContext) -> torch.Tensor: ...
 
@@ -288,10 +294,13 @@ class Experts:
         return [None] * len(self.models)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                caches: list[Any] | None, logits_to_keep: int = 1) -> tuple[torch.Tensor, list[Any] | None]:
+                caches: list[Any] | None, logits_to_keep: int = 1,
+                active: torch.Tensor | None = None) -> tuple[torch.Tensor, list[Any] | None]:
         """Logits of every expert for the last ``logits_to_keep`` positions: (B, K, S, V).
 
         ``attention_mask`` (B, past + S) covers the cached tokens too; ``caches=None`` runs without a cache.
+        ``active`` (B, K) bool, for LoRA experts: run only those (prompt, expert) rows; the logits of the
+        others are zeros. Keep the same ``active`` for every call that shares ``caches``.
         """
         kw: dict[str, Any] = {"logits_to_keep": logits_to_keep, "use_cache": caches is not None}
         if self.adapters:
@@ -302,18 +311,31 @@ class Experts:
                 raise ModelError("adapters are disabled on this model; leave the disable_adapter() context "
                                  "(use the '__base__' expert for the base model)")
             b, k = input_ids.shape[0], self.k
-            # Expert-major layout: rows [k * B + b] are expert k on prompt b, each with its own cache rows.
+            if active is not None and bool(active.all()):
+                active = None
+            # Expert-major layout: rows are (expert, prompt) pairs, expert by expert, each with its own
+            # cache rows; every pair by default (row k * B + b is expert k on prompt b).
+            if active is None:
+                prompt_of = torch.arange(b, device=input_ids.device).repeat(k)
+                expert_of = torch.arange(k, device=input_ids.device).repeat_interleave(b)
+            else:
+                expert_of, prompt_of = active.to(input_ids.device).t().nonzero(as_tuple=True)
             if caches is not None:
                 kw[self._cache_arg] = caches[0]
-            args = {"input_ids": input_ids.repeat(k, 1), "attention_mask": attention_mask.repeat(k, 1),
-                    "position_ids": position_ids.repeat(k, 1), **kw}
+            args = {"input_ids": input_ids[prompt_of], "attention_mask": attention_mask[prompt_of],
+                    "position_ids": position_ids[prompt_of], **kw}
             stacked = self._stacked()
             if stacked is not None:
-                with _patched(stacked):
+                groups = None if active is None else _Groups.of(expert_of, k)
+                with _patched(stacked, groups):
                     out = model(**args)
             else:  # adapters on modules other than Linear: peft's own mixed-adapter batch
-                out = model(**args, adapter_names=[n for n in self.names for _ in range(b)])
-            logits = out.logits.view(k, b, *out.logits.shape[1:]).transpose(0, 1)  # (B, K, S, V)
+                out = model(**args, adapter_names=[self.names[i] for i in expert_of.tolist()])
+            if active is None:
+                logits = out.logits.view(k, b, *out.logits.shape[1:]).transpose(0, 1)  # (B, K, S, V)
+            else:
+                logits = out.logits.new_zeros(b, k, *out.logits.shape[1:])
+                logits[prompt_of, expert_of] = out.logits
             new = [getattr(out, self._cache_arg)] if caches is not None else None
             return logits, new
         per_model, new_caches = [], []
@@ -347,12 +369,38 @@ class _StackedLoRA:
                     b[i, :, :ri] = layer.lora_B[n].weight * layer.scaling[n]
         self.layer, self.a_t, self.b_t = layer, a.transpose(1, 2), b.transpose(1, 2)  # (K, in, r), (K, r, out)
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args: Any, groups: _Groups | None = None, **kwargs: Any) -> torch.Tensor:
         out = self.layer.base_layer(x, *args, **kwargs)
         k = self.a_t.shape[0]
-        xs = x.reshape(k, -1, x.shape[-1]).to(self.a_t.dtype)  # (K, N*S, in)
-        delta = torch.bmm(torch.bmm(xs, self.a_t), self.b_t)  # (K, N*S, out)
+        if groups is None:  # every expert on every prompt: K equal groups of rows
+            xs = x.reshape(k, -1, x.shape[-1]).to(self.a_t.dtype)  # (K, N*S, in)
+            delta = torch.bmm(torch.bmm(xs, self.a_t), self.b_t)  # (K, N*S, out)
+            return out + delta.reshape(out.shape).to(out.dtype)
+        # Groups of unequal size: rows go to their slots in K groups padded to the largest, then back.
+        rows = x.reshape(groups.rows, -1, x.shape[-1]).to(self.a_t.dtype)  # (R, S, in)
+        padded = rows.new_zeros(k * groups.width, rows.shape[1], rows.shape[2])
+        padded[groups.slot] = rows
+        delta = torch.bmm(torch.bmm(padded.view(k, -1, rows.shape[2]), self.a_t), self.b_t)  # (K, W*S, out)
+        delta = delta.view(k * groups.width, rows.shape[1], -1)[groups.slot]  # (R, S, out)
         return out + delta.reshape(out.shape).to(out.dtype)
+
+
+@dataclass(frozen=True)
+class _Groups:
+    """Rows sorted by expert, in groups of unequal size: ``slot[i]`` is row i's place when every group is
+    padded to ``width`` rows."""
+
+    rows: int
+    width: int
+    slot: torch.Tensor  # (R,)
+
+    @classmethod
+    def of(cls, expert_of: torch.Tensor, k: int) -> _Groups:
+        counts = torch.bincount(expert_of, minlength=k)
+        width = int(counts.max())
+        start = torch.cumsum(counts, 0) - counts  # first row of each expert's group
+        rank = torch.arange(expert_of.numel(), device=expert_of.device) - start[expert_of]
+        return cls(int(expert_of.numel()), width, expert_of * width + rank)
 
 
 def _lora_layers(model: Any) -> list[Any]:
@@ -381,9 +429,10 @@ def _stack_lora(model: Any, names: Sequence[str]) -> list[_StackedLoRA] | None:
 
 
 @contextlib.contextmanager
-def _patched(stacked: list[_StackedLoRA]) -> Any:
+def _patched(stacked: list[_StackedLoRA], groups: _Groups | None = None) -> Any:
     for s in stacked:
-        s.layer.forward = s.forward  # an instance attribute shadows the class's forward
+        # An instance attribute shadows the class's forward.
+        s.layer.forward = s.forward if groups is None else functools.partial(s.forward, groups=groups)
     try:
         yield
     finally:
@@ -406,7 +455,9 @@ class MixedGeneration:
     tokens: torch.Tensor  # (B, T) pad after end-of-sequence
     mask: torch.Tensor  # (B, T) 1 on real tokens, end-of-sequence included
     weights: torch.Tensor  # (B, T, K) the weights used at each step
-    expert_logprobs: torch.Tensor  # (B, T, K) each expert's log-prob of the chosen token
+    # (B, T, K) each expert's log-prob of the chosen token; -log V for experts the provider's ``active``
+    # left out (not run; their weight is zero throughout)
+    expert_logprobs: torch.Tensor
     logprobs: torch.Tensor  # (B, T) the mixture's log-prob of the chosen token (before temperature etc.)
     rule: MixRule
 
@@ -485,7 +536,15 @@ def _decode(experts: Experts, input_ids: torch.Tensor, mask: torch.Tensor, weigh
     seen = torch.zeros(b, experts.vocab_size, device=device)  # (B, V) counts of prompt/generated tokens
     seen.scatter_add_(1, input_ids, mask.float())
     pos = _positions(mask)  # (B, L)
-    logits, caches = experts.forward(input_ids, mask, pos, experts.new_caches())  # (B, K, 1, V)
+    # Experts a row's provider never weights are not run (LoRA experts on one base): with 3 of 6 sides
+    # per preference, half the rows.
+    active = None
+    if rule is not MixRule.UNIFORM and experts.adapters and hasattr(weights, "active"):
+        active = weights.active(b, device).to(device).bool()  # (B, K)
+        if tuple(active.shape) != (b, k) or bool((~active.any(-1)).any()):
+            raise ConfigError(f"the weight provider's active experts have shape {tuple(active.shape)} or a row "
+                              f"with none; expected ({b}, {k}) with at least one per row")
+    logits, caches = experts.forward(input_ids, mask, pos, experts.new_caches(), active=active)  # (B, K, 1, V)
     next_pos = pos[:, -1:] + 1  # (B, 1)
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     toks, valid, ws, lps, mixed_lps = [], [], [], [], []
@@ -497,6 +556,9 @@ def _decode(experts: Experts, input_ids: torch.Tensor, mask: torch.Tensor, weigh
             generated = torch.stack(toks, 1) if toks else input_ids.new_zeros(b, 0)
             alpha = weights(StepContext(step, input_ids, mask, generated, finished.clone())).to(device).float()
             _check_weights(alpha, b, k)
+            if active is not None and bool((alpha[~active] != 0).any()):
+                raise ConfigError("the weight provider weighted an expert outside its active experts, "
+                                  "which was not run; keep those weights at exactly zero")
         mixed = mix_logprobs(expert_lp, alpha, rule)  # (B, V)
         scores = mixed
         if sampling.repetition_penalty != 1:
@@ -515,7 +577,7 @@ def _decode(experts: Experts, input_ids: torch.Tensor, mask: torch.Tensor, weigh
         if bool(finished.all()) or step == sampling.max_new_tokens - 1:
             break
         mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
-        logits, caches = experts.forward(nxt[:, None], mask, next_pos, caches)
+        logits, caches = experts.forward(nxt[:, None], mask, next_pos, caches, active=active)
         next_pos = next_pos + 1
 
     out_mask = torch.stack(valid, 1)

@@ -378,8 +378,9 @@ class _FeatureExperts(Experts):
         self.calls = 0
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                caches: list[Any] | None, logits_to_keep: int = 1) -> tuple[torch.Tensor, list[Any] | None]:
-        logits, new = super().forward(input_ids, attention_mask, position_ids, caches, logits_to_keep)
+                caches: list[Any] | None, logits_to_keep: int = 1,
+                active: torch.Tensor | None = None) -> tuple[torch.Tensor, list[Any] | None]:
+        logits, new = super().forward(input_ids, attention_mask, position_ids, caches, logits_to_keep, active)
         self.last_logits = logits[:, :, -1]
         self.calls += 1
         return logits, new
@@ -430,6 +431,11 @@ class PCMWeights:
             raise ConfigError(f"{pref.shape[0]} preference rows for a batch of {b}; give one row per "
                               "prompt row")
         return pref
+
+    def active(self, rows: int, device: torch.device) -> torch.Tensor:
+        """(B, K) True for the experts of each row's preference: the PCM weights no other (its softmax
+        runs over the preference's sides), so the mixture need not run them."""
+        return self._rows(rows, device)[:, self.index.to(device)] > 0
 
     @torch.no_grad()
     def __call__(self, ctx: StepContext) -> torch.Tensor:

@@ -352,3 +352,43 @@ def test_stacked_lora_equals_peft_mixed_batch_with_unequal_ranks_and_tracks_chan
     assert torch.allclose(changed[:, :, 2], fast[:, :, 2], atol=1e-6)  # the base is untouched
     assert not hasattr(model.base_model.model.model.layers[0].self_attn.q_proj, "__dict__") or \
         "forward" not in model.base_model.model.model.layers[0].self_attn.q_proj.__dict__  # patch removed
+
+
+class _RowWeights:
+    """Fixed per-row weights with zeros outside each row's experts; ``active`` optional."""
+
+    def __init__(self, w, with_active: bool):
+        self.w = torch.tensor(w)
+        if with_active:
+            self.active = lambda rows, device: self.w.to(device) > 0
+
+    def __call__(self, ctx):
+        return self.w.to(ctx.prompt_ids.device)
+
+
+def test_inactive_experts_are_not_run_and_change_nothing(peft_model, batch, tok):
+    """Rows run only their provider's active experts (fewer rows per step); tokens and the active
+    experts' log-probs equal those of running every expert."""
+    ids, mask = batch
+    w = [[0.7, 0.3, 0.0], [0.0, 0.4, 0.6], [0.5, 0.0, 0.5]]  # unequal groups: experts 0, 1, 2 on 2 rows each
+    experts = Experts.from_adapters(peft_model, NAMES)
+    cfg = SamplingConfig(max_new_tokens=8, temperature=1.0, top_p=1.0, repetition_penalty=1.0, seed=5)
+    everyone = generate_mixed(experts, ids, mask, _RowWeights(w, False), eos_token_ids=[0], sampling=cfg)
+    rows_seen = []
+    real = peft_model.forward
+    peft_model.forward = lambda *a, **k: rows_seen.append(k["input_ids"].shape[0]) or real(*a, **k)
+    try:
+        subset = generate_mixed(experts, ids, mask, _RowWeights(w, True), eos_token_ids=[0], sampling=cfg)
+    finally:
+        del peft_model.forward
+    assert set(rows_seen) == {6}  # 6 (prompt, expert) rows instead of 9
+    assert torch.equal(subset.tokens, everyone.tokens)
+    assert torch.allclose(subset.logprobs, everyone.logprobs, atol=1e-5)
+    on = torch.tensor(w) > 0
+    assert torch.allclose(subset.expert_logprobs[on[:, None, :].expand_as(subset.expert_logprobs)],
+                          everyone.expert_logprobs[on[:, None, :].expand_as(everyone.expert_logprobs)], atol=1e-5)
+    # A provider that weights an expert it declared inactive is refused (that expert was never run).
+    bad = _RowWeights(w, True)
+    bad.active = lambda rows, device: torch.tensor([[True, False, False]] * 3)
+    with pytest.raises(ConfigError, match="outside its active experts"):
+        generate_mixed(experts, ids, mask, bad, eos_token_ids=[0], sampling=cfg)

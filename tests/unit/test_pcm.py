@@ -185,6 +185,8 @@ def test_recorded_features_reproduce_the_sampling_weights_and_d_is_direct(setup)
     experts = Experts.from_adapters(peft_model, SIDES)
     pref = torch.tensor([[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]])
     provider = PCMWeights(pcm, experts, emb, pref, record=True)
+    # Row 0 never weights side 2, so the mixture does not run that expert for it (5 rows, not 6).
+    assert provider.active(2, torch.device("cpu")).tolist() == [[True, True, False], [True, True, True]]
     sampling = SamplingConfig(max_new_tokens=6, temperature=1.0, top_p=1.0, repetition_penalty=1.0, seed=3)
     gen = _generate(peft_model, tok, provider, sampling)
     inputs = provider.recorded()
