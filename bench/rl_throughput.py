@@ -1,12 +1,13 @@
 """RL training throughput: personalign's critic-free loop (``train-expert --algorithm rloo``) versus
 TRL's ``RLOOTrainer`` on the same settings, in one process.
 
-Same base model, same LoRA (r=16, alpha=32, dropout 0.05, attention and MLP projections), same prompts
+Same base model, same LoRA (r=16, alpha=32, attention and MLP projections; dropout 0 by default as
+train-expert's default, ``--lora-dropout`` to change), same prompts
 with the side's preference prompt, 4 prompts x 4 samples per step, the same maximum completion length,
 temperature 1, learning rate, KL coefficient and reward (the offline judge of the side). The first step
 of each is warm-up and not counted; samples per second is 16 / the median step time.
 
-    python bench/rl_throughput.py [--steps 4] [--side P2A] [--max-new-tokens 48] [--model PATH]
+    python bench/rl_throughput.py [--steps 4] [--side P2A] [--max-new-tokens 48] [--lora-dropout 0] [--model PATH]
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def ours(args, out: Path) -> list[float]:
     cfg = TrainExpertConfig(
         side=args.side, output_dir=str(out), model=args.model, reward="offline", algorithm="rloo",
-        lora=LoraSpec(r=16, alpha=32, dropout=0.05, target_modules=TARGETS), lr=5e-5, steps=args.steps + 1,
+        lora=LoraSpec(r=16, alpha=32, dropout=args.lora_dropout, target_modules=TARGETS), lr=5e-5, steps=args.steps + 1,
         batch_prompts=4, group_size=4, kl_coef=0.05, max_new_tokens=args.max_new_tokens, temperature=1.0,
         top_p=1.0, checkpoint_every=10_000, device="cpu", dtype="float32", progress=False,
     )
@@ -76,7 +77,7 @@ def trl(args, out: Path) -> list[float]:
         max_completion_length=args.max_new_tokens, temperature=1.0, top_p=1.0, learning_rate=5e-5, beta=0.05,
         max_steps=args.steps + 1, logging_steps=1, save_strategy="no", report_to=[], seed=0,
     )
-    peft_cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=list(TARGETS))
+    peft_cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=args.lora_dropout, target_modules=list(TARGETS))
     trainer = RLOOTrainer(model=model, reward_funcs=reward, args=cfg, train_dataset=data, processing_class=tok,
                           peft_config=peft_cfg, callbacks=[Timer()])
     trainer.train()
@@ -88,6 +89,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--side", default="P2A")
     ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--lora-dropout", type=float, default=0.0)
     ap.add_argument("--model", default=None)
     ap.add_argument("--output", default=str(Path(__file__).with_name("rl_throughput.json")))
     args = ap.parse_args()
@@ -98,7 +100,7 @@ def main() -> None:
     record = {
         "date": date.today().isoformat(), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__, "model": args.model or "smollm2-135m-instruct", "side": args.side,
-        "samples_per_step": n, "max_new_tokens": args.max_new_tokens,
+        "samples_per_step": n, "max_new_tokens": args.max_new_tokens, "lora_dropout": args.lora_dropout,
         "ours_step_s": ours_t, "trl_step_s": trl_t,
         "ours_samples_per_s": n / statistics.median(ours_t), "trl_samples_per_s": n / statistics.median(trl_t),
     }
