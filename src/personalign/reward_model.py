@@ -57,21 +57,24 @@ class LoraSpec:
         if self.top_layers is not None and self.top_layers < 1:
             raise ValueError(f"lora top_layers must be at least 1 (or unset for every layer), got {self.top_layers}")
 
-    def module_names(self, model: nn.Module) -> list[str]:
+    def module_names(self, model: nn.Module, used_layers: int | None = None) -> list[str]:
         """The modules of ``model`` that get LoRA: every target module, or with ``top_layers`` the target
         modules of the last N numbered layers (full names, so the choice does not depend on how peft
-        matches layer patterns)."""
+        matches layer patterns). ``used_layers``: only the first that many layers run (a reward model
+        read at an inner layer); the layers above get no LoRA and "last" counts from there."""
         names = [n for n, _ in model.named_modules() if any(n == t or n.endswith("." + t) for t in self.target_modules)]
-        if self.top_layers is None:
+        if self.top_layers is None and used_layers is None:
             return names
         layer_of = {n: int(m.group(1)) for n in names if (m := re.search(r"(?:^|\.)(?:layers|h|blocks?)\.(\d+)\.", n))}
         if not layer_of:
             raise ModelError("lora top_layers needs numbered decoder layers (layers.N, h.N or blocks.N), "
                              "which this model does not have; leave top_layers unset")
-        count = max(layer_of.values()) + 1
-        if self.top_layers > count:
-            raise ValueError(f"lora top_layers={self.top_layers} but the model has only {count} layers")
-        return [n for n, i in layer_of.items() if i >= count - self.top_layers]
+        count = max(layer_of.values()) + 1 if used_layers is None else used_layers
+        top = count if self.top_layers is None else self.top_layers
+        if top > count:
+            raise ValueError(f"lora top_layers={self.top_layers} but the model has only {count} layers"
+                             + ("" if used_layers is None else " in use (readout_layer)"))
+        return [n for n, i in layer_of.items() if count - top <= i < count]
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -107,7 +110,7 @@ class RewardModel(nn.Module):
 
     def __init__(self, base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sides: Sequence[str],
                  lora: LoraSpec = LoraSpec(), max_length: int = 384, side_prompts: dict[str, str] | None = None,
-                 side_prompt_in_input: bool | None = None):
+                 side_prompt_in_input: bool | None = None, readout_layer: int | None = None):
         super().__init__()
         from peft import LoraConfig, get_peft_model
 
@@ -122,7 +125,16 @@ class RewardModel(nn.Module):
         self.tokenizer = tokenizer
         # The decoder without its language-model head: the head's 49k-way logits are not needed.
         decoder = base.get_decoder() if hasattr(base, "get_decoder") else base.base_model
-        targets = lora.module_names(decoder)
+        self.readout_layer = readout_layer
+        if readout_layer is not None:
+            layers = getattr(decoder, "layers", None)
+            if not isinstance(layers, nn.ModuleList) or not isinstance(getattr(decoder, "norm", None), nn.Module):
+                raise ModelError("readout_layer needs a decoder with `layers` and `norm` (as llama, mistral, qwen); "
+                                 "leave readout_layer unset for this model")
+            if not 1 <= readout_layer <= len(layers):
+                raise ValueError(f"readout_layer must be between 1 and {len(layers)} (the model's layers), "
+                                 f"got {readout_layer}")
+        targets = lora.module_names(decoder, readout_layer)
         if not targets:
             raise ModelError(f"none of the LoRA target modules {list(lora.target_modules)} exist in this base model")
         cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets)
@@ -161,8 +173,11 @@ class RewardModel(nn.Module):
     # -- scoring ----------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Rewards for every side. # (B, T) -> (B, K)"""
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
-        hidden = out.last_hidden_state  # (B, T, H)
+        if self.readout_layer is None:
+            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+        else:  # the first readout_layer layers, then the final norm
+            with self._decoder_span(0, self.readout_layer, final_norm=True) as decoder:
+                hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         idx = last_token_index(attention_mask)
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]  # (B, H)
         return self.head(last.to(self.head.weight.dtype))
@@ -203,7 +218,7 @@ class RewardModel(nn.Module):
     def forward_from(self, hidden: torch.Tensor, attention_mask: torch.Tensor, layers: int) -> torch.Tensor:
         """Rewards from the hidden states entering layer ``layers`` (see :meth:`prefix_hidden`).
         # (B, T, H) -> (B, K)"""
-        with self._decoder_span(layers, None, final_norm=True) as decoder:
+        with self._decoder_span(layers, self.readout_layer, final_norm=True) as decoder:
             out = decoder(inputs_embeds=hidden, attention_mask=attention_mask, use_cache=False).last_hidden_state
         idx = last_token_index(attention_mask)
         last = out[torch.arange(out.shape[0], device=out.device), idx]  # (B, H)
@@ -267,7 +282,8 @@ class RewardModel(nn.Module):
     def config_dict(self) -> dict[str, Any]:
         return {"kind": "reward_model", "sides": list(self.sides), "lora": asdict(self.lora),
                 "max_length": self.max_length, "side_prompts": self.side_prompts,
-                "side_prompt_in_input": self.side_prompt_in_input, "base": self.fingerprint}
+                "side_prompt_in_input": self.side_prompt_in_input, "readout_layer": self.readout_layer,
+                "base": self.fingerprint}
 
     def save(self, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
         from safetensors.torch import save_file
@@ -301,7 +317,7 @@ class RewardModel(nn.Module):
         check_fingerprint(cfg["base"], base, f"reward model {folder}")
         lora = LoraSpec(**{**cfg["lora"], "target_modules": tuple(cfg["lora"]["target_modules"])})
         model = cls(base, tokenizer, cfg["sides"], lora, cfg["max_length"], cfg.get("side_prompts"),
-                    cfg.get("side_prompt_in_input"))
+                    cfg.get("side_prompt_in_input"), cfg.get("readout_layer"))
         model.load_trainable_state(load_file(str(folder / WEIGHTS)))
         model.eval()
         return model

@@ -286,3 +286,43 @@ def test_train_rm_prefix_cache_same_result(tmp_path, tiny_model_dir):
     assert cached["prefix_cache/layers"] == 1 and "prefix_cache/layers" not in plain
     assert cached["eval/loss"] == pytest.approx(plain["eval/loss"], rel=1e-3)
     assert cached["eval/accuracy"] == pytest.approx(plain["eval/accuracy"])
+
+
+def test_readout_layer_reads_an_inner_layer_and_round_trips(tmp_path, tiny_model_dir):
+    from conftest import build_tiny_model
+
+    from personalign.models import load_model
+    from personalign.reward_model import LoraSpec, PrefixCache, last_token_index
+
+    _, tok = load_model(str(tiny_model_dir), device="cpu")
+    base = build_tiny_model(tok, layers=3)
+    rm = RewardModel(base, tok, ["P2A"], LoraSpec(top_layers=1, dropout=0.0), readout_layer=2)
+    adapted = {n for n, _ in rm.backbone.named_parameters() if ".lora_A" in n}
+    assert adapted and all(".layers.1." in n for n in adapted)  # the last layer in use, not layer 2
+    for name, p in rm.backbone.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    rm.eval()
+    texts = [rm.format("Explain rain.", "Water falls from clouds."), rm.format("Hi", "Hello!")]
+    enc = rm.encode(texts)
+    got = rm(**enc)
+    with torch.no_grad():  # by hand: the layer-2 input (= layer-1 output), the final norm, the head
+        out = rm.backbone(**enc, output_hidden_states=True)
+        h = rm.backbone.get_base_model().norm(out.hidden_states[2])
+        idx = last_token_index(enc["attention_mask"])
+        want = rm.head(h[torch.arange(2), idx])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert len(rm.backbone.get_base_model().layers) == 3  # the model itself is left whole
+    cache = PrefixCache.for_model(rm, texts)  # layer 0 frozen: cached, and the split reads layer 2 too
+    assert cache is not None and cache.layers == 1
+    torch.testing.assert_close(cache.rewards(texts), got, rtol=1e-5, atol=1e-5)
+
+    rm.save(tmp_path / "rm")
+    assert json.loads((tmp_path / "rm" / "reward_config.json").read_text())["readout_layer"] == 2
+    again = RewardModel.load(tmp_path / "rm", base=build_tiny_model(tok, layers=3), tokenizer=tok)
+    assert again.readout_layer == 2
+    torch.testing.assert_close(again(**enc), got, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="readout_layer must be between 1 and 3"):
+        RewardModel(build_tiny_model(tok, layers=3), tok, ["P2A"], readout_layer=4)
+    with pytest.raises(ValueError, match="in use"):
+        RewardModel(build_tiny_model(tok, layers=3), tok, ["P2A"], LoraSpec(top_layers=3), readout_layer=2)

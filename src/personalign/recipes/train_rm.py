@@ -44,6 +44,9 @@ class TrainRMConfig:
     model: str | None = None
     dimensions: str | None = None
     lora: LoraSpec = field(default_factory=LoraSpec)
+    # Read the reward from the output of the first N decoder layers (the layers above do not run);
+    # None: the last layer. See docs/pipeline.md for why the pipeline reads an inner layer.
+    readout_layer: int | None = None
     lr: float = 2e-4
     epochs: int = 2
     batch_size: int = 8  # pairs per step
@@ -175,7 +178,7 @@ def main(cfg: TrainRMConfig) -> dict[str, float]:
     base, tok = load_model(cfg.model, device=cfg.device, dtype="float32")
     model = RewardModel(base, tok, sides, cfg.lora, cfg.max_length,
                         side_prompts={s: space.sides[s].prompt for s in sides},
-                        side_prompt_in_input=cfg.side_prompt_in_input)
+                        side_prompt_in_input=cfg.side_prompt_in_input, readout_layer=cfg.readout_layer)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
