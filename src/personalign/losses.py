@@ -10,6 +10,7 @@ __all__ = [
     "AdaptiveKLController",
     "RunningMeanStd",
     "bradley_terry_loss",
+    "fit_bradley_terry_head",
     "gae_advantages",
     "group_advantages",
     "kl_per_token",
@@ -37,6 +38,32 @@ def pairwise_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> float:
     """Fraction of pairs where the chosen response scores strictly higher (ties count half)."""
     diff = chosen - rejected
     return float(((diff > 0).float() + 0.5 * (diff == 0).float()).mean())
+
+
+def fit_bradley_terry_head(diff: torch.Tensor, l2: float = 1e-2, max_iter: int = 200) -> torch.Tensor:
+    """The linear reward ``r(h) = w . h`` that best fits pairs, from their feature differences
+    ``diff = h_chosen - h_rejected`` (N, H): minimises ``mean(-log sigmoid(diff @ w)) + l2 |w_s|^2``
+    by L-BFGS, where ``w_s`` are the weights on features standardised by their spread (so ``l2`` does
+    not depend on the features' scale). Returns w (H,) on the raw features. A linear probe: the reward
+    model's head fitted before fine-tuning (LP-FT, Kumar et al. 2022).
+    """
+    if diff.dim() != 2 or diff.shape[0] == 0:
+        raise ValueError(f"diff must be (N, H) with N >= 1, got {tuple(diff.shape)}")
+    x = diff.double()
+    scale = x.pow(2).mean(0).sqrt().clamp_min(1e-8)  # (H,) root mean square (differences are centred)
+    xs = x / scale
+    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w], max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = -F.logsigmoid(xs @ w).mean() + l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return (w.detach() / scale).to(diff.dtype)
 
 
 # -- reinforcement learning -------------------------------------------------------------------------

@@ -173,6 +173,10 @@ class RewardModel(nn.Module):
     # -- scoring ----------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Rewards for every side. # (B, T) -> (B, K)"""
+        return self.head(self.features(input_ids, attention_mask))
+
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """What the head reads: the state of the last real token. # (B, T) -> (B, H)"""
         if self.readout_layer is None:
             hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
         else:  # the first readout_layer layers, then the final norm
@@ -180,7 +184,7 @@ class RewardModel(nn.Module):
                 hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         idx = last_token_index(attention_mask)
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]  # (B, H)
-        return self.head(last.to(self.head.weight.dtype))
+        return last.to(self.head.weight.dtype)
 
     # -- the frozen prefix (LoRA on the top layers only) ---------------------------------------------
     def frozen_prefix(self) -> int:
@@ -218,11 +222,15 @@ class RewardModel(nn.Module):
     def forward_from(self, hidden: torch.Tensor, attention_mask: torch.Tensor, layers: int) -> torch.Tensor:
         """Rewards from the hidden states entering layer ``layers`` (see :meth:`prefix_hidden`).
         # (B, T, H) -> (B, K)"""
+        return self.head(self.features_from(hidden, attention_mask, layers))
+
+    def features_from(self, hidden: torch.Tensor, attention_mask: torch.Tensor, layers: int) -> torch.Tensor:
+        """:meth:`features` from the hidden states entering layer ``layers``. # (B, T, H) -> (B, H)"""
         with self._decoder_span(layers, self.readout_layer, final_norm=True) as decoder:
             out = decoder(inputs_embeds=hidden, attention_mask=attention_mask, use_cache=False).last_hidden_state
         idx = last_token_index(attention_mask)
         last = out[torch.arange(out.shape[0], device=out.device), idx]  # (B, H)
-        return self.head(last.to(self.head.weight.dtype))
+        return last.to(self.head.weight.dtype)
 
     def side_index(self, side: str) -> int:
         try:
@@ -379,6 +387,10 @@ class PrefixCache:
 
     def rewards(self, texts: Sequence[str]) -> torch.Tensor:
         """Rewards of ``texts`` on every side, with gradients through the top layers. # -> (B, K)"""
+        return self.model.head(self.features(texts))
+
+    def features(self, texts: Sequence[str]) -> torch.Tensor:
+        """:meth:`RewardModel.features` of ``texts``, from the cache. # -> (B, H)"""
         self._fill(texts)
         rows = [self.store[t] for t in texts]
         width = max(r.shape[0] for r in rows)
@@ -389,4 +401,4 @@ class PrefixCache:
             hidden[i, : r.shape[0]] = r
             mask[i, : r.shape[0]] = 1
         dtype = next(self.model.backbone.parameters()).dtype
-        return self.model.forward_from(hidden.to(device, dtype), mask.to(device), self.layers)
+        return self.model.features_from(hidden.to(device, dtype), mask.to(device), self.layers)

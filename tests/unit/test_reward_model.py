@@ -326,3 +326,44 @@ def test_readout_layer_reads_an_inner_layer_and_round_trips(tmp_path, tiny_model
         RewardModel(build_tiny_model(tok, layers=3), tok, ["P2A"], readout_layer=4)
     with pytest.raises(ValueError, match="in use"):
         RewardModel(build_tiny_model(tok, layers=3), tok, ["P2A"], LoraSpec(top_layers=3), readout_layer=2)
+
+
+def test_fit_bradley_terry_head_is_the_regularised_optimum():
+    from personalign.losses import fit_bradley_terry_head
+
+    g = torch.Generator().manual_seed(0)
+    true = torch.tensor([2.0, -1.0, 0.0])
+    x = torch.randn(400, 3, generator=g) * torch.tensor([1.0, 10.0, 0.1])  # features on different scales
+    labels = (torch.rand(400, generator=g) < torch.sigmoid(x @ (true / torch.tensor([1.0, 10.0, 0.1])))).float()
+    diff = x * (2 * labels - 1)[:, None]  # chosen - rejected: flip the pairs whose label is 0
+    l2 = 1e-2
+    w = fit_bradley_terry_head(diff, l2).double()
+    # Optimality in the standardised space: grad of mean(-log sigmoid(xs @ v)) + l2 |v|^2 is zero.
+    scale = diff.double().pow(2).mean(0).sqrt()
+    v = (w * scale).requires_grad_(True)
+    loss = -torch.nn.functional.logsigmoid((diff.double() / scale) @ v).mean() + l2 * (v * v).sum()
+    (grad,) = torch.autograd.grad(loss, v)
+    assert grad.abs().max() < 1e-4  # at the optimum up to the float32 result
+    assert (diff.double() @ w > 0).double().mean() > 0.7  # it ranks most pairs the right way
+    assert w[0] > 0 and w[1] < 0
+    with pytest.raises(ValueError, match=r"\(N, H\)"):
+        fit_bradley_terry_head(torch.zeros(0, 3))
+
+
+def test_train_rm_probe_head_init(tmp_path, tiny_model_dir):
+    from personalign.recipes import train_rm
+
+    pairs = _pairs(tmp_path / "pairs.jsonl")
+    common = dict(pairs=str(pairs), model=str(tiny_model_dir), lr=1e-3, epochs=1, batch_size=4, progress=False,
+                  device="cpu", lora=train_rm.LoraSpec(top_layers=1, dropout=0.0))
+    result = train_rm.main(train_rm.TrainRMConfig(output_dir=str(tmp_path / "p"), **common))
+    rows = [json.loads(x) for x in (tmp_path / "p" / "metrics.jsonl").read_text().splitlines()]
+    first = rows[0]
+    assert first["step"] == 0 and "probe/train_accuracy/P2A" in first and "eval/accuracy" in first
+    assert first["probe/train_accuracy/P2A"] >= 0.75  # the toy pairs are separable by length
+    assert result["eval/accuracy"] >= 0.75
+    plain = train_rm.main(train_rm.TrainRMConfig(output_dir=str(tmp_path / "r"), head_init="random", **common))
+    assert "probe/train_accuracy/P2A" not in (tmp_path / "r" / "metrics.jsonl").read_text()
+    assert plain["data/train_pairs"] == result["data/train_pairs"]
+    with pytest.raises(ConfigError, match="head_init"):
+        train_rm.main(train_rm.TrainRMConfig(output_dir=str(tmp_path / "x"), head_init="zeros", **common))

@@ -32,6 +32,7 @@ from personalign.config import from_dict, to_dict
 from personalign.errors import ConfigError
 from personalign.preferences import PSOUPS_SIDES, load_space
 from personalign.recipes import label, rollout, train_expert, train_rm
+from personalign.reward_model import CONFIG
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ def build_stage_configs(cfg: PipelineConfig) -> tuple[rollout.RolloutConfig, lab
         from personalign.judges.offline import SUPPORTED_SIDES
 
         for side, ex in build_expert_configs(cfg).items():
-            pending = ex.reward.startswith("rm:") and not Path(ex.reward[3:]).exists()
+            pending = ex.reward.startswith("rm:") and not (Path(ex.reward[3:]) / CONFIG).is_file()
             if not pending:
                 train_expert.validate(ex)
             elif side in SUPPORTED_SIDES:  # its reward model comes from stage 3: check everything else

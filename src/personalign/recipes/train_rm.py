@@ -28,7 +28,7 @@ import torch
 from personalign.checkpoint import load_checkpoint, save_checkpoint
 from personalign.data import read_jsonl
 from personalign.errors import ConfigError, DataError
-from personalign.losses import bradley_terry_loss, pairwise_accuracy
+from personalign.losses import bradley_terry_loss, fit_bradley_terry_head, pairwise_accuracy
 from personalign.preferences import load_space
 from personalign.reward_model import CONFIG, WEIGHTS, LoraSpec, PrefixCache, RewardModel
 from personalign.runlog import MetricsLogger, prepare_run_dir
@@ -47,6 +47,11 @@ class TrainRMConfig:
     # Read the reward from the output of the first N decoder layers (the layers above do not run);
     # None: the last layer. See docs/pipeline.md for why the pipeline reads an inner layer.
     readout_layer: int | None = None
+    # "probe": before fine-tuning, fit each head by L-BFGS on the frozen features of the training pairs
+    # (a linear probe, then fine-tuning: LP-FT); "random": a random head. With few hundred pairs the
+    # head barely moves at a LoRA learning rate, and LoRA then fits the training pairs instead.
+    head_init: str = "probe"
+    probe_l2: float = 1e-2
     lr: float = 2e-4
     epochs: int = 2
     batch_size: int = 8  # pairs per step
@@ -112,6 +117,33 @@ def _pair_losses(model: RewardModel, batch: list[dict[str, Any]], autocast: bool
 
 
 @torch.no_grad()
+def fit_probe_heads(model: RewardModel, rows: list[dict[str, Any]], batch_size: int,
+                    cache: PrefixCache | None, l2: float) -> dict[str, float]:
+    """Set each side's head to the Bradley-Terry linear probe of the frozen features (the LoRA is still
+    the identity) of that side's training pairs; returns the probes' training accuracies."""
+    was = model.training
+    model.eval()
+    diffs: dict[str, list[torch.Tensor]] = defaultdict(list)
+    for i in range(0, len(rows), batch_size):
+        batch = rows[i:i + batch_size]
+        texts = [model.format(r["prompt"], r["chosen"], r["side"]) for r in batch] + \
+                [model.format(r["prompt"], r["rejected"], r["side"]) for r in batch]
+        feats = (cache.features(texts) if cache is not None else model.features(**model.encode(texts))).float()
+        for j, r in enumerate(batch):
+            diffs[r["side"]].append(feats[j] - feats[len(batch) + j])
+    model.train(was)
+    out = {}
+    for side, d in diffs.items():
+        x = torch.stack(d)  # (N, H)
+        w = fit_bradley_terry_head(x.cpu(), l2)
+        k = model.side_index(side)
+        model.head.weight[k] = w.to(model.head.weight)
+        model.head.bias[k] = 0.0
+        out[f"probe/train_accuracy/{side}"] = float((x.cpu() @ w > 0).float().mean())
+    return out
+
+
+@torch.no_grad()
 def evaluate(model: RewardModel, rows: list[dict[str, Any]], batch_size: int, autocast: bool,
              cache: PrefixCache | None = None) -> dict[str, float]:
     model.eval()
@@ -143,6 +175,8 @@ def main(cfg: TrainRMConfig) -> dict[str, float]:
     # -- validate and read data before loading any model --------------------------------------
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise ConfigError("epochs and batch_size must be at least 1")
+    if cfg.head_init not in ("probe", "random"):
+        raise ConfigError(f"head_init must be probe or random, got {cfg.head_init!r}")
     if not 0 <= cfg.eval_fraction < 1:
         raise ConfigError(f"eval_fraction must be in [0, 1), got {cfg.eval_fraction}")
     space = load_space(cfg.dimensions)
@@ -198,6 +232,11 @@ def main(cfg: TrainRMConfig) -> dict[str, float]:
         state, progress = restored
         model.load_trainable_state(state)
         step = int(progress["step"])
+    elif cfg.head_init == "probe":
+        probe = fit_probe_heads(model, train_rows, cfg.batch_size * 2, cache, cfg.probe_l2)
+        if eval_rows:
+            probe.update(evaluate(model, eval_rows, cfg.batch_size * 2, autocast, cache))
+        logger.log(0, probe)
 
     bar = None
     if cfg.progress:
