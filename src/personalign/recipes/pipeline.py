@@ -1,8 +1,7 @@
 """Recipe: stages 1-4 of Personalized Soups in one command, from one config file.
 
-rollouts -> pairwise labels -> one reward model per side -> one RL-trained LoRA expert per side
-(against its side's reward model) -> optionally one multi-head reward model, trained last because
-only the later stages (MoPE's controller, P-MORL, evaluation) need it. Each stage's outputs live in
+rollouts -> pairwise labels -> one reward model per side (and optionally one multi-head model) ->
+one RL-trained LoRA expert per side, against its side's reward model. Each stage's outputs live in
 the run folder; a stage whose outputs are complete is skipped, and an interrupted stage resumes, so
 the same command finishes a run however often it is stopped.
 
@@ -16,7 +15,7 @@ Run folder layout::
     rm/<SIDE>/              stage 3, one reward model per side
     experts/<SIDE>/         stage 4, one expert per side (adapter/ + expert.json): an experts folder
                             that ``generate --experts`` and ``eval --experts`` read as it is
-    rm/multihead/           stage 3, all sides in one model (when multihead: true), trained last
+    rm/multihead/           stage 3, all sides in one model (when multihead: true)
     summary.json            per-side pair counts, reward-model accuracy and training time
 """
 
@@ -132,13 +131,12 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
             stats = label.main(lab)
         summary["stages"]["label"] = stats
 
-    results: dict[str, Any] = {}
     if "reward" in cfg.stages:
+        results = {}
         for name, rm_cfg in rms.items():
-            if name != "multihead":
-                results[name] = train_rm.main(rm_cfg)  # returns at once when already trained
-        summary["stages"]["reward"] = results
-        _write_summary(run, summary)
+            results[name] = train_rm.main(rm_cfg)  # returns at once when already trained
+            summary["stages"]["reward"] = results
+            _write_summary(run, summary)
 
     if "expert" in cfg.stages:
         experts = {}
@@ -146,9 +144,6 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
             experts[side] = train_expert.main(ex_cfg)  # returns at once when already trained
             summary["stages"]["expert"] = experts
             _write_summary(run, summary)
-
-    if "reward" in cfg.stages and "multihead" in rms:
-        results["multihead"] = train_rm.main(rms["multihead"])
     _write_summary(run, summary)
     return summary
 
