@@ -111,3 +111,37 @@ def test_adapters_record_the_embedded_base_by_name(tmp_path):
     assert load_adapter(tmp_path / "P1A").base_model == EMBEDDED_DEFAULT
     fresh, _ = load_model(EMBEDDED_DEFAULT, device="cpu", dtype="float32")
     compose.load_expert_model(fresh, tmp_path / "P1A")  # accepted: same base by name
+
+
+def test_reward_model_expert_and_single_side_eval_real_model(tmp_path):
+    """Stages 3-4 and the expert evaluation on the real model, sized to run in minutes: a reward model
+    read at layer 4 with a probe-started head, a 2-step expert against it, then that expert against the
+    base prompted with its side."""
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [json.loads(x) for x in (ROOT / "runs" / "psoups-smollm2" / "pairs.jsonl").read_text().splitlines()]
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in [r for r in rows if r["side"] == "P2A"][:24]))
+    rm = tmp_path / "rm"
+    res = runner.invoke(app, ["train-rm", "--pairs", str(pairs), "--side", "P2A", "-o", str(rm),
+                              "--set", "readout_layer=4", "--set", "lora.top_layers=1", "--set", "epochs=1",
+                              "--set", "eval_fraction=0.25", "--set", "max_length=160"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    first = json.loads((rm / "metrics.jsonl").read_text().splitlines()[0])
+    assert "probe/train_accuracy/P2A" in first and "eval/accuracy" in first  # the head started as a probe
+    config = json.loads((rm / "reward_config.json").read_text())
+    assert config["readout_layer"] == 4 and config["metrics"]["prefix_cache/layers"] == 3
+
+    experts = tmp_path / "experts"
+    res = runner.invoke(app, ["train-expert", "--side", "P2A", "-o", str(experts / "P2A"), "--reward", f"rm:{rm}",
+                              "--set", "steps=2", "--set", "batch_prompts=2", "--set", "group_size=2",
+                              "--set", "max_new_tokens=12", "--set", "lora.target_modules=[q_proj,v_proj]",
+                              "--set", "lora.r=4"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    doc = json.loads((experts / "P2A" / "expert.json").read_text())
+    assert doc["metrics"]["steps"] == 2 and doc["reward"] == f"rm:{rm}"
+
+    res = runner.invoke(app, ["eval", "--single-sides", "-o", str(tmp_path / "eval"), "--experts", str(experts),
+                              "--limit", "2", "--set", "combinations=[P2A]", "--set", "sampling.max_new_tokens=12",
+                              "--set", "ontopic=false", "--set", "bootstrap_resamples=50"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["combinations"] == ["P2A"] and results["methods"] == ["expert-1"]
