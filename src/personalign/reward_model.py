@@ -1,7 +1,10 @@
 """Bradley-Terry reward models: a causal-LM backbone with LoRA and a scalar head per side.
 
 The reward is read from the hidden state of the **last real token** (found from the attention mask,
-so left or right padding both work and a pad id equal to end-of-sequence cannot mislead it). A model
+so left or right padding both work and a pad id equal to end-of-sequence cannot mislead it), or, with
+``pooling="mean"``, from the mean of every real token's state: properties spread over the whole text
+(how many distinct facts it holds, its tone) can be linear in the mean where the last token's state
+does not hold them (see docs/pipeline.md). A model
 has one head (one side) or several heads sharing one backbone (multi-head: every side's reward from a
 single forward pass).
 
@@ -34,7 +37,9 @@ from personalign.errors import ModelError
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["LoraSpec", "PrefixCache", "RewardModel", "last_token_index", "base_fingerprint"]
+__all__ = ["LoraSpec", "POOLINGS", "PrefixCache", "RewardModel", "last_token_index", "base_fingerprint", "pool"]
+
+POOLINGS = ("last", "mean")
 
 WEIGHTS = "reward_model.safetensors"
 CONFIG = "reward_config.json"
@@ -83,6 +88,17 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return t - 1 - attention_mask.flip(1).long().argmax(dim=1)
 
 
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "last") -> torch.Tensor:
+    """One vector per sequence: the last real token's state, or the mean over real tokens. # (B, T, H) -> (B, H)"""
+    if pooling == "last":
+        idx = last_token_index(attention_mask)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
+    if pooling == "mean":
+        m = attention_mask.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
+        return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+    raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+
+
 def base_fingerprint(model: PreTrainedModel) -> dict[str, Any]:
     """What must match for adapters trained on one base to be valid on another."""
     c = model.config
@@ -110,12 +126,16 @@ class RewardModel(nn.Module):
 
     def __init__(self, base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sides: Sequence[str],
                  lora: LoraSpec = LoraSpec(), max_length: int = 384, side_prompts: dict[str, str] | None = None,
-                 side_prompt_in_input: bool | None = None, readout_layer: int | None = None):
+                 side_prompt_in_input: bool | None = None, readout_layer: int | None = None,
+                 pooling: str = "last"):
         super().__init__()
         from peft import LoraConfig, get_peft_model
 
         if not sides:
             raise ValueError("a reward model needs at least one side")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+        self.pooling = pooling
         self.sides = tuple(sides)
         self.lora = lora
         self.max_length = max_length
@@ -176,15 +196,13 @@ class RewardModel(nn.Module):
         return self.head(self.features(input_ids, attention_mask))
 
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """What the head reads: the state of the last real token. # (B, T) -> (B, H)"""
+        """What the head reads: the last real token's state (or the mean, see ``pooling``). # (B, T) -> (B, H)"""
         if self.readout_layer is None:
             hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
         else:  # the first readout_layer layers, then the final norm
             with self._decoder_span(0, self.readout_layer, final_norm=True) as decoder:
                 hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        idx = last_token_index(attention_mask)
-        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]  # (B, H)
-        return last.to(self.head.weight.dtype)
+        return pool(hidden, attention_mask, self.pooling).to(self.head.weight.dtype)
 
     # -- the frozen prefix (LoRA on the top layers only) ---------------------------------------------
     def frozen_prefix(self) -> int:
@@ -228,9 +246,7 @@ class RewardModel(nn.Module):
         """:meth:`features` from the hidden states entering layer ``layers``. # (B, T, H) -> (B, H)"""
         with self._decoder_span(layers, self.readout_layer, final_norm=True) as decoder:
             out = decoder(inputs_embeds=hidden, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        idx = last_token_index(attention_mask)
-        last = out[torch.arange(out.shape[0], device=out.device), idx]  # (B, H)
-        return last.to(self.head.weight.dtype)
+        return pool(out, attention_mask, self.pooling).to(self.head.weight.dtype)
 
     def side_index(self, side: str) -> int:
         try:
@@ -291,7 +307,7 @@ class RewardModel(nn.Module):
         return {"kind": "reward_model", "sides": list(self.sides), "lora": asdict(self.lora),
                 "max_length": self.max_length, "side_prompts": self.side_prompts,
                 "side_prompt_in_input": self.side_prompt_in_input, "readout_layer": self.readout_layer,
-                "base": self.fingerprint}
+                "pooling": self.pooling, "base": self.fingerprint}
 
     def save(self, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
         from safetensors.torch import save_file
@@ -325,7 +341,7 @@ class RewardModel(nn.Module):
         check_fingerprint(cfg["base"], base, f"reward model {folder}")
         lora = LoraSpec(**{**cfg["lora"], "target_modules": tuple(cfg["lora"]["target_modules"])})
         model = cls(base, tokenizer, cfg["sides"], lora, cfg["max_length"], cfg.get("side_prompts"),
-                    cfg.get("side_prompt_in_input"), cfg.get("readout_layer"))
+                    cfg.get("side_prompt_in_input"), cfg.get("readout_layer"), cfg.get("pooling", "last"))
         model.load_trainable_state(load_file(str(folder / WEIGHTS)))
         model.eval()
         return model

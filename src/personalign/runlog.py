@@ -3,6 +3,7 @@ per line), and the check that a resumed run is the same run."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -28,6 +29,8 @@ def prepare_run_dir(folder: str | Path, cfg: Any) -> Path:
             previous = json.loads(path.read_text())
         except json.JSONDecodeError:
             previous = None
+        if isinstance(previous, dict):
+            previous = {**_added_defaults(cfg, previous), **previous}
         strip = lambda d: {k: v for k, v in (d or {}).items() if k not in RESUMABLE_FIELDS}  # noqa: E731
         if strip(previous) != strip(current):
             diff = sorted(k for k in set(strip(previous)) | set(strip(current))
@@ -36,6 +39,25 @@ def prepare_run_dir(folder: str | Path, cfg: Any) -> Path:
                               "use another output folder or delete it")
     path.write_text(json.dumps(current, indent=2))
     return folder
+
+
+def _added_defaults(cfg: Any, previous: dict[str, Any]) -> dict[str, Any]:
+    """Fields a newer version added to the config, at their defaults: a run saved before a field
+    existed ran with that field's default behaviour, so it is still the same run."""
+    if not dataclasses.is_dataclass(cfg):
+        return {}
+    out = {}
+    for f in dataclasses.fields(cfg):
+        if f.name in previous:
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            continue
+        out[f.name] = to_dict(default)
+    return out
 
 
 class MetricsLogger:

@@ -103,3 +103,20 @@ def test_shipped_pipeline_config_is_valid():
     assert roll.samples == 3 and lab.pairing == "all" and set(rms) == {"P1A", "P1B", "P2A", "P2B", "P3A", "P3B", "multihead"}
     experts = pipeline.build_expert_configs(cfg)
     assert experts["P2A"].reward == "rm:runs/psoups-smollm2/rm/P2A"
+
+
+def test_reward_sides_override_one_sides_recipe(tmp_path, tiny_model_dir):
+    cfg = _cfg(tmp_path, tiny_model_dir, reward_sides={"informative": {"pooling": "mean", "lora": {"r": 4}}},
+               reward={"epochs": 1, "lr": 5e-3, "lora": {"r": 8, "dropout": 0.0}, "device": "cpu"})
+    _, _, rms = pipeline.build_stage_configs(cfg)
+    assert rms["P2B"].pooling == "mean" and rms["P2B"].lora.r == 4 and rms["P2B"].lora.dropout == 0.0
+    assert rms["P2B"].lr == 5e-3  # everything else from `reward`
+    assert rms["P2A"].pooling == "last" and rms["P2A"].lora.r == 8
+    assert rms["multihead"].pooling == "last" and rms["multihead"].sides == ("P2A", "P2B")
+    with pytest.raises(ConfigError, match="reward_sides names 'P1A', which is not one of"):
+        pipeline.build_stage_configs(_cfg(tmp_path, tiny_model_dir, reward_sides={"P1A": {"pooling": "mean"}}))
+    with pytest.raises(ConfigError, match="reward_sides.P2B: pooling must be one of"):
+        pipeline.build_stage_configs(_cfg(tmp_path, tiny_model_dir, reward_sides={"P2B": {"pooling": "max"}}))
+    with pytest.raises(ConfigError, match="set by the pipeline itself"):
+        pipeline.build_stage_configs(_cfg(tmp_path, tiny_model_dir, reward_sides={"P2B": {"sides": ["P2A"]}}))
+    assert not (tmp_path / "run").exists()

@@ -367,3 +367,46 @@ def test_train_rm_probe_head_init(tmp_path, tiny_model_dir):
     assert plain["data/train_pairs"] == result["data/train_pairs"]
     with pytest.raises(ConfigError, match="head_init"):
         train_rm.main(train_rm.TrainRMConfig(output_dir=str(tmp_path / "x"), head_init="zeros", **common))
+
+
+def test_pool_last_and_mean_by_hand():
+    from personalign.reward_model import pool
+
+    h = torch.arange(2 * 3 * 2, dtype=torch.float32).reshape(2, 3, 2)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    torch.testing.assert_close(pool(h, mask, "last"), torch.stack([h[0, 1], h[1, 2]]))
+    torch.testing.assert_close(pool(h, mask, "mean"), torch.stack([h[0, :2].mean(0), h[1].mean(0)]))
+    with pytest.raises(ValueError, match="pooling must be one of last, mean"):
+        pool(h, mask, "max")
+
+
+def test_mean_pooling_ignores_padding_caches_and_round_trips(tmp_path, tiny_model_dir):
+    from conftest import build_tiny_model
+
+    from personalign.models import load_model
+    from personalign.reward_model import LoraSpec, PrefixCache
+
+    _, tok = load_model(str(tiny_model_dir), device="cpu")
+    rm = RewardModel(build_tiny_model(tok, layers=3), tok, ["P2B"], LoraSpec(top_layers=1, dropout=0.0),
+                     readout_layer=2, pooling="mean")
+    rm.eval()
+    texts = [rm.format("Explain rain.", "Water falls from clouds when drops grow heavy."), rm.format("Hi", "Hello!")]
+    enc = rm.encode(texts)
+    got = rm(**enc)
+    alone = rm(**rm.encode(texts[1:]))
+    torch.testing.assert_close(got[1:], alone, rtol=1e-5, atol=1e-5)  # padding does not enter the mean
+    with torch.no_grad():  # by hand: mean over real tokens of the normed layer-2 state
+        out = rm.backbone(**enc, output_hidden_states=True)
+        h = rm.backbone.get_base_model().norm(out.hidden_states[2])
+        m = enc["attention_mask"].float()[..., None]
+        want = rm.head((h * m).sum(1) / m.sum(1))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    cache = PrefixCache.for_model(rm, texts)
+    assert cache is not None
+    torch.testing.assert_close(cache.rewards(texts), got, rtol=1e-5, atol=1e-5)
+    rm.save(tmp_path / "rm")
+    again = RewardModel.load(tmp_path / "rm", base=build_tiny_model(tok, layers=3), tokenizer=tok)
+    assert again.pooling == "mean"
+    torch.testing.assert_close(again(**enc), got, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        RewardModel(build_tiny_model(tok, layers=3), tok, ["P2B"], pooling="max")

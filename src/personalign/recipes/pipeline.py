@@ -43,6 +43,9 @@ class PipelineConfig:
     rollout: dict[str, Any] = field(default_factory=dict)  # fields of RolloutConfig
     label: dict[str, Any] = field(default_factory=dict)  # fields of LabelConfig
     reward: dict[str, Any] = field(default_factory=dict)  # fields of TrainRMConfig
+    # Per side, fields of TrainRMConfig that differ from ``reward`` for that side's single-side model
+    # (e.g. {P2B: {pooling: mean}}); the multi-head model uses ``reward`` as it is.
+    reward_sides: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Fields of TrainExpertConfig. ``reward`` defaults to the side's reward model (rm:<run>/rm/<SIDE>);
     # set it (e.g. "offline") to train against something else.
     expert: dict[str, Any] = field(default_factory=dict)
@@ -84,11 +87,31 @@ def build_stage_configs(cfg: PipelineConfig) -> tuple[rollout.RolloutConfig, lab
                                              "sides": list(sides)}, "rollout")
     lab = from_dict(label.LabelConfig, {**cfg.label, "dimensions": cfg.dimensions,
                                         "rollouts": roll.output, "output": str(run / "pairs.jsonl")}, "label")
-    rms = {s: from_dict(train_rm.TrainRMConfig, {**cfg.reward, **common, "pairs": lab.output,
-                                                  "output_dir": str(run / "rm" / s), "sides": [s]}, "reward")
-           for s in sides}
+    overrides = {}
+    for key, fields in cfg.reward_sides.items():
+        side = space.resolve(key)
+        if side not in sides:
+            raise ConfigError(f"reward_sides names {key!r}, which is not one of this pipeline's sides "
+                              f"({', '.join(sides)})")
+        if not isinstance(fields, dict):
+            raise ConfigError(f"reward_sides.{key} must be a mapping of reward fields, e.g. {{pooling: mean}}")
+        clash = _DERIVED["reward"] & set(fields)
+        if clash:
+            raise ConfigError(f"reward_sides.{key}: {', '.join(sorted(clash))} set by the pipeline itself")
+        overrides[side] = fields
+
+    def rm_config(fields: dict[str, Any], out: str, rm_sides: list[str], where: str) -> train_rm.TrainRMConfig:
+        merged = {**cfg.reward, **fields}
+        for k, v in fields.items():  # nested sections (lora) merge field by field
+            if isinstance(v, dict) and isinstance(cfg.reward.get(k), dict):
+                merged[k] = {**cfg.reward[k], **v}
+        return from_dict(train_rm.TrainRMConfig, {**merged, **common, "pairs": lab.output, "output_dir": out,
+                                                  "sides": rm_sides}, where)
+
+    rms = {s: rm_config(overrides.get(s, {}), str(run / "rm" / s), [s], f"reward_sides.{s}" if s in overrides
+                        else "reward") for s in sides}
     if cfg.multihead and len(sides) > 1:
-        rms["multihead"] = replace(rms[sides[0]], output_dir=str(run / "rm" / "multihead"), sides=sides)
+        rms["multihead"] = rm_config({}, str(run / "rm" / "multihead"), list(sides), "reward")
     if "expert" in cfg.stages:  # validated now, not after hours of training
         from personalign.judges.offline import SUPPORTED_SIDES
 

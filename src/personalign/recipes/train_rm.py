@@ -30,7 +30,7 @@ from personalign.data import read_jsonl
 from personalign.errors import ConfigError, DataError
 from personalign.losses import bradley_terry_loss, fit_bradley_terry_head, pairwise_accuracy
 from personalign.preferences import load_space
-from personalign.reward_model import CONFIG, WEIGHTS, LoraSpec, PrefixCache, RewardModel
+from personalign.reward_model import CONFIG, POOLINGS, WEIGHTS, LoraSpec, PrefixCache, RewardModel
 from personalign.runlog import MetricsLogger, prepare_run_dir
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected", "side")
@@ -47,6 +47,9 @@ class TrainRMConfig:
     # Read the reward from the output of the first N decoder layers (the layers above do not run);
     # None: the last layer. See docs/pipeline.md for why the pipeline reads an inner layer.
     readout_layer: int | None = None
+    # What the head reads: "last" (the last real token's state, the paper's) or "mean" (the mean of every
+    # real token's state, for sides whose property is spread over the text; see docs/pipeline.md).
+    pooling: str = "last"
     # "probe": before fine-tuning, fit each head by L-BFGS on the frozen features of the training pairs
     # (a linear probe, then fine-tuning: LP-FT); "random": a random head. With few hundred pairs the
     # head barely moves at a LoRA learning rate, and LoRA then fits the training pairs instead.
@@ -71,6 +74,12 @@ class TrainRMConfig:
     prefix_cache: bool = True
     device: str = "auto"
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.pooling not in POOLINGS:
+            raise ConfigError(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
+        if self.head_init not in ("probe", "random"):
+            raise ConfigError(f"head_init must be probe or random, got {self.head_init!r}")
 
 
 def read_pairs(path: str | Path, sides: set[str] | None = None) -> list[dict[str, Any]]:
@@ -175,8 +184,6 @@ def main(cfg: TrainRMConfig) -> dict[str, float]:
     # -- validate and read data before loading any model --------------------------------------
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise ConfigError("epochs and batch_size must be at least 1")
-    if cfg.head_init not in ("probe", "random"):
-        raise ConfigError(f"head_init must be probe or random, got {cfg.head_init!r}")
     if not 0 <= cfg.eval_fraction < 1:
         raise ConfigError(f"eval_fraction must be in [0, 1), got {cfg.eval_fraction}")
     space = load_space(cfg.dimensions)
@@ -212,7 +219,8 @@ def main(cfg: TrainRMConfig) -> dict[str, float]:
     base, tok = load_model(cfg.model, device=cfg.device, dtype="float32")
     model = RewardModel(base, tok, sides, cfg.lora, cfg.max_length,
                         side_prompts={s: space.sides[s].prompt for s in sides},
-                        side_prompt_in_input=cfg.side_prompt_in_input, readout_layer=cfg.readout_layer)
+                        side_prompt_in_input=cfg.side_prompt_in_input, readout_layer=cfg.readout_layer,
+                        pooling=cfg.pooling)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
