@@ -113,6 +113,8 @@ def test_reward_sides_override_one_sides_recipe(tmp_path, tiny_model_dir):
     assert rms["P2B"].lr == 5e-3  # everything else from `reward`
     assert rms["P2A"].pooling == "last" and rms["P2A"].lora.r == 8
     assert rms["multihead"].pooling == "last" and rms["multihead"].sides == ("P2A", "P2B")
+    _, _, rms = pipeline.build_stage_configs(_cfg(tmp_path, tiny_model_dir, reward_sides={"multihead": {"pooling": "mean"}}))
+    assert rms["multihead"].pooling == "mean" and rms["P2B"].pooling == "last"
     with pytest.raises(ConfigError, match="reward_sides names 'P1A', which is not one of"):
         pipeline.build_stage_configs(_cfg(tmp_path, tiny_model_dir, reward_sides={"P1A": {"pooling": "mean"}}))
     with pytest.raises(ConfigError, match="reward_sides.P2B: pooling must be one of"):

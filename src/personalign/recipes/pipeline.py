@@ -44,7 +44,7 @@ class PipelineConfig:
     label: dict[str, Any] = field(default_factory=dict)  # fields of LabelConfig
     reward: dict[str, Any] = field(default_factory=dict)  # fields of TrainRMConfig
     # Per side, fields of TrainRMConfig that differ from ``reward`` for that side's single-side model
-    # (e.g. {P2B: {pooling: mean}}); the multi-head model uses ``reward`` as it is.
+    # (e.g. {P2B: {pooling: mean}}); the key ``multihead`` does the same for the multi-head model.
     reward_sides: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Fields of TrainExpertConfig. ``reward`` defaults to the side's reward model (rm:<run>/rm/<SIDE>);
     # set it (e.g. "offline") to train against something else.
@@ -89,10 +89,10 @@ def build_stage_configs(cfg: PipelineConfig) -> tuple[rollout.RolloutConfig, lab
                                         "rollouts": roll.output, "output": str(run / "pairs.jsonl")}, "label")
     overrides = {}
     for key, fields in cfg.reward_sides.items():
-        side = space.resolve(key)
-        if side not in sides:
+        side = key if key == "multihead" else space.resolve(key)
+        if side not in sides and side != "multihead":
             raise ConfigError(f"reward_sides names {key!r}, which is not one of this pipeline's sides "
-                              f"({', '.join(sides)})")
+                              f"({', '.join(sides)}) or multihead")
         if not isinstance(fields, dict):
             raise ConfigError(f"reward_sides.{key} must be a mapping of reward fields, e.g. {{pooling: mean}}")
         clash = _DERIVED["reward"] & set(fields)
@@ -111,7 +111,8 @@ def build_stage_configs(cfg: PipelineConfig) -> tuple[rollout.RolloutConfig, lab
     rms = {s: rm_config(overrides.get(s, {}), str(run / "rm" / s), [s], f"reward_sides.{s}" if s in overrides
                         else "reward") for s in sides}
     if cfg.multihead and len(sides) > 1:
-        rms["multihead"] = rm_config({}, str(run / "rm" / "multihead"), list(sides), "reward")
+        rms["multihead"] = rm_config(overrides.get("multihead", {}), str(run / "rm" / "multihead"), list(sides),
+                                     "reward_sides.multihead" if "multihead" in overrides else "reward")
     if "expert" in cfg.stages:  # validated now, not after hours of training
         from personalign.judges.offline import SUPPORTED_SIDES
 
