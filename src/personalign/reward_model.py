@@ -4,7 +4,8 @@ The reward is read from the hidden state of the **last real token** (found from 
 so left or right padding both work and a pad id equal to end-of-sequence cannot mislead it), or, with
 ``pooling="mean"``, from the mean of every real token's state: properties spread over the whole text
 (how many distinct facts it holds, its tone) can be linear in the mean where the last token's state
-does not hold them (see docs/pipeline.md). A model
+does not hold them (see docs/pipeline.md); ``"last+mean"`` reads both, side by side (a multi-head
+model whose sides want different readouts). A model
 has one head (one side) or several heads sharing one backbone (multi-head: every side's reward from a
 single forward pass).
 
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
 
 __all__ = ["LoraSpec", "POOLINGS", "PrefixCache", "RewardModel", "last_token_index", "base_fingerprint", "pool"]
 
-POOLINGS = ("last", "mean")
+POOLINGS = ("last", "mean", "last+mean")
 
 WEIGHTS = "reward_model.safetensors"
 CONFIG = "reward_config.json"
@@ -89,7 +90,10 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "last") -> torch.Tensor:
-    """One vector per sequence: the last real token's state, or the mean over real tokens. # (B, T, H) -> (B, H)"""
+    """One vector per sequence: the last real token's state, the mean over real tokens, or both side by
+    side (``last+mean``). # (B, T, H) -> (B, H) or (B, 2H)"""
+    if pooling == "last+mean":
+        return torch.cat([pool(hidden, attention_mask, "last"), pool(hidden, attention_mask, "mean")], dim=-1)
     if pooling == "last":
         idx = last_token_index(attention_mask)
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
@@ -160,6 +164,8 @@ class RewardModel(nn.Module):
         cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets)
         self.backbone = get_peft_model(decoder, cfg)
         hidden = base.config.hidden_size
+        if pooling == "last+mean":
+            hidden *= 2
         self.head = nn.Linear(hidden, len(self.sides))
         nn.init.normal_(self.head.weight, std=1.0 / (hidden + 1) ** 0.5)
         nn.init.zeros_(self.head.bias)

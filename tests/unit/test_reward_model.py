@@ -376,6 +376,9 @@ def test_pool_last_and_mean_by_hand():
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
     torch.testing.assert_close(pool(h, mask, "last"), torch.stack([h[0, 1], h[1, 2]]))
     torch.testing.assert_close(pool(h, mask, "mean"), torch.stack([h[0, :2].mean(0), h[1].mean(0)]))
+    both = pool(h, mask, "last+mean")
+    assert both.shape == (2, 4)
+    torch.testing.assert_close(both, torch.cat([pool(h, mask, "last"), pool(h, mask, "mean")], dim=-1))
     with pytest.raises(ValueError, match="pooling must be one of last, mean"):
         pool(h, mask, "max")
 
@@ -410,3 +413,8 @@ def test_mean_pooling_ignores_padding_caches_and_round_trips(tmp_path, tiny_mode
     torch.testing.assert_close(again(**enc), got, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="pooling must be one of"):
         RewardModel(build_tiny_model(tok, layers=3), tok, ["P2B"], pooling="max")
+    both = RewardModel(build_tiny_model(tok, layers=3), tok, ["P2A", "P2B"], readout_layer=2, pooling="last+mean")
+    assert both.head.in_features == 2 * both.backbone.get_base_model().config.hidden_size
+    assert both(**enc).shape == (2, 2)
+    both.save(tmp_path / "both")
+    assert RewardModel.load(tmp_path / "both", base=build_tiny_model(tok, layers=3), tokenizer=tok).pooling == "last+mean"
