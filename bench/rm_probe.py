@@ -3,7 +3,7 @@
 For each side's labelled pairs (a pipeline run's ``pairs.jsonl``, split by instruction as ``train-rm``
 splits them), the base model runs once over every text as the reward model formats it; at each listed
 layer, the state of the last real token (``last``) and the mean over the sequence (``mean``) are
-features, and a Bradley-Terry linear probe (``losses.fit_bradley_terry_head``) is fitted on the
+features (and both side by side, ``last+mean``), and a Bradley-Terry linear probe (``losses.fit_bradley_terry_head``) is fitted on the
 training pairs' feature differences and scored on the held-out pairs. High held-out accuracy at a
 layer means a reward model read there starts from features that already separate the side's pairs.
 
@@ -51,6 +51,7 @@ def features(decoder, tok, texts: list[str], layers: list[int], batch: int = 16,
                 h = hs[layer][j].float()
                 f[f"last{layer}"] = h[idx[j]]
                 f[f"mean{layer}"] = (h * m[j]).sum(0) / m[j].sum()
+                f[f"last+mean{layer}"] = torch.cat([f[f"last{layer}"], f[f"mean{layer}"]])
             out[t] = f
     return out
 
@@ -87,7 +88,7 @@ def main() -> None:
 
         result = {}
         for layer in args.layers:
-            for pool in ("last", "mean"):
+            for pool in ("last", "mean", "last+mean"):
                 name = f"{pool}{layer}"
                 w = fit_bradley_terry_head(diff(train, name), args.l2)
                 result[name] = {"train": float((diff(train, name) @ w > 0).float().mean()),

@@ -20,6 +20,7 @@ __all__ = [
     "ppo_policy_loss",
     "ppo_value_loss",
     "rebel_loss",
+    "select_l2_by_cv",
     "sequence_policy_loss",
 ]
 
@@ -64,6 +65,40 @@ def fit_bradley_terry_head(diff: torch.Tensor, l2: float = 1e-2, max_iter: int =
     with torch.enable_grad():
         opt.step(closure)
     return (w.detach() / scale).to(diff.dtype)
+
+
+def select_l2_by_cv(diff: torch.Tensor, groups: list[str], grid: list[float], folds: int = 5,
+                    seed: int = 0) -> tuple[float, dict[float, float]]:
+    """The ``l2`` of :func:`fit_bradley_terry_head` with the best k-fold cross-validated pairwise accuracy.
+
+    ``groups`` names each pair's instruction; every instruction's pairs fall in one fold, so a fold
+    never scores pairs whose instruction it trained on (as the held-out split). Folds are the
+    instructions in a seeded shuffle, dealt round-robin. Returns the chosen ``l2`` (the largest among
+    equal accuracies: the simpler model) and the mean accuracy for each candidate.
+    """
+    import random
+
+    if len(groups) != diff.shape[0]:
+        raise ValueError(f"groups has {len(groups)} entries for {diff.shape[0]} pairs")
+    if not grid:
+        raise ValueError("grid of l2 values is empty")
+    names = sorted(set(groups))
+    if len(names) < folds:
+        raise ValueError(f"{len(names)} instructions cannot be split into {folds} folds")
+    random.Random(seed).shuffle(names)
+    fold_of = {g: i % folds for i, g in enumerate(names)}
+    fold = torch.tensor([fold_of[g] for g in groups])
+    scores: dict[float, float] = {}
+    for l2 in grid:
+        accs = []
+        for k in range(folds):
+            test = fold == k
+            w = fit_bradley_terry_head(diff[~test], l2)
+            margin = diff[test] @ w
+            accs.append(float(((margin > 0).float() + 0.5 * (margin == 0).float()).mean()))
+        scores[float(l2)] = sum(accs) / folds
+    best = max(scores.values())
+    return max(l2 for l2, acc in scores.items() if acc >= best - 1e-12), scores
 
 
 # -- reinforcement learning -------------------------------------------------------------------------

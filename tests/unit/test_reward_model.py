@@ -350,6 +350,37 @@ def test_fit_bradley_terry_head_is_the_regularised_optimum():
         fit_bradley_terry_head(torch.zeros(0, 3))
 
 
+def test_select_l2_by_cv_scores_unseen_instructions():
+    from personalign.losses import fit_bradley_terry_head, select_l2_by_cv
+
+    g = torch.Generator().manual_seed(1)
+    # 2 informative features among 60 noise features and 120 pairs: a weak penalty overfits the noise.
+    x = torch.randn(120, 62, generator=g)
+    true = torch.zeros(62)
+    true[:2] = torch.tensor([1.5, -1.0])
+    labels = (torch.rand(120, generator=g) < torch.sigmoid(x @ true)).float()
+    diff = x * (2 * labels - 1)[:, None]
+    groups = [f"q{i // 3}" for i in range(120)]  # 40 instructions, 3 pairs each
+    best, scores = select_l2_by_cv(diff, groups, [1e-4, 1.0], folds=5, seed=0)
+    assert set(scores) == {1e-4, 1.0} and best == 1.0
+    # By hand for one candidate: fold k holds the instructions dealt to it after the seeded shuffle.
+    import random
+
+    names = sorted(set(groups))
+    random.Random(0).shuffle(names)
+    fold = torch.tensor([{n: i % 5 for i, n in enumerate(names)}[q] for q in groups])
+    accs = []
+    for k in range(5):
+        w = fit_bradley_terry_head(diff[fold != k], 1.0)
+        accs.append(float((diff[fold == k] @ w > 0).float().mean()))
+    assert scores[1.0] == pytest.approx(sum(accs) / 5)
+    assert scores[1.0] > scores[1e-4]
+    with pytest.raises(ValueError, match="cannot be split into 5 folds"):
+        select_l2_by_cv(diff[:6], groups[:6], [1.0])
+    with pytest.raises(ValueError, match="grid of l2 values is empty"):
+        select_l2_by_cv(diff, groups, [])
+
+
 def test_train_rm_probe_head_init(tmp_path, tiny_model_dir):
     from personalign.recipes import train_rm
 
@@ -367,6 +398,15 @@ def test_train_rm_probe_head_init(tmp_path, tiny_model_dir):
     assert plain["data/train_pairs"] == result["data/train_pairs"]
     with pytest.raises(ConfigError, match="head_init"):
         train_rm.main(train_rm.TrainRMConfig(output_dir=str(tmp_path / "x"), head_init="zeros", **common))
+    # The probe's penalty chosen by cross-validation on the training pairs: logged with every candidate.
+    train_rm.main(train_rm.TrainRMConfig(output_dir=str(tmp_path / "cv"), probe_l2_grid=(0.01, 100.0), **common))
+    first = json.loads((tmp_path / "cv" / "metrics.jsonl").read_text().splitlines()[0])
+    cv = {k: v for k, v in first.items() if k.startswith("probe/cv_accuracy/P2A/")}
+    assert set(cv) == {"probe/cv_accuracy/P2A/l2=0.01", "probe/cv_accuracy/P2A/l2=100"}
+    assert first["probe/l2/P2A"] in (0.01, 100.0)
+    assert cv[f"probe/cv_accuracy/P2A/l2={first['probe/l2/P2A']:g}"] == max(cv.values())
+    with pytest.raises(ConfigError, match="must be positive"):
+        train_rm.TrainRMConfig(output_dir=str(tmp_path / "x"), probe_l2_grid=(0.0,), **common)
 
 
 def test_pool_last_and_mean_by_hand():

@@ -28,7 +28,7 @@ import torch
 from personalign.checkpoint import load_checkpoint, save_checkpoint
 from personalign.data import read_jsonl
 from personalign.errors import ConfigError, DataError
-from personalign.losses import bradley_terry_loss, fit_bradley_terry_head, pairwise_accuracy
+from personalign.losses import bradley_terry_loss, fit_bradley_terry_head, pairwise_accuracy, select_l2_by_cv
 from personalign.preferences import load_space
 from personalign.reward_model import CONFIG, POOLINGS, WEIGHTS, LoraSpec, PrefixCache, RewardModel
 from personalign.runlog import MetricsLogger, prepare_run_dir
@@ -55,6 +55,9 @@ class TrainRMConfig:
     # head barely moves at a LoRA learning rate, and LoRA then fits the training pairs instead.
     head_init: str = "probe"
     probe_l2: float = 1e-2
+    # Candidates for probe_l2, chosen per side by 5-fold cross-validation over the training pairs'
+    # instructions (losses.select_l2_by_cv; the held-out pairs are not used); empty: probe_l2 as given.
+    probe_l2_grid: tuple[float, ...] = ()
     lr: float = 2e-4
     epochs: int = 2
     batch_size: int = 8  # pairs per step
@@ -80,6 +83,8 @@ class TrainRMConfig:
             raise ConfigError(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
         if self.head_init not in ("probe", "random"):
             raise ConfigError(f"head_init must be probe or random, got {self.head_init!r}")
+        if any(not x > 0 for x in (self.probe_l2, *self.probe_l2_grid)):
+            raise ConfigError("probe_l2 and probe_l2_grid values must be positive, e.g. [0.01, 0.1, 1, 10]")
 
 
 def read_pairs(path: str | Path, sides: set[str] | None = None) -> list[dict[str, Any]]:
@@ -127,12 +132,15 @@ def _pair_losses(model: RewardModel, batch: list[dict[str, Any]], autocast: bool
 
 @torch.no_grad()
 def fit_probe_heads(model: RewardModel, rows: list[dict[str, Any]], batch_size: int,
-                    cache: PrefixCache | None, l2: float) -> dict[str, float]:
+                    cache: PrefixCache | None, l2: float, l2_grid: tuple[float, ...] = ()) -> dict[str, float]:
     """Set each side's head to the Bradley-Terry linear probe of the frozen features (the LoRA is still
-    the identity) of that side's training pairs; returns the probes' training accuracies."""
+    the identity) of that side's training pairs; with ``l2_grid``, each side's penalty is chosen by
+    cross-validation over its training instructions. Returns the probes' training accuracies (and the
+    cross-validated accuracy per candidate)."""
     was = model.training
     model.eval()
     diffs: dict[str, list[torch.Tensor]] = defaultdict(list)
+    groups: dict[str, list[str]] = defaultdict(list)
     for i in range(0, len(rows), batch_size):
         batch = rows[i:i + batch_size]
         texts = [model.format(r["prompt"], r["chosen"], r["side"]) for r in batch] + \
@@ -140,11 +148,17 @@ def fit_probe_heads(model: RewardModel, rows: list[dict[str, Any]], batch_size: 
         feats = (cache.features(texts) if cache is not None else model.features(**model.encode(texts))).float()
         for j, r in enumerate(batch):
             diffs[r["side"]].append(feats[j] - feats[len(batch) + j])
+            groups[r["side"]].append(r["prompt"])
     model.train(was)
     out = {}
     for side, d in diffs.items():
         x = torch.stack(d)  # (N, H)
-        w = fit_bradley_terry_head(x.cpu(), l2)
+        side_l2 = l2
+        if l2_grid:
+            side_l2, cv = select_l2_by_cv(x.cpu(), groups[side], list(l2_grid))
+            out.update({f"probe/cv_accuracy/{side}/l2={k:g}": v for k, v in cv.items()})
+            out[f"probe/l2/{side}"] = side_l2
+        w = fit_bradley_terry_head(x.cpu(), side_l2)
         k = model.side_index(side)
         model.head.weight[k] = w.to(model.head.weight)
         model.head.bias[k] = 0.0
@@ -241,7 +255,7 @@ def main(cfg: TrainRMConfig) -> dict[str, float]:
         model.load_trainable_state(state)
         step = int(progress["step"])
     elif cfg.head_init == "probe":
-        probe = fit_probe_heads(model, train_rows, cfg.batch_size * 2, cache, cfg.probe_l2)
+        probe = fit_probe_heads(model, train_rows, cfg.batch_size * 2, cache, cfg.probe_l2, cfg.probe_l2_grid)
         if eval_rows:
             probe.update(evaluate(model, eval_rows, cfg.batch_size * 2, autocast, cache))
         logger.log(0, probe)
