@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
+import statistics
 import time
 from datetime import date
 from pathlib import Path
@@ -22,10 +24,33 @@ from personalign.recipes.train_rm import split_by_prompt
 from personalign.reward_model import RewardModel
 
 
+def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson interval of a proportion p measured on n trials."""
+    if not n:
+        return (float("nan"), float("nan"))
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (centre - half, centre + half)
+
+
+def probe_cv(folder: Path, side: str) -> dict:
+    """The step-0 probe record: cross-validated accuracy per penalty and the chosen one, when logged."""
+    path = folder / "metrics.jsonl"
+    if not path.exists():
+        return {}
+    first = json.loads(path.read_text().splitlines()[0])
+    cv = {k.rsplit("=", 1)[1]: v for k, v in first.items() if k.startswith(f"probe/cv_accuracy/{side}/")}
+    out = {"probe_start_accuracy": first.get(f"eval/accuracy/{side}")}
+    if cv:
+        out.update({"probe_cv_accuracy": cv, "probe_l2": first.get(f"probe/l2/{side}")})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--run-dir", default="runs/psoups-smollm2")
     ap.add_argument("--responses", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--output", default=str(Path(__file__).with_name("reward_models.json")))
     args = ap.parse_args()
     run = Path(args.run_dir)
@@ -35,15 +60,20 @@ def main() -> None:
                     "run_dir": str(run), "sides": {}}
     stats = json.loads((run / "pairs.jsonl.stats.json").read_text())["sides"]
     for s in sides:
-        m = json.loads((rm_dir / s / "reward_config.json").read_text()).get("metrics", {})
+        cfg = json.loads((rm_dir / s / "reward_config.json").read_text())
+        m = cfg.get("metrics", {})
+        acc, n = m.get("eval/accuracy"), m.get("data/eval_pairs")
         record["sides"][s] = {"pairs": stats[s]["kept"], "ties_dropped": stats[s]["ties_dropped"],
-                              "single_accuracy": m.get("eval/accuracy"), "single_eval_pairs": m.get("data/eval_pairs"),
-                              "train_seconds": m.get("time/train_seconds")}
+                              "pooling": cfg.get("pooling", "last"), "single_accuracy": acc,
+                              "single_accuracy_95ci": wilson(acc, n) if acc is not None else None,
+                              "single_eval_pairs": n, "train_seconds": m.get("time/train_seconds"),
+                              **probe_cv(rm_dir / s, s)}
     multi_cfg = rm_dir / "multihead" / "reward_config.json"
     if multi_cfg.exists():
         mm = json.loads(multi_cfg.read_text()).get("metrics", {})
         for s in sides:
             record["sides"][s]["multihead_accuracy"] = mm.get(f"eval/accuracy/{s}")
+            record["sides"][s]["multihead_probe"] = probe_cv(rm_dir / "multihead", s)
         record["multihead_train_seconds"] = mm.get("time/train_seconds")
 
     # Scoring speed on held-out responses: every side's reward for each response.
@@ -55,18 +85,35 @@ def main() -> None:
     for s in sides:
         base, tok = load_model(device="cpu", dtype="float32")
         singles.append(RewardModel.load(rm_dir / s, base=base, tokenizer=tok))
-    t0 = time.perf_counter()
-    for model in singles:
-        model.score(prompts, responses, batch_size=16)
-    separate = len(prompts) / (time.perf_counter() - t0)
-    record["scoring"] = {"responses": len(prompts), "separate_models_responses_per_s": separate}
+    multi = None
     if multi_cfg.exists():
         base, tok = load_model(device="cpu", dtype="float32")
         multi = RewardModel.load(rm_dir / "multihead", base=base, tokenizer=tok)
+
+    def separate() -> float:
+        t0 = time.perf_counter()
+        for model in singles:
+            model.score(prompts, responses, batch_size=16)
+        return len(prompts) / (time.perf_counter() - t0)
+
+    def one() -> float:
         t0 = time.perf_counter()
         multi.score(prompts, responses, batch_size=16)
-        one = len(prompts) / (time.perf_counter() - t0)
-        record["scoring"].update({"multihead_responses_per_s": one, "speedup": one / separate})
+        return len(prompts) / (time.perf_counter() - t0)
+
+    runs: dict[str, list[float]] = {"separate": [], "multihead": []}
+    for k in range(args.repeats):  # alternate the order between repetitions
+        order = ["separate", "multihead"] if k % 2 == 0 else ["multihead", "separate"]
+        for name in order:
+            if name == "multihead" and multi is None:
+                continue
+            runs[name].append(separate() if name == "separate" else one())
+    record["scoring"] = {"responses": len(prompts), "repeats": args.repeats,
+                         "separate_models_responses_per_s": statistics.median(runs["separate"])}
+    if multi is not None:
+        fast = statistics.median(runs["multihead"])
+        record["scoring"].update({"multihead_responses_per_s": fast,
+                                  "speedup": fast / record["scoring"]["separate_models_responses_per_s"]})
     print(json.dumps(record, indent=2))
     Path(args.output).write_text(json.dumps(record, indent=2))
 
