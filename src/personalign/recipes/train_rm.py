@@ -99,8 +99,9 @@ def read_pairs(path: str | Path, sides: set[str] | None = None) -> list[dict[str
 
 
 def split_by_prompt(rows: list[dict[str, Any]], eval_fraction: float, seed: int) -> tuple[list, list]:
-    """Held-out pairs are those of a fixed fraction of instructions, so no instruction is on both sides
-    of the split, and every model trained with the same seed holds out the same pairs."""
+    """Held-out pairs are those of the first ``eval_fraction`` of the instructions present, in a seeded
+    hash order: no instruction is on both sides of the split, and models trained on the same pairs with
+    the same seed hold out the same pairs."""
     prompts = sorted({r["prompt"] for r in rows}, key=lambda p: hashlib.sha1(f"{seed}:{p}".encode()).hexdigest())
     n_eval = max(1, round(len(prompts) * eval_fraction)) if eval_fraction > 0 else 0
     held = set(prompts[:n_eval])
