@@ -276,3 +276,42 @@ def test_config_loads_from_overrides_and_is_strict():
     assert cfg.reward_scales == {"P1A": 0.5} and cfg.context is False
     with pytest.raises(ConfigError, match="unknown field"):
         load_config(tp.TrainPCMConfig, None, ["output_dir=x", "learning_rate=1"])
+
+
+def test_score_batch_scores_a_multihead_models_sides_in_one_pass(tiny):
+    """The sides of one multi-head model come from one pass over the rows active on any of them, with
+    the same values as scoring side by side; NaN where a side is inactive."""
+    from personalign.reward_model import RewardModel
+    from personalign.rewards import ModelReward
+
+    base, tok = tiny
+    multi = RewardModel(base, tok, ["P1A", "P2A", "P3A"], side_prompt_in_input=False)
+    torch.nn.init.normal_(multi.head.weight)
+    multi.eval()
+    calls = []
+    score = multi.score
+    multi.score = lambda *a, **k: calls.append(len(a[0])) or score(*a, **k)  # count the passes
+    rewards = tp.SideRewards.__new__(tp.SideRewards)
+    rewards.fns = {s: ModelReward(multi, s) for s in ("P1A", "P2A", "P3A")}
+    rewards.fns["P1B"] = lambda prompts, responses: torch.tensor([float(len(r)) for r in responses])
+    sides = ("P1A", "P1B", "P2A", "P3A")
+    assert rewards.groups(sides) == [[0, 2, 3], [1]]
+    prompts = ["Why rain?", "Why rain?", "Why snow?"]
+    responses = ["Water falls.", "Clouds drop water when drops grow.", "Ice."]
+    refs = ["Rain is water.", "Rain is water.", "Snow is frozen."]
+    pref = torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 1.0], [0.5, 0.0, 0.0, 0.5]])
+    r, r_ref = tp.score_batch(rewards, sides, prompts, responses, refs, pref)
+    assert calls == [3 + 2]  # one pass: the 3 active rows and the 2 distinct references
+    with torch.no_grad():
+        want = score(prompts, responses)  # (3, 3) over P1A, P2A, P3A
+        want_ref = score(prompts, refs)
+    for i in range(3):
+        for j, side in enumerate(sides):
+            if pref[i, j] == 0:
+                assert torch.isnan(r[i, j]) and torch.isnan(r_ref[i, j])
+            elif side == "P1B":
+                assert r[i, j] == len(responses[i]) and r_ref[i, j] == len(refs[i])
+            else:
+                k = multi.side_index(side)
+                assert r[i, j] == pytest.approx(float(want[i, k]), abs=1e-5)
+                assert r_ref[i, j] == pytest.approx(float(want_ref[i, k]), abs=1e-5)

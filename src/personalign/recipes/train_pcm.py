@@ -303,7 +303,8 @@ class ReferenceCache:
 
 
 class SideRewards:
-    """r_j for every side j; a reward-model folder named for several sides is loaded once."""
+    """r_j for every side j; a reward-model folder named for several sides is loaded once, and a
+    multi-head model that reads no side prompt scores all its sides in one forward pass."""
 
     def __init__(self, specs: dict[str, RewardSpec], device: str, dtype: str):
         from personalign.rewards import ModelReward, reward_from_spec, reward_model_reward
@@ -325,6 +326,38 @@ class SideRewards:
 
         return as_reward_tensor(self.fns[side](prompts, responses), len(responses), f"for side {side}")
 
+    def groups(self, sides: tuple[str, ...]) -> list[list[int]]:
+        """Indices into ``sides``, grouped by what one forward pass can score: the sides of one
+        multi-head model whose input carries no side prompt share a group; every other side is alone."""
+        from personalign.rewards import ModelReward
+
+        out: list[list[int]] = []
+        shared: dict[int, list[int]] = {}
+        for j, side in enumerate(sides):
+            fn = self.fns[side]
+            if isinstance(fn, ModelReward) and not fn.model.side_prompt_in_input:
+                if id(fn.model) not in shared:
+                    shared[id(fn.model)] = []
+                    out.append(shared[id(fn.model)])
+                shared[id(fn.model)].append(j)
+            else:
+                out.append([j])
+        return out
+
+    def score_group(self, sides: list[str], prompts: list[str], responses: list[str]) -> torch.Tensor:
+        """Rewards (N, len(sides)) of one group from :meth:`groups`, in one pass where it shares a model."""
+        from personalign.rewards import ModelReward, as_reward_tensor
+
+        fn = self.fns[sides[0]]
+        if len(sides) == 1 or not isinstance(fn, ModelReward):
+            return torch.stack([self(s, prompts, responses) for s in sides], dim=1)
+        vals = fn.model.score(list(prompts), list(responses), batch_size=fn.batch_size)  # (N, K), every side
+        if vals.dim() == 1:
+            vals = vals[:, None]
+        cols = [fn.model.side_index(s) for s in sides]
+        return torch.stack([as_reward_tensor(vals[:, c], len(responses), f"for side {s}")
+                            for s, c in zip(sides, cols)], dim=1)
+
 
 def decode_responses(tokenizer: PreTrainedTokenizerBase, tokens: torch.Tensor, mask: torch.Tensor,
                      eos_ids: list[int]) -> list[str]:
@@ -341,21 +374,27 @@ def decode_responses(tokenizer: PreTrainedTokenizerBase, tokens: torch.Tensor, m
 def score_batch(rewards: SideRewards, sides: tuple[str, ...], prompts: list[str], responses: list[str],
                 refs: list[str], pref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw rewards (N, S) of the responses and (N, S) of their references, on the active sides only
-    (NaN elsewhere). Rows: N = len(responses); ``refs`` and ``pref`` (N, S) are aligned with them."""
+    (NaN elsewhere). Rows: N = len(responses); ``refs`` and ``pref`` (N, S) are aligned with them.
+    Sides one multi-head model scores together are scored in one pass over the rows active on any."""
     n = len(responses)
     r = torch.full((n, len(sides)), math.nan)
     r_ref = torch.full((n, len(sides)), math.nan)
-    for j, side in enumerate(sides):
-        rows = (pref[:, j] > 0).nonzero().flatten().tolist()
+    for group in rewards.groups(sides):
+        active = pref[:, group] > 0  # (N, G)
+        rows = active.any(dim=1).nonzero().flatten().tolist()
         if not rows:
             continue
-        # Each reference is scored once per side even though both responses of a pair share it.
+        # Each reference is scored once even though both responses of a pair share it.
         uniq = sorted({(prompts[i], refs[i]) for i in rows})
         texts = [prompts[i] for i in rows] + [p for p, _ in uniq]
-        vals = rewards(side, texts, [responses[i] for i in rows] + [y for _, y in uniq])
-        r[rows, j] = vals[: len(rows)]
-        ref_val = dict(zip(uniq, vals[len(rows):].tolist()))
-        r_ref[rows, j] = torch.tensor([ref_val[(prompts[i], refs[i])] for i in rows])
+        vals = rewards.score_group([sides[j] for j in group], texts,
+                                   [responses[i] for i in rows] + [y for _, y in uniq])  # (M, G)
+        ref_row = {key: len(rows) + k for k, key in enumerate(uniq)}
+        for g, j in enumerate(group):
+            for k, i in enumerate(rows):
+                if active[i, g]:
+                    r[i, j] = vals[k, g]
+                    r_ref[i, j] = vals[ref_row[(prompts[i], refs[i])], g]
     return r, r_ref
 
 
