@@ -95,7 +95,7 @@ def select_l2_by_cv(diff: torch.Tensor, groups: list[str], grid: list[float], fo
             test = fold == k
             w = fit_bradley_terry_head(diff[~test], l2)
             margin = diff[test] @ w
-            accs.append(float(((margin > 0).float() + 0.5 * (margin == 0).float()).mean()))
+            accs.append(pairwise_accuracy(margin, torch.zeros_like(margin)))
         scores[float(l2)] = sum(accs) / folds
     best = max(scores.values())
     return max(l2 for l2, acc in scores.items() if acc >= best - 1e-12), scores
