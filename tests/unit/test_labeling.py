@@ -170,3 +170,30 @@ def test_rollout_plan_and_resume(tmp_path, tiny_model_dir):
     assert (tmp_path / "r.jsonl").read_text() == full
     with pytest.raises(ConfigError, match="listed twice"):
         rollout.plan(replace(cfg, sides=("P1A", "1A")))
+
+
+def test_rollout_side_limits_extend_a_finished_file(tmp_path, tiny_model_dir):
+    prompts = _write(tmp_path / "p.jsonl", [{"prompt": f"Why {w}?"} for w in ("rain", "snow", "hail", "fog")])
+    from dataclasses import replace
+
+    cfg = rollout.RolloutConfig(output=str(tmp_path / "r.jsonl"), sides=("P1A", "P2B"), prompts=str(prompts),
+                                limit=2, model=str(tiny_model_dir), batch_size=4, progress=False, device="cpu")
+    cfg = replace(cfg, sampling=replace(cfg.sampling, max_new_tokens=3))
+    small = rollout.plan(cfg)
+    more = replace(cfg, side_limits={"2B": 4})
+    big = rollout.plan(more)
+    assert big[:len(small)] == small  # the smaller run's rows are a prefix of the larger one's
+    extra = [(r["side"], r["prompt"], r["sample"]) for r in big[len(small):]]
+    assert extra == [("P2B", p, k) for p in ("Why hail?", "Why fog?") for k in (0, 1)]
+    fewer = rollout.plan(replace(cfg, side_limits={"P1A": 1}))
+    assert [r["prompt"] for r in fewer if r["side"] == "P1A"] == ["Why rain?", "Why rain?"]
+
+    rollout.main(cfg)
+    before = (tmp_path / "r.jsonl").read_text()
+    rollout.main(more)  # extends the finished file with P2B's two extra instructions
+    after = (tmp_path / "r.jsonl").read_text()
+    assert after.startswith(before) and len(after.splitlines()) == len(big)
+    with pytest.raises(ConfigError, match="side_limits names 'P3A'"):
+        rollout.plan(replace(cfg, side_limits={"P3A": 3}))
+    with pytest.raises(ConfigError, match="at least 1"):
+        rollout.plan(replace(cfg, side_limits={"P2B": 0}))

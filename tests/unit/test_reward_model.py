@@ -458,3 +458,33 @@ def test_mean_pooling_ignores_padding_caches_and_round_trips(tmp_path, tiny_mode
     assert both(**enc).shape == (2, 2)
     both.save(tmp_path / "both")
     assert RewardModel.load(tmp_path / "both", base=build_tiny_model(tok, layers=3), tokenizer=tok).pooling == "last+mean"
+
+
+def test_train_rm_refuses_a_model_trained_on_other_pairs(tmp_path, tiny_model_dir):
+    from personalign.recipes import train_rm
+
+    pairs = _pairs(tmp_path / "pairs.jsonl", 12)
+    cfg = train_rm.TrainRMConfig(pairs=str(pairs), output_dir=str(tmp_path / "rm"), model=str(tiny_model_dir),
+                                 epochs=1, batch_size=4, progress=False, device="cpu")
+    first = train_rm.main(cfg)
+    data = json.loads((tmp_path / "rm" / "data.json").read_text())
+    assert data["pairs"] == {"P2A": 12} and len(data["sha256"]) == 64
+    lines = pairs.read_text().splitlines(keepends=True)
+    pairs.write_text("".join(reversed(lines)))  # the same pairs in another order: the model still stands
+    assert train_rm.main(cfg)["eval/accuracy"] == first["eval/accuracy"]
+    extra = {"prompt": "Question 99?", "chosen": "rain", "rejected": "water falls", "side": "P2A"}
+    pairs.write_text("".join(lines) + json.dumps(extra) + "\n")
+    weights = (tmp_path / "rm" / "reward_model.safetensors").read_bytes()
+    with pytest.raises(DataError, match=r"trained on other pairs \(\{'P2A': 12\}\).*\{'P2A': 13\}.*move the folder"):
+        train_rm.main(cfg)
+    assert (tmp_path / "rm" / "reward_model.safetensors").read_bytes() == weights  # nothing lost
+
+
+def test_data_fingerprint_ignores_order_and_counts_sides():
+    from personalign.recipes.train_rm import data_fingerprint
+
+    a = {"prompt": "q", "chosen": "x", "rejected": "y", "side": "P1A"}
+    b = {"prompt": "q", "chosen": "y", "rejected": "x", "side": "P3B"}
+    assert data_fingerprint([a, b]) == data_fingerprint([b, a])
+    assert data_fingerprint([a, b])["pairs"] == {"P1A": 1, "P3B": 1}
+    assert data_fingerprint([a])["sha256"] != data_fingerprint([{**a, "chosen": "z"}])["sha256"]

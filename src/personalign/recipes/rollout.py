@@ -9,7 +9,9 @@ batches -> write each batch durably.
 
 Output: one JSON object per line with ``id``, ``prompt``, ``side``, ``sample``, ``policy_prompt``
 (the side's prompt, as appended), ``response`` and ``model``, ordered by side, then instruction, then
-sample.
+sample. ``side_limits`` gives one side more (or fewer) instructions than ``limit``; instructions past
+``limit`` come after every side's first ``limit``, so raising one side's limit extends a finished file
+instead of reordering it.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ class RolloutConfig:
     sides: tuple[str, ...] = PSOUPS_SIDES
     prompts: str = "builtin:train"
     limit: int | None = None
+    # Per side, a number of instructions other than ``limit`` (e.g. {P3B: 650}: more data for a side
+    # whose reward model needs it).
+    side_limits: dict[str, int] = field(default_factory=dict)
     samples: int = 2
     model: str | None = None
     dimensions: str | None = None
@@ -56,13 +61,30 @@ def plan(cfg: RolloutConfig) -> list[dict[str, Any]]:
         raise ConfigError("no sides given")
     if len(set(sides)) != len(sides):
         raise ConfigError(f"a side is listed twice in {list(cfg.sides)}")
-    items = load_prompts(cfg.prompts, limit=cfg.limit)
+    limits = {}
+    for key, n in cfg.side_limits.items():
+        side = space.resolve(key)
+        if side not in sides:
+            raise ConfigError(f"side_limits names {key!r}, which is not one of the sides ({', '.join(sides)})")
+        if n < 1:
+            raise ConfigError(f"side_limits.{key} must be at least 1, got {n}")
+        limits[side] = n
+    if cfg.limit is not None and cfg.limit < 1:
+        raise ConfigError(f"limit must be at least 1, got {cfg.limit}")
+    items = load_prompts(cfg.prompts)
+    base = len(items) if cfg.limit is None else min(cfg.limit, len(items))
     rows = []
-    for side in sides:
-        for it in items:
+
+    def add(side: str, chosen: list) -> None:
+        for it in chosen:
             for k in range(cfg.samples):
                 rows.append({"id": it.id, "prompt": it.prompt, "side": side, "sample": k,
                              "policy_prompt": space.sides[side].prompt})
+
+    for side in sides:  # every side's first `limit` instructions (or fewer)
+        add(side, items[:min(base, limits.get(side, base))])
+    for side in sides:  # then the instructions past `limit` of the sides given more
+        add(side, items[base:limits.get(side, base)])
     return rows
 
 

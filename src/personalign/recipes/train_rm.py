@@ -6,7 +6,8 @@ one head per side, every side's reward from one forward pass).
 config -> main(cfg) -> phases: read pairs -> split (by instruction, 90/10) -> load base -> build model
 -> resume -> for each step: encode -> score -> loss -> step -> log -> checkpoint -> evaluate -> save.
 
-Run folder: ``config.json``, ``metrics.jsonl`` (``train/loss``, ``train/accuracy``, ``eval/loss``,
+Run folder: ``config.json``, ``data.json`` (the pairs it trains on: counts per side and a digest, so a
+model is never silently reused, or resumed, on pairs that have since changed), ``metrics.jsonl`` (``train/loss``, ``train/accuracy``, ``eval/loss``,
 ``eval/accuracy`` and per side ``eval/accuracy/P2A``), ``checkpoint/`` while training, and the final
 ``reward_model.safetensors`` + ``reward_config.json``.
 """
@@ -14,6 +15,7 @@ Run folder: ``config.json``, ``metrics.jsonl`` (``train/loss``, ``train/accuracy
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import random
 import shutil
@@ -34,6 +36,7 @@ from personalign.reward_model import CONFIG, POOLINGS, WEIGHTS, LoraSpec, Prefix
 from personalign.runlog import MetricsLogger, prepare_run_dir
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected", "side")
+DATA = "data.json"
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,28 @@ def split_by_prompt(rows: list[dict[str, Any]], eval_fraction: float, seed: int)
     n_eval = max(1, round(len(prompts) * eval_fraction)) if eval_fraction > 0 else 0
     held = set(prompts[:n_eval])
     return [r for r in rows if r["prompt"] not in held], [r for r in rows if r["prompt"] in held]
+
+
+def data_fingerprint(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Pairs per side and an order-independent digest of the pairs' text."""
+    keys = sorted((r["side"], r["prompt"], r["chosen"], r["rejected"]) for r in rows)
+    digest = hashlib.sha256(json.dumps(keys, ensure_ascii=False).encode()).hexdigest()
+    counts: dict[str, int] = defaultdict(int)
+    for side, *_ in keys:
+        counts[side] += 1
+    return {"pairs": dict(sorted(counts.items())), "sha256": digest}
+
+
+def _check_data(out: Path, data: dict[str, Any], finished: bool) -> None:
+    """Refuse a run folder whose model was trained (or started) on other pairs than these."""
+    path = out / DATA
+    if path.exists():
+        before = json.loads(path.read_text())
+        if before.get("sha256") != data["sha256"]:
+            raise DataError(f"{out} was trained on other pairs ({before.get('pairs')}) than the pairs file now "
+                            f"holds ({data['pairs']}); move the folder away to retrain, or use another output_dir")
+    elif not finished:  # a model finished before data.json existed cannot be checked; leave it as it is
+        path.write_text(json.dumps(data, indent=2))
 
 
 def _lr_lambda(total: int, warmup: int):
@@ -223,7 +248,9 @@ def main(cfg: TrainRMConfig) -> dict[str, float]:
 
     out = prepare_run_dir(cfg.output_dir, cfg)
     logger = MetricsLogger(out)
-    if (out / WEIGHTS).exists() and (out / CONFIG).exists():
+    finished = (out / WEIGHTS).exists() and (out / CONFIG).exists()
+    _check_data(out, data_fingerprint(rows), finished)
+    if finished:
         done = [m for m in logger.read() if "eval/accuracy" in m]
         return done[-1] if done else {}
 
