@@ -459,7 +459,7 @@ def pipeline(
     config: Annotated[Path, typer.Option("--config", "-c", help="Pipeline YAML (a path, or a shipped config name such as psoups-smollm2.yaml).")],
     set_: SetOpt = None,
 ) -> None:
-    """Run rollouts -> labels -> reward models for every side; completed stages are skipped."""
+    """Run rollouts -> labels -> reward models -> experts for every side; completed stages are skipped."""
     from personalign.config import load_config
     from personalign.recipes import pipeline as recipe
 
