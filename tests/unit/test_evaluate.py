@@ -346,3 +346,15 @@ def test_single_sides_evaluate_each_expert_against_its_prompted_base(tmp_path):
         evaluate.validate(_cfg(tmp_path, "m", experts, single_sides=True, combinations=["1A+2A"]), judge=AlwaysA())
     with pytest.raises(ConfigError, match="has one side"):  # without the switch, a lone side is a mistake
         evaluate.validate(_cfg(tmp_path, "m", experts, combinations=["P2A"]), judge=AlwaysA())
+
+
+def test_offline_margins_get_their_own_verdict_folder(tmp_path):
+    from personalign.judges import JudgeConfig
+    from personalign.preferences import default_space
+    from personalign.recipes.evaluate import EvalConfig, build_eval_judge
+
+    _, name = build_eval_judge(EvalConfig(run_dir=str(tmp_path)), default_space(), ["P3B"])
+    assert name == "offline"
+    cfg = EvalConfig(run_dir=str(tmp_path), judge_options=JudgeConfig(margins={"P3B": 1.0}))
+    wide, wide_name = build_eval_judge(cfg, default_space(), ["P3B"])
+    assert wide.margins["P3B"] == 1.0 and wide_name.startswith("offline-") and wide_name != name

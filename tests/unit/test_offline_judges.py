@@ -201,6 +201,18 @@ def test_margins_control_ties():
         OfflineJudge(margins={"P1A": float("nan")})
 
 
+def test_judge_config_margins_reach_the_offline_judge():
+    from personalign.errors import ConfigError
+    from personalign.judges import JudgeConfig, build_judge
+
+    row = PAIRS["P3A"][0]
+    judge = build_judge(JudgeConfig(margins={"3A": 1e9}))
+    assert judge.margins["P3A"] == 1e9 and judge.margins["P3B"] == OfflineJudge().margins["P3B"]
+    assert judge.judge(row["prompt"], row["intended"], row["other"], "P3A") == "tie"
+    with pytest.raises(ConfigError, match="offline judge only"):
+        JudgeConfig(kind="llm", base_url="http://127.0.0.1:1/v1", model="m", margins={"P3A": 1.0})
+
+
 def test_appended_preference_prompt_does_not_count_as_the_question():
     from personalign.preferences import default_space
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -76,6 +77,19 @@ def test_pipeline_runs_stages_and_skips_done_ones(tmp_path, tiny_model_dir, monk
     monkeypatch.setattr(train_expert, "rollout", lambda *a, **k: pytest.fail("expert trained again"))
     again = pipeline.main(cfg)
     assert again["stages"]["reward"]["P2A"]["eval/accuracy"] == summary["stages"]["reward"]["P2A"]["eval/accuracy"]
+
+    # Other labelling settings (here a wider tie margin) relabel: the old pairs no longer apply.
+    class Relabelled(Exception):
+        pass
+
+    def relabel(c):
+        assert c.judges[0].margins == {"P2A": 0.5}
+        raise Relabelled
+
+    monkeypatch.setattr(label, "main", relabel)
+    wider = replace(cfg, label={"judges": [{"kind": "offline", "margins": {"P2A": 0.5}}]})
+    with pytest.raises(Relabelled):
+        pipeline.main(wider)
 
 
 def test_pipeline_validates_every_stage_first(tmp_path, tiny_model_dir):

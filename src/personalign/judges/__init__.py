@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from personalign.errors import ConfigError
 from personalign.judges.base import PairwiseJudge, UnsupportedSideError, Verdict, flip_verdict
@@ -54,10 +54,15 @@ class JudgeConfig:
     cache: str | None = None  # llm: on-disk answer cache
     concurrency: int = 4
     timeout: float = 60.0
+    # offline: per side, the score difference below which a pair ties (e.g. {P3B: 1.0}); unset sides keep
+    # DEFAULT_MARGINS
+    margins: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.kind not in JUDGE_KINDS:
             raise ConfigError(f"unknown judge {self.kind!r}; choose one of {', '.join(JUDGE_KINDS)}")
+        if self.margins and self.kind != "offline":
+            raise ConfigError(f"margins apply to the offline judge only, not to the {self.kind} judge")
         if self.kind == "human" and not self.labels:
             raise ConfigError("the human judge needs a labels file (--labels FILE)")
         if self.kind == "llm" and not (self.base_url and self.model):
@@ -66,7 +71,7 @@ class JudgeConfig:
 
 def build_judge(cfg: JudgeConfig, space=None) -> PairwiseJudge:  # noqa: ANN001
     if cfg.kind == "offline":
-        return OfflineJudge()
+        return OfflineJudge(cfg.margins)
     if cfg.kind == "human":
         return HumanLabelJudge(cfg.labels, space=space)  # type: ignore[arg-type]
     from personalign.judges.llm import LLMJudge

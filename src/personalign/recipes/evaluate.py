@@ -422,7 +422,9 @@ def build_eval_judge(cfg: EvalConfig, space: PreferenceSpace, sides: list[str]) 
             raise ConfigError(f"the offline judge cannot measure side(s) {', '.join(unsupported)} "
                               "(it measures "
                               f"{', '.join(SUPPORTED_SIDES)}); use judge: llm, human or rm:FOLDER")
-        return build_judge(JudgeConfig(), space), "offline"
+        margins = cfg.judge_options.margins
+        name = "offline" if not margins else f"offline-{_digest(json.dumps(margins, sort_keys=True))}"
+        return build_judge(JudgeConfig(margins=margins), space), name
     if kind == "rm":
         judge = RewardModelJudge(cfg.judge[3:].strip(), margin=cfg.rm_margin, device=cfg.device,
                                  dtype=cfg.dtype,

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from personalign.config import to_dict
 from personalign.data import read_jsonl
 from personalign.errors import ConfigError, DataError
 from personalign.evaluation import agreement
@@ -58,6 +59,12 @@ def make_pairs(rows: list[dict[str, Any]], pairing: str = "disjoint") -> list[tu
     return pairs
 
 
+def labelling(cfg: LabelConfig) -> dict[str, Any]:
+    """The settings the pairs depend on, kept in the stats file: a pipeline relabels when they change."""
+    return {"judges": to_dict(list(cfg.judges)), "combine": cfg.combine, "pairing": cfg.pairing,
+            "sides": list(cfg.sides), "dimensions": cfg.dimensions}
+
+
 def main(cfg: LabelConfig) -> dict[str, Any]:
     if cfg.combine not in ("first", "unanimous"):
         raise ConfigError(f"combine must be 'first' or 'unanimous', got {cfg.combine!r}")
@@ -85,7 +92,7 @@ def main(cfg: LabelConfig) -> dict[str, Any]:
         by_side.setdefault(a["side"], []).append((a, b))
 
     out_rows: list[dict[str, Any]] = []
-    stats: dict[str, Any] = {"sides": {}, "judges": [j.name for j in judges]}
+    stats: dict[str, Any] = {"sides": {}, "judges": [j.name for j in judges], "labelling": labelling(cfg)}
     for side, side_pairs in by_side.items():
         items = [(a["prompt"], a["response"], b["response"]) for a, b in side_pairs]
         verdicts = [j.judge_many(items, side) for j in judges]

@@ -149,9 +149,10 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
         stats_path = pairs.with_name(pairs.name + ".stats.json")
         fresh = (pairs.exists() and stats_path.exists()
                  and pairs.stat().st_mtime >= Path(roll.output).stat().st_mtime)
-        if fresh and _complete(Path(roll.output), len(rollout.plan(roll))):
-            stats = json.loads(stats_path.read_text())
-        else:
+        stats = json.loads(stats_path.read_text()) if fresh else {}
+        # relabel when the rollouts grew or the labelling settings (judges, margins, pairing) changed
+        same = stats.get("labelling") == label.labelling(lab)
+        if not (same and _complete(Path(roll.output), len(rollout.plan(roll)))):
             stats = label.main(lab)
         summary["stages"]["label"] = stats
 
