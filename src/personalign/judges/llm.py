@@ -236,7 +236,10 @@ class LLMJudge(PairwiseJudge):
         try:
             futures = {key: pool.submit(self._ask, key, messages, stop) for key, messages in questions.items()}
             done, _ = wait(futures.values(), return_when=FIRST_EXCEPTION)
+            if any(isinstance(f.exception(), _Abandoned) for f in done):  # the failure that stopped them
+                done, _ = wait(futures.values())  # is in another future; once stopped, all end at once
             errors = [f.exception() for f in done if f.exception() is not None]
+            errors = [e for e in errors if not isinstance(e, _Abandoned)] or errors
             if errors:  # answers already received stay cached, so a rerun resumes from here
                 raise errors[0]  # type: ignore[misc]
             return {key: future.result() for key, future in futures.items()}
@@ -245,7 +248,15 @@ class LLMJudge(PairwiseJudge):
             pool.shutdown(wait=True, cancel_futures=True)
 
     def _ask(self, key: str, messages: list[dict[str, str]], stop: threading.Event) -> str:
-        """One question, with retries; the answer is cached before it is returned."""
+        """One question, with retries; the answer is cached before it is returned. A hard failure stops
+        the other questions before this worker takes the next one (not only once the caller sees it)."""
+        try:
+            return self._ask_with_retries(key, messages, stop)
+        except JudgeAPIError:
+            stop.set()
+            raise
+
+    def _ask_with_retries(self, key: str, messages: list[dict[str, str]], stop: threading.Event) -> str:
         openai = self._openai
         for attempt in range(self.max_retries + 1):
             retry_after = None
