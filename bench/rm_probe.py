@@ -7,7 +7,12 @@ features (and both side by side, ``last+mean``), and a Bradley-Terry linear prob
 training pairs' feature differences and scored on the held-out pairs. High held-out accuracy at a
 layer means a reward model read there starts from features that already separate the side's pairs.
 
+To choose a readout without looking at the held-out pairs, ``--l2-grid`` also reports each probe's
+5-fold cross-validated accuracy over the training instructions (``losses.select_l2_by_cv``, as
+``train-rm``'s ``probe_l2_grid`` chooses the penalty), with the penalty chosen the same way.
+
     python bench/rm_probe.py --run-dir runs/psoups-smollm2 [--sides P2B P3A] [--layers 4 8 10 16 30]
+    python bench/rm_probe.py --sides P3B --pools mean --l2-grid 0.01 0.1 1 10 --output bench/rm_probe_p3b.json
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from pathlib import Path
 import torch
 
 from personalign.data import build_user_message, format_chat
-from personalign.losses import fit_bradley_terry_head
+from personalign.losses import fit_bradley_terry_head, select_l2_by_cv
 from personalign.models import load_model
 from personalign.preferences import load_space
 from personalign.recipes.train_rm import read_pairs, split_by_prompt
@@ -62,6 +67,10 @@ def main() -> None:
     ap.add_argument("--sides", nargs="+", default=None)
     ap.add_argument("--layers", type=int, nargs="+", default=[4, 6, 8, 10, 12, 16, 22, 30])
     ap.add_argument("--l2", type=float, default=1e-2)
+    ap.add_argument("--l2-grid", type=float, nargs="+", default=None,
+                    help="choose each probe's penalty by cross-validation on the training pairs and report it")
+    ap.add_argument("--pools", nargs="+", default=["last", "mean", "last+mean"],
+                    choices=["last", "mean", "last+mean"])
     ap.add_argument("--output", default=str(Path(__file__).with_name("rm_probe.json")))
     args = ap.parse_args()
 
@@ -70,7 +79,7 @@ def main() -> None:
     pairs_path = Path(args.run_dir) / "pairs.jsonl"
     sides = args.sides or sorted({r["side"] for r in read_pairs(pairs_path)})
     record = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-              "run_dir": args.run_dir, "l2": args.l2, "layers": args.layers, "sides": {}}
+              "run_dir": args.run_dir, "l2": args.l2, "l2_grid": args.l2_grid, "layers": args.layers, "sides": {}}
     decoder = base.get_decoder()
     for side in sides:
         prompt_of = space.sides[side].prompt
@@ -88,14 +97,19 @@ def main() -> None:
 
         result = {}
         for layer in args.layers:
-            for pool in ("last", "mean", "last+mean"):
+            for pool in args.pools:
                 name = f"{pool}{layer}"
-                w = fit_bradley_terry_head(diff(train, name), args.l2)
+                l2, entry = args.l2, {}
+                if args.l2_grid:
+                    l2, cv = select_l2_by_cv(diff(train, name), [r["prompt"] for r in train], args.l2_grid)
+                    entry = {"l2": l2, "cv": cv[l2]}
+                w = fit_bradley_terry_head(diff(train, name), l2)
                 result[name] = {"train": float((diff(train, name) @ w > 0).float().mean()),
-                                "held_out": float((diff(held, name) @ w > 0).float().mean())}
+                                "held_out": float((diff(held, name) @ w > 0).float().mean()), **entry}
         record["sides"][side] = {"train_pairs": len(train), "held_out_pairs": len(held), "probes": result}
-        best = max(result, key=lambda n: result[n]["held_out"])
-        print(side, " ".join(f"{n}={v['held_out']:.2f}" for n, v in result.items()), f"best={best}", flush=True)
+        key = "cv" if args.l2_grid else "held_out"
+        best = max(result, key=lambda n: result[n][key])
+        print(side, " ".join(f"{n}={v[key]:.3f}" for n, v in result.items()), f"best {key}={best}", flush=True)
     Path(args.output).write_text(json.dumps(record, indent=2))
 
 
