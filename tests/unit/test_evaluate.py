@@ -120,7 +120,10 @@ def test_method_specs():
     assert evaluate.parse_method("expert-2").dimension == 2
     assert evaluate.parse_method("adapter:runs/mt/adapter").label == "adapter-mt"
     assert evaluate.parse_method("adapter:runs/pmorl").label == "adapter-pmorl"
-    for bad in ("soup", "soup-average", "expert-0", "mope-fast", "adapter:", "rlhf"):
+    learned = evaluate.parse_method("pcm:runs/pcm")
+    assert (learned.label, learned.kind, learned.variant, learned.pcm) == ("mope-pcm-pcm", generate.Method.MOPE,
+                                                                           "prob", "runs/pcm")
+    for bad in ("soup", "soup-average", "expert-0", "mope-fast", "adapter:", "pcm:", "rlhf"):
         with pytest.raises(ConfigError, match="method"):
             evaluate.parse_method(bad)
     combo = evaluate.load_space().parse("1B,2A,3A")
@@ -164,6 +167,32 @@ def test_missing_experts_fail_before_generation(tmp_path, monkeypatch):
         evaluate.validate(_cfg(tmp_path, "m", experts, combinations=["concise=0.5,informative=0.5"]))
     with pytest.raises(ConfigError, match="does not exist"):
         evaluate.validate(_cfg(tmp_path, "m", experts, methods=["vanilla"], judge=f"rm:{tmp_path / 'none'}"))
+
+
+def test_learned_mope_is_a_method_checked_before_generation(tmp_path, tiny, tiny_model_dir, experts_dir,
+                                                             monkeypatch):
+    from personalign.pcm import PCMConfig, PreferenceControlModel
+
+    model, _ = tiny
+    sides = ("P1A", "P1B", "P2A", "P3A")
+    pcm = PreferenceControlModel(PCMConfig(sides, model.config.hidden_size, True, hidden=16, proj=8),
+                                 base={"name": model.config.personalign_base, "model_type": "llama",
+                                       "hidden_size": model.config.hidden_size,
+                                       "num_hidden_layers": model.config.num_hidden_layers,
+                                       "vocab_size": model.config.vocab_size})
+    pcm.save(tmp_path / "pcm")
+    with pytest.raises(ConfigError, match=r"mope-pcm-none cannot run.*not a PCM folder"):
+        evaluate.validate(_cfg(tmp_path, tiny_model_dir, experts_dir, methods=[f"pcm:{tmp_path / 'none'}"]))
+    with pytest.raises(ConfigError, match=r"mope-pcm-pcm cannot run.*not P2B"):
+        evaluate.validate(_cfg(tmp_path, tiny_model_dir, experts_dir, methods=[f"pcm:{tmp_path / 'pcm'}"],
+                               combinations=["1A,2B,3A"]))
+
+    monkeypatch.setattr(evaluate, "load_embedder", lambda device="auto": _Embedder())
+    out = evaluate.main(_cfg(tmp_path, tiny_model_dir, experts_dir, methods=[f"pcm:{tmp_path / 'pcm'}"]),
+                        judge=Longer())
+    assert out["methods"] == ["mope-pcm-pcm"]
+    rows = (tmp_path / "run" / "generations" / "mope-pcm-pcm" / "P1B+P2A+P3A.jsonl").read_text().splitlines()
+    assert len(rows) == len(PROMPTS) and json.loads(rows[0])["method"] == "mope-pcm-pcm"
 
 
 def test_generation_files_are_shared_where_the_method_ignores_the_combination(tmp_path):

@@ -54,7 +54,7 @@ from typing import Any
 
 from personalign.config import to_dict
 from personalign.data import Instruction, JsonlWriter, load_prompts, read_completed
-from personalign.errors import ConfigError, DataError
+from personalign.errors import ConfigError, DataError, PersonalignError
 from personalign.evaluation import Outcome, combine_orders, mean_win_rate_ci, outcome, win_rate_ci
 from personalign.generation import Method, SamplingConfig
 from personalign.judges import JudgeConfig, PairwiseJudge, UnsupportedSideError, Verdict
@@ -69,7 +69,8 @@ DEFAULT_METHODS = ("vanilla", "prompt", "soup-psoups", "soup-exact", "expert-1",
                    "mope-uniform", "mope-logit")
 METHOD_FORMS = ("vanilla, prompt, soup-<merge> (merge: psoups, exact, ties, dare, dare_ties), "
                 "expert-<k> (the combination's side of dimension k alone), "
-                "mope-<rule> (rule: prob, logit, uniform), adapter:PATH")
+                "mope-<rule> (rule: prob, logit, uniform), adapter:PATH, "
+                "pcm:PATH (MoPE weighted by a train-pcm folder's Preference Control Model)")
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,7 @@ class MethodSpec:
     variant: str | None = None  # soup: the merge; mope: the mixing rule
     dimension: int | None = None  # expert-k: k, 1-based in dimension order
     adapter: str | None = None  # adapter:PATH
+    pcm: str | None = None  # pcm:PATH, learned MoPE
 
     @property
     def uses_experts(self) -> bool:
@@ -150,6 +152,12 @@ def parse_method(spec: str) -> MethodSpec:
         folder = Path(path).resolve()
         name = folder.parent.name if folder.name == "adapter" else folder.name  # train-expert's <out>/adapter
         return MethodSpec(f"adapter-{name}", Method.ADAPTER, adapter=path)
+    if s.startswith("pcm:"):
+        path = s.split(":", 1)[1].strip()
+        if not path:
+            raise ConfigError(f"method {spec!r} names no folder; write pcm:PATH (a train-pcm folder)")
+        # named as generate names it: mope-pcm-<folder>
+        return MethodSpec(f"mope-pcm-{Path(path).resolve().name}", Method.MOPE, variant="prob", pcm=path)
     if s in ("vanilla", "prompt"):
         return MethodSpec(s, Method(s))
     kind, _, variant = s.partition("-")
@@ -200,7 +208,7 @@ def generate_config(cfg: Any, m: MethodSpec, prefs: str | None, output: Path) ->
         progress=cfg.progress, sampling=replace(cfg.sampling, seed=cfg.seed), experts=cfg.experts,
         merge=merge,
         merge_density=cfg.merge_density if merge in ("ties", "dare", "dare_ties") else None,
-        mix=m.variant if m.kind is Method.MOPE else "prob", adapter=m.adapter)
+        mix=m.variant if m.kind is Method.MOPE else "prob", adapter=m.adapter, pcm=m.pcm)
 
 
 def missing_requirement(cfg: Any, m: MethodSpec, prefs: list[Preference]) -> str | None:
@@ -215,6 +223,13 @@ def missing_requirement(cfg: Any, m: MethodSpec, prefs: list[Preference]) -> str
         return None
     if not m.uses_experts:
         return None
+    if m.pcm is not None:
+        from personalign.pcm import read_pcm_config
+
+        try:
+            read_pcm_config(m.pcm, sorted({s for p in prefs for s, w in p.weights if w != 0}))
+        except PersonalignError as exc:
+            return str(exc)
     try:
         folder = compose.resolve_experts_dir(cfg.experts, canonical_name(cfg.model))
     except ConfigError as exc:
