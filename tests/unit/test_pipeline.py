@@ -71,12 +71,29 @@ def test_pipeline_runs_stages_and_skips_done_ones(tmp_path, tiny_model_dir, monk
         return real(c)
 
     monkeypatch.setattr(train_rm, "main", no_training)
+    real_step = train_rm.torch.optim.AdamW.step
     monkeypatch.setattr(train_rm.torch.optim.AdamW, "step", lambda *a, **k: pytest.fail("trained again"))
     from personalign.recipes import train_expert
 
+    real_rollout = train_expert.rollout
     monkeypatch.setattr(train_expert, "rollout", lambda *a, **k: pytest.fail("expert trained again"))
     again = pipeline.main(cfg)
     assert again["stages"]["reward"]["P2A"]["eval/accuracy"] == summary["stages"]["reward"]["P2A"]["eval/accuracy"]
+
+    # The baseline stages train from the same run folder: multitask on its pairs, P-MORL against its
+    # reward models.
+    monkeypatch.setattr(train_expert, "rollout", real_rollout)
+    monkeypatch.setattr(train_rm.torch.optim.AdamW, "step", real_step)
+    base = replace(cfg, stages=("multitask", "pmorl"),
+                   multitask={"max_steps": 2, "batch_size": 4, "device": "cpu", "progress": False},
+                   pmorl={k: v for k, v in cfg.expert.items()})
+    baselines = pipeline.main(base)
+    for name in ("multitask", "pmorl"):
+        doc = json.loads((tmp_path / "run" / "baselines" / name / "expert.json").read_text())
+        assert doc["kind"] == name and (tmp_path / "run" / "baselines" / name / "adapter").is_dir()
+    assert baselines["stages"]["pmorl"]["steps"] == 2
+    pm_cfg = json.loads((tmp_path / "run" / "baselines" / "pmorl" / "config.json").read_text())
+    assert pm_cfg["rewards"] == {s: str(tmp_path / "run" / "rm" / s).join(("rm:", "")) for s in ("P2A", "P2B")}
 
     # Other labelling settings (here a wider tie margin) relabel: the old pairs no longer apply.
     class Relabelled(Exception):
@@ -103,6 +120,12 @@ def test_pipeline_validates_every_stage_first(tmp_path, tiny_model_dir):
         pipeline.build_stage_configs(_cfg(tmp_path, tiny_model_dir, expert={"side": "P1A"}))
     with pytest.raises(ConfigError, match="unknown stage"):
         pipeline.build_stage_configs(_cfg(tmp_path, tiny_model_dir, stages=["rollout", "ppo"]))
+    with pytest.raises(ConfigError, match="multitask: unknown field"):
+        pipeline.build_stage_configs(_cfg(tmp_path, tiny_model_dir, stages=["multitask"], multitask={"lrate": 1}))
+    with pytest.raises(ConfigError, match="multitask: .*set by the pipeline itself"):
+        pipeline.build_stage_configs(_cfg(tmp_path, tiny_model_dir, stages=["multitask"], multitask={"pairs": "p"}))
+    with pytest.raises(ConfigError, match="steps"):  # reward models still pending: the rest is checked
+        pipeline.build_stage_configs(_cfg(tmp_path, tiny_model_dir, stages=["pmorl"], pmorl={"steps": 0}))
     assert not (tmp_path / "run").exists()
 
 
@@ -117,6 +140,10 @@ def test_shipped_pipeline_config_is_valid():
     assert roll.samples == 3 and lab.pairing == "all" and set(rms) == {"P1A", "P1B", "P2A", "P2B", "P3A", "P3B", "multihead"}
     experts = pipeline.build_expert_configs(cfg)
     assert experts["P2A"].reward == "rm:runs/psoups-smollm2/rm/P2A"
+    mt, pm = pipeline.build_baseline_configs(cfg)
+    assert mt.pairs == "runs/psoups-smollm2/pairs.jsonl" and mt.lora == experts["P2A"].lora.__class__(
+        **{**vars(experts["P2A"].lora), "dropout": 0.05})
+    assert pm.rewards["P3B"] == "rm:runs/psoups-smollm2/rm/P3B" and pm.output_dir.endswith("baselines/pmorl")
 
 
 def test_reward_sides_override_one_sides_recipe(tmp_path, tiny_model_dir):

@@ -1,7 +1,10 @@
 """Recipe: stages 1-4 of Personalized Soups in one command, from one config file.
 
 rollouts -> pairwise labels -> one reward model per side (and optionally one multi-head model) ->
-one RL-trained LoRA expert per side, against its side's reward model. Each stage's outputs live in
+one RL-trained LoRA expert per side, against its side's reward model. The paper's trained baselines
+are two more stages, run when ``stages`` names them: ``multitask`` (one adapter fine-tuned on the
+chosen responses of every side's pairs) and ``pmorl`` (one policy trained by RL on whole
+combinations, each side rewarded by its reward model). Each stage's outputs live in
 the run folder; a stage whose outputs are complete is skipped, and an interrupted stage resumes, so
 the same command finishes a run however often it is stopped.
 
@@ -16,6 +19,8 @@ Run folder layout::
     experts/<SIDE>/         stage 4, one expert per side (adapter/ + expert.json): an experts folder
                             that ``generate --experts`` and ``eval --experts`` read as it is
     rm/multihead/           stage 3, all sides in one model (when multihead: true)
+    baselines/multitask/    stage multitask (adapter/ + expert.json, for eval's adapter:PATH)
+    baselines/pmorl/        stage pmorl
     summary.json            per-side pair counts, reward-model accuracy and training time
 """
 
@@ -30,7 +35,7 @@ from typing import Any
 from personalign.config import from_dict, to_dict
 from personalign.errors import ConfigError
 from personalign.preferences import PSOUPS_SIDES, load_space
-from personalign.recipes import label, rollout, train_expert, train_rm
+from personalign.recipes import label, rollout, train_expert, train_multitask, train_pmorl, train_rm
 from personalign.reward_model import CONFIG
 
 
@@ -50,13 +55,38 @@ class PipelineConfig:
     # set it (e.g. "offline") to train against something else.
     expert: dict[str, Any] = field(default_factory=dict)
     multihead: bool = True
+    # Fields of TrainMultitaskConfig and TrainPMORLConfig for the baseline stages. P-MORL's ``rewards``
+    # default to each side's reward model (rm:<run_dir>/rm/<SIDE>), as the experts'.
+    multitask: dict[str, Any] = field(default_factory=dict)
+    pmorl: dict[str, Any] = field(default_factory=dict)
     stages: tuple[str, ...] = ("rollout", "label", "reward", "expert")
 
 
-STAGES = ("rollout", "label", "reward", "expert")
+STAGES = ("rollout", "label", "reward", "expert", "multitask", "pmorl")
 _DERIVED = {"rollout": {"output", "sides", "model", "dimensions"}, "label": {"rollouts", "output", "dimensions"},
             "reward": {"pairs", "output_dir", "sides", "model", "dimensions"},
-            "expert": {"side", "output_dir", "model", "dimensions"}}
+            "expert": {"side", "output_dir", "model", "dimensions"},
+            "multitask": {"pairs", "output_dir", "sides", "model", "dimensions"},
+            "pmorl": {"output_dir", "sides", "model", "dimensions"}}
+
+
+def build_baseline_configs(cfg: PipelineConfig) -> tuple[train_multitask.TrainMultitaskConfig,
+                                                          train_pmorl.TrainPMORLConfig]:
+    space = load_space(cfg.dimensions)
+    run = Path(cfg.run_dir)
+    sides = [space.resolve(x) for x in cfg.sides]
+    common = {"model": cfg.model, "dimensions": cfg.dimensions, "sides": sides}
+    mt = from_dict(train_multitask.TrainMultitaskConfig,
+                   {**cfg.multitask, **common, "pairs": str(run / "pairs.jsonl"),
+                    "output_dir": str(run / "baselines" / "multitask")}, "multitask")
+    rewards = {s: f"rm:{run / 'rm' / s}" for s in sides}
+    if "reward" in cfg.pmorl:  # one reward for every side, unless rewards names the side
+        rewards = {}
+    rewards.update({space.resolve(k): v for k, v in cfg.pmorl.get("rewards", {}).items()})
+    pm = from_dict(train_pmorl.TrainPMORLConfig,
+                   {**cfg.pmorl, **common, "rewards": rewards, "output_dir": str(run / "baselines" / "pmorl")},
+                   "pmorl")
+    return mt, pm
 
 
 def build_expert_configs(cfg: PipelineConfig) -> dict[str, train_expert.TrainExpertConfig]:
@@ -122,6 +152,14 @@ def build_stage_configs(cfg: PipelineConfig) -> tuple[rollout.RolloutConfig, lab
                 train_expert.validate(ex)
             elif side in SUPPORTED_SIDES:  # its reward model comes from stage 3: check everything else
                 train_expert.validate(replace(ex, reward="offline"))
+    if "multitask" in cfg.stages or "pmorl" in cfg.stages:
+        mt, pm = build_baseline_configs(cfg)
+        if "multitask" in cfg.stages and Path(mt.pairs).is_file():  # else stage 2 writes it first
+            train_multitask.validate(mt)
+        if "pmorl" in cfg.stages:  # reward models still to come from stage 3 stand in as offline
+            ready = {s: r for s, r in pm.rewards.items()
+                     if not (r.startswith("rm:") and not (Path(r[3:]) / CONFIG).is_file())}
+            train_pmorl.validate(replace(pm, rewards=ready, reward="offline") if ready != pm.rewards else pm)
     return roll, lab, rms
 
 
@@ -169,6 +207,14 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
             experts[side] = train_expert.main(ex_cfg)  # returns at once when already trained
             summary["stages"]["expert"] = experts
             _write_summary(run, summary)
+
+    if "multitask" in cfg.stages or "pmorl" in cfg.stages:
+        mt, pm = build_baseline_configs(cfg)
+        if "multitask" in cfg.stages:
+            summary["stages"]["multitask"] = train_multitask.main(mt)  # returns at once when trained
+            _write_summary(run, summary)
+        if "pmorl" in cfg.stages:
+            summary["stages"]["pmorl"] = train_pmorl.main(pm)
     _write_summary(run, summary)
     return summary
 
