@@ -197,3 +197,21 @@ def test_rollout_side_limits_extend_a_finished_file(tmp_path, tiny_model_dir):
         rollout.plan(replace(cfg, side_limits={"P3A": 3}))
     with pytest.raises(ConfigError, match="at least 1"):
         rollout.plan(replace(cfg, side_limits={"P2B": 0}))
+
+    # More samples for one side come last: the finished file is extended, never reordered.
+    most = replace(more, side_samples={"P2B": 3})
+    rows = rollout.plan(most)
+    assert rows[:len(big)] == big
+    assert [(r["side"], r["prompt"], r["sample"]) for r in rows[len(big):]] == [
+        ("P2B", p, 2) for p in ("Why rain?", "Why snow?", "Why hail?", "Why fog?")]
+    rollout.main(most)
+    extended = (tmp_path / "r.jsonl").read_text()
+    assert extended.startswith(after) and len(extended.splitlines()) == len(rows)
+    third = [json.loads(x) for x in extended.splitlines()[len(big):]]
+    assert [(r["side"], r["sample"]) for r in third] == [("P2B", 2)] * 4
+    one = rollout.plan(replace(cfg, side_samples={"P1A": 1}))
+    assert [r["sample"] for r in one if r["side"] == "P1A"] == [0, 0]
+    with pytest.raises(ConfigError, match="side_samples.P2B must be a whole number"):
+        rollout.plan(replace(cfg, side_samples={"P2B": 0}))
+    with pytest.raises(ConfigError, match="side_samples names 'P3A'"):
+        rollout.plan(replace(cfg, side_samples={"P3A": 3}))

@@ -11,7 +11,8 @@ Output: one JSON object per line with ``id``, ``prompt``, ``side``, ``sample``, 
 (the side's prompt, as appended), ``response`` and ``model``, ordered by side, then instruction, then
 sample. ``side_limits`` gives one side more (or fewer) instructions than ``limit``; instructions past
 ``limit`` come after every side's first ``limit``, so raising one side's limit extends a finished file
-instead of reordering it.
+instead of reordering it. ``side_samples`` does the same for the number of samples: a side's samples
+past ``samples`` come last, after every side's instructions.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ class RolloutConfig:
     # whose reward model needs it).
     side_limits: dict[str, int] = field(default_factory=dict)
     samples: int = 2
+    # Per side, a number of samples per instruction other than ``samples`` (e.g. {P3B: 4}: six pairs
+    # per instruction instead of three with pairing: all).
+    side_samples: dict[str, int] = field(default_factory=dict)
     model: str | None = None
     dimensions: str | None = None
     batch_size: int = 16
@@ -61,30 +65,39 @@ def plan(cfg: RolloutConfig) -> list[dict[str, Any]]:
         raise ConfigError("no sides given")
     if len(set(sides)) != len(sides):
         raise ConfigError(f"a side is listed twice in {list(cfg.sides)}")
-    limits = {}
-    for key, n in cfg.side_limits.items():
-        side = space.resolve(key)
-        if side not in sides:
-            raise ConfigError(f"side_limits names {key!r}, which is not one of the sides ({', '.join(sides)})")
-        if n < 1:
-            raise ConfigError(f"side_limits.{key} must be at least 1, got {n}")
-        limits[side] = n
+
+    def per_side(field_name: str, values: dict[str, int]) -> dict[str, int]:
+        out = {}
+        for key, n in values.items():
+            side = space.resolve(key)
+            if side not in sides:
+                raise ConfigError(f"{field_name} names {key!r}, which is not one of the sides ({', '.join(sides)})")
+            if not isinstance(n, int) or n < 1:
+                raise ConfigError(f"{field_name}.{key} must be a whole number of at least 1, got {n!r}")
+            out[side] = n
+        return out
+
+    limits = per_side("side_limits", cfg.side_limits)
+    samples = per_side("side_samples", cfg.side_samples)
     if cfg.limit is not None and cfg.limit < 1:
         raise ConfigError(f"limit must be at least 1, got {cfg.limit}")
     items = load_prompts(cfg.prompts)
     base = len(items) if cfg.limit is None else min(cfg.limit, len(items))
     rows = []
 
-    def add(side: str, chosen: list) -> None:
+    def add(side: str, chosen: list, ks: range) -> None:
         for it in chosen:
-            for k in range(cfg.samples):
+            for k in ks:
                 rows.append({"id": it.id, "prompt": it.prompt, "side": side, "sample": k,
                              "policy_prompt": space.sides[side].prompt})
 
+    first = {side: range(min(cfg.samples, samples.get(side, cfg.samples))) for side in sides}
     for side in sides:  # every side's first `limit` instructions (or fewer)
-        add(side, items[:min(base, limits.get(side, base))])
+        add(side, items[:min(base, limits.get(side, base))], first[side])
     for side in sides:  # then the instructions past `limit` of the sides given more
-        add(side, items[base:limits.get(side, base)])
+        add(side, items[base:limits.get(side, base)], first[side])
+    for side in sides:  # then the samples past `samples` of the sides given more
+        add(side, items[:limits.get(side, base)], range(cfg.samples, samples.get(side, cfg.samples)))
     return rows
 
 
