@@ -57,6 +57,12 @@ def main() -> None:
             texts = [str(r.get("response") or "") for r in lines]
             metrics[m] = {**text_metrics(texts),
                           "ontopic": ontopic_similarity([r["prompt"] for r in lines], texts, embedder)}
+        # Shorter answers share fewer words with the question: the base's answers cut to the expert's
+        # length (per instruction, in words) tell a length effect from a drift off topic.
+        cut = [" ".join(b["response"].split()[:max(1, len(e["response"].split()))])
+               for b, e in zip(gens["prompt"], gens["expert"])]
+        metrics["prompt"]["ontopic_cut_to_expert_length"] = ontopic_similarity(
+            [r["prompt"] for r in gens["prompt"]], cut, embedder)
         doc = json.loads((experts / side / "expert.json").read_text())
         keys = {pair_key(side, e["prompt"], e["response"], b["response"])
                 for e, b in zip(gens["expert"], gens["prompt"])}
@@ -71,13 +77,14 @@ def main() -> None:
               "judge": judge, "sides": rows}
     Path(args.output).write_text(json.dumps(record, indent=2))
 
-    print("| side | win rate [95% CI] | W / T / L | on-topic (base) | distinct-2 (base) | repeated 3-grams (base) "
-          "| KL last 10 | train s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| side | win rate [95% CI] | W / T / L | words (base) | on-topic (base; base cut to expert length) "
+          "| distinct-2 (base) | repeated 3-grams (base) | KL last 10 | train s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for side, r in rows.items():
         w, c, e, b = r["win_rate"], r["counts"], r["expert"], r["prompted_base"]
         print(f"| {side} | {100 * w['value']:.1f}% [{100 * w['low']:.1f}, {100 * w['high']:.1f}] "
-              f"| {c['win']} / {c['tie']} / {c['loss']} | {e['ontopic']:.3f} ({b['ontopic']:.3f}) "
+              f"| {c['win']} / {c['tie']} / {c['loss']} | {e['mean_words']:.0f} ({b['mean_words']:.0f}) "
+              f"| {e['ontopic']:.3f} ({b['ontopic']:.3f}; {b['ontopic_cut_to_expert_length']:.3f}) "
               f"| {e['distinct_2']:.3f} ({b['distinct_2']:.3f}) | {e['repetition_3']:.3f} ({b['repetition_3']:.3f}) "
               f"| {r['kl_last10']:.2f} | {r['train_seconds']:.0f} |")
 
