@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 
 from personalign.config import from_dict
-from personalign.errors import ConfigError
+from personalign.errors import ConfigError, PreferenceError
 from personalign.recipes import pipeline, rollout
 
 SHORT = ["Rain is water.", "It is wet.", "Clouds drop water.", "Water falls."]
@@ -163,3 +163,18 @@ def test_reward_sides_override_one_sides_recipe(tmp_path, tiny_model_dir):
     with pytest.raises(ConfigError, match="set by the pipeline itself"):
         pipeline.build_stage_configs(_cfg(tmp_path, tiny_model_dir, reward_sides={"P2B": {"sides": ["P2A"]}}))
     assert not (tmp_path / "run").exists()
+
+
+def test_expert_sides_override_one_sides_expert(tmp_path, tiny_model_dir):
+    cfg = _cfg(tmp_path, tiny_model_dir, expert_sides={"informative": {"steps": 5, "lora": {"r": 2}}})
+    experts = pipeline.build_expert_configs(cfg)
+    assert experts["P2B"].steps == 5 and experts["P2B"].lora.r == 2 and experts["P2B"].max_new_tokens == 4
+    assert experts["P2A"].steps == 2 and experts["P2A"].lora.r == cfg.expert.get("lora", {}).get("r", 16)
+    with pytest.raises(ConfigError, match="expert_sides names 'P1A', which is not one of this pipeline's sides"):
+        pipeline.build_expert_configs(_cfg(tmp_path, tiny_model_dir, expert_sides={"P1A": {"steps": 5}}))
+    with pytest.raises(ConfigError, match="expert_sides.P2B: output_dir set by the pipeline itself"):
+        pipeline.build_expert_configs(_cfg(tmp_path, tiny_model_dir, expert_sides={"P2B": {"output_dir": "x"}}))
+    with pytest.raises(ConfigError, match="expert_sides.P2B.*steps"):  # checked before any stage runs
+        pipeline.build_stage_configs(_cfg(tmp_path, tiny_model_dir, expert_sides={"P2B": {"steps": 0}}))
+    with pytest.raises(PreferenceError, match="unknown preference side 'multihead'"):
+        pipeline.build_expert_configs(_cfg(tmp_path, tiny_model_dir, expert_sides={"multihead": {"steps": 5}}))

@@ -54,6 +54,8 @@ class PipelineConfig:
     # Fields of TrainExpertConfig. ``reward`` defaults to the side's reward model (rm:<run>/rm/<SIDE>);
     # set it (e.g. "offline") to train against something else.
     expert: dict[str, Any] = field(default_factory=dict)
+    # Per side, fields of TrainExpertConfig that differ from ``expert`` for that side (e.g. {P2B: {steps: 100}}).
+    expert_sides: dict[str, dict[str, Any]] = field(default_factory=dict)
     multihead: bool = True
     # Fields of TrainMultitaskConfig and TrainPMORLConfig for the baseline stages. P-MORL's ``rewards``
     # default to each side's reward model (rm:<run_dir>/rm/<SIDE>), as the experts'.
@@ -89,14 +91,45 @@ def build_baseline_configs(cfg: PipelineConfig) -> tuple[train_multitask.TrainMu
     return mt, pm
 
 
+def _side_overrides(space: Any, sides: tuple[str, ...], given: dict[str, Any], section: str,
+                    derived: set[str]) -> dict[str, dict[str, Any]]:
+    """``reward_sides`` / ``expert_sides``: side (or ``multihead`` for rewards) -> its fields, checked."""
+    out = {}
+    for key, fields in given.items():
+        side = key if key == "multihead" and section == "reward_sides" else space.resolve(key)
+        if side not in sides and side != "multihead":
+            extra = " or multihead" if section == "reward_sides" else ""
+            raise ConfigError(f"{section} names {key!r}, which is not one of this pipeline's sides "
+                              f"({', '.join(sides)}){extra}")
+        if not isinstance(fields, dict):
+            raise ConfigError(f"{section}.{key} must be a mapping of fields, e.g. "
+                              f"{{{'pooling: mean' if section == 'reward_sides' else 'steps: 100'}}}")
+        clash = derived & set(fields)
+        if clash:
+            raise ConfigError(f"{section}.{key}: {', '.join(sorted(clash))} set by the pipeline itself")
+        out[side] = fields
+    return out
+
+
+def _merged(base: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``fields`` on top; nested sections (lora, sampling) merge field by field."""
+    merged = {**base, **fields}
+    for k, v in fields.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            merged[k] = {**base[k], **v}
+    return merged
+
+
 def build_expert_configs(cfg: PipelineConfig) -> dict[str, train_expert.TrainExpertConfig]:
     space = load_space(cfg.dimensions)
     run = Path(cfg.run_dir)
+    sides = tuple(space.resolve(x) for x in cfg.sides)
+    overrides = _side_overrides(space, sides, cfg.expert_sides, "expert_sides", _DERIVED["expert"])
     out = {}
-    for s in (space.resolve(x) for x in cfg.sides):
-        data = {"reward": f"rm:{run / 'rm' / s}", **cfg.expert, "model": cfg.model, "dimensions": cfg.dimensions,
-                "side": s, "output_dir": str(run / "experts" / s)}
-        out[s] = from_dict(train_expert.TrainExpertConfig, data, "expert")
+    for s in sides:
+        data = {"reward": f"rm:{run / 'rm' / s}", **_merged(cfg.expert, overrides.get(s, {})), "model": cfg.model,
+                "dimensions": cfg.dimensions, "side": s, "output_dir": str(run / "experts" / s)}
+        out[s] = from_dict(train_expert.TrainExpertConfig, data, f"expert_sides.{s}" if s in overrides else "expert")
     return out
 
 
@@ -117,26 +150,11 @@ def build_stage_configs(cfg: PipelineConfig) -> tuple[rollout.RolloutConfig, lab
                                              "sides": list(sides)}, "rollout")
     lab = from_dict(label.LabelConfig, {**cfg.label, "dimensions": cfg.dimensions,
                                         "rollouts": roll.output, "output": str(run / "pairs.jsonl")}, "label")
-    overrides = {}
-    for key, fields in cfg.reward_sides.items():
-        side = key if key == "multihead" else space.resolve(key)
-        if side not in sides and side != "multihead":
-            raise ConfigError(f"reward_sides names {key!r}, which is not one of this pipeline's sides "
-                              f"({', '.join(sides)}) or multihead")
-        if not isinstance(fields, dict):
-            raise ConfigError(f"reward_sides.{key} must be a mapping of reward fields, e.g. {{pooling: mean}}")
-        clash = _DERIVED["reward"] & set(fields)
-        if clash:
-            raise ConfigError(f"reward_sides.{key}: {', '.join(sorted(clash))} set by the pipeline itself")
-        overrides[side] = fields
+    overrides = _side_overrides(space, sides, cfg.reward_sides, "reward_sides", _DERIVED["reward"])
 
     def rm_config(fields: dict[str, Any], out: str, rm_sides: list[str], where: str) -> train_rm.TrainRMConfig:
-        merged = {**cfg.reward, **fields}
-        for k, v in fields.items():  # nested sections (lora) merge field by field
-            if isinstance(v, dict) and isinstance(cfg.reward.get(k), dict):
-                merged[k] = {**cfg.reward[k], **v}
-        return from_dict(train_rm.TrainRMConfig, {**merged, **common, "pairs": lab.output, "output_dir": out,
-                                                  "sides": rm_sides}, where)
+        return from_dict(train_rm.TrainRMConfig, {**_merged(cfg.reward, fields), **common, "pairs": lab.output,
+                                                  "output_dir": out, "sides": rm_sides}, where)
 
     rms = {s: rm_config(overrides.get(s, {}), str(run / "rm" / s), [s], f"reward_sides.{s}" if s in overrides
                         else "reward") for s in sides}
@@ -146,12 +164,16 @@ def build_stage_configs(cfg: PipelineConfig) -> tuple[rollout.RolloutConfig, lab
     if "expert" in cfg.stages:  # validated now, not after hours of training
         from personalign.judges.offline import SUPPORTED_SIDES
 
+        own = {space.resolve(k) for k in cfg.expert_sides}
         for side, ex in build_expert_configs(cfg).items():
             pending = ex.reward.startswith("rm:") and not (Path(ex.reward[3:]) / CONFIG).is_file()
-            if not pending:
-                train_expert.validate(ex)
-            elif side in SUPPORTED_SIDES:  # its reward model comes from stage 3: check everything else
-                train_expert.validate(replace(ex, reward="offline"))
+            try:
+                if not pending:
+                    train_expert.validate(ex)
+                elif side in SUPPORTED_SIDES:  # its reward model comes from stage 3: check everything else
+                    train_expert.validate(replace(ex, reward="offline"))
+            except ConfigError as exc:
+                raise ConfigError(f"{f'expert_sides.{side}' if side in own else 'expert'}: {exc}") from None
     if "multitask" in cfg.stages or "pmorl" in cfg.stages:
         mt, pm = build_baseline_configs(cfg)
         if "multitask" in cfg.stages and Path(mt.pairs).is_file():  # else stage 2 writes it first
