@@ -111,6 +111,11 @@ def _side_overrides(space: Any, sides: tuple[str, ...], given: dict[str, Any], s
     return out
 
 
+def _pending(reward: str) -> bool:
+    """A reward spec naming a reward model that stage 3 has not written yet."""
+    return reward.startswith("rm:") and not (Path(reward[3:]) / CONFIG).is_file()
+
+
 def _merged(base: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
     """``base`` with ``fields`` on top; nested sections (lora, sampling) merge field by field."""
     merged = {**base, **fields}
@@ -166,9 +171,8 @@ def build_stage_configs(cfg: PipelineConfig) -> tuple[rollout.RolloutConfig, lab
 
         own = {space.resolve(k) for k in cfg.expert_sides}
         for side, ex in build_expert_configs(cfg).items():
-            pending = ex.reward.startswith("rm:") and not (Path(ex.reward[3:]) / CONFIG).is_file()
             try:
-                if not pending:
+                if not _pending(ex.reward):
                     train_expert.validate(ex)
                 elif side in SUPPORTED_SIDES:  # its reward model comes from stage 3: check everything else
                     train_expert.validate(replace(ex, reward="offline"))
@@ -179,8 +183,7 @@ def build_stage_configs(cfg: PipelineConfig) -> tuple[rollout.RolloutConfig, lab
         if "multitask" in cfg.stages and Path(mt.pairs).is_file():  # else stage 2 writes it first
             train_multitask.validate(mt)
         if "pmorl" in cfg.stages:  # reward models still to come from stage 3 stand in as offline
-            ready = {s: r for s, r in pm.rewards.items()
-                     if not (r.startswith("rm:") and not (Path(r[3:]) / CONFIG).is_file())}
+            ready = {s: r for s, r in pm.rewards.items() if not _pending(r)}
             train_pmorl.validate(replace(pm, rewards=ready, reward="offline") if ready != pm.rewards else pm)
     return roll, lab, rms
 
