@@ -4,8 +4,8 @@
 
 For each ``<run>/experts/<SIDE>/`` holding a finished expert (``expert.json`` + ``adapter/``), writes
 ``src/personalign/data/experts/<model>/<SIDE>/`` with the adapter, ``expert.json`` (side, base model,
-the training config and final metrics) and the run's ``pipeline.json`` (every stage's settings), so
-what is shipped says how it was made. ``make experts`` runs the pipeline and then this script.
+the training config and final metrics), ``metrics.jsonl`` (every training step's metrics) and the
+run's ``pipeline.json`` (every stage's settings), so what is shipped says how it was made. ``make experts`` runs the pipeline and then this script.
 """
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ def main() -> int:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(folder / "adapter", tmp / "adapter")
         shutil.copy2(folder / "expert.json", tmp / "expert.json")
+        if (folder / "metrics.jsonl").is_file():
+            shutil.copy2(folder / "metrics.jsonl", tmp / "metrics.jsonl")
         if (args.run_dir / "pipeline.json").is_file():
             shutil.copy2(args.run_dir / "pipeline.json", tmp / "pipeline.json")
         shutil.rmtree(out, ignore_errors=True)
