@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from personalign.config import to_dict
 from personalign.errors import ConfigError
 
-__all__ = ["MetricsLogger", "prepare_run_dir"]
+__all__ = ["MetricsLogger", "prepare_run_dir", "summarize_steps"]
 
 # Fields that may change between an interrupted run and its resumption.
 RESUMABLE_FIELDS = frozenset({"progress", "device", "checkpoint_every"})
@@ -75,3 +77,34 @@ class MetricsLogger:
         if not self.path.exists():
             return []
         return [json.loads(x) for x in self.path.read_text().splitlines() if x.strip()]
+
+    def truncate(self, last_step: int) -> None:
+        """Drop the lines of steps after ``last_step``: logged before an interruption, redone on resume."""
+        rows = self.read()
+        keep = [r for r in rows if r.get("step", 0) <= last_step]
+        if len(keep) != len(rows):
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+            os.replace(tmp, self.path)
+
+
+def summarize_steps(rows: list[dict[str, Any]], marker: str, *, first: Sequence[str] = (),
+                    last: Sequence[str] = ()) -> dict[str, float]:
+    """A training run's final metrics from its step lines (those holding ``marker``): ``<key>_first``
+    and ``<key>_last`` are means over the first and last window of steps (a quarter of the steps, 1 to
+    10), ``steps`` the last step, ``time/train_seconds`` the sum of ``time/step_seconds``."""
+    steps = [r for r in rows if marker in r]
+    if not steps:
+        return {}
+    w = max(1, min(10, len(steps) // 4))
+
+    def mean(key: str, part: list[dict[str, Any]]) -> float:
+        vals = [r[key] for r in part if key in r]
+        return sum(vals) / len(vals) if vals else float("nan")
+
+    return {
+        "steps": steps[-1]["step"],
+        **{f"{k}_first": mean(k, steps[:w]) for k in first},
+        **{f"{k}_last": mean(k, steps[-w:]) for k in last},
+        "time/train_seconds": sum(r.get("time/step_seconds", 0.0) for r in steps),
+    }

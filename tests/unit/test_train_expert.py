@@ -4,6 +4,7 @@ a strong reward is learned."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -129,7 +130,6 @@ def test_single_pass_update_equals_three_pass_update(tiny_model_dir, monkeypatch
     """rloo/grpo with one update on the whole batch reuse the gradient pass for the old log-probs:
     the update and the metrics equal those of the separate no-grad pass."""
     from personalign.generation import eos_token_ids
-    from personalign.losses import AdaptiveKLController
     from personalign.models import load_model
 
     def run(single: bool):
@@ -144,11 +144,9 @@ def test_single_pass_update_equals_three_pass_update(tiny_model_dir, monkeypatch
         ro = te.rollout(policy, tok, ["Explain photosynthesis to me."] * 2 + ["How do I bake bread at home?"] * 2,
                         eos_token_ids(base, tok), max_new_tokens=5, temperature=1.0)
         c = te.resolve_defaults(te.TrainExpertConfig(side="P2A", output_dir="unused", group_size=2, batch_prompts=2))
-        params = [p for p in policy.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-2)
-        metrics = te.rl_update(policy, None, opt, params, ro, torch.tensor([1.0, -1.0, 0.5, -0.5]), c,
-                               AdaptiveKLController(c.kl_coef, c.kl_target, c.kl_horizon))
-        return metrics, [p.detach().clone() for p in params]
+        state = te.RLState(policy, dataclasses.replace(c, lr=1e-2))
+        metrics = te.rl_update(state, ro, torch.tensor([1.0, -1.0, 0.5, -0.5]), c)
+        return metrics, [p.detach().clone() for p in state.params]
 
     m3, p3 = run(False)
     m1, p1 = run(True)

@@ -57,6 +57,7 @@ import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -80,7 +81,7 @@ from personalign.losses import (
     sequence_policy_loss,
 )
 from personalign.reward_model import LoraSpec
-from personalign.runlog import MetricsLogger, prepare_run_dir
+from personalign.runlog import MetricsLogger, prepare_run_dir, summarize_steps
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -349,58 +350,84 @@ def build_policy(base: PreTrainedModel, lora: LoraSpec, seed: int) -> Any:
     return get_peft_model(base, cfg)
 
 
-def _trainable_state(model: Any, value_head: nn.Module | None) -> dict[str, torch.Tensor]:
-    from peft import get_peft_model_state_dict
-
-    state = {f"lora.{k}": v for k, v in get_peft_model_state_dict(model).items()}
-    if value_head is not None:
-        state.update({f"value_head.{k}": v for k, v in value_head.state_dict().items()})
-    return state
-
-
-def _load_trainable_state(model: Any, value_head: nn.Module | None, state: dict[str, torch.Tensor]) -> None:
-    from peft import set_peft_model_state_dict
-
-    lora = {k[5:]: v for k, v in state.items() if k.startswith("lora.")}
-    result = set_peft_model_state_dict(model, lora)
-    if not lora or getattr(result, "unexpected_keys", []):
-        raise ModelError("the checkpoint's LoRA tensors do not fit this model; delete the checkpoint folder "
-                         "to start over")
-    if value_head is not None:
-        value_head.load_state_dict({k[11:]: v for k, v in state.items() if k.startswith("value_head.")})
+def save_adapter(model: Any, folder: Path) -> None:
+    """``model``'s adapter as a standard peft folder, written whole or not at all (tmp, then rename).
+    The base embeddings never change, so they are not saved with it."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), save_embedding_layers=False)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
 
 
-def _truncate_metrics(logger: MetricsLogger, last_step: int) -> None:
-    """Drop metrics lines of steps after ``last_step`` (written before an interruption, redone now)."""
-    rows = logger.read()
-    keep = [r for r in rows if r.get("step", 0) <= last_step]
-    if len(keep) != len(rows):
-        tmp = logger.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-        os.replace(tmp, logger.path)
+class RLState:
+    """What an RL loop over a LoRA policy trains and resumes: the adapter (and, for PPO, a value head
+    on the last hidden state), AdamW over both, the running reward statistics and the KL controller.
+    Shared by ``train-expert`` and ``train-pmorl``; a checkpoint holds all of it plus the step."""
+
+    def __init__(self, model: Any, c: Any):
+        self.model = model
+        self.value_head: nn.Module | None = None
+        if c.algorithm == "ppo":
+            self.value_head = nn.Linear(model.config.hidden_size, 1).to(next(model.parameters()).device)
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if self.value_head is not None:
+            self.params += list(self.value_head.parameters())
+        self.opt = torch.optim.AdamW(self.params, lr=c.lr, weight_decay=c.weight_decay)
+        self.stats = RunningMeanStd()
+        self.kl_ctl = AdaptiveKLController(c.kl_coef, c.kl_target, c.kl_horizon)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        from peft import get_peft_model_state_dict
+
+        state = {f"lora.{k}": v for k, v in get_peft_model_state_dict(self.model).items()}
+        if self.value_head is not None:
+            state.update({f"value_head.{k}": v for k, v in self.value_head.state_dict().items()})
+        return state
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        from peft import set_peft_model_state_dict
+
+        lora = {k[5:]: v for k, v in state.items() if k.startswith("lora.")}
+        result = set_peft_model_state_dict(self.model, lora)
+        if not lora or getattr(result, "unexpected_keys", []):
+            raise ModelError("the checkpoint's LoRA tensors do not fit this model; delete the checkpoint folder "
+                             "to start over")
+        if self.value_head is not None:
+            self.value_head.load_state_dict({k[11:]: v for k, v in state.items() if k.startswith("value_head.")})
+
+    def save_checkpoint(self, folder: Path, step: int, **extra: Any) -> None:
+        save_checkpoint(folder, self.trainable_state(), self.opt,
+                        {"step": step, "reward_stats": self.stats.state_dict(), "kl_coef": self.kl_ctl.value,
+                         **extra})
+
+    def resume(self, folder: Path) -> tuple[int, dict[str, Any]]:
+        """Load the checkpoint in ``folder`` if there is one: (its step, its progress record), else (0, {})."""
+        restored = load_checkpoint(folder, self.opt)
+        if restored is None:
+            return 0, {}
+        state, progress = restored
+        self.load_trainable_state(state)
+        self.stats.load_state_dict(progress["reward_stats"])
+        self.kl_ctl.value = float(progress["kl_coef"])
+        return int(progress["step"]), progress
+
+    def save(self, out: Path) -> None:
+        """The adapter (``adapter/``) and, for PPO, the value head (``value_head.safetensors``)."""
+        save_adapter(self.model, out / ADAPTER_DIR)
+        if self.value_head is not None:
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.value_head.state_dict().items()},
+                      str(out / VALUE_HEAD))
 
 
-def _summary(rows: list[dict[str, Any]]) -> dict[str, float]:
-    steps = [r for r in rows if "train/reward_raw" in r]
-    if not steps:
-        return {}
-    w = max(1, min(10, len(steps) // 4 or 1))
-
-    def mean(key: str, part: list[dict[str, Any]]) -> float:
-        vals = [r[key] for r in part if key in r]
-        return sum(vals) / len(vals) if vals else float("nan")
-
-    return {
-        "steps": steps[-1]["step"],
-        "train/reward_raw_first": mean("train/reward_raw", steps[:w]),
-        "train/reward_raw_last": mean("train/reward_raw", steps[-w:]),
-        "train/kl_last": mean("train/kl", steps[-w:]),
-        "train/response_length_last": mean("train/response_length", steps[-w:]),
-        "time/train_seconds": sum(r.get("time/step_seconds", 0.0) for r in steps),
-    }
-
-
-# -- the recipe ------------------------------------------------------------------------------------
+def expert_summary(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Final metrics of an RL run: reward at the start and the end, KL and length at the end, time."""
+    return summarize_steps(rows, "train/reward_raw", first=["train/reward_raw"],
+                           last=["train/reward_raw", "train/kl", "train/response_length"])
 
 
 def single_pass(model: nn.Module, c: TrainExpertConfig, n: int) -> bool:
@@ -411,11 +438,10 @@ def single_pass(model: nn.Module, c: TrainExpertConfig, n: int) -> bool:
             and not any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()))
 
 
-def rl_update(model: Any, value_head: nn.Module | None, opt: torch.optim.Optimizer, params: list[nn.Parameter],
-              ro: Rollout, score_n: torch.Tensor, c: TrainExpertConfig, kl_ctl: AdaptiveKLController,
-              ) -> dict[str, float]:
+def rl_update(state: RLState, ro: Rollout, score_n: torch.Tensor, c: TrainExpertConfig) -> dict[str, float]:
     """reference log-probs -> KL penalty -> advantages -> loss -> step, for one batch of rollouts whose
     normalised scores are ``score_n`` (N,). Shared by train-expert and train-pmorl."""
+    model, value_head, opt, params, kl_ctl = state.model, state.value_head, state.opt, state.params, state.kl_ctl
     device = score_n.device
     n, t = ro.response.shape
     mask = ro.mask  # (N, T)
@@ -511,34 +537,16 @@ def main(cfg: TrainExpertConfig) -> dict[str, float]:
     fingerprint = base_fingerprint(base)
     model = build_policy(base, c.lora, c.seed)
     device = next(model.parameters()).device
-    value_head = None
-    if c.algorithm == "ppo":
-        value_head = nn.Linear(base.config.hidden_size, 1).to(device)
-        nn.init.zeros_(value_head.weight)
-        nn.init.zeros_(value_head.bias)
+    rl = RLState(model, c)
     reward_fn = reward_from_spec(plan.reward, side, device=c.device, dtype=c.dtype)
     eos = eos_token_ids(base, tok)
     preference = plan.space.parse(side)
     policy_texts = build_prompts(tok, [it.prompt for it in plan.instructions], preference, Method.PROMPT)
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    if value_head is not None:
-        params += list(value_head.parameters())
-    opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
-    stats = RunningMeanStd()
-    kl_ctl = AdaptiveKLController(c.kl_coef, c.kl_target, c.kl_horizon)
-
-    # -- resume
-    step = 0
+    # -- resume: a killed run continues from its last checkpoint; the metrics after it are redone
     ckpt = out / "checkpoint"
-    restored = load_checkpoint(ckpt, opt)
-    if restored is not None:
-        state, progress = restored
-        _load_trainable_state(model, value_head, state)
-        step = int(progress["step"])
-        stats.load_state_dict(progress["reward_stats"])
-        kl_ctl.value = float(progress["kl_coef"])
-    _truncate_metrics(logger, step)
+    step, _ = rl.resume(ckpt)
+    logger.truncate(step)
 
     bar = None
     if c.progress:
@@ -563,11 +571,11 @@ def main(cfg: TrainExpertConfig) -> dict[str, float]:
         # -- score: the reward function on the decoded text, normalised by running statistics
         raw = reward_fn([plan.instructions[i].prompt for i in idx], ro.texts).to(device)  # (N,)
         score = raw - c.missing_eos_penalty * (~ro.finished).float()
-        stats.update(score)
-        score_n = stats.normalize(score).float()  # (N,)
+        rl.stats.update(score)
+        score_n = rl.stats.normalize(score).float()  # (N,)
 
         # -- reference log-probs -> KL penalty -> advantages -> loss -> step
-        update = rl_update(model, value_head, opt, params, ro, score_n, c, kl_ctl)
+        update = rl_update(rl, ro, score_n, c)
         step += 1
 
         # -- log
@@ -589,23 +597,13 @@ def main(cfg: TrainExpertConfig) -> dict[str, float]:
 
         # -- checkpoint
         if step % c.checkpoint_every == 0 and step < c.steps:
-            save_checkpoint(ckpt, _trainable_state(model, value_head), opt,
-                            {"step": step, "reward_stats": stats.state_dict(), "kl_coef": kl_ctl.value})
+            rl.save_checkpoint(ckpt, step)
     if bar is not None:
         bar.close()
 
     # -- save: a standard peft adapter folder, the value head (ppo), then expert.json last
-    final = _summary(logger.read())
-    tmp = out / (ADAPTER_DIR + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), save_embedding_layers=False)  # the base embeddings never change
-    shutil.rmtree(out / ADAPTER_DIR, ignore_errors=True)
-    os.replace(tmp, out / ADAPTER_DIR)
-    if value_head is not None:
-        from safetensors.torch import save_file
-
-        save_file({k: v.detach().contiguous().cpu() for k, v in value_head.state_dict().items()},
-                  str(out / VALUE_HEAD))
+    final = expert_summary(logger.read())
+    rl.save(out)
     doc = {
         "kind": "expert",
         "side": side,

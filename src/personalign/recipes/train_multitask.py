@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -322,7 +321,7 @@ def main(cfg: TrainMultitaskConfig) -> dict[str, float]:
 
     # -- model: the base with a fresh LoRA adapter, as the experts are built
     from personalign.models import load_model, quiet_transformers
-    from personalign.recipes.train_expert import _truncate_metrics, build_policy
+    from personalign.recipes.train_expert import build_policy, save_adapter
     from personalign.reward_model import base_fingerprint
 
     base, tok = load_model(cfg.model, device=cfg.device, dtype="float32")  # float32 master weights
@@ -335,7 +334,7 @@ def main(cfg: TrainMultitaskConfig) -> dict[str, float]:
     # -- resume: the trainer's last checkpoint; metrics logged after it are redone
     ckpt_dir = out / CHECKPOINTS
     last, done = _checkpoint_step(ckpt_dir)
-    _truncate_metrics(logger, done)
+    logger.truncate(done)
 
     # -- train
     from trl import SFTTrainer
@@ -347,11 +346,7 @@ def main(cfg: TrainMultitaskConfig) -> dict[str, float]:
 
     # -- save: a standard peft adapter folder, then expert.json last
     final = _summary(logger.read(), len(dataset))
-    tmp = out / (ADAPTER_DIR + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), save_embedding_layers=False)  # the base embeddings never change
-    shutil.rmtree(out / ADAPTER_DIR, ignore_errors=True)
-    os.replace(tmp, out / ADAPTER_DIR)
+    save_adapter(model, out / ADAPTER_DIR)
     doc = {
         "kind": "multitask",
         "sides": list(plan.sides),

@@ -82,8 +82,8 @@ from personalign.pcm import (
     preference_vector,
     weight_kl,
 )
-from personalign.recipes.train_expert import _finite, _require, _truncate_metrics, step_prompt_indices
-from personalign.runlog import MetricsLogger, prepare_run_dir
+from personalign.recipes.train_expert import _finite, _require, step_prompt_indices
+from personalign.runlog import MetricsLogger, prepare_run_dir, summarize_steps
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -412,23 +412,8 @@ def _load_experts(base: PreTrainedModel, plan: Plan) -> Experts:
 
 
 def _summary(rows: list[dict[str, Any]]) -> dict[str, float]:
-    steps = [r for r in rows if "train/utility" in r]
-    if not steps:
-        return {}
-    w = max(1, min(10, len(steps) // 4 or 1))
-
-    def mean(key: str, part: list[dict[str, Any]]) -> float:
-        vals = [r[key] for r in part if key in r]
-        return sum(vals) / len(vals) if vals else float("nan")
-
-    return {
-        "steps": steps[-1]["step"],
-        "train/utility_first": mean("train/utility", steps[:w]),
-        "train/utility_last": mean("train/utility", steps[-w:]),
-        "train/weight_shift_last": mean("train/weight_shift", steps[-w:]),
-        "train/weight_entropy_last": mean("train/weight_entropy", steps[-w:]),
-        "time/train_seconds": sum(r.get("time/step_seconds", 0.0) for r in steps),
-    }
+    return summarize_steps(rows, "train/utility", first=["train/utility"],
+                           last=["train/utility", "train/weight_shift", "train/weight_entropy"])
 
 
 def main(cfg: TrainPCMConfig) -> dict[str, float]:
@@ -472,7 +457,7 @@ def main(cfg: TrainPCMConfig) -> dict[str, float]:
         state, progress = restored
         pcm.load_state_dict(state)
         step = int(progress["step"])
-    _truncate_metrics(logger, step)
+    logger.truncate(step)
     refs = ReferenceCache(out / REFERENCES)
 
     bar = None

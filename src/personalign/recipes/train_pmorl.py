@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
 import shutil
 import time
@@ -45,15 +44,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
-from personalign.checkpoint import load_checkpoint, save_checkpoint
 from personalign.config import to_dict
 from personalign.data import build_user_message, format_chat
 from personalign.errors import ConfigError, ModelError
 from personalign.generation import batch_seed, eos_token_ids
 from personalign.losses import (
-    AdaptiveKLController,
     RunningMeanStd,
 )
 from personalign.recipes import train_expert as te
@@ -248,38 +244,21 @@ def main(cfg: TrainPMORLConfig) -> dict[str, float]:
     fingerprint = base_fingerprint(base)
     model = te.build_policy(base, c.lora, c.seed)
     device = next(model.parameters()).device
-    value_head = None
-    if c.algorithm == "ppo":
-        value_head = nn.Linear(base.config.hidden_size, 1).to(device)
-        nn.init.zeros_(value_head.weight)
-        nn.init.zeros_(value_head.bias)
+    rl = te.RLState(model, c)
     combined, side_stats = combination_rewards(plan.combinations,
                                                side_rewards(plan.rewards, device=c.device, dtype=c.dtype))
     keys = [p.spec() for p in plan.combinations]
     eos = eos_token_ids(base, tok)
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    if value_head is not None:
-        params += list(value_head.parameters())
-    opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
-    stats = RunningMeanStd()
-    kl_ctl = AdaptiveKLController(c.kl_coef, c.kl_target, c.kl_horizon)
-
-    # -- resume
-    step = 0
+    # -- resume: a killed run continues from its last checkpoint; the metrics after it are redone
     ckpt = out / "checkpoint"
-    restored = load_checkpoint(ckpt, opt)
-    if restored is not None:
-        state, progress = restored
-        te._load_trainable_state(model, value_head, state)
-        step = int(progress["step"])
-        stats.load_state_dict(progress["reward_stats"])
+    step, progress = rl.resume(ckpt)
+    if progress:
         if set(progress.get("side_stats", {})) != set(side_stats):
             raise ModelError(f"checkpoint {ckpt} holds reward statistics of other sides; delete it to start over")
         for s, st in side_stats.items():
             st.load_state_dict(progress["side_stats"][s])
-        kl_ctl.value = float(progress["kl_coef"])
-    te._truncate_metrics(logger, step)
+    logger.truncate(step)
 
     bar = None
     if c.progress:
@@ -309,11 +288,11 @@ def main(cfg: TrainPMORLConfig) -> dict[str, float]:
         # -- score: each RESPONSE on its own combination's sides, then the running normalisation
         scores = score_samples(combined, [keys[k] for k in cidx], instructions, ro.texts)
         score = scores.combined.to(device) - c.missing_eos_penalty * (~ro.finished).float()
-        stats.update(score)
-        score_n = stats.normalize(score).float()  # (N,)
+        rl.stats.update(score)
+        score_n = rl.stats.normalize(score).float()  # (N,)
 
         # -- reference log-probs -> KL penalty -> advantages -> loss -> step
-        update = te.rl_update(model, value_head, opt, params, ro, score_n, c, kl_ctl)
+        update = te.rl_update(rl, ro, score_n, c)
         step += 1
 
         # -- log
@@ -337,24 +316,13 @@ def main(cfg: TrainPMORLConfig) -> dict[str, float]:
 
         # -- checkpoint
         if step % c.checkpoint_every == 0 and step < c.steps:
-            save_checkpoint(ckpt, te._trainable_state(model, value_head), opt,
-                            {"step": step, "reward_stats": stats.state_dict(), "kl_coef": kl_ctl.value,
-                             "side_stats": {s: st.state_dict() for s, st in side_stats.items()}})
+            rl.save_checkpoint(ckpt, step, side_stats={s: st.state_dict() for s, st in side_stats.items()})
     if bar is not None:
         bar.close()
 
     # -- save: a standard peft adapter folder, the value head (ppo), then expert.json last
-    final = te._summary(logger.read())
-    tmp = out / (ADAPTER_DIR + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), save_embedding_layers=False)
-    shutil.rmtree(out / ADAPTER_DIR, ignore_errors=True)
-    os.replace(tmp, out / ADAPTER_DIR)
-    if value_head is not None:
-        from safetensors.torch import save_file
-
-        save_file({k: v.detach().contiguous().cpu() for k, v in value_head.state_dict().items()},
-                  str(out / VALUE_HEAD))
+    final = te.expert_summary(logger.read())
+    rl.save(out)
     doc = {
         "kind": "pmorl",
         "sides": list(plan.sides),
