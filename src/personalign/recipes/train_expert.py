@@ -379,6 +379,11 @@ class RLState:
         self.stats = RunningMeanStd()
         self.kl_ctl = AdaptiveKLController(c.kl_coef, c.kl_target, c.kl_horizon)
 
+    def normalize(self, score: torch.Tensor) -> torch.Tensor:
+        """Fold this batch's scores into the running statistics, then return them normalised (float)."""
+        self.stats.update(score)
+        return self.stats.normalize(score).float()
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
         from peft import get_peft_model_state_dict
 
@@ -571,8 +576,7 @@ def main(cfg: TrainExpertConfig) -> dict[str, float]:
         # -- score: the reward function on the decoded text, normalised by running statistics
         raw = reward_fn([plan.instructions[i].prompt for i in idx], ro.texts).to(device)  # (N,)
         score = raw - c.missing_eos_penalty * (~ro.finished).float()
-        rl.stats.update(score)
-        score_n = rl.stats.normalize(score).float()  # (N,)
+        score_n = rl.normalize(score)  # (N,)
 
         # -- reference log-probs -> KL penalty -> advantages -> loss -> step
         update = rl_update(rl, ro, score_n, c)

@@ -49,9 +49,7 @@ from personalign.config import to_dict
 from personalign.data import build_user_message, format_chat
 from personalign.errors import ConfigError, ModelError
 from personalign.generation import batch_seed, eos_token_ids
-from personalign.losses import (
-    RunningMeanStd,
-)
+from personalign.losses import RunningMeanStd
 from personalign.recipes import train_expert as te
 from personalign.reward_model import LoraSpec
 from personalign.runlog import MetricsLogger, prepare_run_dir
@@ -288,8 +286,7 @@ def main(cfg: TrainPMORLConfig) -> dict[str, float]:
         # -- score: each RESPONSE on its own combination's sides, then the running normalisation
         scores = score_samples(combined, [keys[k] for k in cidx], instructions, ro.texts)
         score = scores.combined.to(device) - c.missing_eos_penalty * (~ro.finished).float()
-        rl.stats.update(score)
-        score_n = rl.stats.normalize(score).float()  # (N,)
+        score_n = rl.normalize(score)  # (N,)
 
         # -- reference log-probs -> KL penalty -> advantages -> loss -> step
         update = te.rl_update(rl, ro, score_n, c)
