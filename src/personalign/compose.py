@@ -108,7 +108,8 @@ def require_experts(pref: Preference, folders: dict[str, Path], where: Path | st
     return weights
 
 
-def _file_digest(path: Path) -> str:
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes, hex."""
     h = hashlib.sha256()
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -129,7 +130,7 @@ def soup_adapter(pref: Preference, experts_dir: str | Path, *, method: str = "ps
     weights = require_experts(pref, folders, experts_dir)
     sides = list(weights)
     key_src = {"method": method, "rank": rank, "density": density, "seed": seed,
-               "experts": [[s, round(weights[s], 8), _file_digest(folders[s] / ADAPTER_FILES[1])] for s in sides]}
+               "experts": [[s, round(weights[s], 8), file_digest(folders[s] / ADAPTER_FILES[1])] for s in sides]}
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:20]
     root = (cache or cache_root()) / "soups"
     target = root / key

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -322,6 +323,38 @@ def test_interrupted_generation_resumes(tmp_path, tiny_model_dir, experts_dir, m
     evaluate.main(cfg, judge=Longer())
     assert calls == [str(path)]
     assert path.read_text().splitlines() == lines  # seeded per batch: the same text as before
+
+
+def test_an_expert_retrained_in_place_regenerates_only_the_files_it_made(tmp_path, tiny_model_dir,
+                                                                         monkeypatch):
+    experts = _make_experts(tiny_model_dir, tmp_path / "experts", ("P1A", "P1B", "P2A", "P3A"))
+    cfg = _cfg(tmp_path, tiny_model_dir, experts, methods=["prompt", "soup-psoups", "expert-1"],
+               ontopic=False)
+    run = Path(cfg.run_dir)
+    evaluate.main(cfg, judge=Longer())
+    ledger = json.loads((run / "generations" / "sources.json").read_text())
+    assert ledger["generations/prompt/P1A+P2A+P3A.jsonl"] == {}
+    assert set(ledger["generations/soup-psoups/P1B+P2A+P3A.jsonl"]) == {"expert/P1B", "expert/P2A",
+                                                                         "expert/P3A"}
+    assert set(ledger["generations/expert/P1A.jsonl"]) == {"expert/P1A"}
+    old_p1b = (run / "generations" / "expert" / "P1B.jsonl").read_text()
+
+    # P1B is retrained in place (another adapter in the same folder).
+    shutil.rmtree(experts / "P1B")
+    scratch = _make_experts(tiny_model_dir, tmp_path / "scratch", ("P2B",))
+    shutil.copytree(scratch / "P2B", experts / "P1B")
+    calls = []
+    real = generate.main
+    monkeypatch.setattr(generate, "main", lambda g: calls.append(Path(g.output).relative_to(run).as_posix())
+                        or real(g))
+    evaluate.main(cfg, judge=Longer())
+    assert sorted(calls) == ["generations/expert/P1B.jsonl", "generations/soup-psoups/P1B+P2A+P3A.jsonl"]
+    assert (run / "generations" / "expert" / "P1B.stale-1.jsonl").read_text() == old_p1b  # kept aside
+    assert (run / "generations" / "expert" / "P1B.jsonl").read_text() != old_p1b
+
+    calls.clear()
+    evaluate.main(cfg, judge=Longer())  # recorded again: nothing more to do
+    assert calls == []
 
 
 # ---------------------------------------------------------------- Pareto sweep

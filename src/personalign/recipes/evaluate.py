@@ -20,6 +20,7 @@ Run folder::
 
     config.json                                   the resolved config of the latest run
     generations/identity.json                     what the generations depend on (model, sampling, ...)
+    generations/sources.json                      per file, the digests of the weights that made it
     generations/<method>/<combination>.jsonl      one line per instruction (``personalign generate``'s rows)
     generations/vanilla/all.jsonl                 vanilla ignores preferences: generated once for all
     generations/expert/<SIDE>.jsonl               expert-k: one file per side, shared by combinations
@@ -33,7 +34,9 @@ Rerunning costs nothing that is done: generation files are complete or resumed l
 verdict is reused when its key (side, instruction, both responses) is in the judge's folder. Another
 judge gets its own folder, so it re-judges without regenerating. Changing what generations depend on
 (model, experts folder, prompts, sampling, seed, batch size, dtype) is refused; use another run_dir.
-Retraining experts *in place* is not detected: evaluate them in a new run_dir.
+Retraining an expert, adapter or PCM *in place* is detected: ``generations/sources.json`` records the
+digests of the weights behind every file, and a file made from older weights is moved aside
+(``<name>.stale-<n>.jsonl``) and generated again.
 
 Sampling: the paper sampled; so do we (temperature 0.7, top-p 0.9, repetition penalty 1.1), because
 greedy decoding makes a 135M model loop and would measure the loop, not the method. It stays
@@ -46,6 +49,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -286,21 +290,101 @@ def complete_rows(path: Path, items: list[Instruction]) -> list[dict[str, Any]] 
     return rows[: len(items)]
 
 
+def generation_sources(gen: GenerateConfig) -> dict[str, str]:
+    """The trained weights one generation file depends on, by SHA-256: each expert its preference
+    uses, the ``adapter:`` folder, the PCM. Empty for methods that use only the base model."""
+    from personalign import compose
+    from personalign.models import canonical_name
+    from personalign.pcm import PCM_WEIGHTS
+
+    method = Method.parse(gen.method)
+    files: dict[str, Path] = {}
+    if method is Method.ADAPTER and gen.adapter:
+        folder = compose.adapter_folder(Path(gen.adapter))
+        if folder is not None:
+            files["adapter"] = folder / compose.ADAPTER_FILES[1]
+    if method.uses_experts and gen.prefs is not None:
+        experts = compose.expert_folders(compose.resolve_experts_dir(gen.experts, canonical_name(gen.model)))
+        for side in compose.expert_weights(load_space(gen.dimensions).parse(gen.prefs)):
+            if side in experts:
+                files[f"expert/{side}"] = experts[side] / compose.ADAPTER_FILES[1]
+    if gen.pcm:
+        files["pcm"] = Path(gen.pcm) / PCM_WEIGHTS
+    return {name: compose.file_digest(f) for name, f in files.items() if f.is_file()}
+
+
+class GenerationSources:
+    """``generations/sources.json``: for every generation file, the digests of the weights it was made
+    with. A file whose expert, adapter or PCM has since been retrained in place is stale: it is moved
+    aside (``<name>.stale-<n>.jsonl``, nothing is deleted) and generated again."""
+
+    def __init__(self, run: Path) -> None:
+        self.path = run / "generations" / "sources.json"
+        self.root = run
+        try:
+            self.table: dict[str, dict[str, str]] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        except json.JSONDecodeError:
+            raise DataError(f"{self.path} is not valid JSON; delete it to record the generations' "
+                            "sources again") from None
+
+    def _key(self, path: Path) -> str:
+        try:
+            return path.resolve().relative_to(self.root.resolve()).as_posix()
+        except ValueError:
+            return str(path.resolve())
+
+    def stale(self, path: Path, sources: dict[str, str]) -> str | None:
+        """If ``path`` was made from other weights than ``sources``, move it aside and say so.
+
+        A file with no record (made before sources were recorded) is trusted as it is."""
+        recorded = self.table.get(self._key(path))
+        if recorded is None or recorded == sources or not path.exists():
+            return None
+        changed = sorted(k for k in set(recorded) | set(sources) if recorded.get(k) != sources.get(k))
+        n = 1
+        while (aside := path.with_name(f"{path.stem}.stale-{n}{path.suffix}")).exists():
+            n += 1
+        path.rename(aside)
+        return (f"{path} was generated with other weights ({', '.join(changed)} changed since); "
+                f"moved to {aside.name}, generating it again")
+
+    def record(self, path: Path, sources: dict[str, str]) -> None:
+        if self.table.get(self._key(path)) == sources:
+            return
+        self.table[self._key(path)] = sources
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.table, indent=2, sort_keys=True))
+        tmp.replace(self.path)
+
+
 def run_generations(jobs: dict[Path, GenerateConfig], items: list[Instruction], progress: bool,
-                    desc: str = "eval generate") -> dict[Path, list[str]]:
-    """Each job's responses: complete files are read, others generated or resumed by ``generate``."""
+                    desc: str = "eval generate", run: Path | None = None) -> dict[Path, list[str]]:
+    """Each job's responses: complete files are read, others generated or resumed by ``generate``.
+
+    With ``run`` (the run folder), each file's weights are checked against ``generations/sources.json``
+    first: a file made by an expert, adapter or PCM that has been retrained since is regenerated.
+    """
     from personalign.recipes import generate
 
     out: dict[Path, list[str]] = {}
+    ledger = GenerationSources(run) if run is not None else None
     bar = _bar(progress, len(jobs), desc, "file")
     try:
         for path, gen in jobs.items():
+            sources = generation_sources(gen) if ledger is not None else {}
+            if ledger is not None:
+                note = ledger.stale(path, sources)
+                if note is not None:
+                    print(note, file=sys.stderr)
             rows = complete_rows(path, items)
             if rows is None:
                 generate.main(gen)
                 rows = complete_rows(path, items)
                 if rows is None:
                     raise DataError(f"{path} is incomplete after generation; rerun to resume it")
+            if ledger is not None:
+                ledger.record(path, sources)
             out[path] = [str(r.get("response") or "") for r in rows]
             if bar is not None:
                 bar.update(1)
@@ -741,7 +825,7 @@ def main(cfg: EvalConfig, judge: PairwiseJudge | None = None) -> dict[str, Any]:
     (run / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
 
     # -- generate (resumable; complete files are read, never regenerated) ------------------------
-    responses = run_generations(plan.jobs, plan.items, cfg.progress)
+    responses = run_generations(plan.jobs, plan.items, cfg.progress, run=run)
 
     # -- judge (both orders, cached per judge) ---------------------------------------------------
     try:

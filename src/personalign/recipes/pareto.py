@@ -189,7 +189,7 @@ def main(cfg: ParetoConfig) -> dict[str, Any]:
     (run / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
 
     # -- generate ------------------------------------------------------------------------------------
-    responses = run_generations(plan.jobs, plan.items, cfg.progress, desc="pareto generate")
+    responses = run_generations(plan.jobs, plan.items, cfg.progress, desc="pareto generate", run=run)
 
     # -- measure -------------------------------------------------------------------------------------
     sx, sy = plan.sides
