@@ -321,8 +321,10 @@ class GenerationSources:
     def __init__(self, run: Path) -> None:
         self.path = run / "generations" / "sources.json"
         self.root = run
+        self.table: dict[str, dict[str, str]] = {}
         try:
-            self.table: dict[str, dict[str, str]] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+            if self.path.is_file():
+                self.table = json.loads(self.path.read_text())
         except json.JSONDecodeError:
             raise DataError(f"{self.path} is not valid JSON; delete it to record the generations' "
                             "sources again") from None
