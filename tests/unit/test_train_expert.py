@@ -253,6 +253,30 @@ def test_changed_config_is_refused(tmp_path, tiny_model_dir):
         te.main(_cfg(tmp_path, tiny_model_dir, steps=1, lr=1e-3))
 
 
+def test_kl_stop_keeps_the_last_policy_within_the_limit(tmp_path, tiny_model_dir):
+    # Step 1 samples from the untouched policy (KL exactly 0); its update moves the policy, so step 2's
+    # samples are more than 1e-6 nats away (k3, never negative): the run stops there and keeps step 1's
+    # policy (lora_B = 0).
+    cfg = _cfg(tmp_path, tiny_model_dir, steps=5, lr=1e-2, kl_stop=1e-6, kl_estimator="k3")  # k3 >= 0
+    result = te.main(cfg)
+    out = tmp_path / "run"
+    rows = _rows(out)
+    assert [r["step"] for r in rows] == [1, 2] and rows[1]["train/kl"] > 1e-6
+    doc = json.loads((out / "expert.json").read_text())
+    assert doc["stopped"] == {"step": 2, "kl": rows[1]["train/kl"], "kl_stop": 1e-6, "kept_step": 1}
+    assert result["steps"] == 1 and result["train/kl_last"] == 0.0  # the kept policy's numbers
+    from safetensors.torch import load_file
+
+    weights = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    lora_b = [v for k, v in weights.items() if "lora_B" in k]
+    assert lora_b and all(float(v.abs().sum()) == 0 for v in lora_b)
+    assert not (out / "checkpoint").exists()
+
+    # Without the guard the same run goes on to the end.
+    te.main(dataclasses.replace(cfg, output_dir=str(tmp_path / "free"), kl_stop=None, steps=3))
+    assert [r["step"] for r in _rows(tmp_path / "free")] == [1, 2, 3]
+
+
 @pytest.mark.parametrize(("change", "match"), [
     ({"side": "P9Z"}, "unknown preference side 'P9Z'"),
     ({"reward": "no_such_module_xyz:fn"}, "cannot import module 'no_such_module_xyz'"),
@@ -264,6 +288,7 @@ def test_changed_config_is_refused(tmp_path, tiny_model_dir):
     ({"algorithm": "rloo", "group_size": 1}, "group_size must be at least 2 for rloo"),
     ({"algorithm": "dpo"}, "algorithm must be one of rloo, grpo, ppo"),
     ({"kl_estimator": "k9"}, "kl_estimator must be one of k1, k3"),
+    ({"kl_stop": 0.0}, "kl_stop must be a positive number"),
     ({"temperature": 0.0}, "temperature must be in"),
     ({"minibatch_size": 99}, "minibatch_size must be between 1 and"),
     ({"lora": LoraSpec(r=4, dropout=1.5)}, r"lora.dropout must be in \[0, 1\)"),

@@ -54,6 +54,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -122,6 +123,11 @@ class TrainExpertConfig:
     adaptive_kl: bool | None = None  # None: True for ppo, False otherwise
     kl_target: float = 6.0
     kl_horizon: int = 10000
+    # Guard against reward hacking: stop when a step's sampled policy is more than this many nats from
+    # the base (mean sequence KL) and keep the policy of the step before. A policy that has found an
+    # exploit of its reward model leaves the base fast (one expert here went from 1.9 to 8.4 nats in
+    # eleven steps, its answers turning into strings of praise). None: no guard.
+    kl_stop: float | None = None
     kl_estimator: str = "k1"  # k1 (the paper's penalty) or k3 (non-negative)
     clip_range: float = 0.2
     value_clip_range: float = 0.2
@@ -215,6 +221,8 @@ def validate(cfg: TrainExpertConfig) -> Plan:
     _require(c.kl_estimator in KL_ESTIMATORS, "kl_estimator", c.kl_estimator,
              f"one of {', '.join(KL_ESTIMATORS)}")
     _require(_finite(c.kl_target) and c.kl_target > 0, "kl_target", c.kl_target, "a positive number")
+    _require(c.kl_stop is None or (_finite(c.kl_stop) and c.kl_stop > 0), "kl_stop", c.kl_stop,
+             "a positive number of nats, or unset for no guard")
     _require(c.kl_horizon >= 1, "kl_horizon", c.kl_horizon, "at least 1")
     for name in ("clip_range", "value_clip_range", "max_grad_norm"):
         v = getattr(c, name)
@@ -561,8 +569,11 @@ def main(cfg: TrainExpertConfig) -> dict[str, float]:
 
     g = c.group_size
     n = c.batch_prompts * g
+    stopped: dict[str, Any] | None = None
+    kept: dict[str, torch.Tensor] | None = None  # kl_stop: the last policy whose samples were within it
     while step < c.steps:
         t0 = time.perf_counter()
+        sampler = {k: v.detach().clone() for k, v in rl.trainable_state().items()} if c.kl_stop else None
         torch.manual_seed(batch_seed(c.seed, step))
         prompt_ids = step_prompt_indices(len(policy_texts), c.batch_prompts, step, c.seed)
         idx = [i for i in prompt_ids for _ in range(g)]  # a prompt's samples are consecutive (groups)
@@ -599,6 +610,16 @@ def main(cfg: TrainExpertConfig) -> dict[str, float]:
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['train/reward_raw']:.3f}", kl=f"{metrics['train/kl']:.3f}")
 
+        # -- guard: a policy that left the base by more than kl_stop is not kept
+        if c.kl_stop is not None:
+            if metrics["train/kl"] > c.kl_stop:
+                if kept is not None:
+                    rl.load_trainable_state(kept)
+                stopped = {"step": step, "kl": metrics["train/kl"], "kl_stop": c.kl_stop,
+                           "kept_step": step - 1 if kept is not None else step}
+                break
+            kept = sampler
+
         # -- checkpoint
         if step % c.checkpoint_every == 0 and step < c.steps:
             rl.save_checkpoint(ckpt, step)
@@ -606,7 +627,14 @@ def main(cfg: TrainExpertConfig) -> dict[str, float]:
         bar.close()
 
     # -- save: a standard peft adapter folder, the value head (ppo), then expert.json last
-    final = expert_summary(logger.read())
+    rows = logger.read()
+    final = expert_summary(rows)
+    if stopped is not None:  # the kept policy's numbers, not those of the one that crossed the limit
+        kept_rows = [r for r in rows if r.get("step", 0) <= stopped["kept_step"]] or rows
+        final = {**expert_summary(kept_rows), "time/train_seconds": final["time/train_seconds"]}
+        if c.progress:
+            print(f"train-expert {side}: step {stopped['step']} sampled {stopped['kl']:.2f} nats from the base "
+                  f"(kl_stop {c.kl_stop}); keeping the policy of step {stopped['kept_step']}", file=sys.stderr)
     rl.save(out)
     doc = {
         "kind": "expert",
@@ -619,6 +647,7 @@ def main(cfg: TrainExpertConfig) -> dict[str, float]:
         "reward": str(plan.reward),
         "config": to_dict(c),
         "metrics": final,
+        **({"stopped": stopped} if stopped is not None else {}),
     }
     (out / EXPERT_JSON).write_text(json.dumps(doc, indent=2))
     shutil.rmtree(ckpt, ignore_errors=True)
