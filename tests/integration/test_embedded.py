@@ -71,7 +71,42 @@ def test_demo_command_real_model(tmp_path):
                         catch_exceptions=False)
     assert res.exit_code == 0, res.output
     rows = [json.loads(x) for x in (tmp_path / "demo.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 and rows[0]["response"] != rows[1]["response"]
+    by_method: dict[str, list[str]] = {}
+    for r in rows:
+        by_method.setdefault(r["method"], []).append(r["response"])
+    # With the shipped experts the demo shows the soup and the token-level mixture next to prompting.
+    assert set(by_method) == {"prompt", "soup", "mope"}, set(by_method)
+    assert all(len(v) == 2 for v in by_method.values())
+    assert by_method["prompt"][0] != by_method["prompt"][1]
+
+
+def test_shipped_experts_generate_offline(tmp_path):
+    """The six experts ship with the package: each records the embedded base, its side and its
+    training metrics, and generate uses them with no --experts."""
+    from personalign.compose import expert_folders, shipped_experts_dir
+
+    shipped = shipped_experts_dir(EMBEDDED_DEFAULT)
+    assert shipped is not None
+    folders = expert_folders(shipped)
+    assert sorted(folders) == ["P1A", "P1B", "P2A", "P2B", "P3A", "P3B"]
+    for side, adapter in folders.items():
+        doc = json.loads((adapter.parent / "expert.json").read_text())
+        assert doc["side"] == side and doc["base"]["name"] == EMBEDDED_DEFAULT, side
+        assert doc["metrics"]["steps"] >= 1 and "train/kl_last" in doc["metrics"]
+        assert (adapter.parent / "metrics.jsonl").is_file()
+        size = (adapter / "adapter_model.safetensors").stat().st_size
+        assert size < 8e6, f"{side}'s adapter is {size / 1e6:.1f} MB"
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Why is the sky blue?"}) + "\n")
+    out = tmp_path / "out.jsonl"
+    for method in ("expert", "soup"):
+        prefs = "P2A" if method == "expert" else "1A,2A,3A"
+        res = runner.invoke(app, ["generate", "--method", method, "--prefs", prefs, "--max-new-tokens", "16",
+                                  "--input", str(prompts), "--output", str(out)], catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        row = json.loads(out.read_text().splitlines()[-1])
+        assert row["method"] == method and row["response"].strip()
+        out.unlink()
 
 
 def _readme_commands() -> list[str]:
