@@ -343,6 +343,17 @@ def test_pmorl_trains_logs_and_saves(tmp_path, tiny_model_dir, algorithm):
     assert pm.main(cfg) == result and len(_rows(out)) == 3
 
 
+def test_pmorl_kl_stop_keeps_the_last_policy_within_the_limit(tmp_path, tiny_model_dir):
+    # As train-expert's guard: step 1 samples the untouched policy (k3 KL 0), step 2 a moved one.
+    pm.main(_pm_cfg(tmp_path, tiny_model_dir, "run", steps=4, lr=1e-2, kl_stop=1e-6, kl_estimator="k3"))
+    doc = json.loads((tmp_path / "run" / "expert.json").read_text())
+    assert doc["stopped"]["step"] == 2 and doc["stopped"]["kept_step"] == 1 and doc["metrics"]["steps"] == 1
+    from safetensors.torch import load_file
+
+    weights = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))
+    assert all(float(v.abs().sum()) == 0 for k, v in weights.items() if "lora_B" in k)
+
+
 def test_pmorl_resume_after_interruption_is_exact(tmp_path, tiny_model_dir, monkeypatch):
     common = {"steps": 5, "checkpoint_every": 2, "lr": 1e-2}
     pm.main(_pm_cfg(tmp_path, tiny_model_dir, "full", **common))

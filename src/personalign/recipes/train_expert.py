@@ -443,6 +443,43 @@ def expert_summary(rows: list[dict[str, Any]]) -> dict[str, float]:
                            last=["train/reward_raw", "train/kl", "train/response_length"])
 
 
+class KLGuard:
+    """``kl_stop``: stop an RL run at the first step whose samples are more than ``limit`` nats from the
+    base, and keep the policy that sampled the step before. Call :meth:`before` ahead of each rollout
+    and :meth:`after` with the step's KL; when it returns a record, the kept policy is loaded and the
+    run should end. With ``limit`` None it does nothing."""
+
+    def __init__(self, rl: RLState, limit: float | None):
+        self.rl, self.limit = rl, limit
+        self.sampler: dict[str, torch.Tensor] | None = None  # the policy sampling this step
+        self.kept: dict[str, torch.Tensor] | None = None  # the last one whose samples were within limit
+
+    def before(self) -> None:
+        if self.limit is not None:
+            self.sampler = {k: v.detach().clone() for k, v in self.rl.trainable_state().items()}
+
+    def after(self, step: int, kl: float) -> dict[str, Any] | None:
+        if self.limit is None:
+            return None
+        if kl <= self.limit:
+            self.kept = self.sampler
+            return None
+        if self.kept is not None:
+            self.rl.load_trainable_state(self.kept)
+        return {"step": step, "kl": kl, "kl_stop": self.limit,
+                "kept_step": step - 1 if self.kept is not None else step}
+
+
+def stopped_summary(rows: list[dict[str, Any]], stopped: dict[str, Any] | None) -> dict[str, float]:
+    """:func:`expert_summary`, of the kept policy's steps when a :class:`KLGuard` stopped the run
+    (the train time still counts every step)."""
+    final = expert_summary(rows)
+    if stopped is None:
+        return final
+    kept = [r for r in rows if r.get("step", 0) <= stopped["kept_step"]] or rows
+    return {**expert_summary(kept), "time/train_seconds": final["time/train_seconds"]}
+
+
 def single_pass(model: nn.Module, c: TrainExpertConfig, n: int) -> bool:
     """True when the update is one step on the whole batch with a critic-free loss and no dropout:
     the gradient pass then sees exactly the parameters and inputs the old log-probs would, so its own
@@ -569,11 +606,11 @@ def main(cfg: TrainExpertConfig) -> dict[str, float]:
 
     g = c.group_size
     n = c.batch_prompts * g
+    guard = KLGuard(rl, c.kl_stop)
     stopped: dict[str, Any] | None = None
-    kept: dict[str, torch.Tensor] | None = None  # kl_stop: the last policy whose samples were within it
     while step < c.steps:
         t0 = time.perf_counter()
-        sampler = {k: v.detach().clone() for k, v in rl.trainable_state().items()} if c.kl_stop else None
+        guard.before()
         torch.manual_seed(batch_seed(c.seed, step))
         prompt_ids = step_prompt_indices(len(policy_texts), c.batch_prompts, step, c.seed)
         idx = [i for i in prompt_ids for _ in range(g)]  # a prompt's samples are consecutive (groups)
@@ -611,14 +648,9 @@ def main(cfg: TrainExpertConfig) -> dict[str, float]:
             bar.set_postfix(reward=f"{metrics['train/reward_raw']:.3f}", kl=f"{metrics['train/kl']:.3f}")
 
         # -- guard: a policy that left the base by more than kl_stop is not kept
-        if c.kl_stop is not None:
-            if metrics["train/kl"] > c.kl_stop:
-                if kept is not None:
-                    rl.load_trainable_state(kept)
-                stopped = {"step": step, "kl": metrics["train/kl"], "kl_stop": c.kl_stop,
-                           "kept_step": step - 1 if kept is not None else step}
-                break
-            kept = sampler
+        stopped = guard.after(step, metrics["train/kl"])
+        if stopped is not None:
+            break
 
         # -- checkpoint
         if step % c.checkpoint_every == 0 and step < c.steps:
@@ -627,11 +659,8 @@ def main(cfg: TrainExpertConfig) -> dict[str, float]:
         bar.close()
 
     # -- save: a standard peft adapter folder, the value head (ppo), then expert.json last
-    rows = logger.read()
-    final = expert_summary(rows)
-    if stopped is not None:  # the kept policy's numbers, not those of the one that crossed the limit
-        kept_rows = [r for r in rows if r.get("step", 0) <= stopped["kept_step"]] or rows
-        final = {**expert_summary(kept_rows), "time/train_seconds": final["time/train_seconds"]}
+    final = stopped_summary(logger.read(), stopped)
+    if stopped is not None:
         if c.progress:
             print(f"train-expert {side}: step {stopped['step']} sampled {stopped['kl']:.2f} nats from the base "
                   f"(kl_stop {c.kl_stop}); keeping the policy of step {stopped['kept_step']}", file=sys.stderr)

@@ -41,7 +41,7 @@ import random
 import shutil
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -90,6 +90,7 @@ class TrainPMORLConfig:
     adaptive_kl: bool | None = None
     kl_target: float = 6.0
     kl_horizon: int = 10000
+    kl_stop: float | None = None  # as train-expert's: end the run when a step's samples drift too far
     kl_estimator: str = "k1"
     clip_range: float = 0.2
     value_clip_range: float = 0.2
@@ -267,8 +268,11 @@ def main(cfg: TrainPMORLConfig) -> dict[str, float]:
 
     g = c.group_size
     n = c.batch_prompts * g
+    guard = te.KLGuard(rl, c.kl_stop)
+    stopped: dict[str, Any] | None = None
     while step < c.steps:
         t0 = time.perf_counter()
+        guard.before()
         torch.manual_seed(batch_seed(c.seed, step))
         prompt_ids = te.step_prompt_indices(len(plan.instructions), c.batch_prompts, step, c.seed)
         combo_ids = step_combinations(len(keys), c.batch_prompts, step, c.seed)
@@ -311,6 +315,11 @@ def main(cfg: TrainPMORLConfig) -> dict[str, float]:
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['train/reward_combined']:.3f}", kl=f"{metrics['train/kl']:.3f}")
 
+        # -- guard: a policy that left the base by more than kl_stop is not kept
+        stopped = guard.after(step, metrics["train/kl"])
+        if stopped is not None:
+            break
+
         # -- checkpoint
         if step % c.checkpoint_every == 0 and step < c.steps:
             rl.save_checkpoint(ckpt, step, side_stats={s: st.state_dict() for s, st in side_stats.items()})
@@ -318,7 +327,7 @@ def main(cfg: TrainPMORLConfig) -> dict[str, float]:
         bar.close()
 
     # -- save: a standard peft adapter folder, the value head (ppo), then expert.json last
-    final = te.expert_summary(logger.read())
+    final = te.stopped_summary(logger.read(), stopped)
     rl.save(out)
     doc = {
         "kind": "pmorl",
@@ -331,6 +340,7 @@ def main(cfg: TrainPMORLConfig) -> dict[str, float]:
         "rewards": {s: str(spec) for s, spec in plan.rewards.items()},
         "config": to_dict(cfg),
         "metrics": final,
+        **({"stopped": stopped} if stopped is not None else {}),
     }
     (out / EXPERT_JSON).write_text(json.dumps(doc, indent=2))
     shutil.rmtree(ckpt, ignore_errors=True)
