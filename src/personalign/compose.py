@@ -14,6 +14,7 @@ a preference already seen costs one adapter load.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -109,9 +110,16 @@ def require_experts(pref: Preference, folders: dict[str, Path], where: Path | st
 
 
 def file_digest(path: Path) -> str:
-    """SHA-256 of a file's bytes, hex."""
+    """SHA-256 of a file's bytes, hex. Remembered per (path, size, modification time): an evaluation
+    asks for the same experts' digests once per generation file."""
+    st = Path(path).stat()
+    return _digest_of(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _digest_of(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
-    with path.open("rb") as fh:
+    with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()

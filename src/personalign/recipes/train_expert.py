@@ -660,10 +660,9 @@ def main(cfg: TrainExpertConfig) -> dict[str, float]:
 
     # -- save: a standard peft adapter folder, the value head (ppo), then expert.json last
     final = stopped_summary(logger.read(), stopped)
-    if stopped is not None:
-        if c.progress:
-            print(f"train-expert {side}: step {stopped['step']} sampled {stopped['kl']:.2f} nats from the base "
-                  f"(kl_stop {c.kl_stop}); keeping the policy of step {stopped['kept_step']}", file=sys.stderr)
+    if stopped is not None and c.progress:
+        print(f"train-expert {side}: step {stopped['step']} sampled {stopped['kl']:.2f} nats from the base "
+              f"(kl_stop {c.kl_stop}); keeping the policy of step {stopped['kept_step']}", file=sys.stderr)
     rl.save(out)
     doc = {
         "kind": "expert",
