@@ -5,7 +5,9 @@ degenerate reply (a looping answer is "informative" to a word counter, an empty 
 
 * **distinct-n** (Li et al. 2016): distinct word n-grams over all n-grams of a method's responses,
   pooled over responses. It grows with diversity and shrinks with corpus size, so compare methods
-  on the same instructions only (the evaluation always does).
+  on corpora of one size: the evaluation computes it per generation file (one combination's
+  responses to the evaluation instructions) and averages over files, so a method generated once for
+  every combination (vanilla) is not favoured by a corpus eight times smaller.
 * **repetition rate**: the share of word 3-grams that repeat an earlier 3-gram *of the same
   response*, pooled over responses; a looping decoder scores near 1.
 * **mean length** in words, and the share of empty responses.
@@ -93,8 +95,21 @@ def mean_length(texts: Sequence[str]) -> float | None:
     return sum(len(words(t)) for t in texts) / len(texts) if texts else None
 
 
-def text_metrics(texts: Sequence[str]) -> dict[str, float | int | None]:
-    """The fluency metrics of one method's responses (see the module docstring)."""
+def text_metrics(texts: Sequence[str], groups: Sequence[Sequence[str]] | None = None
+                 ) -> dict[str, float | int | None]:
+    """The fluency metrics of one method's responses (see the module docstring).
+
+    ``groups`` (a partition of ``texts``, e.g. one generation file each): distinct-n is then the mean
+    of the groups' values, so methods with different numbers of files compare on equal corpus sizes.
+    """
+    if groups is not None:
+        if sum(len(g) for g in groups) != len(texts):
+            raise ValueError(f"groups hold {sum(len(g) for g in groups)} texts, not the {len(texts)} given")
+        out = text_metrics(texts)
+        for n in (1, 2):
+            vals = [v for v in (distinct_n(g, n) for g in groups) if v is not None]
+            out[f"distinct_{n}"] = sum(vals) / len(vals) if vals else None
+        return out
     return {
         "responses": len(texts),
         "distinct_1": distinct_n(texts, 1),

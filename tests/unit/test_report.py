@@ -26,6 +26,19 @@ def test_distinct_n_is_pooled_over_responses():
         report.distinct_n(texts, 0)
 
 
+def test_distinct_n_by_groups_averages_per_group():
+    # Pooled, the same two answers repeated score lower than once; per group they score the same.
+    once = report.text_metrics(["a b", "c d"], groups=[["a b", "c d"]])
+    twice = report.text_metrics(["a b", "c d"] * 2, groups=[["a b", "c d"], ["a b", "c d"]])
+    assert once["distinct_1"] == twice["distinct_1"] == pytest.approx(1.0)
+    assert report.text_metrics(["a b", "c d"] * 2)["distinct_1"] == pytest.approx(0.5)
+    mixed = report.text_metrics(["a a", "b c"], groups=[["a a"], ["b c"]])
+    assert mixed["distinct_1"] == pytest.approx((0.5 + 1.0) / 2)
+    assert mixed["mean_words"] == pytest.approx(2.0)  # the other metrics stay pooled
+    with pytest.raises(ValueError, match="groups hold 1 texts"):
+        report.text_metrics(["a", "b"], groups=[["a"]])
+
+
 def test_repetition_rate_counts_repeats_within_a_response_only():
     assert report.repetition_rate(["a b c a b c", "x y z"]) == pytest.approx(1 / 5)  # abc bca cab ABC | xyz
     assert report.repetition_rate(["a b c", "a b c"]) == 0.0  # the same answer twice is not a loop

@@ -800,7 +800,7 @@ def text_phase(plan: EvalPlan, responses: dict[Path, list[str]], cfg: EvalConfig
     for m in [plan.reference, *plan.methods]:
         paths = list(dict.fromkeys(plan.files[(m.label, c)] for c in plan.combos))
         texts = [t for p in paths for t in responses[p]]
-        metrics: dict[str, Any] = text_metrics(texts)
+        metrics: dict[str, Any] = text_metrics(texts, groups=[responses[p] for p in paths])
         metrics["ontopic"] = None
         if embedder is not None:
             prompts = [it.prompt for _ in paths for it in plan.items]
