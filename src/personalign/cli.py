@@ -242,7 +242,7 @@ def train_rm(
 
     given = {"pairs": pairs, "output_dir": output_dir, "model": model,
              "sides": ",".join(side) if side else None}
-    cfg = load_config(recipe.TrainRMConfig, config, _overrides(given, set_))
+    cfg = load_config(recipe.TrainRMConfig, _resolve_config_path(config), _overrides(given, set_))
     metrics = recipe.main(cfg)
     typer.echo(json.dumps({k: v for k, v in metrics.items() if k.startswith("eval/accuracy")}, indent=1))
 
@@ -263,7 +263,7 @@ def train_expert(
     from personalign.recipes import train_expert as recipe
 
     given = {"side": side, "output_dir": output_dir, "reward": reward, "algorithm": algorithm, "model": model}
-    cfg = load_config(recipe.TrainExpertConfig, config, _overrides(given, set_))
+    cfg = load_config(recipe.TrainExpertConfig, _resolve_config_path(config), _overrides(given, set_))
     typer.echo(json.dumps(recipe.main(cfg), indent=1))
 
 
@@ -284,7 +284,7 @@ def train_pcm(
 
     given = {"output_dir": output_dir, "experts": str(experts) if experts else None, "reward": reward,
              "model": model, "sides": ",".join(side) if side else None}
-    cfg = load_config(recipe.TrainPCMConfig, config, _overrides(given, set_))
+    cfg = load_config(recipe.TrainPCMConfig, _resolve_config_path(config), _overrides(given, set_))
     typer.echo(json.dumps(recipe.main(cfg), indent=1))
 
 
@@ -303,7 +303,7 @@ def train_multitask(
     from personalign.recipes import train_multitask as recipe
 
     given = {"pairs": pairs, "output_dir": output_dir, "model": model, "sides": ",".join(side) if side else None}
-    cfg = load_config(recipe.TrainMultitaskConfig, config, _overrides(given, set_))
+    cfg = load_config(recipe.TrainMultitaskConfig, _resolve_config_path(config), _overrides(given, set_))
     typer.echo(json.dumps(recipe.main(cfg), indent=1))
 
 
@@ -324,7 +324,7 @@ def train_pmorl(
 
     given = {"output_dir": output_dir, "reward": reward, "algorithm": algorithm, "model": model,
              "sides": ",".join(side) if side else None}
-    cfg = load_config(recipe.TrainPMORLConfig, config, _overrides(given, set_))
+    cfg = load_config(recipe.TrainPMORLConfig, _resolve_config_path(config), _overrides(given, set_))
     typer.echo(json.dumps(recipe.main(cfg), indent=1))
 
 
@@ -346,7 +346,7 @@ def eval_(
 
     given = {"run_dir": run_dir, "model": model, "experts": experts, "judge": judge, "limit": limit,
              "single_sides": single_sides}
-    cfg = load_config(recipe.EvalConfig, config, _overrides(given, set_))
+    cfg = load_config(recipe.EvalConfig, _resolve_config_path(config), _overrides(given, set_))
     results = recipe.main(cfg)
     typer.echo(Path(results["files"]["markdown"]).read_text())
 
@@ -368,7 +368,7 @@ def pareto(
 
     given = {"run_dir": run_dir, "sides": sides, "methods": ",".join(method) if method else None,
              "model": model, "experts": experts}
-    cfg = load_config(recipe.ParetoConfig, config, _overrides(given, set_))
+    cfg = load_config(recipe.ParetoConfig, _resolve_config_path(config), _overrides(given, set_))
     result = recipe.main(cfg)
     typer.echo(Path(result["files"]["markdown"]).read_text())
 
@@ -410,9 +410,9 @@ def score(
         sys.stdout.write(text)
 
 
-def _resolve_config_path(config: Path) -> Path:
-    """A path, or the name of a shipped config (``psoups-smollm2.yaml``)."""
-    if config.exists():
+def _resolve_config_path(config: Path | None) -> Path | None:
+    """A path, or the name of a shipped config (``psoups-smollm2.yaml``); None stays None."""
+    if config is None or config.exists():
         return config
     from importlib import resources
 

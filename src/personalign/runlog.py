@@ -20,8 +20,11 @@ __all__ = ["MetricsLogger", "prepare_run_dir", "summarize_steps"]
 RESUMABLE_FIELDS = frozenset({"progress", "device", "checkpoint_every"})
 
 
-def prepare_run_dir(folder: str | Path, cfg: Any) -> Path:
-    """Create ``folder`` and write ``config.json``; refuse a folder holding another run's config."""
+def prepare_run_dir(folder: str | Path, cfg: Any, resumable: frozenset[str] = frozenset()) -> Path:
+    """Create ``folder`` and write ``config.json``; refuse a folder holding another run's config.
+
+    ``resumable``: fields besides :data:`RESUMABLE_FIELDS` that a recipe lets a rerun change (a run
+    whose schedule does not depend on its length can be extended: ``steps``)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     current = to_dict(cfg)
@@ -33,7 +36,8 @@ def prepare_run_dir(folder: str | Path, cfg: Any) -> Path:
             previous = None
         if isinstance(previous, dict):
             previous = {**_added_defaults(cfg, previous), **previous}
-        strip = lambda d: {k: v for k, v in (d or {}).items() if k not in RESUMABLE_FIELDS}  # noqa: E731
+        free = RESUMABLE_FIELDS | resumable
+        strip = lambda d: {k: v for k, v in (d or {}).items() if k not in free}  # noqa: E731
         if strip(previous) != strip(current):
             diff = sorted(k for k in set(strip(previous)) | set(strip(current))
                           if strip(previous).get(k) != strip(current).get(k))

@@ -161,3 +161,11 @@ def test_env_reports_cache(tmp_path, monkeypatch):
     assert res.exit_code == 0
     assert str(tmp_path / "cc") in res.output
     assert "transformers" in res.output and "not converted yet" in res.output
+
+
+def test_shipped_configs_are_found_by_name_for_every_recipe(tmp_path):
+    line = _error_line(run("train-pcm", "--config", str(tmp_path / "none.yaml")))
+    assert "config" in line and "does not exist (shipped configs:" in line and "pcm-smollm2.yaml" in line
+    line = _error_line(run("eval", "--config", "nope.yaml", "-o", str(tmp_path / "e")))
+    assert "psoups-smollm2.yaml" in line
+    assert not (tmp_path / "e").exists()

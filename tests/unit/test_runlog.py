@@ -22,6 +22,7 @@ def test_prepare_run_dir_refuses_another_run(tmp_path):
     prepare_run_dir(tmp_path, _Cfg(progress=False))  # resumable fields may change
     with pytest.raises(ConfigError, match="different config \\(lr differ\\)"):
         prepare_run_dir(tmp_path, _Cfg(lr=1e-3))
+    prepare_run_dir(tmp_path, _Cfg(lr=1e-3), resumable=frozenset({"lr"}))  # a recipe frees a field
 
 
 def test_prepare_run_dir_accepts_a_run_saved_before_a_field_existed(tmp_path):

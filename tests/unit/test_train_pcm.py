@@ -142,7 +142,7 @@ def test_run_logs_saves_and_the_pcm_drives_generation(tmp_path, tiny_model_dir, 
     assert any(k.startswith("train/weight/P") for k in rows[0])
     assert rows[0]["train/weight_shift"] < 1e-5  # step 1 samples with the declared weights exactly
     assert all(0 <= r["train/utility"] <= 1 for r in rows)
-    assert (out / "pcm.safetensors").is_file() and not (out / "checkpoint").exists()
+    assert (out / "pcm.safetensors").is_file() and (out / "checkpoint").is_dir()  # kept: a rerun can extend it
     refs = [json.loads(x) for x in (out / "references.jsonl").read_text().splitlines()]
     assert len(refs) == len({r["key"] for r in refs}) >= 3  # one reference per input text, never twice
     doc = json.loads((out / "pcm.json").read_text())
@@ -237,6 +237,30 @@ def test_resume_after_interruption_is_exact(tmp_path, tiny_model_dir, experts_di
     assert any(float(v.abs().sum()) > 0 for k, v in fa.items() if k.startswith("mlp.4"))  # it did train
 
 
+def test_a_finished_run_extends_to_more_steps_exactly(tmp_path, tiny_model_dir, experts_dir):
+    from safetensors.torch import load_file
+
+    common = {"checkpoint_every": 10, "epochs": 1, "lr": 5e-2, "weighted_fraction": 0.5}
+    tp.main(_cfg(tmp_path, tiny_model_dir, experts_dir, "straight", steps=4, **common))
+    tp.main(_cfg(tmp_path, tiny_model_dir, experts_dir, "extended", steps=2, **common))
+    ext = tmp_path / "extended"
+    assert tp.trained_steps(ext) == 2 and (ext / "checkpoint").is_dir()  # kept for an extension
+    assert tp.main(_cfg(tmp_path, tiny_model_dir, experts_dir, "extended", steps=2, **common))  # done: no work
+    tp.main(_cfg(tmp_path, tiny_model_dir, experts_dir, "extended", steps=4, **common))
+    assert tp.trained_steps(ext) == 4 and json.loads((ext / "pcm.json").read_text())["steps"] == 4
+    assert [r["step"] for r in _rows(ext)] == [1, 2, 3, 4]
+    for a, b in zip(_rows(tmp_path / "straight"), _rows(ext)):
+        assert {k: v for k, v in a.items() if k.startswith("train/")} == \
+               {k: v for k, v in b.items() if k.startswith("train/")}
+    fa, fb = load_file(str(tmp_path / "straight" / "pcm.safetensors")), load_file(str(ext / "pcm.safetensors"))
+    assert all(torch.equal(fa[k], fb[k]) for k in fa)
+    with pytest.raises(ConfigError, match="trained for 4 steps; steps=3 would not shorten it"):
+        tp.main(_cfg(tmp_path, tiny_model_dir, experts_dir, "extended", steps=3, **common))
+    assert json.loads((ext / "config.json").read_text())["steps"] == 4  # the refusal changed nothing
+    with pytest.raises(ConfigError, match="different config \\(lr differ\\)"):  # other fields still guard
+        tp.main(_cfg(tmp_path, tiny_model_dir, experts_dir, "extended", steps=5, **{**common, "lr": 1e-2}))
+
+
 @pytest.mark.parametrize(("change", "match"), [
     ({"sides": ("P9Z", "P1A")}, "unknown preference side 'P9Z'"),
     ({"sides": ("P1A", "P1B")}, "no expert for side.*P1B.*train-expert --side P1B"),
@@ -315,3 +339,17 @@ def test_score_batch_scores_a_multihead_models_sides_in_one_pass(tiny):
                 k = multi.side_index(side)
                 assert r[i, j] == pytest.approx(float(want[i, k]), abs=1e-5)
                 assert r_ref[i, j] == pytest.approx(float(want_ref[i, k]), abs=1e-5)
+
+
+def test_shipped_pcm_config_is_valid(monkeypatch):
+    """The config that reproduces the shipped PCM names the pipeline run's reward model for every side."""
+    from importlib import resources
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])  # its reward models are relative to the repository
+    path = resources.files("personalign") / "configs" / "pcm-smollm2.yaml"
+    plan = tp.validate(load_config(tp.TrainPCMConfig, str(path)))
+    assert plan.sides == ("P1A", "P1B", "P2A", "P2B", "P3A", "P3B")
+    assert {s: (r.kind, r.target) for s, r in plan.rewards.items()} == {
+        s: ("rm", f"runs/psoups-smollm2/rm/{s}") for s in plan.sides}
+    assert all(v == 1.0 for v in plan.scales.values())  # reward models are used as they are

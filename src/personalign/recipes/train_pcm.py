@@ -39,9 +39,11 @@ step -> log -> checkpoint; at the end ``pcm.safetensors`` + ``pcm.json``.
 Determinism and resumption: a step's instructions, preferences, sampling seed and minibatch order all
 derive from (seed, step); every ``checkpoint_every`` steps the checkpoint holds the PCM, AdamW's state
 and the step, and running the same command again resumes from it (metrics lines after it are dropped
-and redone).
+and redone). The learning rate is constant, so the run's length is not part of its identity: a finished
+run keeps its checkpoint, and running it again with a larger ``steps`` extends it exactly as if it had
+been asked for that many steps from the start (a smaller ``steps`` is refused).
 
-Run folder: ``config.json``, ``metrics.jsonl``, ``references.jsonl``, ``checkpoint/`` while training,
+Run folder: ``config.json``, ``metrics.jsonl``, ``references.jsonl``, ``checkpoint/``,
 then ``pcm.safetensors`` and ``pcm.json`` (architecture, sides, base model, config, final metrics),
 written last. Metrics per step: ``train/loss``, ``train/rebel_loss``, ``train/prior_kl``,
 ``train/utility`` (mean over responses), ``train/utility_gap`` (mean |U(y) - U(y')|),
@@ -58,7 +60,6 @@ import hashlib
 import json
 import math
 import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -419,9 +420,13 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, float]:
 def main(cfg: TrainPCMConfig) -> dict[str, float]:
     plan = validate(cfg)  # before any model loads
     c, sides = plan.cfg, plan.sides
-    out = prepare_run_dir(cfg.output_dir, cfg)
+    done = trained_steps(Path(cfg.output_dir))
+    if done is not None and c.steps < done:
+        raise ConfigError(f"{cfg.output_dir} holds a PCM trained for {done} steps; steps={c.steps} would not "
+                          f"shorten it: give steps >= {done} (more extends the run) or another output folder")
+    out = prepare_run_dir(cfg.output_dir, cfg, resumable=frozenset({"steps"}))  # constant lr: a run extends
     logger = MetricsLogger(out)
-    if (out / PCM_CONFIG).is_file() and (out / PCM_WEIGHTS).is_file():
+    if done is not None and c.steps == done:
         return json.loads((out / PCM_CONFIG).read_text()).get("metrics", {})
 
     # -- models: the experts (frozen adapters on one base), the rewards, a fresh PCM
@@ -457,6 +462,12 @@ def main(cfg: TrainPCMConfig) -> dict[str, float]:
         state, progress = restored
         pcm.load_state_dict(state)
         step = int(progress["step"])
+        if step > c.steps:
+            raise ConfigError(f"the checkpoint in {ckpt} is at step {step}, past steps={c.steps}; give steps >= "
+                              f"{step}")
+    elif done is not None:
+        raise ConfigError(f"{out} holds a PCM trained for {done} steps but no checkpoint/ to extend it from; "
+                          "train in another output folder")
     logger.truncate(step)
     refs = ReferenceCache(out / REFERENCES)
 
@@ -587,10 +598,20 @@ def main(cfg: TrainPCMConfig) -> dict[str, float]:
     if bar is not None:
         bar.close()
 
-    # -- save: pcm.safetensors, then pcm.json (last)
+    # -- save: the checkpoint (kept, so a rerun with more steps extends the run), pcm.safetensors, then
+    # pcm.json (last)
+    save_checkpoint(ckpt, pcm.state_dict(), opt, {"step": step})
     final = _summary(logger.read())
     pcm.save(out, extra={"experts": str(plan.experts_dir),
                          "rewards": {s: str(plan.rewards[s]) for s in sides},
-                         "scales": plan.scales, "config": to_dict(c), "metrics": final})
-    shutil.rmtree(ckpt, ignore_errors=True)
+                         "scales": plan.scales, "config": to_dict(c), "steps": step, "metrics": final})
     return final
+
+
+def trained_steps(folder: Path) -> int | None:
+    """The steps a finished run in ``folder`` trained its PCM for, or None when it holds no PCM."""
+    if not ((folder / PCM_CONFIG).is_file() and (folder / PCM_WEIGHTS).is_file()):
+        return None
+    meta = json.loads((folder / PCM_CONFIG).read_text())
+    steps = meta.get("steps", meta.get("config", {}).get("steps"))  # PCMs saved before "steps": the config
+    return int(steps) if steps is not None else None
