@@ -89,7 +89,7 @@ def generate(
     density: Annotated[Optional[float], typer.Option("--density", help="soup: fraction kept by ties/dare (default 0.5).")] = None,
     mix: Annotated[str, typer.Option("--mix", help="mope: prob (mix probabilities), logit (mix logits) or uniform.")] = "prob",
     adapter: Annotated[Optional[Path], typer.Option("--adapter", help="With --method adapter: a trained adapter folder (multitask, P-MORL, RLHF).")] = None,
-    pcm: Annotated[Optional[Path], typer.Option("--pcm", help="mope: a Preference Control Model folder written by train-pcm (per-token weights).")] = None,
+    pcm: Annotated[Optional[Path], typer.Option("--pcm", help="mope: a Preference Control Model folder written by train-pcm (per-token weights), or 'shipped' for the one shipped with the embedded model's experts.")] = None,
     model: ModelOpt = None,
     dimensions: DimsOpt = None,
     device: DeviceOpt = "auto",

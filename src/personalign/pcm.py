@@ -65,11 +65,14 @@ __all__ = [
     "preference_utility",
     "preference_vector",
     "read_pcm_config",
+    "resolve_pcm_dir",
+    "shipped_pcm_dir",
     "weight_kl",
 ]
 
 PCM_WEIGHTS = "pcm.safetensors"
 PCM_CONFIG = "pcm.json"
+SHIPPED = "shipped"  # --pcm shipped: the PCM shipped with the package for the model's shipped experts
 FORMAT = 1
 EXPERT_FEATURES = 3  # entropy, top probability, disagreement with the declared mixture
 _POSITION_NORM = math.log(513.0)  # log(1 + t) / log(513): 1 at t = 512, independent of max_new_tokens
@@ -244,6 +247,27 @@ class PreferenceControlModel(nn.Module):
         if have and want and str(have).rstrip("/") != str(want).rstrip("/"):
             raise ModelError(f"PCM {where} was trained on base model {want!r}, not {have!r}; use --model "
                              f"{want} or train a PCM on this model with personalign train-pcm")
+
+
+def shipped_pcm_dir(model_name: str) -> Path | None:
+    """The PCM shipped inside the package for ``model_name`` (an embedded model's name), if any."""
+    from personalign.models import EMBEDDED_MODELS
+
+    if model_name not in EMBEDDED_MODELS:  # paths and hub ids never name a shipped folder
+        return None
+    folder = Path(__file__).parent / "data" / "pcm" / model_name
+    return folder if (folder / PCM_CONFIG).is_file() and (folder / PCM_WEIGHTS).is_file() else None
+
+
+def resolve_pcm_dir(pcm: str | Path, model_name: str) -> Path:
+    """A PCM folder, or for ``shipped`` the one shipped for the model (trained for its shipped experts)."""
+    if str(pcm) != SHIPPED:
+        return Path(pcm)
+    folder = shipped_pcm_dir(model_name)
+    if folder is None:
+        raise ConfigError(f"no PCM is shipped for model {model_name!r}; train one with personalign train-pcm "
+                          "and pass its folder instead of 'shipped'")
+    return folder
 
 
 def read_pcm_config(folder: str | Path, sides: Sequence[str] | None = None) -> dict[str, Any]:

@@ -74,8 +74,12 @@ def test_demo_command_real_model(tmp_path):
     by_method: dict[str, list[str]] = {}
     for r in rows:
         by_method.setdefault(r["method"], []).append(r["response"])
-    # With the shipped experts the demo shows the soup and the token-level mixture next to prompting.
-    assert set(by_method) == {"prompt", "soup-psoups", "mope-prob"}, set(by_method)
+    # With the shipped experts the demo shows the soup and the token-level mixture next to prompting,
+    # the mixture weighted by the shipped PCM where one ships.
+    from personalign.pcm import shipped_pcm_dir
+
+    mope = "mope-pcm" if shipped_pcm_dir(EMBEDDED_DEFAULT) is not None else "mope-prob"
+    assert set(by_method) == {"prompt", "soup-psoups", mope}, set(by_method)
     assert all(len(v) == 2 for v in by_method.values())
     assert by_method["prompt"][0] != by_method["prompt"][1]
 

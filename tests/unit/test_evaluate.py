@@ -124,6 +124,9 @@ def test_method_specs():
     learned = evaluate.parse_method("pcm:runs/pcm")
     assert (learned.label, learned.kind, learned.variant, learned.pcm) == ("mope-pcm-pcm", generate.Method.MOPE,
                                                                            "prob", "runs/pcm")
+    shipped = evaluate.parse_method("mope-pcm")
+    assert (shipped.label, shipped.kind, shipped.variant, shipped.pcm) == ("mope-pcm", generate.Method.MOPE,
+                                                                           "prob", "shipped")
     for bad in ("soup", "soup-average", "expert-0", "mope-fast", "adapter:", "pcm:", "rlhf"):
         with pytest.raises(ConfigError, match="method"):
             evaluate.parse_method(bad)
@@ -187,6 +190,9 @@ def test_learned_mope_is_a_method_checked_before_generation(tmp_path, tiny, tiny
     with pytest.raises(ConfigError, match=r"mope-pcm-pcm cannot run.*not P2B"):
         evaluate.validate(_cfg(tmp_path, tiny_model_dir, experts_dir, methods=[f"pcm:{tmp_path / 'pcm'}"],
                                combinations=["1A,2B,3A"]))
+
+    with pytest.raises(ConfigError, match=r"mope-pcm cannot run.*no PCM is shipped for model"):
+        evaluate.validate(_cfg(tmp_path, tiny_model_dir, experts_dir, methods=["mope-pcm"]))
 
     monkeypatch.setattr(evaluate, "load_embedder", lambda device="auto": _Embedder())
     out = evaluate.main(_cfg(tmp_path, tiny_model_dir, experts_dir, methods=[f"pcm:{tmp_path / 'pcm'}"]),

@@ -37,7 +37,9 @@ class DemoConfig:
     dtype: str = "auto"
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=160, temperature=0.0))
     experts: str | None = None  # None: the shipped experts, when there are any for the model
-    compose: tuple[str, ...] = ("soup", "mope")  # composition methods shown when experts exist
+    # Composition methods shown when experts exist; mope is weighted by the shipped PCM when the demo
+    # uses the shipped experts and a PCM ships for them, else by the preference's fixed weights.
+    compose: tuple[str, ...] = ("soup", "mope")
 
 
 def experts_for(cfg: DemoConfig) -> str | None:
@@ -101,12 +103,17 @@ def main(cfg: DemoConfig, show: bool = True) -> list[dict[str, Any]]:
     if experts is not None:
         from personalign.recipes import generate
 
+        from personalign.models import canonical_name
+        from personalign.pcm import SHIPPED, shipped_pcm_dir
+
+        learned = cfg.experts is None and shipped_pcm_dir(canonical_name(cfg.model)) is not None
         for name in cfg.compose:
+            pcm = SHIPPED if name == "mope" and learned else None
             for p in prefs:
                 gcfg = generate.GenerateConfig(prefs=p.spec(), method=name, model=cfg.model,
                                                instructions=tuple(instructions), batch_size=cfg.batch_size,
                                                device=cfg.device, dtype=cfg.dtype, progress=False,
-                                               sampling=cfg.sampling, experts=experts)
+                                               sampling=cfg.sampling, experts=experts, pcm=pcm)
                 rows += [{"instruction": r["prompt"], "prefs": p.spec(), "describe": p.describe(),
                           "method": r["method"], "response": r["response"]} for r in generate.main(gcfg)]
     gen_s = time.perf_counter() - t1

@@ -73,8 +73,8 @@ DEFAULT_METHODS = ("vanilla", "prompt", "soup-psoups", "soup-exact", "expert-1",
                    "mope-uniform", "mope-logit")
 METHOD_FORMS = ("vanilla, prompt, soup-<merge> (merge: psoups, exact, ties, dare, dare_ties), "
                 "expert-<k> (the combination's side of dimension k alone), "
-                "mope-<rule> (rule: prob, logit, uniform), adapter:PATH, "
-                "pcm:PATH (MoPE weighted by a train-pcm folder's Preference Control Model)")
+                "mope-<rule> (rule: prob, logit, uniform), mope-pcm (MoPE weighted by the shipped Preference "
+                "Control Model), adapter:PATH, pcm:PATH (MoPE weighted by a train-pcm folder's PCM)")
 
 
 @dataclass(frozen=True)
@@ -162,6 +162,8 @@ def parse_method(spec: str) -> MethodSpec:
             raise ConfigError(f"method {spec!r} names no folder; write pcm:PATH (a train-pcm folder)")
         # named as generate names it: mope-pcm-<folder>
         return MethodSpec(f"mope-pcm-{Path(path).resolve().name}", Method.MOPE, variant="prob", pcm=path)
+    if s == "mope-pcm":  # the PCM shipped for the model's shipped experts
+        return MethodSpec(s, Method.MOPE, variant="prob", pcm="shipped")
     if s in ("vanilla", "prompt"):
         return MethodSpec(s, Method(s))
     kind, _, variant = s.partition("-")
@@ -228,10 +230,11 @@ def missing_requirement(cfg: Any, m: MethodSpec, prefs: list[Preference]) -> str
     if not m.uses_experts:
         return None
     if m.pcm is not None:
-        from personalign.pcm import read_pcm_config
+        from personalign.pcm import read_pcm_config, resolve_pcm_dir
 
         try:
-            read_pcm_config(m.pcm, sorted({s for p in prefs for s, w in p.weights if w != 0}))
+            read_pcm_config(resolve_pcm_dir(m.pcm, canonical_name(cfg.model)),
+                            sorted({s for p in prefs for s, w in p.weights if w != 0}))
         except PersonalignError as exc:
             return str(exc)
     try:
@@ -295,7 +298,7 @@ def generation_sources(gen: GenerateConfig) -> dict[str, str]:
     uses, the ``adapter:`` folder, the PCM. Empty for methods that use only the base model."""
     from personalign import compose
     from personalign.models import canonical_name
-    from personalign.pcm import PCM_WEIGHTS
+    from personalign.pcm import PCM_WEIGHTS, resolve_pcm_dir
 
     method = Method.parse(gen.method)
     files: dict[str, Path] = {}
@@ -309,7 +312,7 @@ def generation_sources(gen: GenerateConfig) -> dict[str, str]:
             if side in experts:
                 files[f"expert/{side}"] = experts[side] / compose.ADAPTER_FILES[1]
     if gen.pcm:
-        files["pcm"] = Path(gen.pcm) / PCM_WEIGHTS
+        files["pcm"] = resolve_pcm_dir(gen.pcm, canonical_name(gen.model)) / PCM_WEIGHTS
     return {name: compose.file_digest(f) for name, f in files.items() if f.is_file()}
 
 

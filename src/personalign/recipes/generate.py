@@ -41,7 +41,7 @@ class GenerateConfig:
     merge_density: float | None = None  # ties/dare
     mix: str = "prob"  # mope: prob | logit | uniform
     adapter: str | None = None  # adapter: a peft adapter folder (multitask, P-MORL, RLHF policies)
-    pcm: str | None = None  # mope: a train-pcm folder (learned per-token weights)
+    pcm: str | None = None  # mope: a train-pcm folder (learned per-token weights), or "shipped"
 
 
 def resolve_preference(cfg: GenerateConfig) -> Preference | None:
@@ -71,9 +71,11 @@ def check_method(cfg: GenerateConfig, method: Method, pref: Preference | None) -
     if cfg.pcm is not None:
         if method is not Method.MOPE or MixRule.parse(cfg.mix) is not MixRule.PROB:
             raise DataError("--pcm FOLDER goes with --method mope --mix prob (the PCM weights a probability mixture)")
-        from personalign.pcm import read_pcm_config
+        from personalign.models import canonical_name
+        from personalign.pcm import read_pcm_config, resolve_pcm_dir
 
-        read_pcm_config(cfg.pcm, [s for s, w in pref.weights if w != 0] if pref else None)
+        read_pcm_config(resolve_pcm_dir(cfg.pcm, canonical_name(cfg.model)),
+                        [s for s, w in pref.weights if w != 0] if pref else None)
     if (method is Method.ADAPTER) != (cfg.adapter is not None):
         raise DataError("--adapter FOLDER goes with --method adapter (and --method adapter needs --adapter)")
     if cfg.adapter is not None:
@@ -109,9 +111,10 @@ def prepare_model(cfg: GenerateConfig, method: Method, pref: Preference | None, 
 
     experts, weights = compose.load_mixture(model, pref, folder)
     if cfg.pcm is not None:
-        from personalign.pcm import PCMWeights, PreferenceControlModel
+        from personalign.pcm import PCMWeights, PreferenceControlModel, resolve_pcm_dir
 
-        pcm = PreferenceControlModel.load(cfg.pcm, base_model=model, sides=experts.names, device=experts.device)
+        pcm = PreferenceControlModel.load(resolve_pcm_dir(cfg.pcm, model_name), base_model=model,
+                                          sides=experts.names, device=experts.device)
         provider = PCMWeights(pcm, experts, model.get_input_embeddings(), pref)
         return provider.experts, (provider, MixRule.PROB)  # the provider's experts record each step's logits
     rule = MixRule.parse(cfg.mix)
@@ -123,6 +126,8 @@ def method_label(cfg: GenerateConfig, method: Method) -> str:
     if method is Method.SOUP:
         return f"soup-{cfg.merge}"
     if method is Method.MOPE:
+        if cfg.pcm == "shipped":
+            return "mope-pcm"
         return f"mope-pcm-{Path(cfg.pcm).resolve().name}" if cfg.pcm else f"mope-{cfg.mix}"
     if method is Method.ADAPTER:
         return f"adapter-{Path(cfg.adapter).resolve().name}"
