@@ -7,7 +7,10 @@ next to a naive mixture that runs K separate models, in one process.
 * mixture, one pass: K LoRA experts on one base, all K in one batched forward pass per token with
   their own KV-cache rows (``Experts.from_adapters``);
 * mixture, K models: the same experts merged into K separate models, each run every token
-  (``Experts.from_models``) — what one would write without the shared base.
+  (``Experts.from_models``) — what one would write without the shared base;
+* mixture, PCM: the one-pass mixture weighted per token by a Preference Control Model (the shipped
+  architecture: context features, hidden 64, proj 32, untrained weights cost the same as trained
+  ones), so its ratio to the fixed-weight one-pass mixture is the PCM's cost per token.
 
 Experts are LoRA adapters (r=16 on every projection) with random ``lora_B``, so each expert really
 differs; only speed is measured here. Greedy decoding of a fixed number of new tokens (end-of-sequence
@@ -43,9 +46,10 @@ def build_experts(base, k: int):
     from peft import LoraConfig, get_peft_model
 
     cfg = LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS)
-    model = get_peft_model(base, cfg, adapter_name="e0")
-    for i in range(1, k):
-        model.add_adapter(f"e{i}", cfg)
+    names = ["P1A", "P2A", "P3A", "P1B", "P2B", "P3B"][:k]
+    model = get_peft_model(base, cfg, adapter_name=names[0])
+    for name in names[1:]:
+        model.add_adapter(name, cfg)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -68,7 +72,7 @@ def main() -> None:
     base, tok = load_model(args.model, device="cpu", dtype="float32")
     plain = copy.deepcopy(base)
     peft_model = build_experts(base, args.experts)
-    names = [f"e{i}" for i in range(args.experts)]
+    names = ["P1A", "P2A", "P3A", "P1B", "P2B", "P3B"][: args.experts]  # side ids: the PCM weights sides
     separate = []
     for n in names:
         m = copy.deepcopy(peft_model)
@@ -77,6 +81,13 @@ def main() -> None:
     one_pass = Experts.from_adapters(peft_model, names)
     k_models = Experts.from_models(separate)
     weights = FixedWeights([1 / args.experts] * args.experts)
+    from personalign.pcm import PCMConfig, PCMWeights, PreferenceControlModel
+    from personalign.reward_model import base_fingerprint
+
+    pcm_sides = ("P1A", "P1B", "P2A", "P2B", "P3A", "P3B")
+    pcm = PreferenceControlModel(PCMConfig(pcm_sides, base.config.hidden_size, True, 64, 32),
+                                 base=base_fingerprint(plain)).eval()
+    pcm_pref = parse_preference({n: 1.0 for n in names})
     never = [len(tok) + 10]  # an id never produced: every path decodes exactly new_tokens
     sampling = SamplingConfig(max_new_tokens=args.new_tokens, temperature=0.0, repetition_penalty=1.0)
     tok.padding_side = "left"
@@ -100,10 +111,17 @@ def main() -> None:
                                pad_token_id=tok.pad_token_id, rule=MixRule.PROB, sampling=sampling)
         return f
 
+    def run_pcm(enc):
+        provider = PCMWeights(pcm, one_pass, plain.get_input_embeddings(), pcm_pref)
+        with torch.inference_mode():
+            generate_mixed(provider.experts, enc["input_ids"], enc["attention_mask"], provider, eos_token_ids=never,
+                           pad_token_id=tok.pad_token_id, rule=MixRule.PROB, sampling=sampling)
+
     results = []
     for b in args.batch:
         enc = tok(prompts[:b], return_tensors="pt", padding=True, add_special_tokens=False)
-        paths = {"base": run_base, "base_fast": run_base_fast, "mixture_one_pass": run_mix(one_pass), "mixture_k_models": run_mix(k_models)}
+        paths = {"base": run_base, "base_fast": run_base_fast, "mixture_one_pass": run_mix(one_pass),
+                 "mixture_pcm": run_pcm, "mixture_k_models": run_mix(k_models)}
         times: dict[str, list[float]] = {p: [] for p in paths}
         for rep in range(args.reps + 1):
             order = list(paths) if rep % 2 == 0 else list(reversed(paths))
@@ -117,7 +135,11 @@ def main() -> None:
                "one_pass_vs_base": tps["mixture_one_pass"] / tps["base"],
                "one_pass_vs_base_fast": tps["mixture_one_pass"] / tps["base_fast"],
                "k_models_vs_base": tps["mixture_k_models"] / tps["base"],
-               "one_pass_vs_k_models": tps["mixture_one_pass"] / tps["mixture_k_models"]}
+               "one_pass_vs_k_models": tps["mixture_one_pass"] / tps["mixture_k_models"],
+               "pcm_vs_base": tps["mixture_pcm"] / tps["base"],
+               "pcm_vs_fixed": tps["mixture_pcm"] / tps["mixture_one_pass"],
+               "pcm_ms_per_token": 1e3 * (statistics.median(times["mixture_pcm"])
+                                          - statistics.median(times["mixture_one_pass"])) / args.new_tokens}
         results.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "seconds"}), flush=True)
     record = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
