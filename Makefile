@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 EXTRAS ?= judges,embed,api,serve,dev
 
-.PHONY: install demo test test-unit test-integration bench experts clean-venv
+.PHONY: install demo test test-unit test-integration bench experts pcm clean-venv
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ bench: install
 experts: install
 	$(VENV)/bin/personalign pipeline --config psoups-smollm2.yaml
 	$(PY) scripts/ship_experts.py runs/psoups-smollm2
+
+pcm: install
+	$(VENV)/bin/personalign train-pcm --config pcm-smollm2.yaml
+	$(PY) scripts/ship_pcm.py runs/pcm-smollm2
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,0 +1,60 @@
+"""scripts/ship_pcm.py: a finished train-pcm run lands in the package, with how it was made."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "ship_pcm.py"
+MODEL = "smollm2-135m-instruct"
+
+
+@pytest.fixture
+def ship(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("ship_pcm", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(mod, "ROOT", tmp_path / "repo")
+
+    def run(*args: str) -> int:
+        monkeypatch.setattr(sys, "argv", ["ship_pcm.py", *args])
+        return mod.main()
+
+    return run
+
+
+def fake_run(folder: Path, *, base: str = MODEL, finished: bool = True) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text('{"steps": 3}')
+    (folder / "metrics.jsonl").write_text('{"step": 1}\n')
+    (folder / "references.jsonl").write_text("{}\n")  # training material: not shipped
+    (folder / "checkpoint").mkdir()
+    if finished:
+        (folder / "pcm.safetensors").write_bytes(b"weights")
+        (folder / "pcm.json").write_text(json.dumps({"kind": "pcm", "sides": ["P1A", "P1B"], "steps": 3,
+                                                     "base": {"name": base}}))
+    return folder
+
+
+def test_ships_a_finished_pcm_with_its_provenance(ship, tmp_path, capsys):
+    assert ship(str(fake_run(tmp_path / "run"))) == 0
+    out = tmp_path / "repo" / "src" / "personalign" / "data" / "pcm" / MODEL
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "metrics.jsonl", "pcm.json", "pcm.safetensors"]
+    assert (out / "pcm.safetensors").read_bytes() == b"weights"
+    assert "sides P1A, P1B, 3 steps" in capsys.readouterr().out
+    # Reshipping replaces the old copy.
+    (tmp_path / "run" / "pcm.safetensors").write_bytes(b"new")
+    assert ship(str(tmp_path / "run")) == 0
+    assert (out / "pcm.safetensors").read_bytes() == b"new"
+
+
+def test_refuses_unfinished_runs_and_other_base_models(ship, tmp_path, capsys):
+    assert ship(str(fake_run(tmp_path / "half", finished=False))) == 1
+    assert "holds no finished PCM" in capsys.readouterr().err
+    assert ship(str(fake_run(tmp_path / "other", base="llama-7b"))) == 1
+    assert "trained on base model 'llama-7b', not smollm2-135m-instruct" in capsys.readouterr().err
+    assert not (tmp_path / "repo").exists()  # nothing written
