@@ -504,8 +504,12 @@ def generate_mixed(
     """Sample from the token-level mixture of ``experts`` for a left-padded prompt batch (B, L).
 
     Each step runs every expert once on the new token only (KV caches), mixes, samples. The repetition
-    penalty acts on the mixture as transformers' does on scores (log-probs are <= 0, so seen tokens'
-    log-probs are multiplied by it); tokens in the prompt count as seen, padding does not.
+    penalty acts on each expert's logits as transformers' does on a single model's (a seen token's
+    positive logit is divided by it, a negative one multiplied), and the penalised distributions are
+    mixed, so a mixture of identical experts samples exactly what one of them samples under
+    ``generate``; tokens in the prompt count as seen, padding does not. (Applied to the mixture's
+    log-probabilities instead, the same penalty is far weaker — log-probs are near zero for likely
+    tokens — and mixtures loop.) The recorded log-probabilities are the unpenalised ones.
     ``sampling`` defaults to ``SamplingConfig()``; its seed drives a private generator.
     """
     sampling = SamplingConfig() if sampling is None else sampling
@@ -549,7 +553,8 @@ def _decode(experts: Experts, input_ids: torch.Tensor, mask: torch.Tensor, weigh
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     toks, valid, ws, lps, mixed_lps = [], [], [], [], []
     for step in range(sampling.max_new_tokens):
-        expert_lp = F.log_softmax(logits[:, :, -1].float(), dim=-1)  # (B, K, V)
+        raw = logits[:, :, -1].float()  # (B, K, V)
+        expert_lp = F.log_softmax(raw, dim=-1)
         if rule is MixRule.UNIFORM:
             alpha = torch.full((b, k), 1.0 / k, device=device)
         else:
@@ -562,9 +567,9 @@ def _decode(experts: Experts, input_ids: torch.Tensor, mask: torch.Tensor, weigh
         mixed = mix_logprobs(expert_lp, alpha, rule)  # (B, V)
         scores = mixed
         if sampling.repetition_penalty != 1:
-            penal = torch.where(scores < 0, scores * sampling.repetition_penalty,
-                                scores / sampling.repetition_penalty)
-            scores = torch.where(seen > 0, penal, scores)
+            rp = sampling.repetition_penalty
+            penal = torch.where(seen[:, None] > 0, torch.where(raw < 0, raw * rp, raw / rp), raw)
+            scores = mix_logprobs(F.log_softmax(penal, dim=-1), alpha, rule)
         nxt = _sample(scores, sampling, gen)
         nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)  # (B,)
         toks.append(nxt)

@@ -258,14 +258,30 @@ def test_all_rows_finished_stops_early_and_sampling_knobs(peft_model, batch, tok
     nucleus = SamplingConfig(max_new_tokens=8, temperature=1.0, top_p=1e-6, repetition_penalty=1.0, seed=1)
     assert torch.equal(generate_mixed(experts, ids, mask, w, eos_token_ids=[0], sampling=nucleus).tokens,
                        greedy.tokens)
-    # A huge repetition penalty forbids every token already in the prompt or the response.
-    strict = SamplingConfig(max_new_tokens=8, temperature=0, repetition_penalty=1e6)
-    out = generate_mixed(experts, ids, mask, w, eos_token_ids=[0], sampling=strict)
-    for b in range(3):
-        seen = set(ids[b][mask[b].bool()].tolist())
-        for t in out.tokens[b].tolist():
-            assert t not in seen
-            seen.add(t)
+
+
+@pytest.mark.parametrize("penalty", [1.3, 3.0])
+def test_repetition_penalty_of_identical_experts_is_transformers_penalty(peft_model, tok, penalty):
+    """The penalty acts on each expert's logits as transformers' does on one model's: a mixture of three
+    copies of one expert decodes exactly what that expert decodes under generate(repetition_penalty)."""
+    experts = Experts.from_adapters(peft_model, [NAMES[1]] * 3)
+    cfg = SamplingConfig(max_new_tokens=10, temperature=0, repetition_penalty=penalty)
+    plain = SamplingConfig(max_new_tokens=10, temperature=0, repetition_penalty=1.0)
+    changed = False
+    for prompt in PROMPTS:  # one prompt at a time: transformers also penalises the padding id
+        enc = tok([prompt], return_tensors="pt")
+        ours = generate_mixed(experts, enc["input_ids"], enc["attention_mask"], FixedWeights([0.2, 0.3, 0.5]),
+                              eos_token_ids=[-1], sampling=cfg)
+        peft_model.set_adapter(NAMES[1])
+        with torch.no_grad():
+            ref = peft_model.generate(**enc, max_new_tokens=10, min_new_tokens=10, do_sample=False,
+                                      repetition_penalty=penalty, pad_token_id=0)
+        assert ours.tokens[0].tolist() == ref[0, enc["input_ids"].shape[1]:].tolist(), prompt
+        free = generate_mixed(experts, enc["input_ids"], enc["attention_mask"], FixedWeights([0.2, 0.3, 0.5]),
+                              eos_token_ids=[-1], sampling=plain)
+        changed |= not torch.equal(free.tokens, ours.tokens)
+    peft_model.set_adapter(NAMES[0])
+    assert changed  # the penalty did something on this tiny model
 
 
 def test_base_expert_and_logit_and_uniform_rules(peft_model, batch, tok):
