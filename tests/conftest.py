@@ -90,3 +90,21 @@ def _isolated_cache(tmp_path, monkeypatch, request):
     """Unit tests never touch the user's cache; integration tests share the real one."""
     if request.node.get_closest_marker("integration") is None:
         monkeypatch.setenv("PERSONALIGN_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def ship_script(tmp_path, monkeypatch):
+    """Load ``scripts/<name>`` with its ROOT at ``tmp_path/repo``; returns run(name, *args) -> exit code."""
+    import importlib.util
+    import sys
+
+    def run(name: str, *args: str) -> int:
+        script = Path(__file__).resolve().parents[1] / "scripts" / name
+        spec = importlib.util.spec_from_file_location(script.stem, script)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        monkeypatch.setattr(mod, "ROOT", tmp_path / "repo")
+        monkeypatch.setattr(sys, "argv", [name, *args])
+        return mod.main()
+
+    return run

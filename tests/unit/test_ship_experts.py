@@ -2,28 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "ship_experts.py"
-
 
 @pytest.fixture
-def ship(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("ship_experts", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    monkeypatch.setattr(mod, "ROOT", tmp_path / "repo")
-
-    def run(*args: str) -> int:
-        monkeypatch.setattr(sys, "argv", ["ship_experts.py", *args])
-        return mod.main()
-
-    return run
+def ship(ship_script):
+    return lambda *args: ship_script("ship_experts.py", *args)
 
 
 def fake_expert(run: Path, side: str, *, finished: bool = True, doc_side: str | None = None) -> None:
