@@ -158,7 +158,8 @@ def _pair_losses(model: RewardModel, batch: list[dict[str, Any]], autocast: bool
 
 @torch.no_grad()
 def fit_probe_heads(model: RewardModel, rows: list[dict[str, Any]], batch_size: int,
-                    cache: PrefixCache | None, l2: float, l2_grid: tuple[float, ...] = ()) -> dict[str, float]:
+                    cache: PrefixCache | None, l2: float, l2_grid: tuple[float, ...] = (),
+                    progress: bool = False) -> dict[str, float]:
     """Set each side's head to the Bradley-Terry linear probe of the frozen features (the LoRA is still
     the identity) of that side's training pairs; with ``l2_grid``, each side's penalty is chosen by
     cross-validation over its training instructions. Returns the probes' training accuracies (and the
@@ -167,7 +168,12 @@ def fit_probe_heads(model: RewardModel, rows: list[dict[str, Any]], batch_size: 
     model.eval()
     diffs: dict[str, list[torch.Tensor]] = defaultdict(list)
     groups: dict[str, list[str]] = defaultdict(list)
-    for i in range(0, len(rows), batch_size):
+    starts = range(0, len(rows), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="probe features", unit="batch")
+    for i in starts:
         batch = rows[i:i + batch_size]
         texts = [model.format(r["prompt"], r["chosen"], r["side"]) for r in batch] + \
                 [model.format(r["prompt"], r["rejected"], r["side"]) for r in batch]
@@ -283,7 +289,8 @@ def main(cfg: TrainRMConfig) -> dict[str, float]:
         model.load_trainable_state(state)
         step = int(progress["step"])
     elif cfg.head_init == "probe":
-        probe = fit_probe_heads(model, train_rows, cfg.batch_size * 2, cache, cfg.probe_l2, cfg.probe_l2_grid)
+        probe = fit_probe_heads(model, train_rows, cfg.batch_size * 2, cache, cfg.probe_l2, cfg.probe_l2_grid,
+                                cfg.progress)
         if eval_rows:
             probe.update(evaluate(model, eval_rows, cfg.batch_size * 2, autocast, cache))
         logger.log(0, probe)
