@@ -17,6 +17,10 @@ differs; only speed is measured here. Greedy decoding of a fixed number of new t
 disabled) so every path decodes the same number of tokens.
 
     python bench/mixing_throughput.py [--experts 3] [--new-tokens 64] [--batch 1 4] [--model PATH]
+        [--device cpu|cuda] [--dtype float32|bfloat16] [--random-init]
+
+``--random-init`` builds the model from the folder's config.json and tokenizer with random weights,
+for machines that have the architecture but not the weights; speed does not depend on weight values.
 """
 
 from __future__ import annotations
@@ -67,9 +71,23 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--model", default=None)
     ap.add_argument("--output", default=str(Path(__file__).with_name("mixing_throughput.json")))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--random-init", action="store_true")
     args = ap.parse_args()
 
-    base, tok = load_model(args.model, device="cpu", dtype="float32")
+    device = torch.device(args.device)
+    if args.random_init:
+        if args.model is None:
+            ap.error("--random-init needs --model FOLDER holding config.json and the tokenizer")
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model))
+        base = base.to(device=device, dtype=getattr(torch, args.dtype)).eval()
+        tok = AutoTokenizer.from_pretrained(args.model)
+    else:
+        base, tok = load_model(args.model, device=args.device, dtype=args.dtype)
     plain = copy.deepcopy(base)
     peft_model = build_experts(base, args.experts)
     names = ["P1A", "P2A", "P3A", "P1B", "P2B", "P3B"][: args.experts]  # side ids: the PCM weights sides
@@ -86,7 +104,7 @@ def main() -> None:
 
     pcm_sides = ("P1A", "P1B", "P2A", "P2B", "P3A", "P3B")
     pcm = PreferenceControlModel(PCMConfig(pcm_sides, base.config.hidden_size, True, 64, 32),
-                                 base=base_fingerprint(plain)).eval()
+                                 base=base_fingerprint(plain)).to(device).eval()
     pcm_pref = parse_preference({n: 1.0 for n in names})
     never = [len(tok) + 10]  # an id never produced: every path decodes exactly new_tokens
     sampling = SamplingConfig(max_new_tokens=args.new_tokens, temperature=0.0, repetition_penalty=1.0)
@@ -117,17 +135,23 @@ def main() -> None:
             generate_mixed(provider.experts, enc["input_ids"], enc["attention_mask"], provider, eos_token_ids=never,
                            pad_token_id=tok.pad_token_id, rule=MixRule.PROB, sampling=sampling)
 
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     results = []
     for b in args.batch:
-        enc = tok(prompts[:b], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tok(prompts[:b], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         paths = {"base": run_base, "base_fast": run_base_fast, "mixture_one_pass": run_mix(one_pass),
                  "mixture_pcm": run_pcm, "mixture_k_models": run_mix(k_models)}
         times: dict[str, list[float]] = {p: [] for p in paths}
         for rep in range(args.reps + 1):
             order = list(paths) if rep % 2 == 0 else list(reversed(paths))
             for p in order:
+                sync()
                 t0 = time.perf_counter()
                 paths[p](enc)
+                sync()
                 if rep > 0:  # the first repetition warms up
                     times[p].append(time.perf_counter() - t0)
         tps = {p: b * args.new_tokens / statistics.median(t) for p, t in times.items()}
@@ -142,7 +166,11 @@ def main() -> None:
                                           - statistics.median(times["mixture_one_pass"])) / args.new_tokens}
         results.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "seconds"}), flush=True)
-    record = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+    machine = f"{platform.machine()}, {torch.get_num_threads()} threads"
+    if device.type == "cuda":
+        machine = f"{torch.cuda.get_device_name(device)} ({machine})"
+    record = {"date": date.today().isoformat(), "machine": machine, "device": str(device), "dtype": args.dtype,
+              "random_init": args.random_init,
               "torch": torch.__version__, "model": args.model or "smollm2-135m-instruct", "experts": args.experts,
               "new_tokens": args.new_tokens, "results": results}
     Path(args.output).write_text(json.dumps(record, indent=2))
