@@ -118,6 +118,47 @@ def test_reference_cache_round_trip(tmp_path):
     assert again.missing(["a", "b", "c"]) == ["c"] and again.get("b") == "rb"
 
 
+def test_calibration_spread_is_the_rms_gap_over_scored_rows():
+    nan = float("nan")
+    raw = torch.tensor([[1.0, nan, nan], [3.0, 2.0, nan], [nan, -1.0, nan]])
+    other = torch.tensor([[0.0, nan, nan], [0.0, 0.0, nan], [nan, 1.0, nan]])
+    spread = tp.calibration_spread(raw, other)
+    assert spread[0] == pytest.approx((10 / 2) ** 0.5) and spread[1] == pytest.approx((8 / 2) ** 0.5)
+    assert torch.isnan(spread[2])  # never scored: unmeasured
+
+
+def huge_length(prompts: list[str], responses: list[str]) -> list[float]:
+    return [100.0 * len(r) for r in responses]
+
+
+def test_calibrated_scales_are_measured_once_kept_and_overridable(tmp_path, tiny_model_dir, experts_dir,
+                                                                  monkeypatch):
+    rewards = {"P1A": f"{__name__}:huge_length", "P2A": f"{__name__}:length", "P3C": f"{__name__}:length"}
+    cfg = _cfg(tmp_path, tiny_model_dir, experts_dir, rewards=rewards, calibrate_scales=3, steps=2,
+               reward_scales={"P3C": 0.25})
+    tp.main(cfg)
+    out = tmp_path / "run"
+    saved = json.loads((out / "scales.json").read_text())
+    assert saved["inputs"] == 3  # 3 instructions for the one combination (1A,2A,3C) of these sides
+    measured = saved["scales"]
+    # Same responses, rewards 100 x len vs len / 20: the scales keep that ratio (2000), so both sides
+    # count alike in the utility.
+    assert measured["P1A"] / measured["P2A"] == pytest.approx(2000, rel=1e-5)
+    scales = json.loads((out / "pcm.json").read_text())["scales"]
+    assert scales["P1A"] == pytest.approx(measured["P1A"]) and scales["P3C"] == 0.25  # the override wins
+    # An extension reads scales.json back instead of measuring again.
+    import personalign.generation
+
+    real = personalign.generation.generate_texts
+    calls = []
+    monkeypatch.setattr(personalign.generation, "generate_texts",
+                        lambda m, t, texts, *a, **k: calls.append(len(texts)) or real(m, t, texts, *a, **k))
+    tp.main(_cfg(tmp_path, tiny_model_dir, experts_dir, rewards=rewards, calibrate_scales=3, steps=3,
+                 reward_scales={"P3C": 0.25}))
+    assert 6 not in calls  # no calibration batch (3 inputs, twice each) was generated again
+    assert json.loads((out / "pcm.json").read_text())["scales"]["P1A"] == pytest.approx(measured["P1A"])
+
+
 # -- the recipe ------------------------------------------------------------------------------------
 
 
@@ -269,6 +310,7 @@ def test_a_finished_run_extends_to_more_steps_exactly(tmp_path, tiny_model_dir, 
     ({"rewards": {"P3C": f"{__name__}:length", "P3A": "offline"}}, "names side 'P3A'.*does not weight"),
     ({"rewards": {"P3C": "no_such_module_xyz:fn"}}, "cannot import module 'no_such_module_xyz'"),
     ({"reward_scales": {"P1A": 0.0}}, "reward_scales.P1A must be a positive number"),
+    ({"calibrate_scales": -1}, "calibrate_scales must be a number of instructions per combination"),
     ({"eta": 0.0}, "eta must be a positive number"),
     ({"eta": float("nan")}, "eta must be a positive number"),
     ({"lr": -1.0}, "lr must be a positive number"),
@@ -352,4 +394,5 @@ def test_shipped_pcm_config_is_valid(monkeypatch):
     assert plan.sides == ("P1A", "P1B", "P2A", "P2B", "P3A", "P3B")
     assert {s: (r.kind, r.target) for s, r in plan.rewards.items()} == {
         s: ("rm", f"runs/psoups-smollm2/rm/{s}") for s in plan.sides}
-    assert all(v == 1.0 for v in plan.scales.values())  # reward models are used as they are
+    assert all(v == 1.0 for v in plan.scales.values())  # reward models' defaults, until calibrated
+    assert plan.cfg.calibrate_scales > 0

@@ -24,8 +24,10 @@ step -> log -> checkpoint; at the end ``pcm.safetensors`` + ``pcm.json``.
   live in different units per side (a school grade for expertise, log2 words for concision, ...), so
   ``scale_j = offline_scale x`` that side's tie margin (:data:`~personalign.judges.offline.DEFAULT_MARGINS`,
   the smallest difference the judge calls a win): with the default 4, a one-margin lead gives 0.56 and a
-  four-margin lead 0.73. Reward models and user functions are used as they are (scale 1).
-  ``reward_scales`` overrides any side.
+  four-margin lead 0.73. Reward models and user functions are used as they are (scale 1), unless
+  ``calibrate_scales`` measures each side's scale first (:func:`calibrate_scales`: the typical reward gap
+  between two replies of the prompted base, so that no side's wider reward range decides the utility
+  alone). ``reward_scales`` overrides any side.
 * **Loss**: REBEL (:func:`personalign.losses.rebel_loss`) on the PCM's parameters only. D(y) is the
   sum over response tokens of log pi_theta - log pi_old, both from the recorded expert log-probs:
   pi_old with the weights used at sampling time, pi_theta with the PCM's weights recomputed from the
@@ -95,6 +97,7 @@ if TYPE_CHECKING:
     from personalign.rewards import RewardFunction, RewardSpec
 
 REFERENCES = "references.jsonl"
+SCALES = "scales.json"
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,9 @@ class TrainPCMConfig:
     rewards: dict[str, str] = field(default_factory=dict)  # per-side overrides, e.g. {P3C: rm:runs/rm-P3C}
     offline_scale: float = 4.0  # offline rewards: scale_j = offline_scale x the judge's tie margin of side j
     reward_scales: dict[str, float] = field(default_factory=dict)  # per-side scale overrides
+    # > 0: before training, set each side's scale to the spread of its reward between two replies of the
+    # prompted base to the same input, over this many instructions per combination (see calibrate_scales)
+    calibrate_scales: int = 0
     prompts: str = "builtin:train"
     limit: int | None = None
     # PCM architecture (see personalign.pcm)
@@ -193,6 +199,8 @@ def validate(cfg: TrainPCMConfig) -> Plan:
              "in (0, 10] (REBEL needs sampling; 1.0 keeps the samples on-policy)")
     _require(_finite(c.top_p) and 0 < c.top_p <= 1, "top_p", c.top_p, "in (0, 1]")
     _require(c.ref_batch_size >= 1, "ref_batch_size", c.ref_batch_size, "at least 1")
+    _require(c.calibrate_scales >= 0, "calibrate_scales", c.calibrate_scales,
+             "a number of instructions per combination >= 0 (0: no calibration)")
     _require(c.checkpoint_every >= 1, "checkpoint_every", c.checkpoint_every, "at least 1")
     ref_sampling(c, 0)  # SamplingConfig checks the ref_* fields
     resolve_dtype(c.dtype, resolve_device(c.device))  # raises ModelError naming the value
@@ -230,6 +238,9 @@ def validate(cfg: TrainPCMConfig) -> Plan:
         scales[space.resolve(name)] = float(value)
 
     combos = [p for p in space.combinations(sides) if len(p.sides) >= 2]
+    if c.calibrate_scales and not combos:
+        raise PreferenceError("calibrate_scales needs combinations of two or more dimensions among the sides "
+                              f"{', '.join(sides)}; set calibrate_scales=0 or reward_scales by hand")
     if not combos and c.weighted_fraction < 1:
         raise PreferenceError(f"the sides {', '.join(sides)} form no combination of two or more dimensions; "
                               "set weighted_fraction=1 (weighted preferences only) or add sides")
@@ -399,6 +410,62 @@ def score_batch(rewards: SideRewards, sides: tuple[str, ...], prompts: list[str]
     return r, r_ref
 
 
+def calibration_spread(raw: torch.Tensor, raw_other: torch.Tensor) -> torch.Tensor:
+    """Per side, the root mean square of ``r_j(y) - r_j(y')`` over the rows where side j was scored
+    (non-NaN): (N, S), (N, S) -> (S,), NaN for a side with no scored row. Two replies of one policy
+    to one input: the reward gap a side typically shows, its natural unit."""
+    diff = raw - raw_other
+    seen = ~torch.isnan(diff)
+    sq = torch.where(seen, diff, 0.0).pow(2).sum(0)
+    n = seen.sum(0)
+    return torch.where(n > 0, (sq / n.clamp_min(1)).sqrt(), torch.full_like(sq, math.nan))
+
+
+def calibrate_scales(plan: Plan, model: Any, tok: Any, rewards: SideRewards, out: Path) -> dict[str, float]:
+    """Each side's scale, measured once and kept in ``scales.json`` (a resumed run reads it back).
+
+    For ``calibrate_scales`` instructions per combination, the preference-prompted base (the reference
+    policy) answers each input twice; a side's scale is the root-mean-square gap of its reward between
+    the two replies. Reward models differ in how far apart they put two ordinary replies (a length-driven
+    side can put them ten units apart, a style side one): unscaled, the widest side decides nearly every
+    pair's utility ordering and the PCM learns to serve it alone. Scaled, a typical gap moves every side's
+    ``sigmoid`` alike. ``reward_scales`` still overrides a side, and a side that stays unmeasured keeps its
+    default scale.
+    """
+    from personalign.generation import generate_texts
+
+    c = plan.cfg
+    path = out / SCALES
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        measured = {s: float(v) for s, v in saved["scales"].items()}
+    else:
+        rng = random.Random(c.seed + 7919)
+        texts, instr, prefs = [], [], []
+        for combo in plan.combinations:
+            for i in rng.sample(range(len(plan.instructions)), min(c.calibrate_scales, len(plan.instructions))):
+                x = plan.instructions[i].prompt
+                texts.append(build_prompts(tok, [x], combo, Method.MOPE)[0])
+                instr.append(x)
+                prefs.append(preference_vector(combo, plan.sides))
+        doubled = [t for t in texts for _ in range(2)]
+        with model.disable_adapter():
+            replies = generate_texts(model, tok, doubled, ref_sampling(c, c.seed + 7919),
+                                     batch_size=c.ref_batch_size)
+        pref = torch.stack(prefs)
+        raw, raw_other = score_batch(rewards, plan.sides, instr, replies[0::2], replies[1::2], pref)
+        spread = calibration_spread(raw, raw_other)
+        measured = {s: float(v) for s, v in zip(plan.sides, spread.tolist()) if math.isfinite(v) and v > 0}
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"scales": measured, "instructions_per_combination": c.calibrate_scales,
+                                   "inputs": len(texts)}, indent=2))
+        tmp.replace(path)
+    scales = dict(plan.scales)
+    overridden = {plan.space.resolve(k) for k in c.reward_scales}
+    scales.update({s: v for s, v in measured.items() if s not in overridden})
+    return scales
+
+
 # -- the recipe ------------------------------------------------------------------------------------
 
 
@@ -446,7 +513,8 @@ def main(cfg: TrainPCMConfig) -> dict[str, float]:
     eos = eos_token_ids(base, tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
     rewards = SideRewards(plan.rewards, c.device, c.dtype)
-    scales = torch.tensor([plan.scales[s] for s in sides])  # (S,)
+    scale_of = calibrate_scales(plan, peft_model, tok, rewards, out) if c.calibrate_scales else plan.scales
+    scales = torch.tensor([scale_of[s] for s in sides])  # (S,)
 
     torch.manual_seed(c.seed)
     pcm = PreferenceControlModel(PCMConfig(sides, int(embeddings.shape[1]), c.context, c.hidden, c.proj),
@@ -604,7 +672,7 @@ def main(cfg: TrainPCMConfig) -> dict[str, float]:
     final = _summary(logger.read())
     pcm.save(out, extra={"experts": str(plan.experts_dir),
                          "rewards": {s: str(plan.rewards[s]) for s in sides},
-                         "scales": plan.scales, "config": to_dict(c), "steps": step, "metrics": final})
+                         "scales": scale_of, "config": to_dict(c), "steps": step, "metrics": final})
     return final
 
 
