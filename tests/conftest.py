@@ -66,6 +66,44 @@ def build_tiny_model(tok, seed: int = 0, layers: int = 2):
     return model.eval()
 
 
+def build_tiny_experts(tok, names, seed: int = 1):
+    """A tiny llama with one LoRA adapter per name whose B matrices are random (peft starts them at zero)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"])
+    model = get_peft_model(build_tiny_model(tok, seed=0), cfg, adapter_name=names[0])
+    for name in names[1:]:
+        model.add_adapter(name, cfg)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for module_name, param in model.named_parameters():
+            if "lora_B" in module_name:
+                param.normal_(0, 0.5)
+    return model.eval()
+
+
+def save_side_experts(model_dir, folder, sides):
+    """One saved adapter per side under ``folder/<SIDE>/adapter`` (random B), as `--experts` reads them."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from personalign.models import load_model
+
+    for i, side in enumerate(sides):
+        base, _ = load_model(str(model_dir), device="cpu", dtype="float32")
+        # LoRA on the output layer too, so that the experts' next-token distributions clearly differ.
+        lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"])
+        peft_model = get_peft_model(base, lora)
+        g = torch.Generator().manual_seed(100 + i)
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.7)
+        peft_model.save_pretrained(folder / side / "adapter", save_embedding_layers=False)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A folder holding a 2-layer random llama and its tokenizer, loadable by load_model(path)."""

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import build_tiny_model, build_tiny_tokenizer
+from conftest import build_tiny_experts, build_tiny_tokenizer, save_side_experts
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -34,43 +34,10 @@ def _finite_rows(folder) -> list[dict]:
     return rows
 
 
-def _three_experts(tok):
-    from peft import LoraConfig, get_peft_model
-
-    cfg = LoraConfig(
-        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"]
-    )
-    model = get_peft_model(build_tiny_model(tok, seed=0), cfg, adapter_name=NAMES[0])
-    for name in NAMES[1:]:
-        model.add_adapter(name, cfg)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def experts_dir(tiny_model_dir, tmp_path_factory):
     """Three side experts saved as adapters (random B), the layout `generate --experts` reads."""
-    from peft import LoraConfig, get_peft_model
-
-    from personalign.models import load_model
-
-    folder = tmp_path_factory.mktemp("experts")
-    for i, side in enumerate(SIDES):
-        base, _ = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
-        peft_model = get_peft_model(
-            base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"])
-        )
-        g = torch.Generator().manual_seed(100 + i)
-        with torch.no_grad():
-            for name, p in peft_model.named_parameters():
-                if "lora_B" in name:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.7)
-        peft_model.save_pretrained(folder / side / "adapter", save_embedding_layers=False)
-    return folder
+    return save_side_experts(tiny_model_dir, tmp_path_factory.mktemp("experts"), SIDES)
 
 
 # -- mixing ------------------------------------------------------------------------------------------
@@ -82,8 +49,8 @@ def test_mixture_scores_on_cuda_equal_the_cpu_and_weight_one_is_the_expert():
 
     tok = build_tiny_tokenizer()
     tok.padding_side = "left"
-    cpu = _three_experts(tok)
-    gpu = _three_experts(tok).to("cuda")
+    cpu = build_tiny_experts(tok, NAMES)
+    gpu = build_tiny_experts(tok, NAMES).to("cuda")
     enc = tok(["Explain photosynthesis to me.", "List five painters."], return_tensors="pt", padding=True)
     ids, mask = enc["input_ids"], enc["attention_mask"]
     response = torch.randint(3, len(tok), (2, 6))

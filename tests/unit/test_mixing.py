@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import build_tiny_model, build_tiny_tokenizer
+from conftest import build_tiny_experts, build_tiny_model, build_tiny_tokenizer
 
 from personalign.errors import ConfigError, ModelError
 from personalign.generation import SamplingConfig
@@ -41,18 +41,7 @@ def tok():
 @pytest.fixture(scope="module")
 def peft_model(tok):
     """A tiny llama with three LoRA experts whose B matrices are random (peft starts them at zero)."""
-    from peft import LoraConfig, get_peft_model
-
-    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"])
-    model = get_peft_model(build_tiny_model(tok, seed=0), cfg, adapter_name=NAMES[0])
-    for name in NAMES[1:]:
-        model.add_adapter(name, cfg)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for module_name, param in model.named_parameters():
-            if "lora_B" in module_name:
-                param.normal_(0, 0.5)
-    return model.eval()
+    return build_tiny_experts(tok, NAMES)
 
 
 @pytest.fixture(scope="module")

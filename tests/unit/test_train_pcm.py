@@ -9,6 +9,7 @@ import random
 
 import pytest
 import torch
+from conftest import save_side_experts
 
 from personalign.config import load_config
 from personalign.errors import ConfigError, PersonalignError
@@ -19,22 +20,7 @@ SIDES = ("P1A", "P2A", "P3C")  # P3C: a side the offline judge cannot score
 
 
 def _make_experts(model_dir, folder, sides=SIDES):
-    from peft import LoraConfig, get_peft_model
-
-    from personalign.models import load_model
-
-    for i, side in enumerate(sides):
-        base, _ = load_model(str(model_dir), device="cpu", dtype="float32")
-        # LoRA on the output layer too, so that the experts' next-token distributions clearly differ.
-        lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"])
-        peft_model = get_peft_model(base, lora)
-        g = torch.Generator().manual_seed(100 + i)
-        with torch.no_grad():
-            for name, p in peft_model.named_parameters():
-                if "lora_B" in name:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.7)
-        peft_model.save_pretrained(folder / side / "adapter", save_embedding_layers=False)
-    return folder
+    return save_side_experts(model_dir, folder, sides)
 
 
 @pytest.fixture(scope="module")
