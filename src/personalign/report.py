@@ -23,6 +23,8 @@ The results layout every function here reads (written by ``personalign.recipes.e
     win_rates {method: {avg: WR, by_criterion: {side: WR},
                         by_combination: {combo: {avg: WR, criteria: {side: WR}}},
                         counts: {win, tie, loss}}},
+    paired {method: {other: WR}}   method's average win rate minus other's, paired on instructions
+    paired_against [labels]        the others shown in the markdown report
     text {method: {responses, distinct_1, distinct_2, repetition_3, mean_words, empty_share, ontopic}}
 
 where WR is ``{"value", "low", "high", "n", "confidence"}`` (a :class:`~personalign.evaluation.WinRate`).
@@ -147,6 +149,12 @@ def _wr(w: Mapping[str, Any] | None, ci: bool) -> str:
     return f"{text} [{_pct(w['low'])}, {_pct(w['high'])}]" if ci else text
 
 
+def _diff(w: Mapping[str, Any] | None) -> str:
+    if not w:
+        return "–"
+    return f"{100 * w['value']:+.1f} [{100 * w['low']:+.1f}, {100 * w['high']:+.1f}]"
+
+
 def _num(v: float | None, digits: int = 3) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
 
@@ -188,6 +196,14 @@ def markdown_report(results: Mapping[str, Any]) -> str:
     counts = [[m, *(str(wrs[m]["counts"][k]) for k in ("win", "tie", "loss"))] for m in methods]
     out += ["", "## Outcomes (criterion x instruction pairs)", ""]
     out += _table(["method", "wins", "ties", "losses"], counts)
+    paired, against = results.get("paired") or {}, [o for o in results.get("paired_against") or []
+                                                     if o in methods]
+    if paired and against:
+        out += ["", "## Paired differences (points of average win rate, row minus column)", "",
+                "Both methods judged on the same instructions, the difference taken per instruction and then "
+                "bootstrapped: an interval above 0 means the row method measurably beats the column one.", ""]
+        rows = [[m, *("–" if o == m else _diff(paired.get(m, {}).get(o)) for o in against)] for m in methods]
+        out += _table(["method", *(f"− {o} [{conf}% CI]" for o in against)], rows)
 
     text = results.get("text", {})
     if text:

@@ -247,6 +247,33 @@ def test_both_orders_and_hand_computed_win_rates():
         assert w["low"] <= w["value"] <= w["high"] and w["n"] == 4
 
 
+def test_paired_differences_cover_every_pair_on_shared_instructions():
+    outcomes = {
+        "a": {"P1A+P2A+P3A": {"P1A": ["win", "win"], "P2A": ["tie", "loss"]}},
+        "b": {"P1A+P2A+P3A": {"P1A": ["tie", "win"], "P2A": ["loss", "loss"]}},
+        "c": {"P1A+P2A+P3A": {"P1A": ["win", "win"], "P2A": ["tie", "loss"]}},
+    }
+    d = evaluate.paired_differences(outcomes, resamples=200)
+    assert set(d) == {"a", "b", "c"} and set(d["a"]) == {"b", "c"}
+    # a's instruction means 0.75, 0.5; b's 0.25, 0.5: differences 0.5 and 0
+    assert d["a"]["b"]["value"] == pytest.approx(0.25) and d["b"]["a"]["value"] == pytest.approx(-0.25)
+    assert (d["a"]["c"]["value"], d["a"]["c"]["low"], d["a"]["c"]["high"]) == (0.0, 0.0, 0.0)
+    assert d["a"]["b"]["low"] == pytest.approx(0.0) and d["a"]["b"]["high"] == pytest.approx(0.5)
+
+
+def test_paired_against_names_evaluated_methods(tmp_path):
+    experts = _fake_experts(tmp_path / "experts", ("P1A", "P1B", "P2A", "P3A"))
+    plan = evaluate.validate(_cfg(tmp_path, "m", experts), judge=AlwaysA())
+    assert plan.paired_against == ("soup-psoups",)  # of the default, mope-uniform is not evaluated
+    plan = evaluate.validate(_cfg(tmp_path, "m", experts, paired_against=["vanilla", "expert-1"]),
+                             judge=AlwaysA())
+    assert plan.paired_against == ("vanilla", "expert-1")
+    with pytest.raises(ConfigError, match="paired_against lists mope-uniform, which is not evaluated"):
+        evaluate.validate(_cfg(tmp_path, "m", experts, paired_against=["mope-uniform"]), judge=AlwaysA())
+    with pytest.raises(ConfigError, match="unknown method"):
+        evaluate.validate(_cfg(tmp_path, "m", experts, paired_against=["soups"]), judge=AlwaysA())
+
+
 # ---------------------------------------------------------------- end to end on the tiny model
 
 
@@ -281,6 +308,11 @@ def test_eval_end_to_end_resumes_and_rejudges_only_with_a_new_judge(tmp_path, ti
     for row in ("| vanilla |", "| soup-psoups |", "| expert-1 |", "| prompt (reference) |"):
         assert row in md
     assert "| method | P1A+P2A+P3A | P1B+P2A+P3A | avg [95% CI] |" in md
+    assert first["paired_against"] == ["soup-psoups"] and set(first["paired"]["vanilla"]) == {
+        "soup-psoups", "expert-1"}
+    gap = first["paired"]["vanilla"]["soup-psoups"]
+    assert gap["value"] == pytest.approx(_winrates(first)["vanilla"] - _winrates(first)["soup-psoups"])
+    assert "## Paired differences" in md and "− soup-psoups [95% CI]" in md
 
     # A rerun regenerates and re-judges nothing; without the embedding model the metric is null, with a note.
     _forbid(monkeypatch, generate, "main", "generation")

@@ -12,6 +12,7 @@ from personalign.evaluation import (
     hypervolume_2d,
     mean_win_rate_ci,
     outcome,
+    paired_difference_ci,
     pareto_front,
     win_rate,
     win_rate_ci,
@@ -132,6 +133,36 @@ def test_mean_win_rate_refusals():
         mean_win_rate_ci({"P1A": ["win"], "P2A": ["win", "tie"]})
     with pytest.raises(DataError, match="column 'P2A' got no outcomes"):
         mean_win_rate_ci({"P1A": ["win"], "P2A": []})
+
+
+def test_paired_difference_hand_computed():
+    a = {"P1A": ["win", "win", "tie"], "P2A": ["loss", "tie", "win"]}
+    b = {"P1A": ["tie", "win", "loss"], "P2A": ["loss", "loss", "win"]}
+    # per instruction: a's row means 0.5, 0.75, 0.75; b's 0.25, 0.5, 0.5 -> differences 0.25 each
+    d = paired_difference_ci(a, b)
+    assert (d.value, d.low, d.high, d.n) == (0.25, 0.25, 0.25, 3)
+    assert paired_difference_ci(b, a).value == -0.25
+
+
+def test_paired_difference_is_narrower_than_separate_intervals():
+    # The two methods share which instructions are easy: apart, each interval is wide; paired, every
+    # instruction favours the first by 0.5 and the interval collapses onto that.
+    easy_hard = ["win", "loss"] * 10
+    a = {"P1A": easy_hard, "P2A": ["win", "tie"] * 10}
+    b = {"P1A": easy_hard, "P2A": ["tie", "loss"] * 10}
+    d = paired_difference_ci(a, b)
+    assert (d.value, d.low, d.high) == (0.25, 0.25, 0.25)
+    apart = mean_win_rate_ci(a)
+    assert apart.high - apart.low > 0.2
+
+
+def test_paired_difference_refusals():
+    with pytest.raises(DataError, match=r"only one side has \['P2A'\]"):
+        paired_difference_ci({"P1A": ["win"], "P2A": ["win"]}, {"P1A": ["win"]})
+    with pytest.raises(DataError, match="different numbers of instructions"):
+        paired_difference_ci({"P1A": ["win", "tie"]}, {"P1A": ["win"]})
+    with pytest.raises(DataError, match="no columns"):
+        paired_difference_ci({}, {})
 
 
 # ---------------------------------------------------------------- Pareto metrics

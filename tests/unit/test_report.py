@@ -102,6 +102,18 @@ def test_markdown_has_the_papers_layout():
     assert text_rows == ["| prompt (reference) | 0.500 | 0.750 | 0.100 | 12.0 | 0.00 | – |"]
     assert "skipped `mope-logit`: no expert for side(s) P1B" in md
     assert "judged in both orders" in md
+    assert "Paired differences" not in md  # no paired results: no section
+
+
+def test_markdown_paired_differences_against_the_listed_methods():
+    results = _results()
+    results["paired"] = {"soup-psoups": {"vanilla": _wr(0.375, 0.25, 0.5)},
+                         "vanilla": {"soup-psoups": _wr(-0.375, -0.5, -0.25)}}
+    results["paired_against"] = ["soup-psoups", "mope-pcm"]  # one not evaluated: no column
+    lines = report.markdown_report(results).splitlines()
+    assert "| method | − soup-psoups [95% CI] |" in lines
+    assert "| vanilla | -37.5 [-50.0, -25.0] |" in lines
+    assert "| soup-psoups | – |" in lines
 
 
 def test_write_report_writes_json_markdown_and_pngs(tmp_path):

@@ -59,7 +59,8 @@ from typing import Any
 from personalign.config import to_dict
 from personalign.data import Instruction, JsonlWriter, load_prompts, read_completed
 from personalign.errors import ConfigError, DataError, PersonalignError
-from personalign.evaluation import Outcome, combine_orders, mean_win_rate_ci, outcome, win_rate_ci
+from personalign.evaluation import (Outcome, combine_orders, mean_win_rate_ci, outcome, paired_difference_ci,
+                                   win_rate_ci)
 from personalign.generation import Method, SamplingConfig
 from personalign.judges import JudgeConfig, PairwiseJudge, UnsupportedSideError, Verdict
 from personalign.preferences import Preference, PreferenceSpace, load_space
@@ -71,6 +72,7 @@ MIX_RULES = ("prob", "logit", "uniform")
 # defaults take the logit-space mixture (MOD) as the second token-level method instead.
 DEFAULT_METHODS = ("vanilla", "prompt", "soup-psoups", "soup-exact", "expert-1", "expert-2", "expert-3",
                    "mope-uniform", "mope-logit")
+DEFAULT_PAIRED = ("soup-psoups", "mope-uniform")
 METHOD_FORMS = ("vanilla, prompt, soup-<merge> (merge: psoups, exact, ties, dare, dare_ties), "
                 "expert-<k> (the combination's side of dimension k alone), "
                 "mope-<rule> (rule: prob, logit, uniform), mope-pcm (MoPE weighted by the shipped Preference "
@@ -91,6 +93,10 @@ class EvalConfig:
     single_sides: bool = False
     methods: tuple[str, ...] = DEFAULT_METHODS
     reference: str = "prompt"  # every method is compared with this one
+    # Methods every other one is set against, paired on the same instructions (results.md's "Paired
+    # differences"; results.json holds every pair). Listed methods must be evaluated; of the default,
+    # those not evaluated are left out.
+    paired_against: tuple[str, ...] = DEFAULT_PAIRED
     skip_missing: bool = False  # methods whose experts/adapters are missing: skip (True) or fail (False)
     judge: str = "offline"  # offline | llm | human | rm:FOLDER (reward models: higher reward wins)
     judge_options: JudgeConfig = field(default_factory=JudgeConfig)  # llm and human settings
@@ -647,6 +653,7 @@ class EvalPlan:
     skipped: dict[str, str]
     judge: PairwiseJudge
     judge_dir: Path
+    paired_against: tuple[str, ...] = ()  # method labels, each among ``methods``
 
 
 def validate(cfg: EvalConfig, judge: PairwiseJudge | None = None) -> EvalPlan:
@@ -720,6 +727,9 @@ def validate(cfg: EvalConfig, judge: PairwiseJudge | None = None) -> EvalPlan:
     if not methods:
         raise ConfigError("every method was skipped for missing experts or adapters; nothing to evaluate")
 
+    paired = paired_labels(cfg.paired_against, [m.label for m in methods], skipped,
+                           default=cfg.paired_against == DEFAULT_PAIRED)
+
     items = load_prompts(cfg.prompts, limit=cfg.limit)
     sides = list(dict.fromkeys(s for c in combos_list for s in c.criteria()))
     if judge is None:
@@ -735,7 +745,33 @@ def validate(cfg: EvalConfig, judge: PairwiseJudge | None = None) -> EvalPlan:
             files[(m.label, label)] = path
             jobs.setdefault(path, generate_config(cfg, m, method_prefs(m, c), path))
     return EvalPlan(space, items, combos, methods, reference, files, jobs, skipped, judge,
-                    run / "judgments" / judge_name)
+                    run / "judgments" / judge_name, paired)
+
+
+def paired_labels(specs: Sequence[str], evaluated: list[str], skipped: dict[str, str], *,
+                  default: bool) -> tuple[str, ...]:
+    """The labels of ``paired_against``'s methods (a spec such as ``pcm:runs/x`` or its label)."""
+    labels: list[str] = []
+    for spec in specs:
+        label = parse_method(spec).label
+        if label in evaluated:
+            labels.append(label)
+        elif not default:
+            why = f" (skipped: {skipped[label]})" if label in skipped else ""
+            raise ConfigError(f"paired_against lists {spec}, which is not evaluated{why}; list methods from "
+                              f"methods: {', '.join(evaluated)}")
+    return tuple(dict.fromkeys(labels))
+
+
+def paired_differences(outcomes: dict[str, dict[str, dict[str, list[str]]]], *, confidence: float = 0.95,
+                       resamples: int = 2000, seed: int = 0) -> dict[str, dict[str, dict[str, Any]]]:
+    """``[m][other]``: m's average win rate minus other's, paired on instructions, for every pair."""
+    def columns(m: str) -> dict[str, list[str]]:
+        return {f"{c}/{s}": o for c, cols in outcomes[m].items() for s, o in cols.items()}
+
+    kw = {"confidence": confidence, "resamples": resamples, "seed": seed}
+    return {m: {o: asdict(paired_difference_ci(columns(m), columns(o), **kw)) for o in outcomes if o != m}
+            for m in outcomes}
 
 
 def judge_phase(plan: EvalPlan, responses: dict[Path, list[str]], progress: bool
@@ -843,6 +879,8 @@ def main(cfg: EvalConfig, judge: PairwiseJudge | None = None) -> dict[str, Any]:
     # -- score -----------------------------------------------------------------------------------
     win_rates = {m: score_method(outcomes[m], confidence=cfg.confidence, resamples=cfg.bootstrap_resamples,
                                  seed=cfg.seed) for m in outcomes}
+    paired = paired_differences(outcomes, confidence=cfg.confidence, resamples=cfg.bootstrap_resamples,
+                                seed=cfg.seed)
     order = {s: i for i, s in enumerate(plan.space.sides)}
     criteria = sorted({s for c in plan.combos.values() for s in c.criteria()}, key=order.__getitem__)
 
@@ -857,7 +895,7 @@ def main(cfg: EvalConfig, judge: PairwiseJudge | None = None) -> dict[str, Any]:
         "reference": plan.reference.label, "judge": plan.judge_dir.name, "instructions": len(plan.items),
         "confidence": cfg.confidence, "combinations": list(plan.combos), "criteria": criteria,
         "methods": [m.label for m in plan.methods], "skipped": plan.skipped, "notes": notes,
-        "win_rates": win_rates, "text": text,
+        "win_rates": win_rates, "paired": paired, "paired_against": list(plan.paired_against), "text": text,
     }
     plan.judge_dir.mkdir(parents=True, exist_ok=True)
     (plan.judge_dir / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
