@@ -14,7 +14,10 @@ step -> log -> checkpoint; at the end ``pcm.safetensors`` + ``pcm.json``.
   trained sides' experts (one batched forward per step), the PCM giving each row's weights (zero on
   sides outside its preference), features and expert log-probs recorded. The recorded log-probs are
   the untempered mixture's and sampling uses no repetition penalty, so with the default temperature 1
-  and top_p 1 they are exactly the probabilities the samples were drawn with (on-policy REBEL).
+  and top_p 1 they are exactly the probabilities the samples were drawn with (on-policy REBEL). A
+  lower ``temperature``/``top_p`` samples the pairs as the mixture is served (and as the references
+  are drawn) while D(y) stays measured on the untempered mixture: REBEL's least-squares target holds
+  for pairs drawn from any distribution, and the utilities then compare replies of one kind.
 * **References** ``y_ref``: the base model (adapters disabled) with the preference prompt, sampled as
   ``generate`` samples (``ref_*``). The base sees only the prompt text, so a reference serves every
   preference with the same prompt (the same dominant side per dimension); each is generated once and
@@ -132,7 +135,9 @@ class TrainPCMConfig:
     max_grad_norm: float = 1.0
     weighted_fraction: float = 0.5  # share of random weighted preferences (the rest: hard combinations)
     dirichlet_alpha: float = 1.0
-    # rollouts (REBEL's log-probs are of the untempered mixture: keep temperature 1 and top_p 1)
+    # rollouts. D(y) is measured on the untempered mixture, the policy the PCM parameterises; samples
+    # may come from a tempered one (REBEL's regression holds for pairs from any distribution), e.g.
+    # the temperature the mixture is served and evaluated with and the references are sampled at.
     max_new_tokens: int = 64
     temperature: float = 1.0
     top_p: float = 1.0
