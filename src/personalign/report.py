@@ -152,7 +152,11 @@ def _wr(w: Mapping[str, Any] | None, ci: bool) -> str:
 def _diff(w: Mapping[str, Any] | None) -> str:
     if not w:
         return "–"
-    return f"{100 * w['value']:+.1f} [{100 * w['low']:+.1f}, {100 * w['high']:+.1f}]"
+    def signed(v: float) -> str:
+        text = f"{100 * v:+.1f}"
+        return "+0.0" if text == "-0.0" else text  # a difference that rounds to zero has no sign
+
+    return f"{signed(w['value'])} [{signed(w['low'])}, {signed(w['high'])}]"
 
 
 def _num(v: float | None, digits: int = 3) -> str:
