@@ -47,12 +47,26 @@ def _friendly_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+# Deprecation notices that libraries raise about each other, once per adapter load; nothing a user of
+# this command can act on. --debug shows them.
+LIBRARY_DEPRECATIONS = (r"`is_gradient_checkpointing` is deprecated",)
+
+
+def quiet_library_deprecations() -> None:
+    import warnings
+
+    for message in LIBRARY_DEPRECATIONS:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+
+
 @app.callback()
 def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch (default: all cores). Use 1 when sharing the machine with another job: oversubscribed threads slow torch down many times over.")] = None,
 ) -> None:
     _STATE["debug"] = debug
+    if not debug:
+        quiet_library_deprecations()
     if threads is not None:
         if threads < 1:
             raise typer.BadParameter("--threads must be at least 1")

@@ -169,3 +169,17 @@ def test_shipped_configs_are_found_by_name_for_every_recipe(tmp_path):
     line = _error_line(run("eval", "--config", "nope.yaml", "-o", str(tmp_path / "e")))
     assert "psoups-smollm2.yaml" in line
     assert not (tmp_path / "e").exists()
+
+
+def test_library_deprecation_notices_are_quiet_unless_debugging():
+    import warnings
+
+    from personalign.cli import quiet_library_deprecations
+
+    notice = "`is_gradient_checkpointing` is deprecated and will be removed in v6."
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        quiet_library_deprecations()
+        warnings.warn(notice, FutureWarning, stacklevel=1)
+        warnings.warn("something else is deprecated", FutureWarning, stacklevel=1)
+    assert [str(w.message) for w in seen] == ["something else is deprecated"]
