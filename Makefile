@@ -46,7 +46,7 @@ experts: install
 
 pcm: install
 	$(VENV)/bin/personalign train-pcm --config pcm-smollm2.yaml
-	$(PY) scripts/ship_pcm.py runs/pcm-smollm2-kl
+	$(PY) scripts/ship_pcm.py runs/pcm-smollm2-t07
 
 clean-venv:
 	rm -rf $(VENV)

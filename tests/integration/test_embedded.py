@@ -113,6 +113,26 @@ def test_shipped_experts_generate_offline(tmp_path):
         out.unlink()
 
 
+def test_shipped_pcm_drives_the_shipped_experts(tmp_path):
+    """The PCM ships for the embedded default's six experts, records how it was trained, and
+    `generate --method mope --pcm shipped` uses it."""
+    from personalign.pcm import PCM_CONFIG, shipped_pcm_dir
+
+    folder = shipped_pcm_dir(EMBEDDED_DEFAULT)
+    assert folder is not None
+    doc = json.loads((folder / PCM_CONFIG).read_text())
+    assert doc["sides"] == ["P1A", "P1B", "P2A", "P2B", "P3A", "P3B"] and doc["steps"] >= 1
+    assert doc["config"]["temperature"] == 0.7 and (folder / "metrics.jsonl").is_file()
+    prompts, out = tmp_path / "prompts.jsonl", tmp_path / "out.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Why is the sky blue?"}) + "\n")
+    res = runner.invoke(app, ["generate", "--method", "mope", "--pcm", "shipped", "--prefs", "1B,2A,3B",
+                              "--max-new-tokens", "16", "--input", str(prompts), "--output", str(out)],
+                        catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    row = json.loads(out.read_text().splitlines()[-1])
+    assert row["method"] == "mope-pcm" and row["response"].strip()
+
+
 def _readme_commands() -> list[str]:
     head = (ROOT / "README.md").read_text().splitlines()[:30]
     cmds = [ln.split("#")[0].strip().removeprefix("$ ").strip() for ln in head]
