@@ -204,8 +204,8 @@ def markdown_report(results: Mapping[str, Any]) -> str:
                                                      if o in methods]
     if paired and against:
         out += ["", "## Paired differences (points of average win rate, row minus column)", "",
-                "Both methods judged on the same instructions, the difference taken per instruction and then "
-                "bootstrapped: an interval above 0 means the row method measurably beats the column one.", ""]
+                ("Both methods judged on the same instructions, the difference taken per instruction and then "
+                 "bootstrapped: an interval above 0 means the row method measurably beats the column one."), ""]
         rows = [[m, *("–" if o == m else _diff(paired.get(m, {}).get(o)) for o in against)] for m in methods]
         out += _table(["method", *(f"− {o} [{conf}% CI]" for o in against)], rows)
 

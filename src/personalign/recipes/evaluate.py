@@ -59,8 +59,14 @@ from typing import Any
 from personalign.config import to_dict
 from personalign.data import Instruction, JsonlWriter, load_prompts, read_completed
 from personalign.errors import ConfigError, DataError, PersonalignError
-from personalign.evaluation import (Outcome, combine_orders, mean_win_rate_ci, outcome, paired_difference_ci,
-                                   win_rate_ci)
+from personalign.evaluation import (
+    Outcome,
+    combine_orders,
+    mean_win_rate_ci,
+    outcome,
+    paired_difference_ci,
+    win_rate_ci,
+)
 from personalign.generation import Method, SamplingConfig
 from personalign.judges import JudgeConfig, PairwiseJudge, UnsupportedSideError, Verdict
 from personalign.preferences import Preference, PreferenceSpace, load_space
