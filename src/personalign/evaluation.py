@@ -124,16 +124,7 @@ def mean_win_rate_ci(
     column win rates is the mean over instructions of each instruction's row mean, which is what is
     bootstrapped.
     """
-    if not table:
-        raise DataError("mean_win_rate_ci got no columns: give at least one criterion's outcomes")
-    columns = {name: _scores(col, f"column {name!r}") for name, col in table.items()}
-    lengths = {name: len(col) for name, col in columns.items()}
-    if len(set(lengths.values())) > 1:
-        raise DataError(
-            f"columns cover different numbers of instructions {lengths}: every column needs one outcome per "
-            "instruction, in the same instruction order"
-        )
-    rows = np.stack(list(columns.values()), axis=1).mean(axis=1)  # (n_instructions,)
+    rows = _row_means(table, "mean_win_rate_ci")
     low, high = _bootstrap(rows, confidence, resamples, seed)
     return WinRate(float(rows.mean()), low, high, len(rows), confidence)
 
@@ -155,20 +146,28 @@ def paired_difference_ci(
         raise DataError(
             f"paired_difference_ci needs the same columns on both sides; only one side has {missing}"
         )
-    if not table:
-        raise DataError("paired_difference_ci got no columns: give at least one criterion's outcomes")
-    a = {name: _scores(col, f"column {name!r}") for name, col in table.items()}
-    b = {name: _scores(other[name], f"column {name!r} (other)") for name in table}
-    lengths = {**{name: len(col) for name, col in a.items()},
-               **{f"{name} (other)": len(col) for name, col in b.items()}}
-    if len(set(lengths.values())) > 1:
-        raise DataError(
-            f"columns cover different numbers of instructions {lengths}: a paired difference needs one "
-            "outcome per instruction on both sides, in the same instruction order"
-        )
-    rows = np.stack(list(a.values()), axis=1).mean(axis=1) - np.stack(list(b.values()), axis=1).mean(axis=1)
+    mine = _row_means(table, "paired_difference_ci")
+    theirs = _row_means({name: other[name] for name in table}, "paired_difference_ci")
+    if len(mine) != len(theirs):
+        raise DataError(f"the two sides cover different numbers of instructions ({len(mine)} and "
+                        f"{len(theirs)}): a paired difference needs both judged on the same instructions")
+    rows = mine - theirs
     low, high = _bootstrap(rows, confidence, resamples, seed)
     return WinRate(float(rows.mean()), low, high, len(rows), confidence)
+
+
+def _row_means(table: Mapping[str, Sequence[str]], where: str) -> np.ndarray:
+    """Each instruction's mean score over the columns (outcomes aligned by instruction): (n,)."""
+    if not table:
+        raise DataError(f"{where} got no columns: give at least one criterion's outcomes")
+    columns = {name: _scores(col, f"column {name!r}") for name, col in table.items()}
+    lengths = {name: len(col) for name, col in columns.items()}
+    if len(set(lengths.values())) > 1:
+        raise DataError(
+            f"columns cover different numbers of instructions {lengths}: every column needs one outcome per "
+            "instruction, in the same instruction order"
+        )
+    return np.stack(list(columns.values()), axis=1).mean(axis=1)
 
 
 def _check_outcome(o: object, where: str) -> None:

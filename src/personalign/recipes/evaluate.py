@@ -593,6 +593,11 @@ def pair_outcome(method_first: str, method_second: str) -> Outcome:
 # ---------------------------------------------------------------- scoring
 
 
+def method_columns(outcomes: dict[str, dict[str, list[str]]]) -> dict[str, list[str]]:
+    """``outcomes[combination][side]`` as flat ``"combination/side"`` columns, aligned by instruction."""
+    return {f"{c}/{s}": o for c, cols in outcomes.items() for s, o in cols.items()}
+
+
 def score_method(outcomes: dict[str, dict[str, list[str]]], *, confidence: float = 0.95,
                  resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
     """Win rates of one method from ``outcomes[combination][side]`` (aligned by instruction).
@@ -612,7 +617,7 @@ def score_method(outcomes: dict[str, dict[str, list[str]]], *, confidence: float
         s: asdict(mean_win_rate_ci({c: cols[s] for c, cols in outcomes.items() if s in cols}, **kw))
         for s in sides
     }
-    every = {f"{c}/{s}": o for c, cols in outcomes.items() for s, o in cols.items()}
+    every = method_columns(outcomes)
     counts = Counter(o for col in every.values() for o in col)
     return {"avg": asdict(mean_win_rate_ci(every, **kw)), "by_criterion": by_criterion,
             "by_combination": by_combination, "counts": {k: counts.get(k, 0) for k in ("win", "tie", "loss")}}
@@ -772,11 +777,9 @@ def paired_labels(specs: Sequence[str], evaluated: list[str], skipped: dict[str,
 def paired_differences(outcomes: dict[str, dict[str, dict[str, list[str]]]], *, confidence: float = 0.95,
                        resamples: int = 2000, seed: int = 0) -> dict[str, dict[str, dict[str, Any]]]:
     """``[m][other]``: m's average win rate minus other's, paired on instructions, for every pair."""
-    def columns(m: str) -> dict[str, list[str]]:
-        return {f"{c}/{s}": o for c, cols in outcomes[m].items() for s, o in cols.items()}
-
+    columns = {m: method_columns(by_combo) for m, by_combo in outcomes.items()}
     kw = {"confidence": confidence, "resamples": resamples, "seed": seed}
-    return {m: {o: asdict(paired_difference_ci(columns(m), columns(o), **kw)) for o in outcomes if o != m}
+    return {m: {o: asdict(paired_difference_ci(columns[m], columns[o], **kw)) for o in outcomes if o != m}
             for m in outcomes}
 
 
