@@ -21,7 +21,7 @@ other* (and the other way round, averaged), so that picking the luckiest sample 
 95% intervals are bootstrap over instructions. Resumable: the replies are kept as JSONL files, one per
 (combination, vector, sample), under ``--out``.
 
-    python bench/pcm_headroom.py --instructions 20            # about 50 min on 2 CPU cores
+    python bench/pcm_headroom.py --instructions 30            # about 85 min on 2 CPU cores
 """
 
 from __future__ import annotations
