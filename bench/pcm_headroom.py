@@ -51,12 +51,9 @@ def spec(sides: list[str], w: list[float]) -> str:
     return ",".join(f"{s}={x:.4f}" for s, x in zip(sides, w))
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def generate_all(args: argparse.Namespace, combos: list[list[str]], vecs: dict[str, list[float]],
                  prompts_file: Path) -> None:
+    from personalign.data import read_jsonl
     from personalign.generation import SamplingConfig
     from personalign.recipes.generate import GenerateConfig, main
 
@@ -75,12 +72,11 @@ def generate_all(args: argparse.Namespace, combos: list[list[str]], vecs: dict[s
                 print(f"{path.relative_to(args.out)}: {time.time() - t:.0f} s", flush=True)
 
 
-def bootstrap(per_inst: np.ndarray, n: int = 2000, seed: int = 0) -> list[float]:
-    """Mean over instructions and its 95% percentile interval."""
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(per_inst), size=(n, len(per_inst)))
-    means = per_inst[idx].mean(1)
-    return [float(per_inst.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+def bootstrap(per_inst: np.ndarray) -> list[float]:
+    """Mean over instructions and its 95% interval, bootstrapped as the evaluation does."""
+    from personalign.evaluation import _bootstrap
+
+    return [float(per_inst.mean()), *_bootstrap(per_inst, 0.95, 2000, 0)]
 
 
 def main() -> None:
@@ -97,7 +93,12 @@ def main() -> None:
     p.add_argument("--results", default=str(REPO / "bench/pcm_headroom.json"))
     args = p.parse_args()
 
+    import torch
+
+    from personalign.data import read_jsonl
+    from personalign.evaluation import SCORES, combine_orders, outcome
     from personalign.judges import JudgeConfig, build_judge
+    from personalign.pcm import preference_utility
     from personalign.preferences import default_space
     from personalign.recipes.evaluate import RewardModelJudge
 
@@ -117,29 +118,48 @@ def main() -> None:
     rm = RewardModelJudge(args.rm)
     scales = json.loads(Path(args.scales).read_text())["scales"]
     n, V, S = args.instructions, len(vecs), args.samples
-    # score[metric][combination, vector, sample, instruction]
-    score = {m: np.zeros((len(combos), V, S, n)) for m in ("judge", "rm")}
+    replies: dict[tuple[int, int, int], list[str]] = {}
     for ci, sides in enumerate(combos):
         key = "+".join(sides)
-        prompts = [r["prompt"] for r in refs[key]]
-        ref = [r["response"] for r in refs[key]]
-        ref_r = {s: np.array(rm.rewards(s, prompts, ref)) for s in sides}
         for vi, name in enumerate(vecs):
             for si in range(S):
                 rows = read_jsonl(out / key / f"{name}-s{si}.jsonl")[:n]
-                assert [r["prompt"] for r in rows] == prompts, f"{key}/{name}-s{si}: instructions differ"
-                ys = [r["response"] for r in rows]
-                j = np.zeros(n)
-                u = np.zeros(n)
-                for side in sides:
-                    fwd = judge.judge_many(list(zip(prompts, ys, ref)), side)
-                    bwd = judge.judge_many(list(zip(prompts, ref, ys)), side)
-                    j += np.array([{"a": 1, "tie": 0.5, "b": 0}[v] for v in fwd])
-                    j += np.array([{"b": 1, "tie": 0.5, "a": 0}[v] for v in bwd])
-                    r = np.array(rm.rewards(side, prompts, ys))
-                    u += 1 / (1 + np.exp(-(r - ref_r[side]) / scales[side]))
-                score["judge"][ci, vi, si] = j / (2 * len(sides))
-                score["rm"][ci, vi, si] = u / len(sides)
+                if [r["prompt"] for r in rows] != [r["prompt"] for r in refs[key]]:
+                    raise SystemExit(f"{out / key}/{name}-s{si}.jsonl: not the reference's instructions")
+                replies[ci, vi, si] = [r["response"] for r in rows]
+    # Each side's reward model scores every reply it judges in one pass (models load one at a time).
+    rewards: dict[tuple[str, int, int, int], np.ndarray] = {}
+    for side in space.sides:
+        cells = [(ci, vi, si) for (ci, vi, si) in replies if side in combos[ci]]
+        if not cells:
+            continue
+        refs_in = sorted({ci for ci, _, _ in cells})
+        prompts = [r["prompt"] for ci in refs_in for r in refs["+".join(combos[ci])]]
+        answers = [r["response"] for ci in refs_in for r in refs["+".join(combos[ci])]]
+        answers += [y for cell in cells for y in replies[cell]]
+        prompts += [r["prompt"] for ci, _, _ in cells for r in refs["+".join(combos[ci])]]
+        flat = np.array(rm.rewards(side, prompts, answers))
+        for k, ci in enumerate(refs_in):
+            rewards[side, ci, -1, -1] = flat[k * n:(k + 1) * n]
+        for k, cell in enumerate(cells, start=len(refs_in)):
+            rewards[(side, *cell)] = flat[k * n:(k + 1) * n]
+    # score[metric][combination, vector, sample, instruction]
+    score = {m: np.zeros((len(combos), V, S, n)) for m in ("judge", "rm")}
+    for (ci, vi, si), ys in replies.items():
+        sides = combos[ci]
+        prompts = [r["prompt"] for r in refs["+".join(sides)]]
+        ref = [r["response"] for r in refs["+".join(sides)]]
+        for side in sides:  # as the evaluation scores a pair: both orders, a disagreement ties
+            fwd = judge.judge_many(list(zip(prompts, ys, ref)), side)
+            bwd = judge.judge_many(list(zip(prompts, ref, ys)), side)
+            score["judge"][ci, vi, si] += [SCORES[combine_orders(outcome(f, "a"), outcome(b, "b"))]
+                                           for f, b in zip(fwd, bwd)]
+        score["judge"][ci, vi, si] /= len(sides)
+        mine = torch.tensor(np.stack([rewards[side, ci, vi, si] for side in sides], 1))
+        theirs = torch.tensor(np.stack([rewards[side, ci, -1, -1] for side in sides], 1))
+        score["rm"][ci, vi, si] = preference_utility(
+            mine, theirs, torch.full((n, len(sides)), 1 / len(sides), dtype=torch.float64),
+            torch.tensor([scales[s] for s in sides], dtype=torch.float64)).numpy()
 
     results: dict = {
         "machine": f"{platform.node()} {platform.machine()}, {platform.python_version()}",
