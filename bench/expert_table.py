@@ -18,8 +18,8 @@ from pathlib import Path
 
 from personalign.data import read_jsonl
 from personalign.evaluation import combine_orders, outcome
-from personalign.recipes.evaluate import load_embedder, ontopic_similarity, pair_key
-from personalign.report import text_metrics
+from personalign.judges.base import pair_key
+from personalign.report import load_embedder, ontopic_similarity, text_metrics
 
 
 def counts(verdict_file: Path, keys: set[str]) -> dict[str, int]:

@@ -3,8 +3,8 @@
 Both run in one process on the same loaded model, the same formatted prompts and the same settings
 (greedy, no repetition penalty, 128 new tokens), alternating order over repetitions; the median is
 reported. Our path is what ``personalign generate --input ... --output ...`` runs once the model is
-loaded: preference prompt composition, chat formatting, batched generation, decoding, and durable
-JSONL writes per batch. Tokens are counted up to and including end-of-sequence (identical for the two
+loaded: the personalized model (``personalize``), preference prompt composition, chat formatting, the
+decode loop of ``personalign.generation``, and durable JSONL writes per batch. Tokens are counted up to and including end-of-sequence (identical for the two
 paths: greedy decoding of the same model).
 
     python bench/generation_throughput.py [--reps 3] [--max-new-tokens 128] [--dtype float32]
@@ -23,9 +23,11 @@ from pathlib import Path
 
 import torch
 
-from personalign.data import JsonlWriter, load_builtin
-from personalign.generation import Method, SamplingConfig, build_prompts, eos_token_ids, generate_texts
+from personalign.data import Instruction, load_builtin
+from personalign.generation import SamplingConfig, eos_token_ids
+from personalign.generations import write_answers
 from personalign.models import load_model
+from personalign.personalize import MethodOptions, personalize, resolve
 from personalign.preferences import parse_preference
 
 
@@ -36,14 +38,10 @@ def count_new_tokens(tok, responses: list[str]) -> int:
 
 def ours(model, tok, instructions, pref, sampling, batch_size, out_path: Path) -> tuple[float, list[str]]:
     t0 = time.perf_counter()
-    texts = build_prompts(tok, instructions, pref, Method.PROMPT)
-    with JsonlWriter(out_path) as writer:
-        def on_batch(start, responses):
-            writer.write_many({"prompt": instructions[start + j], "prefs": pref.spec(), "method": "prompt",
-                               "response": r} for j, r in enumerate(responses))
-
-        responses = generate_texts(model, tok, texts, sampling, batch_size=batch_size, on_batch=on_batch)
-    return time.perf_counter() - t0, responses
+    spec = resolve(pref, MethodOptions(method="prompt"))
+    rows = write_answers(spec, lambda: personalize(model, tok, spec), [Instruction(x) for x in instructions],
+                         out_path, sampling, batch_size=batch_size, progress=False)
+    return time.perf_counter() - t0, [r["response"] for r in rows]
 
 
 def plain(model, tok, instructions, pref, max_new_tokens, batch_size) -> tuple[float, list[str]]:

@@ -37,10 +37,13 @@ from pathlib import Path
 import torch
 
 from personalign.data import load_builtin
-from personalign.generation import Method, SamplingConfig, build_prompts
+from personalign.experts import Experts
+from personalign.generation import SamplingConfig
 from personalign.kernels import fast_decode
-from personalign.mixing import Experts, FixedWeights, MixRule, generate_mixed
+from personalign.mixing import MixRule
+from personalign.mixture import FixedWeights, generate_mixed
 from personalign.models import load_model
+from personalign.personalize import Method, build_prompts
 from personalign.preferences import parse_preference
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -132,7 +135,7 @@ def main() -> None:
     def run_pcm(enc):
         provider = PCMWeights(pcm, one_pass, plain.get_input_embeddings(), pcm_pref)
         with torch.inference_mode():
-            generate_mixed(provider.experts, enc["input_ids"], enc["attention_mask"], provider, eos_token_ids=never,
+            generate_mixed(one_pass, enc["input_ids"], enc["attention_mask"], provider, eos_token_ids=never,
                            pad_token_id=tok.pad_token_id, rule=MixRule.PROB, sampling=sampling)
 
     def sync() -> None:

@@ -53,9 +53,14 @@ def spec(sides: list[str], w: list[float]) -> str:
 
 def generate_all(args: argparse.Namespace, combos: list[list[str]], vecs: dict[str, list[float]],
                  prompts_file: Path) -> None:
-    from personalign.data import read_jsonl
+    from personalign.data import load_prompts, read_jsonl
     from personalign.generation import SamplingConfig
-    from personalign.recipes.generate import GenerateConfig, main
+    from personalign.generations import write_answers
+    from personalign.models import load_model
+    from personalign.personalize import MethodOptions, personalize, resolve
+
+    items = load_prompts(str(prompts_file))
+    base: list = []  # the embedded model, loaded on first use
 
     for sides in combos:
         for name, w in vecs.items():
@@ -65,10 +70,17 @@ def generate_all(args: argparse.Namespace, combos: list[list[str]], vecs: dict[s
                 if path.exists() and len(read_jsonl(path)) >= args.instructions:
                     continue
                 t = time.time()
-                main(GenerateConfig(prefs=spec(sides, w), method="mope", mix="prob", input=str(prompts_file),
-                                    output=str(path), batch_size=args.batch_size, progress=False,
-                                    sampling=SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=0.7,
-                                                            top_p=0.9, repetition_penalty=1.1, seed=1000 + s)))
+                request = resolve(spec(sides, w), MethodOptions(method="mope", mix="prob"))
+
+                def build(request=request):
+                    if not base:
+                        base.extend(load_model())
+                    return personalize(base[0], base[1], request)
+
+                write_answers(request, build, items, path,
+                              SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=0.7, top_p=0.9,
+                                             repetition_penalty=1.1, seed=1000 + s),
+                              batch_size=args.batch_size, progress=False)
                 print(f"{path.relative_to(args.out)}: {time.time() - t:.0f} s", flush=True)
 
 
@@ -100,7 +112,7 @@ def main() -> None:
     from personalign.judges import JudgeConfig, build_judge
     from personalign.pcm import preference_utility
     from personalign.preferences import default_space
-    from personalign.recipes.evaluate import RewardModelJudge
+    from personalign.judges.reward_model import RewardModelJudge
 
     space = default_space()
     combos = [list(c.sides) for c in space.combinations()]

@@ -20,7 +20,7 @@ import torch
 
 from personalign.data import read_jsonl
 from personalign.models import load_model
-from personalign.recipes.train_rm import split_by_prompt
+from personalign.data import split_by_prompt
 from personalign.reward_model import RewardModel
 
 

@@ -16,6 +16,8 @@ import argparse
 import json
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from datetime import date
@@ -26,21 +28,22 @@ import torch
 from personalign.data import build_user_message, load_builtin
 from personalign.judges.offline import side_score
 from personalign.preferences import default_space
-from personalign.recipes.train_expert import TrainExpertConfig
-from personalign.recipes.train_expert import main as train_expert
-from personalign.reward_model import LoraSpec
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def ours(args, out: Path) -> list[float]:
-    cfg = TrainExpertConfig(
-        side=args.side, output_dir=str(out), model=args.model, reward="offline", algorithm="rloo",
-        lora=LoraSpec(r=16, alpha=32, dropout=args.lora_dropout, target_modules=TARGETS), lr=5e-5, steps=args.steps + 1,
-        batch_prompts=4, group_size=4, kl_coef=0.05, max_new_tokens=args.max_new_tokens, temperature=1.0,
-        top_p=1.0, checkpoint_every=10_000, device="cpu", dtype="float32", progress=False,
-    )
-    train_expert(cfg)
+    """``personalign train-expert`` as a user runs it; step times from its metrics.jsonl."""
+    overrides = {
+        "model": args.model, "reward": "offline", "algorithm": "rloo", "lora.r": 16, "lora.alpha": 32,
+        "lora.dropout": args.lora_dropout, "lora.target_modules": ",".join(TARGETS), "lr": 5e-5,
+        "steps": args.steps + 1, "batch_prompts": 4, "group_size": 4, "kl_coef": 0.05,
+        "max_new_tokens": args.max_new_tokens, "temperature": 1.0, "top_p": 1.0, "checkpoint_every": 10_000,
+        "device": "cpu", "dtype": "float32", "progress": False,
+    }
+    sets = [a for k, v in overrides.items() if v is not None for a in ("--set", f"{k}={v}")]
+    subprocess.run([sys.executable, "-m", "personalign", "train-expert", "--side", args.side, "-o", str(out),
+                    *sets], check=True, stdout=subprocess.DEVNULL)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     return [r["time/step_seconds"] for r in rows if "time/step_seconds" in r][1:]
 

@@ -29,7 +29,7 @@ from personalign.data import build_user_message, format_chat
 from personalign.losses import fit_bradley_terry_head, select_l2_by_cv
 from personalign.models import load_model
 from personalign.preferences import load_space
-from personalign.recipes.train_rm import read_pairs, split_by_prompt
+from personalign.data import read_pairs, split_by_prompt
 from personalign.reward_model import last_token_index
 
 

@@ -23,11 +23,10 @@ from pathlib import Path
 
 import torch
 
-from personalign import compose
 from personalign.data import load_builtin
-from personalign.generation import Method, SamplingConfig, build_prompts, generate_texts
-from personalign.models import canonical_name, load_model
-from personalign.preferences import parse_preference
+from personalign.generation import SamplingConfig
+from personalign.models import load_model
+from personalign.personalize import MethodOptions, personalize, resolve
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SIDES = ("P1A", "P1B", "P2A", "P2B", "P3A", "P3B")
@@ -62,21 +61,17 @@ def main() -> None:
     base, tok = load_model(args.model, device="cpu", dtype="float32")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        if args.random_experts:
-            experts = random_experts(base, tmp / "experts")
-        else:
-            experts = compose.resolve_experts_dir(args.experts, canonical_name(args.model))
+        experts = str(random_experts(base, tmp / "experts")) if args.random_experts else args.experts
         prefs = ["1A,2A,3A", "1B,2B,3B", "P2A=0.7,P2B=0.3,P1A=1", "1A,2B,3A"]
         cold, warm, loads = [], [], []
-        for spec in prefs:
-            pref = parse_preference(spec)
+        for spec in prefs:  # a switch: resolve the request, then personalize a copy of the base
             t0 = time.perf_counter()
-            folder, _ = compose.soup_adapter(pref, experts, method=args.method, cache=tmp / "cache")
-            model = compose.load_expert_model(copy.deepcopy(base), folder)
+            request = resolve(spec, MethodOptions(method="soup", experts=experts, merge=args.method), model=args.model)
+            soup = personalize(base, tok, request, cache=tmp / "cache")
             cold.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            folder, _ = compose.soup_adapter(pref, experts, method=args.method, cache=tmp / "cache")
-            model = compose.load_expert_model(copy.deepcopy(base), folder)
+            request = resolve(spec, MethodOptions(method="soup", experts=experts, merge=args.method), model=args.model)
+            soup = personalize(base, tok, request, cache=tmp / "cache")
             warm.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             copy.deepcopy(base)
@@ -84,15 +79,16 @@ def main() -> None:
 
         # Throughput: the last soup (merged into the weights) against the base, alternating order.
         sampling = SamplingConfig(max_new_tokens=args.new_tokens, temperature=0.0, repetition_penalty=1.0)
-        texts = build_prompts(tok, [i.prompt for i in load_builtin("eval")][: args.batch],
-                              parse_preference(prefs[-1]), Method.PROMPT)
+        # Both answer the same formatted texts (the soup's preference prompt), so only the weights differ.
+        texts = [soup.format(i.prompt) for i in load_builtin("eval")][: args.batch]
+        prompted = personalize(base, tok, resolve(None, MethodOptions(method="vanilla"), model=args.model))
         times: dict[str, list[float]] = {"base": [], "soup": []}
         tokens: dict[str, int] = {}
         for rep in range(args.reps + 1):
-            order = [("base", base), ("soup", model)] if rep % 2 == 0 else [("soup", model), ("base", base)]
+            order = [("base", prompted), ("soup", soup)] if rep % 2 == 0 else [("soup", soup), ("base", prompted)]
             for name, m in order:
                 t0 = time.perf_counter()
-                out = generate_texts(m, tok, texts, sampling, batch_size=args.batch)
+                out = m.generate_texts(texts, sampling, batch_size=args.batch)
                 if rep > 0:
                     times[name].append(time.perf_counter() - t0)
                 tokens[name] = sum(len(tok(o, add_special_tokens=False)["input_ids"]) + 1 for o in out)
@@ -100,7 +96,7 @@ def main() -> None:
     record = {
         "date": date.today().isoformat(), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__, "model": args.model or "smollm2-135m-instruct", "method": args.method,
-        "experts": "random" if args.random_experts else str(experts),
+        "experts": "random" if args.random_experts else str(request.experts_dir),
         "switch_cold_s": cold, "switch_warm_s": warm, "base_copy_s": loads,
         "switch_cold_median_s": statistics.median(cold), "switch_warm_median_s": statistics.median(warm),
         "tok_s": tps, "tokens": tokens, "soup_vs_base": tps["soup"] / tps["base"],

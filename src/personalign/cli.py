@@ -123,7 +123,7 @@ def generate(
         limit=limit, batch_size=batch_size, device=device, dtype=dtype,
         sampling=SamplingConfig(max_new_tokens, temperature, top_p, repetition_penalty, seed),
         experts=str(experts) if experts else None, merge=merge, merge_rank=merge_rank,
-        merge_density=density if density is not None else (0.5 if merge in ("ties", "dare", "dare_ties") else None),
+        merge_density=density,
         mix=mix, adapter=str(adapter) if adapter else None, pcm=str(pcm) if pcm else None,
     )
     rows = recipe.main(cfg)
@@ -458,8 +458,6 @@ def merge(
     """Merge the experts of a preference into one adapter (Personalized Soups), or into a full model."""
     from personalign.recipes import merge as recipe
 
-    if density is None and method in ("ties", "dare", "dare_ties"):
-        density = 0.5
     report = recipe.main(recipe.MergeConfig(
         prefs=prefs, output=str(output), experts=str(experts) if experts else None, method=method, rank=rank,
         density=density, seed=seed, full_model=full_model, model=model,
@@ -491,16 +489,23 @@ def serve(
     host: Annotated[str, typer.Option("--host", help="Address to listen on (loopback by default).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port")] = 8000,
     max_batch: Annotated[int, typer.Option("--max-batch", help="Most concurrent requests generated together.")] = 8,
-    method: Annotated[str, typer.Option("--method", help="Default method when a request names none.")] = "prompt",
+    method: Annotated[str, typer.Option("--method", help="Default method when a request names none: vanilla, prompt, expert, soup or mope.")] = "prompt",
+    experts: Annotated[Optional[Path], typer.Option("--experts", help="Folder of <SIDE>/ expert adapters (default: the experts shipped for the model).")] = None,
+    merge: Annotated[str, typer.Option("--merge", help="Default merge for soups: psoups, exact, ties, dare, dare_ties.")] = "psoups",
+    mix: Annotated[str, typer.Option("--mix", help="Default mixing rule for mope: prob, logit or uniform.")] = "prob",
+    pcm: Annotated[Optional[str], typer.Option("--pcm", help="Default for mope: a train-pcm folder or 'shipped' (requests may say pcm: none).")] = None,
+    max_models: Annotated[int, typer.Option("--max-models", help="Personalized models (soups, mixtures) kept built; each is a copy of the base model.")] = 4,
     dimensions: DimsOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
 ) -> None:
-    """Serve an OpenAI-compatible API (/v1/chat/completions) that takes preferences per request."""
+    """Serve an OpenAI-compatible API (/v1/chat/completions) that takes preferences and methods per request."""
+    from personalign.personalize import MethodOptions
     from personalign.serve import run_server
 
-    run_server(model, host=host, port=port, device=device, dtype=dtype, max_batch=max_batch, default_method=method,
-               dimensions=str(dimensions) if dimensions else None)
+    defaults = MethodOptions(method=method, experts=str(experts) if experts else None, merge=merge, mix=mix, pcm=pcm)
+    run_server(model, host=host, port=port, device=device, dtype=dtype, max_batch=max_batch, defaults=defaults,
+               max_models=max_models, dimensions=str(dimensions) if dimensions else None)
 
 
 @app.command()

@@ -1,4 +1,4 @@
-"""Composing side experts at request time: Personalized Soups (merge parameters) and MoPE (mix tokens).
+"""Side experts on disk and in memory: where they live, which a preference needs, soups and their cache.
 
 An *experts folder* holds one LoRA expert per side: ``<folder>/<SIDE>/`` is a peft adapter folder
 (``adapter_config.json`` + ``adapter_model.safetensors``), either directly or in an ``adapter/``
@@ -8,8 +8,9 @@ live inside the package (``personalign/data/experts/<model>/``) and are used whe
 A preference's weights become merge or mixing weights: a hard combination (``1A,2A,3A``) gives each
 chosen side 1/k, the paper's uniform average; a weighted one (``concise=0.7,informative=0.3``) gives
 its weights divided by the sum of their absolute values, so negative weights push away from a side.
-Merged soups are cached per (experts, weights, method) under ``<cache>/soups/``, so switching back to
-a preference already seen costs one adapter load.
+Soups are merged in memory; each is also cached per (experts, weights, method) under ``<cache>/soups/``,
+so switching back to a preference already seen costs one adapter read. The entry point that turns a
+preference and a method into a model is :mod:`personalign.personalize`.
 """
 
 from __future__ import annotations
@@ -20,30 +21,30 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from personalign.errors import ConfigError, ModelError, PreferenceError
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PreTrainedModel
 
-    from personalign.generation import SamplingConfig
-    from personalign.mixing import Experts, MixRule, WeightProvider
+    from personalign.merging import LoraAdapter
     from personalign.preferences import Preference
 
 __all__ = [
     "adapter_folder",
+    "check_base",
     "expert_folders",
     "expert_weights",
-    "generate_mixture_texts",
-    "load_expert_model",
-    "load_mixture",
+    "file_digest",
     "require_experts",
     "resolve_experts_dir",
     "shipped_experts_dir",
     "soup_adapter",
+    "with_adapters",
 ]
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -125,122 +126,88 @@ def _digest_of(path: str, size: int, mtime_ns: int) -> str:
     return h.hexdigest()
 
 
-def soup_adapter(pref: Preference, experts_dir: str | Path, *, method: str = "psoups", rank: int | None = None,
-                 density: float | None = None, seed: int | None = None, cache: Path | None = None,
-                 ) -> tuple[Path, dict[str, Any]]:
-    """The merged adapter folder for ``pref`` (built once, then served from the cache) and its report."""
-    from personalign.merging import METHODS, load_adapter, merge_adapters, save_adapter
+def soup_key(weights: dict[str, float], folders: dict[str, Path], method: str, rank: int | None,
+             density: float | None, seed: int | None) -> str:
+    """The cache key of a soup: the merge and its options, and each expert's weight and file digest."""
+    key_src = {"method": method, "rank": rank, "density": density, "seed": seed,
+               "experts": [[s, round(w, 8), file_digest(folders[s] / ADAPTER_FILES[1])] for s, w in weights.items()]}
+    return hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def soup_adapter(weights: dict[str, float], folders: dict[str, Path], *, method: str = "psoups",
+                 rank: int | None = None, density: float | None = None, seed: int | None = None,
+                 preference: str = "", cache: Path | None = None) -> tuple[LoraAdapter, dict[str, Any], Path]:
+    """The merged adapter of the experts ``folders[side]`` under ``weights``, its report and its cache folder.
+
+    Merged in memory; writing it to ``<cache>/soups/<key>/`` is a side effect, so the next request for the
+    same soup reads one file instead of merging (a cache that cannot be written is only skipped).
+    """
+    from personalign.merging import load_adapter, merge_adapters, save_adapter
     from personalign.models import cache_root
 
-    if method not in METHODS:
-        raise ConfigError(f"unknown merge method {method!r}; choose one of {', '.join(METHODS)}")
-    folders = expert_folders(experts_dir)
-    weights = require_experts(pref, folders, experts_dir)
-    sides = list(weights)
-    key_src = {"method": method, "rank": rank, "density": density, "seed": seed,
-               "experts": [[s, round(weights[s], 8), file_digest(folders[s] / ADAPTER_FILES[1])] for s in sides]}
-    key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:20]
     root = (cache or cache_root()) / "soups"
-    target = root / key
+    target = root / soup_key(weights, folders, method, rank, density, seed)
     report_path = target / "merge_report.json"
     if report_path.is_file() and all((target / f).is_file() for f in ADAPTER_FILES):
-        return target, json.loads(report_path.read_text())
+        return load_adapter(target), json.loads(report_path.read_text()), target
 
+    sides = list(weights)
     adapters = [load_adapter(folders[s]) for s in sides]
     merged, report = merge_adapters(adapters, [weights[s] for s in sides], method=method, rank=rank,
                                     density=density, seed=seed)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
+    info = {"sides": weights, "method": method, "preference": preference, **report.summary()}
     try:
-        save_adapter(merged, tmp)
-        info = {"sides": weights, "method": method, "preference": pref.spec(), **report.summary()}
-        (tmp / "merge_report.json").write_text(json.dumps(info, indent=2))
-        if target.exists():  # a broken earlier attempt
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target, info
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
+        try:
+            save_adapter(merged, tmp)
+            (tmp / "merge_report.json").write_text(json.dumps(info, indent=2))
+            if target.exists():  # a broken earlier attempt
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as exc:
+        warnings.warn(f"the soup could not be cached in {root} ({exc}); it is merged again next time", stacklevel=2)
+    return merged, info, target
 
 
-def load_expert_model(base: PreTrainedModel, adapter_folder: str | Path, merge: bool = True) -> PreTrainedModel:
-    """``base`` with one adapter (an expert or a soup); merged into the weights by default, so generation
-    costs exactly what the base model costs."""
-    from peft import PeftModel
+def with_adapters(base: PreTrainedModel, adapters: Mapping[str, LoraAdapter]) -> Any:
+    """``base`` wrapped by peft with each adapter loaded under its name, from tensors already in memory."""
+    from peft import LoraConfig, PeftModel
+    from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
+    from peft.utils import set_peft_model_state_dict
 
-    from personalign.merging import load_adapter
+    from personalign.merging import peft_config_dict
 
-    _check_base(base, load_adapter(adapter_folder).base_model, adapter_folder)
-    model = PeftModel.from_pretrained(base, str(adapter_folder))
-    if merge:
-        return model.merge_and_unload()
+    def config(adapter: LoraAdapter) -> LoraConfig:
+        cfg = LoraConfig.from_peft_type(**LoraConfig.check_kwargs(**peft_config_dict(adapter)))
+        cfg.inference_mode = True
+        return cfg
+
+    names = list(adapters)
+    if not names:
+        raise ConfigError("no adapters given; name at least one")
+    first = config(adapters[names[0]])
+    cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(first.task_type, PeftModel)
+    model = cls(base, first, names[0])
+    for i, name in enumerate(names):
+        if i:
+            model.add_adapter(name, config(adapters[name]))
+        set_peft_model_state_dict(model, dict(adapters[name].tensors), adapter_name=name)
+    model.eval()
     return model
 
 
-def load_mixture(base: PreTrainedModel, pref: Preference, experts_dir: str | Path) -> tuple[Experts, list[float]]:
-    """The experts of ``pref``'s sides as adapters of one peft model, and the preference's weights."""
-    from peft import PeftModel
+def check_base(model_name: str, folder: str | Path) -> None:
+    """Refuse an adapter trained on another base model than ``model_name``; reads only its config."""
+    from personalign.merging import CONFIG_FILE
 
-    from personalign.merging import load_adapter
-    from personalign.mixing import Experts
-
-    folders = expert_folders(experts_dir)
-    weights = require_experts(pref, folders, experts_dir)
-    if any(w < 0 for w in weights.values()):
-        raise PreferenceError(f"token-level mixing needs non-negative weights, got {pref.spec()!r}; "
-                              "use --method soup for negative weights")
-    sides = list(weights)
-    for s in sides:
-        _check_base(base, load_adapter(folders[s]).base_model, folders[s])
-    model = PeftModel.from_pretrained(base, str(folders[sides[0]]), adapter_name=sides[0])
-    for s in sides[1:]:
-        model.load_adapter(str(folders[s]), adapter_name=s)
-    model.eval()
-    return Experts.from_adapters(model, sides), [weights[s] for s in sides]
-
-
-def _check_base(base: PreTrainedModel, adapter_base: str | None, folder: str | Path) -> None:
-    have = getattr(base.config, "personalign_base", None) or base.name_or_path
-    if adapter_base and have and adapter_base.rstrip("/") != str(have).rstrip("/"):
-        raise ModelError(f"adapter {folder} was trained on base model {adapter_base!r}, not {have!r}; "
-                         f"use --model {adapter_base} or experts trained on this model")
-
-
-def generate_mixture_texts(
-    experts: Experts,
-    tokenizer: PreTrainedTokenizerBase,
-    texts: Sequence[str],
-    weights: WeightProvider | None,
-    rule: MixRule,
-    sampling: SamplingConfig,
-    *,
-    batch_size: int = 8,
-    first_index: int = 0,
-    on_batch: Callable[[int, list[str]], None] | None = None,
-) -> list[str]:
-    """Like :func:`personalign.generation.generate_texts`, decoding from the token-level mixture.
-
-    Batches are seeded by position as there, so a resumed file run produces the same text.
-    """
-    from dataclasses import replace
-
-    from personalign.data import batched
-    from personalign.generation import batch_seed, eos_token_ids
-    from personalign.mixing import generate_mixed
-
-    eos = eos_token_ids(experts.models[0], tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    tokenizer.padding_side = "left"
-    add_special = not getattr(tokenizer, "chat_template", None)
-    outputs: list[str] = []
-    for start, chunk in batched(list(texts), batch_size):
-        enc = tokenizer(list(chunk), return_tensors="pt", padding=True, add_special_tokens=add_special)
-        seeded = replace(sampling, seed=batch_seed(sampling.seed, first_index + start) % (2**31))
-        out = generate_mixed(experts, enc["input_ids"], enc["attention_mask"], weights, eos_token_ids=eos,
-                             pad_token_id=pad, rule=rule, sampling=seeded)
-        tokens = out.tokens.masked_fill(out.mask == 0, pad)
-        responses = [r.strip() for r in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
-        outputs.extend(responses)
-        if on_batch is not None:
-            on_batch(first_index + start, responses)
-    return outputs
+    path = Path(folder) / CONFIG_FILE
+    try:
+        trained_on = json.loads(path.read_text()).get("base_model_name_or_path")
+    except (OSError, json.JSONDecodeError, AttributeError) as exc:
+        raise ModelError(f"cannot read {path}: {exc}") from None
+    if trained_on and model_name and str(trained_on).rstrip("/") != str(model_name).rstrip("/"):
+        raise ModelError(f"adapter {folder} was trained on base model {trained_on!r}, not {model_name!r}; "
+                         f"use --model {trained_on} or experts trained on this model")

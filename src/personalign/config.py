@@ -21,7 +21,20 @@ from personalign.errors import ConfigError
 
 T = TypeVar("T")
 
-__all__ = ["load_config", "from_dict", "to_dict", "parse_overrides"]
+__all__ = ["finite", "from_dict", "load_config", "parse_overrides", "require", "to_dict"]
+
+
+def require(ok: bool, name: str, value: Any, rule: str) -> None:
+    """Refuse a config value: ``name must be <rule>, got <value>``."""
+    if not ok:
+        raise ConfigError(f"{name} must be {rule}, got {value!r}")
+
+
+def finite(x: Any) -> bool:
+    """A real, finite number (booleans are not numbers here)."""
+    import math
+
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _type_name(tp: Any) -> str:

@@ -11,6 +11,7 @@ Sources a user can name wherever a command takes prompts:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -33,6 +34,8 @@ __all__ = [
     "JsonlWriter",
     "build_user_message",
     "format_chat",
+    "read_pairs",
+    "split_by_prompt",
 ]
 
 BUILTIN_SPLITS = ("train", "eval")
@@ -248,3 +251,29 @@ def batched(items: Sequence[Any], size: int) -> Iterator[tuple[int, Sequence[Any
         raise DataError(f"batch size must be at least 1, got {size}")
     for start in range(0, len(items), size):
         yield start, items[start : start + size]
+
+
+# -- preference pairs (rollouts labelled one criterion at a time) ------------------------------------
+
+PAIR_FIELDS = ("prompt", "chosen", "rejected", "side")
+
+
+def read_pairs(path: str | Path, sides: set[str] | None = None) -> list[dict[str, Any]]:
+    rows = read_jsonl(path)
+    if not rows:
+        raise DataError(f"pairs file {path} is empty")
+    for i, row in enumerate(rows):
+        missing = [k for k in PAIR_FIELDS if not isinstance(row.get(k), str)]
+        if missing:
+            raise DataError(f"{path}: line {i + 1} lacks field(s) {', '.join(missing)} (needs {', '.join(PAIR_FIELDS)})")
+    return [r for r in rows if sides is None or r["side"] in sides]
+
+
+def split_by_prompt(rows: list[dict[str, Any]], eval_fraction: float, seed: int) -> tuple[list, list]:
+    """Held-out pairs are those of the first ``eval_fraction`` of the instructions present, in a seeded
+    hash order: no instruction is on both sides of the split, and models trained on the same pairs with
+    the same seed hold out the same pairs."""
+    prompts = sorted({r["prompt"] for r in rows}, key=lambda p: hashlib.sha1(f"{seed}:{p}".encode()).hexdigest())
+    n_eval = max(1, round(len(prompts) * eval_fraction)) if eval_fraction > 0 else 0
+    held = set(prompts[:n_eval])
+    return [r for r in rows if r["prompt"] not in held], [r for r in rows if r["prompt"] in held]

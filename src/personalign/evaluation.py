@@ -18,8 +18,8 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
 
 import numpy as np
 
@@ -32,9 +32,13 @@ __all__ = [
     "combine_orders",
     "hypervolume_2d",
     "mean_win_rate_ci",
+    "method_columns",
     "outcome",
+    "pair_outcome",
     "paired_difference_ci",
+    "paired_differences",
     "pareto_front",
+    "score_method",
     "win_rate",
     "win_rate_ci",
 ]
@@ -254,3 +258,51 @@ def _points(points: Sequence[Sequence[float]], where: str) -> list[tuple[float, 
             raise DataError(f"{where}: point {i} is {p!r}; coordinates must be finite numbers")
         out.append((x, y))
     return out
+
+
+# -- scoring evaluated methods ---------------------------------------------------------------------
+
+
+def pair_outcome(method_first: str, method_second: str) -> Outcome:
+    """The method's outcome from its two verdicts (shown as ``a``, then as ``b``)."""
+    return combine_orders(outcome(method_first, "a"), outcome(method_second, "b"))
+
+
+
+def method_columns(outcomes: dict[str, dict[str, list[str]]]) -> dict[str, list[str]]:
+    """``outcomes[combination][side]`` as flat ``"combination/side"`` columns, aligned by instruction."""
+    return {f"{c}/{s}": o for c, cols in outcomes.items() for s, o in cols.items()}
+
+
+def score_method(outcomes: dict[str, dict[str, list[str]]], *, confidence: float = 0.95,
+                 resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """Win rates of one method from ``outcomes[combination][side]`` (aligned by instruction).
+
+    ``by_combination[c]["avg"]`` averages c's criteria, ``by_criterion[s]`` averages side s over the
+    combinations that include it, and ``avg`` averages every (combination, criterion) column; each
+    average is bootstrapped jointly over instructions (:func:`mean_win_rate_ci`).
+    """
+    kw = {"confidence": confidence, "resamples": resamples, "seed": seed}
+    by_combination = {
+        c: {"avg": asdict(mean_win_rate_ci(cols, **kw)), "criteria": {s: asdict(win_rate_ci(o, **kw))
+                                                                     for s, o in cols.items()}}
+        for c, cols in outcomes.items()
+    }
+    sides = list(dict.fromkeys(s for cols in outcomes.values() for s in cols))
+    by_criterion = {
+        s: asdict(mean_win_rate_ci({c: cols[s] for c, cols in outcomes.items() if s in cols}, **kw))
+        for s in sides
+    }
+    every = method_columns(outcomes)
+    counts = Counter(o for col in every.values() for o in col)
+    return {"avg": asdict(mean_win_rate_ci(every, **kw)), "by_criterion": by_criterion,
+            "by_combination": by_combination, "counts": {k: counts.get(k, 0) for k in ("win", "tie", "loss")}}
+
+
+def paired_differences(outcomes: dict[str, dict[str, dict[str, list[str]]]], *, confidence: float = 0.95,
+                       resamples: int = 2000, seed: int = 0) -> dict[str, dict[str, dict[str, Any]]]:
+    """``[m][other]``: m's average win rate minus other's, paired on instructions, for every pair."""
+    columns = {m: method_columns(by_combo) for m, by_combo in outcomes.items()}
+    kw = {"confidence": confidence, "resamples": resamples, "seed": seed}
+    return {m: {o: asdict(paired_difference_ci(columns[m], columns[o], **kw)) for o in outcomes if o != m}
+            for m in outcomes}

@@ -1,48 +1,57 @@
-"""Batched, seeded text generation that stops at end-of-sequence.
+"""The one decode loop: batched, seeded text generation that stops at end-of-sequence or a stop string.
 
-Seeding is per batch, derived from the user's seed and the index of the batch's first item, so a
-file run that is interrupted and resumed (at a batch boundary, with the same batch size) produces the
-same text as an uninterrupted one, and the same seed always gives the same output.
+Every generation in personalign runs here — the base model, an expert, a soup, a K-expert mixture,
+the RL rollouts and the server — through :func:`decode` with a pluggable *step*: the step runs the
+model(s) on the prompt and then on each chosen token, and returns the (B, V) scores the next token is
+drawn from, the repetition penalty already applied (:class:`ModelStep` for one causal LM,
+:class:`personalign.mixture.MixtureStep` for K experts mixed token by token). The loop owns what must
+be the same for every method: the repetition-penalty bookkeeping, temperature and top-p, the random
+stream, end-of-sequence and stop strings, padding of finished rows.
+
+Sampling follows transformers' ``generate`` (temperature, then top-p keeping the smallest set of
+tokens whose mass exceeds ``top_p``, then one multinomial draw per row), so a plain model's text here
+is what ``model.generate`` gives for the same seed. Tokens in the prompt count as seen by the
+repetition penalty, padding does not.
+
+Seeding is per batch, derived from the user's seed and the index of the batch's first item
+(:func:`batch_seed`), so a file run that is interrupted and resumed (at a batch boundary, with the same
+batch size) produces the same text as an uninterrupted one, and the same seed always gives the same
+output. Shapes: B rows, L prompt tokens, T generated tokens, V vocabulary.
 """
 
 from __future__ import annotations
 
-import enum
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
-from personalign.data import batched, build_user_message, format_chat
+import torch
+
+from personalign.data import batched
 from personalign.errors import ConfigError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from personalign.preferences import Preference
-
-__all__ = ["Method", "SamplingConfig", "generate_texts", "build_prompts", "eos_token_ids"]
-
-
-class Method(str, enum.Enum):
-    """How a preference is honoured at generation time."""
-
-    VANILLA = "vanilla"  # base model, no preference prompt
-    PROMPT = "prompt"  # base model, preference prompt appended (the PP baseline)
-    EXPERT = "expert"  # one side's expert adapter, with that side's prompt
-    SOUP = "soup"  # the chosen sides' experts merged into one adapter (Personalized Soups)
-    MOPE = "mope"  # the chosen sides' experts mixed token by token (MoPE)
-    ADAPTER = "adapter"  # one given adapter (multitask, P-MORL, RLHF), with the preference prompt
-
-    @property
-    def uses_experts(self) -> bool:
-        return self in (Method.EXPERT, Method.SOUP, Method.MOPE)
-
-    @classmethod
-    def parse(cls, value: str) -> Method:
-        try:
-            return cls(value)
-        except ValueError:
-            raise ConfigError(f"unknown method {value!r}; choose one of {', '.join(m.value for m in cls)}") from None
+__all__ = [
+    "Decoded",
+    "ModelStep",
+    "SamplingConfig",
+    "Step",
+    "StepContext",
+    "batch_seed",
+    "cache_argument",
+    "decode",
+    "decode_steps",
+    "encode_batch",
+    "eos_token_ids",
+    "generate_texts",
+    "pad_token_id",
+    "penalize_repetition",
+    "positions",
+    "sample_next",
+    "seeded_generator",
+]
 
 
 @dataclass(frozen=True)
@@ -65,19 +74,11 @@ class SamplingConfig:
         if self.repetition_penalty <= 0:
             raise ConfigError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
 
-    def generate_kwargs(self) -> dict[str, object]:
-        kw: dict[str, object] = {"max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty}
-        if self.temperature == 0:
-            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        else:
-            kw.update(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=0)
-        return kw
-
 
 def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Every id that ends a response: the generation config's and the tokenizer's end-of-sequence."""
     ids: list[int] = []
-    cfg = getattr(model.generation_config, "eos_token_id", None)
+    cfg = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     for v in (cfg if isinstance(cfg, list) else [cfg]) + [tokenizer.eos_token_id]:
         if v is not None and v not in ids:
             ids.append(int(v))
@@ -86,15 +87,8 @@ def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) ->
     return ids
 
 
-def build_prompts(
-    tokenizer: PreTrainedTokenizerBase,
-    instructions: Sequence[str],
-    preference: Preference | None,
-    method: Method,
-) -> list[str]:
-    """Chat-formatted model inputs for each instruction under a preference and method."""
-    suffix = preference.prompt() if (preference is not None and method is not Method.VANILLA) else ""
-    return [format_chat(tokenizer, build_user_message(text, suffix)) for text in instructions]
+def pad_token_id(tokenizer: PreTrainedTokenizerBase, eos: Sequence[int]) -> int:
+    return int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else int(eos[0])
 
 
 def batch_seed(seed: int, first_index: int) -> int:
@@ -102,42 +96,247 @@ def batch_seed(seed: int, first_index: int) -> int:
     return (seed * 1_000_003 + first_index) % (2**63 - 1)
 
 
+def encode_batch(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
+                 device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ``(input_ids, attention_mask)``, each (B, L), for a decoder-only batch.
+
+    Chat-formatted texts already hold their special tokens; plain ones get the tokenizer's.
+    """
+    if tokenizer.padding_side != "left":
+        tokenizer.padding_side = "left"
+    add_special = not getattr(tokenizer, "chat_template", None)
+    enc = tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=add_special)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    if device is not None:
+        ids, mask = ids.to(device), mask.to(device)
+    return ids, mask
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids counting real tokens only, so a left-padded row matches itself alone: (B, L)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+# -- the step interface and the plain-model step ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What a step (and a mixture's weight provider) sees before token ``step`` is chosen."""
+
+    step: int
+    prompt_ids: torch.Tensor  # (B, L) left-padded
+    prompt_mask: torch.Tensor  # (B, L)
+    generated: torch.Tensor  # (B, step) tokens chosen so far (pad after a row finished)
+    finished: torch.Tensor  # (B,) bool
+    seen: torch.Tensor | None = None  # (B, V) bool: tokens the repetition penalty acts on
+    expert_logprobs: torch.Tensor | None = None  # (B, K, V) a mixture's experts' next-token log-probs
+
+
+class Step(Protocol):
+    """One decoding step's model work. :func:`decode` calls ``start`` once with the prompt, then for each
+    token ``scores`` -> (sample) -> ``accept`` and, unless it was the last, ``advance`` with the token."""
+
+    models: Sequence[Any]  # what :func:`personalign.kernels.fast_decode` speeds up
+    vocab_size: int  # width of the scores, known after ``start``
+
+    def start(self, input_ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor) -> None: ...
+
+    def scores(self, ctx: StepContext, penalty: float) -> torch.Tensor: ...
+
+    def accept(self, tokens: torch.Tensor, ctx: StepContext) -> None: ...
+
+    def advance(self, tokens: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor) -> None: ...
+
+
+def penalize_repetition(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """The CTRL repetition penalty as transformers applies it: a seen token's positive logit is divided
+    by ``penalty``, a negative one multiplied. (..., V) logits, (B, V) seen mask broadcast over the
+    middle dimensions (K experts) -> same shape."""
+    if penalty == 1:
+        return logits
+    while seen.dim() < logits.dim():
+        seen = seen[:, None]
+    return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+
+
+def cache_argument() -> str:
+    """transformers 5.x renamed ``past_key_values`` to ``cache`` (input and output); follow the installed one."""
+    import dataclasses
+
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    names = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
+    return "cache" if "cache" in names else "past_key_values"
+
+
+class ModelStep:
+    """One causal LM (a base model, an expert or a merged soup) with its KV cache."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.model = model
+        self.models = [model]
+        self._cache_arg = cache_argument()
+        self._cache: Any = None
+        self._logits: torch.Tensor | None = None
+        self.vocab_size = 0
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> None:
+        kw = {self._cache_arg: self._cache} if self._cache is not None else {}
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+                         **kw)
+        self._cache = getattr(out, self._cache_arg)
+        self._logits = out.logits[:, -1].float()  # (B, V)
+        self.vocab_size = self._logits.shape[-1]
+
+    def start(self, input_ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor) -> None:
+        self._cache = None
+        self._forward(input_ids, mask, position_ids)
+
+    def scores(self, ctx: StepContext, penalty: float) -> torch.Tensor:
+        assert self._logits is not None and ctx.seen is not None
+        return penalize_repetition(self._logits, ctx.seen, penalty)
+
+    def accept(self, tokens: torch.Tensor, ctx: StepContext) -> None:
+        pass
+
+    def advance(self, tokens: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor) -> None:
+        self._forward(tokens[:, None], mask, position_ids)
+
+
+# -- the loop ---------------------------------------------------------------------------------------------
+
+
+def sample_next(scores: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """Next token per row from (B, V) scores: greedy at temperature 0, else temperature, top-p, one draw."""
+    if sampling.temperature == 0:
+        return scores.argmax(-1)
+    scores = scores / sampling.temperature
+    if sampling.top_p < 1:
+        # Ascending order: drop the low tail whose total mass stays within 1 - top_p; the top token stays.
+        sorted_scores, order = torch.sort(scores, descending=False)
+        drop = sorted_scores.softmax(-1).cumsum(-1) <= (1 - sampling.top_p)
+        drop[..., -1:] = False
+        scores = scores.masked_fill(drop.scatter(1, order, drop), -torch.inf)
+    return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """One batch's generated tokens."""
+
+    tokens: torch.Tensor  # (B, T) pad after a row finished
+    mask: torch.Tensor  # (B, T) long: 1 on generated tokens, the end-of-sequence token included
+    reasons: list[str]  # per row: "stop" (end-of-sequence or a stop string) or "length"
+
+
+@torch.no_grad()
+def decode_steps(step: Step, input_ids: torch.Tensor, mask: torch.Tensor, sampling: SamplingConfig, *,
+                 eos: Sequence[int], pad: int, generator: torch.Generator | None,
+                 stop: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yield ``(tokens, valid, finished)`` (each (B,)) after every step of decoding a left-padded batch.
+
+    ``stop(generated (B, t)) -> (B,) bool`` marks rows that end now (e.g. on a stop string), checked after
+    end-of-sequence. ``generator`` None draws from torch's global generator. Runs without gradients (also
+    while suspended) and with the thin-input linear kernels.
+    """
+    from personalign.kernels import fast_decode
+
+    if not eos:
+        raise ConfigError("no end-of-sequence ids given; generation would never stop")
+    if bool((mask.sum(-1) == 0).any()):
+        raise ConfigError("a prompt row has no tokens; every row needs at least one unpadded token")
+    if bool((mask[:, -1] == 0).any()):
+        raise ConfigError("prompts must be left-padded (the last column is padding); set padding_side='left'")
+    b = input_ids.shape[0]
+    device = input_ids.device
+    eos_t = torch.tensor(list(eos), device=device)
+    mask = mask.long()
+    pos = positions(mask)  # (B, L)
+    prompt_mask = mask
+    with fast_decode(*step.models):
+        step.start(input_ids, mask, pos)
+        vocab = step.vocab_size
+        # (B, V) tokens the repetition penalty acts on: the prompt's (padding excluded), then each chosen one
+        seen = torch.zeros(b, vocab + 1, dtype=torch.bool, device=device)
+        seen.scatter_(1, input_ids.clamp(max=vocab).masked_fill(mask == 0, vocab), True)
+        seen = seen[:, :vocab]
+        finished = torch.zeros(b, dtype=torch.bool, device=device)
+        toks: list[torch.Tensor] = []
+        next_pos = pos[:, -1:] + 1  # (B, 1)
+        for t in range(sampling.max_new_tokens):
+            generated = torch.stack(toks, 1) if toks else input_ids.new_zeros(b, 0)
+            ctx = StepContext(t, input_ids, prompt_mask, generated, finished.clone(), seen)
+            scores = step.scores(ctx, sampling.repetition_penalty)  # (B, V)
+            nxt = sample_next(scores, sampling, generator)
+            nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)  # (B,)
+            valid = ~finished
+            step.accept(nxt, ctx)
+            toks.append(nxt)
+            seen = seen.clone()  # the context handed out above keeps its own
+            seen[torch.arange(b, device=device)[valid], nxt[valid]] = True
+            finished = finished | torch.isin(nxt, eos_t)
+            if stop is not None:
+                finished = finished | (stop(torch.stack(toks, 1)) & valid)
+            yield nxt, valid, finished
+            if bool(finished.all()) or t == sampling.max_new_tokens - 1:
+                return
+            mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
+            step.advance(nxt, mask, next_pos)
+            next_pos = next_pos + 1
+
+
+def decode(step: Step, input_ids: torch.Tensor, mask: torch.Tensor, sampling: SamplingConfig, *,
+           eos: Sequence[int], pad: int, generator: torch.Generator | None,
+           stop: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Decoded:
+    """Decode a left-padded (B, L) batch to the end; see :func:`decode_steps`."""
+    toks, valid = [], []
+    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+    for nxt, ok, finished in decode_steps(step, input_ids, mask, sampling, eos=eos, pad=pad, generator=generator,
+                                          stop=stop):
+        toks.append(nxt)
+        valid.append(ok)
+    reasons = ["stop" if bool(f) else "length" for f in finished.tolist()]
+    return Decoded(torch.stack(toks, 1), torch.stack(valid, 1).long(), reasons)
+
+
+def seeded_generator(seed: int, device: torch.device | str) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 def generate_texts(
-    model: PreTrainedModel,
+    make_step: Callable[[], Step],
     tokenizer: PreTrainedTokenizerBase,
     texts: Sequence[str],
     sampling: SamplingConfig = SamplingConfig(),
     *,
+    eos: Sequence[int],
+    device: torch.device | str,
     batch_size: int = 8,
     first_index: int = 0,
+    seed_range: int | None = None,
     on_batch: Callable[[int, list[str]], None] | None = None,
 ) -> list[str]:
-    """Generate a response for each already formatted input text.
+    """Generate a response for each already formatted input text, in batches, each seeded by position.
 
     ``first_index`` is the position of ``texts[0]`` in a larger run (it seeds the batches);
     ``on_batch(start, responses)`` is called after each batch, e.g. to write results durably.
+    ``seed_range`` reduces each batch's seed modulo it (token-level mixtures were always seeded within
+    31 bits; kept so that their recorded outputs reproduce).
     """
-    import torch
-
-    from personalign.kernels import fast_decode
-
-    eos = eos_token_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    kwargs = sampling.generate_kwargs()
-    device = next(model.parameters()).device
+    pad = pad_token_id(tokenizer, eos)
     outputs: list[str] = []
-    if tokenizer.padding_side != "left":
-        tokenizer.padding_side = "left"  # decoder-only batches must be left-padded
-    # Chat-formatted texts already hold their special tokens; plain ones need the tokenizer's.
-    add_special = not getattr(tokenizer, "chat_template", None)
     for start, chunk in batched(list(texts), batch_size):
-        enc = tokenizer(list(chunk), return_tensors="pt", padding=True, add_special_tokens=add_special).to(device)
-        torch.manual_seed(batch_seed(sampling.seed, first_index + start))
-        with torch.inference_mode(), fast_decode(model):
-            out = model.generate(**enc, eos_token_id=eos, pad_token_id=pad_id, **kwargs)
-        new_tokens = out[:, enc["input_ids"].shape[1] :]  # (B, T_new)
-        responses = [r.strip() for r in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        ids, mask = encode_batch(tokenizer, chunk, device)
+        seed = batch_seed(sampling.seed, first_index + start)
+        if seed_range is not None:
+            seed %= seed_range
+        out = decode(make_step(), ids, mask, sampling, eos=eos, pad=pad, generator=seeded_generator(seed, device))
+        tokens = out.tokens.masked_fill(out.mask == 0, pad)
+        responses = [r.strip() for r in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
         outputs.extend(responses)
         if on_batch is not None:
             on_batch(first_index + start, responses)
     return outputs
+

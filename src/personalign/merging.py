@@ -44,14 +44,18 @@ if TYPE_CHECKING:
 
 __all__ = [
     "METHODS",
+    "PRUNING",
     "LoraAdapter",
     "MergeReport",
     "adapter_from_model",
     "adapter_from_state_dict",
+    "check_merge_options",
     "compress_adapter",
     "delta_weights",
     "load_adapter",
     "merge_adapters",
+    "merge_defaults",
+    "peft_config_dict",
     "save_adapter",
 ]
 
@@ -244,12 +248,8 @@ def load_adapter(folder: str | Path) -> LoraAdapter:
     return adapter_from_state_dict(tensors, config)
 
 
-def save_adapter(adapter: LoraAdapter, folder: str | Path) -> Path:
-    """Write ``adapter`` as a peft adapter folder that ``PeftModel.from_pretrained`` loads."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+def peft_config_dict(adapter: LoraAdapter) -> dict[str, Any]:
+    """The ``adapter_config.json`` contents of ``adapter`` (what peft builds its LoraConfig from)."""
     config = dict(adapter.config)
     config.update(
         peft_type="LORA",
@@ -264,7 +264,16 @@ def save_adapter(adapter: LoraAdapter, folder: str | Path) -> Path:
         alpha_pattern={},
         inference_mode=True,
     )
-    (folder / CONFIG_FILE).write_text(json.dumps(_jsonable(config), indent=2, sort_keys=True) + "\n")
+    return _jsonable(config)
+
+
+def save_adapter(adapter: LoraAdapter, folder: str | Path) -> Path:
+    """Write ``adapter`` as a peft adapter folder that ``PeftModel.from_pretrained`` loads."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / CONFIG_FILE).write_text(json.dumps(peft_config_dict(adapter), indent=2, sort_keys=True) + "\n")
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter.tensors.items()}
     save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     return folder
@@ -346,7 +355,7 @@ def merge_adapters(
         raise ConfigError("no adapters to merge: give at least one trained expert")
     w = _check_weights(weights, len(adapters))
     _check_adapters(adapters, method)
-    _check_options(method, rank, density, seed, majority_sign_method)
+    check_merge_options(method, rank, density, seed, majority_sign_method)
 
     if method == "psoups":
         merged, errors = _psoups(adapters, w), {}
@@ -356,7 +365,7 @@ def merge_adapters(
             merged, errors = compress_adapter(merged, rank)
     else:
         k = rank if rank is not None else max(a.r for a in adapters)
-        merged, errors = _task_merge(adapters, w, method, density, k, 0 if seed is None else seed,
+        merged, errors = _task_merge(adapters, w, method, density, k, DEFAULT_DARE_SEED if seed is None else seed,
                                      majority_sign_method)
     report = MergeReport(method, w, merged.r, errors, _deviation(adapters, w, merged))
     return merged, report
@@ -490,15 +499,33 @@ def _check_adapters(adapters: list[LoraAdapter], method: str) -> None:
             )
 
 
-def _check_options(method: str, rank: int | None, density: float | None, seed: int | None, sign: str) -> None:
+PRUNING = ("ties", "dare", "dare_ties")  # merges that keep a fraction (density) of each delta
+DEFAULT_DENSITY = 0.5
+DEFAULT_DARE_SEED = 0
+
+
+def merge_defaults(method: str, density: float | None, seed: int | None) -> tuple[float | None, int | None]:
+    """The density and seed a merge runs with when the user gives none: density 0.5 for the pruning
+    merges, seed 0 for DARE's random pruning; ``None`` where the option does not apply."""
+    if density is None and method in PRUNING:
+        density = DEFAULT_DENSITY
+    if seed is None and method in ("dare", "dare_ties"):
+        seed = DEFAULT_DARE_SEED
+    return density, seed
+
+
+def check_merge_options(method: str, rank: int | None, density: float | None, seed: int | None,
+                        sign: str = "total") -> None:
+    """Refuse options a merge method does not take, or takes with other values, before any tensor is read."""
+    if method not in METHODS:
+        raise ConfigError(f"unknown merge method {method!r}; use one of {', '.join(METHODS)}")
     if rank is not None:
         if method == "psoups":
             raise ConfigError(
                 "rank does not apply to psoups (it keeps the experts' rank); use method='exact' with rank"
             )
         _check_rank(rank)
-    pruning = method in ("ties", "dare", "dare_ties")
-    if pruning:
+    if method in PRUNING:
         if density is None:
             raise ConfigError(
                 f"method {method!r} needs density, the fraction of each delta kept, e.g. density=0.5"

@@ -44,7 +44,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from personalign.errors import ConfigError, ModelError, PreferenceError
-from personalign.mixing import Experts, StepContext, mixture_sequence_logprob
+from personalign.experts import Experts
+from personalign.generation import StepContext
+from personalign.mixing import mixture_sequence_logprob
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -392,29 +394,11 @@ def weight_kl(alpha: torch.Tensor, prior: torch.Tensor, mask: torch.Tensor) -> t
 # -- the weight provider ----------------------------------------------------------------------------------
 
 
-class _FeatureExperts(Experts):
-    """The same experts, keeping the last step's logits: StepContext does not carry them, and the PCM's
-    features need each expert's next-token distribution."""
-
-    def __init__(self, inner: Experts) -> None:
-        super().__init__(inner.models, inner.names, inner.adapters)
-        self.last_logits: torch.Tensor | None = None  # (B, K, V)
-        self.calls = 0
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                caches: list[Any] | None, logits_to_keep: int = 1,
-                active: torch.Tensor | None = None) -> tuple[torch.Tensor, list[Any] | None]:
-        logits, new = super().forward(input_ids, attention_mask, position_ids, caches, logits_to_keep, active)
-        self.last_logits = logits[:, :, -1]
-        self.calls += 1
-        return logits, new
-
-
 class PCMWeights:
-    """A :class:`~personalign.mixing.WeightProvider` backed by a PCM, for the experts of a preference.
+    """A :class:`~personalign.mixture.WeightProvider` backed by a PCM, for the experts of a preference.
 
-    Pass ``provider.experts`` (not the experts it was built from) to ``generate_mixed``: that wrapper
-    records the logits the PCM's features are computed from. ``preference`` is a Preference (same for
+    The PCM's features are computed from the experts' next-token log-probabilities, which the mixture
+    step passes in the step context (``ctx.expert_logprobs``). ``preference`` is a Preference (same for
     every row) or a (B, S) tensor of normalised weights over the PCM's sides (one row each). With
     ``record=True`` the features of every step are kept for :meth:`recorded` (training).
     """
@@ -422,7 +406,7 @@ class PCMWeights:
     def __init__(self, pcm: PreferenceControlModel, experts: Experts, embeddings: torch.Tensor | nn.Embedding,
                  preference: Preference | torch.Tensor, *, record: bool = False) -> None:
         self.pcm = pcm
-        self.experts = experts if isinstance(experts, _FeatureExperts) else _FeatureExperts(experts)
+        self.experts = experts
         self.index = torch.tensor(pcm.side_index(experts.names), dtype=torch.long)  # (K,)
         if isinstance(preference, torch.Tensor):
             pref = preference
@@ -445,7 +429,6 @@ class PCMWeights:
         self._steps: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._prompt_emb: torch.Tensor | None = None
         self._gen_sum: torch.Tensor | None = None
-        self._seen_calls = -1
 
     def _rows(self, b: int, device: torch.device) -> torch.Tensor:
         pref = self.pref.to(device)
@@ -469,11 +452,10 @@ class PCMWeights:
         if not self.pcm.config.context:
             alpha = self.pcm(PCMInputs(pref))  # (B, S)
             return alpha[:, index]
-        logits = self.experts.last_logits
-        if logits is None or self.experts.calls == self._seen_calls or logits.shape[0] != b:
-            raise ConfigError("the PCM saw no expert logits for this step; pass provider.experts (which "
-                              "records them) to generate_mixed, not the experts the provider was built from")
-        self._seen_calls = self.experts.calls
+        logp = ctx.expert_logprobs  # (B, K, V)
+        if logp is None or logp.shape[0] != b:
+            raise ConfigError("the PCM needs the experts' next-token log-probabilities in the step context; "
+                              "generate with personalign.mixture.MixtureStep (generate_mixed)")
         emb = self.embeddings
         if ctx.step == 0:  # a new batch: reset the running sums
             self._prompt_emb = pooled_embeddings(emb, ctx.prompt_ids, ctx.prompt_mask).to(device)  # (B, H)
@@ -482,7 +464,6 @@ class PCMWeights:
         else:
             last = F.embedding(ctx.generated[:, -1].to(emb.device), emb).float()  # (B, H)
             self._gen_sum = self._gen_sum + last.to(device)
-        logp = F.log_softmax(logits.float(), -1)  # (B, K, V)
         feats = expert_features(logp, pref[:, index])  # (B, K, 3)
         feats = _scatter_sides(feats, index, len(self.pcm.sides)) * (pref > 0)[..., None]  # (B, S, 3)
         pos = torch.full((b, 1), position_feature(ctx.step), device=device)

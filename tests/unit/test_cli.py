@@ -62,7 +62,7 @@ def test_conflicting_sides_and_malformed_weight():
 
 
 def test_missing_prefs_and_missing_input(tmp_path):
-    assert "--prefs is required with --method prompt" in _error_line(run("generate", "Hi"))
+    assert "a preference is required with method prompt; e.g. --prefs 1A,2A,3A" in _error_line(run("generate", "Hi"))
     line = _error_line(run("generate", "--prefs", "1A", "--input", str(tmp_path / "none.jsonl"),
                            "--output", str(tmp_path / "o.jsonl")))
     assert "does not exist" in line

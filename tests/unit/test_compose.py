@@ -14,6 +14,7 @@ from personalign.cli import app
 from personalign.errors import ModelError, PersonalignError, PreferenceError
 from personalign.generation import SamplingConfig
 from personalign.models import load_model
+from personalign.personalize import MethodOptions, personalize, resolve
 from personalign.preferences import parse_preference
 from personalign.recipes import generate as gen_recipe
 from personalign.recipes import merge as merge_recipe
@@ -72,42 +73,60 @@ def test_expert_weights_hard_and_weighted():
     assert w == pytest.approx({"P2A": 0.75, "P2B": 0.25})
 
 
-def test_soup_is_cached_and_equals_merge(experts_dir, tmp_path, monkeypatch):
+def test_soup_is_merged_in_memory_cached_and_equals_merge(experts_dir, tmp_path, monkeypatch):
     from personalign import merging
 
-    pref = parse_preference("1A,2A,3A")
-    folder, report = compose.soup_adapter(pref, experts_dir, method="exact", cache=tmp_path / "c")
+    weights = {s: 1 / 3 for s in SIDES}
+    folders = compose.expert_folders(experts_dir)
+    adapter, report, folder = compose.soup_adapter(weights, folders, method="exact", cache=tmp_path / "c")
     assert report["method"] == "exact" and set(report["sides"]) == set(SIDES)
     adapters = [merging.load_adapter(experts_dir / s / "adapter") for s in SIDES]
     want = merging.delta_weights(merging.merge_adapters(adapters, [1 / 3] * 3, method="exact")[0])
-    got = merging.delta_weights(merging.load_adapter(folder))
+    got = merging.delta_weights(adapter)
     assert all(torch.allclose(got[k], want[k], atol=1e-6) for k in want)
+    cached = merging.delta_weights(merging.load_adapter(folder))  # the cache holds the same soup
+    assert all(torch.equal(cached[k], got[k]) for k in want)
 
     def boom(*a, **k):
         raise AssertionError("merged again")
 
     monkeypatch.setattr(merging, "merge_adapters", boom)
-    again, _ = compose.soup_adapter(pref, experts_dir, method="exact", cache=tmp_path / "c")
+    _, _, again = compose.soup_adapter(weights, folders, method="exact", cache=tmp_path / "c")
     assert again == folder
     with pytest.raises(AssertionError, match="merged again"):  # new weights: a new merge
-        compose.soup_adapter(parse_preference("P1A=0.5,P2A=0.5"), experts_dir, method="exact", cache=tmp_path / "c")
+        compose.soup_adapter({"P1A": 0.5, "P2A": 0.5}, folders, method="exact", cache=tmp_path / "c")
+
+
+def test_an_unwritable_cache_only_skips_caching(experts_dir, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.warns(UserWarning, match="could not be cached"):
+        adapter, _, _ = compose.soup_adapter({"P1A": 1.0}, compose.expert_folders(experts_dir), method="exact",
+                                             cache=blocker)
+    assert adapter.r == 4
 
 
 def test_single_expert_merged_equals_peft(tiny_model_dir, experts_dir):
     from peft import PeftModel
 
     base, tok = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
-    merged = compose.load_expert_model(base, experts_dir / "P2A" / "adapter")
+    spec = resolve("P2A", MethodOptions(method="expert", experts=str(experts_dir)), model=str(tiny_model_dir))
+    merged = personalize(base, tok, spec).model
     base2, _ = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
     ref = PeftModel.from_pretrained(base2, str(experts_dir / "P2A" / "adapter"))
     assert torch.allclose(_logits(merged, tok), _logits(ref, tok), atol=1e-5)
 
 
-def test_adapter_of_another_base_is_refused(tiny_model_dir, tmp_path):
+def test_adapter_of_another_base_is_refused_before_any_model_loads(tiny_model_dir, tmp_path, monkeypatch):
+    import personalign.models
+
     folder = _make_experts(tiny_model_dir, tmp_path / "other", sides=("P1A",), base_name="some/other-model")
-    base, _ = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
+    monkeypatch.setattr(personalign.models, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     with pytest.raises(ModelError, match="trained on base model 'some/other-model'"):
-        compose.load_expert_model(base, folder / "P1A" / "adapter")
+        resolve("P1A", MethodOptions(method="expert", experts=str(folder)), model=str(tiny_model_dir))
+    with pytest.raises(ModelError, match="trained on base model 'some/other-model'"):
+        gen_recipe.main(gen_recipe.GenerateConfig(prefs="P1A", method="expert", model=str(tiny_model_dir),
+                                                  experts=str(folder), instructions=("Hi",)))
 
 
 def _gen(tiny_model_dir, experts_dir, method, prefs, out=None, **kw):
@@ -135,7 +154,7 @@ def test_soup_and_mope_methods_run_and_label_rows(tiny_model_dir, experts_dir):
 def test_expert_method_needs_one_side_and_mope_non_negative(tiny_model_dir, experts_dir):
     with pytest.raises(PersonalignError, match="names 3"):
         _gen(tiny_model_dir, experts_dir, "expert", "1A,2A,3A")
-    with pytest.raises(PersonalignError, match="unknown --merge"):
+    with pytest.raises(PersonalignError, match="unknown merge 'average'"):
         _gen(tiny_model_dir, experts_dir, "soup", "1A,2A,3A", merge="average")
     with pytest.raises(PersonalignError, match="non-negative"):
         _gen(tiny_model_dir, experts_dir, "mope", "P1A=1,P2A=-0.5")
@@ -177,7 +196,7 @@ def test_adapter_method_uses_the_given_adapter(tiny_model_dir, experts_dir, tmp_
     assert given[0]["method"] == "adapter-P3A"
     with pytest.raises(PersonalignError, match="holds no adapter"):
         _gen(tiny_model_dir, None, "adapter", "P3A", adapter=str(tmp_path))
-    with pytest.raises(PersonalignError, match="goes with --method adapter"):
+    with pytest.raises(PersonalignError, match="goes with method adapter"):
         _gen(tiny_model_dir, None, "prompt", "P3A", adapter=str(experts_dir / "P3A"))
 
 

@@ -45,7 +45,8 @@ def experts_dir(tiny_model_dir, tmp_path_factory):
 
 def test_mixture_scores_on_cuda_equal_the_cpu_and_weight_one_is_the_expert():
     from personalign.generation import SamplingConfig
-    from personalign.mixing import Experts, FixedWeights, generate_mixed, score_responses
+    from personalign.experts import Experts, score_responses
+    from personalign.mixture import FixedWeights, generate_mixed
 
     tok = build_tiny_tokenizer()
     tok.padding_side = "left"

@@ -17,7 +17,9 @@ import torch
 from personalign.config import from_dict
 from personalign.errors import ConfigError, PersonalignError
 from personalign.judges import OfflineJudge, PairwiseJudge
-from personalign.recipes import evaluate, generate, pareto
+from personalign import generations
+from personalign.personalize import Method
+from personalign.recipes import evaluate, pareto
 
 PROMPTS = ["Explain photosynthesis to me.", "How do I bake bread at home?", "Compare stocks and bonds."]
 
@@ -115,17 +117,17 @@ class _Embedder:
 
 
 def test_method_specs():
-    want = evaluate.MethodSpec("soup-exact", generate.Method.SOUP, "exact")
+    want = evaluate.MethodSpec("soup-exact", Method.SOUP, "exact")
     assert evaluate.parse_method("soup-exact") == want
     assert evaluate.parse_method("mope-uniform").variant == "uniform"
     assert evaluate.parse_method("expert-2").dimension == 2
     assert evaluate.parse_method("adapter:runs/mt/adapter").label == "adapter-mt"
     assert evaluate.parse_method("adapter:runs/pmorl").label == "adapter-pmorl"
     learned = evaluate.parse_method("pcm:runs/pcm")
-    assert (learned.label, learned.kind, learned.variant, learned.pcm) == ("mope-pcm-pcm", generate.Method.MOPE,
+    assert (learned.label, learned.kind, learned.variant, learned.pcm) == ("mope-pcm-pcm", Method.MOPE,
                                                                            "prob", "runs/pcm")
     shipped = evaluate.parse_method("mope-pcm")
-    assert (shipped.label, shipped.kind, shipped.variant, shipped.pcm) == ("mope-pcm", generate.Method.MOPE,
+    assert (shipped.label, shipped.kind, shipped.variant, shipped.pcm) == ("mope-pcm", Method.MOPE,
                                                                            "prob", "shipped")
     for bad in ("soup", "soup-average", "expert-0", "mope-fast", "adapter:", "pcm:", "rlhf"):
         with pytest.raises(ConfigError, match="method"):
@@ -148,7 +150,7 @@ def test_config_is_strict():
 
 
 def test_missing_experts_fail_before_generation(tmp_path, monkeypatch):
-    _forbid(monkeypatch, generate, "main", "generation")
+    _forbid(monkeypatch, generations, "write_answers", "generation")
     experts = _fake_experts(tmp_path / "experts", ("P1A", "P2A", "P3A"))
     cfg = _cfg(tmp_path, "some-model", experts)
     with pytest.raises(ConfigError, match=r"soup-psoups, expert-1 cannot run.*P1B.*skip_missing: true"):
@@ -315,7 +317,7 @@ def test_eval_end_to_end_resumes_and_rejudges_only_with_a_new_judge(tmp_path, ti
     assert "## Paired differences" in md and "− soup-psoups [95% CI]" in md
 
     # A rerun regenerates and re-judges nothing; without the embedding model the metric is null, with a note.
-    _forbid(monkeypatch, generate, "main", "generation")
+    _forbid(monkeypatch, generations, "write_answers", "generation")
     _forbid(monkeypatch, OfflineJudge, "judge_many", "judging")
 
     def no_embedder(device="auto"):
@@ -356,8 +358,10 @@ def test_interrupted_generation_resumes(tmp_path, tiny_model_dir, experts_dir, m
     lines = path.read_text().splitlines()
     path.write_text(lines[0] + "\n" + lines[1][:10])  # one line done, one torn by the interruption
     calls = []
-    real = generate.main
-    monkeypatch.setattr(generate, "main", lambda g: calls.append(g.output) or real(g))
+    real = generations.write_answers
+    monkeypatch.setattr(generations, "write_answers",
+                        lambda spec, build, items, out, *a, **k: calls.append(str(out)) or real(spec, build, items, out,
+                                                                                                *a, **k))
     evaluate.main(cfg, judge=Longer())
     assert calls == [str(path)]
     assert path.read_text().splitlines() == lines  # seeded per batch: the same text as before
@@ -382,9 +386,10 @@ def test_an_expert_retrained_in_place_regenerates_only_the_files_it_made(tmp_pat
     scratch = _make_experts(tiny_model_dir, tmp_path / "scratch", ("P2B",))
     shutil.copytree(scratch / "P2B", experts / "P1B")
     calls = []
-    real = generate.main
-    monkeypatch.setattr(generate, "main", lambda g: calls.append(Path(g.output).relative_to(run).as_posix())
-                        or real(g))
+    real = generations.write_answers
+    monkeypatch.setattr(generations, "write_answers",
+                        lambda spec, build, items, out, *a, **k: calls.append(Path(out).relative_to(run).as_posix())
+                        or real(spec, build, items, out, *a, **k))
     evaluate.main(cfg, judge=Longer())
     assert sorted(calls) == ["generations/expert/P1B.jsonl", "generations/soup-psoups/P1B+P2A+P3A.jsonl"]
     assert (run / "generations" / "expert" / "P1B.stale-1.jsonl").read_text() == old_p1b  # kept aside
@@ -441,7 +446,7 @@ def test_single_sides_evaluate_each_expert_against_its_prompted_base(tmp_path):
     assert [m.label for m in plan.methods] == ["expert-1"] and plan.reference.label == "prompt"
     # expert-1 of a one-side combination is that side's expert; the reference is the base with its prompt.
     assert plan.jobs[plan.files[("expert-1", "P2A")]].prefs == "P2A"
-    assert plan.jobs[plan.files[("prompt", "P2A")]].method == "prompt"
+    assert plan.jobs[plan.files[("prompt", "P2A")]].options.method == "prompt"
     with pytest.raises(ConfigError, match="single_sides evaluates one side at a time, but P1A,P2A join"):
         evaluate.validate(_cfg(tmp_path, "m", experts, single_sides=True, combinations=["1A+2A"]), judge=AlwaysA())
     with pytest.raises(ConfigError, match="has one side"):  # without the switch, a lone side is a mistake

@@ -10,21 +10,18 @@ import torch.nn.functional as F
 from conftest import build_tiny_experts, build_tiny_model, build_tiny_tokenizer
 
 from personalign.errors import ConfigError, ModelError
-from personalign.generation import SamplingConfig
+from personalign.experts import Experts, score_responses
+from personalign.generation import SamplingConfig, StepContext
 from personalign.mixing import (
-    Experts,
-    FixedWeights,
     MixRule,
-    StepContext,
-    generate_mixed,
     mix_logit,
     mix_logprobs,
     mix_prob,
     mix_uniform,
     mixture_sequence_logprob,
     mixture_token_logprob,
-    score_responses,
 )
+from personalign.mixture import FixedWeights, generate_mixed
 
 NAMES = ["p1a", "p2b", "p3a"]
 PROMPTS = ["Explain photosynthesis to me.", "List five painters.", "What is the capital of France? Tell me."]
@@ -330,7 +327,7 @@ def test_stacked_lora_equals_peft_mixed_batch_with_unequal_ranks_and_tracks_chan
     of different ranks, an expert missing from some modules, and the base; and sees in-place edits."""
     from peft import LoraConfig, get_peft_model
 
-    from personalign import mixing
+    from personalign import experts as runtime
 
     model = get_peft_model(build_tiny_model(tok, seed=3), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]),
                            adapter_name="small")
@@ -346,7 +343,7 @@ def test_stacked_lora_equals_peft_mixed_batch_with_unequal_ranks_and_tracks_chan
     experts = Experts.from_adapters(model, ["small", "big", "__base__"])
     assert experts._stacked() is not None  # plain LoRA Linears: the stacked path runs
     fast = score_responses(experts, ids, mask, response, rmask)
-    monkeypatch.setattr(mixing, "_stack_lora", lambda *a: None)  # force peft's adapter_names path
+    monkeypatch.setattr(runtime, "_stack_lora", lambda *a: None)  # force peft's adapter_names path
     slow = score_responses(Experts.from_adapters(model, ["small", "big", "__base__"]), ids, mask, response, rmask)
     assert torch.allclose(fast, slow, atol=1e-5)
     monkeypatch.undo()

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from personalign.errors import ConfigError, ModelError, PreferenceError
-from personalign.generation import SamplingConfig
-from personalign.mixing import Experts, FixedWeights, generate_mixed, score_responses
+from personalign.generation import SamplingConfig, StepContext
+from personalign.experts import Experts, score_responses
+from personalign.mixture import FixedWeights, generate_mixed
 from personalign.pcm import (
     PCMConfig,
     PCMInputs,
@@ -232,7 +233,7 @@ def test_rebel_gradient_reaches_only_the_pcm(setup):
     provider = PCMWeights(pcm, experts, emb, pref, record=True)
     ids, mask = _batch(tok, ["Compare stocks and bonds."] * 2)
     sampling = SamplingConfig(max_new_tokens=5, temperature=1.0, top_p=1.0, repetition_penalty=1.0, seed=5)
-    gen = generate_mixed(provider.experts, ids, mask, provider, eos_token_ids=[tok.eos_token_id],
+    gen = generate_mixed(experts, ids, mask, provider, eos_token_ids=[tok.eos_token_id],
                          sampling=sampling)
     expert_before = {n: p.detach().clone() for n, p in peft_model.named_parameters()}
     opt = torch.optim.AdamW(pcm.parameters(), lr=0.1)
@@ -254,8 +255,9 @@ def test_provider_refuses_the_wrong_experts_and_uncovered_sides(setup):
     experts = Experts.from_adapters(peft_model, ["P1A", "P2A"])
     provider = PCMWeights(pcm, experts, emb, parse_preference("1A,2A"))
     ids, mask = _batch(tok)
-    with pytest.raises(ConfigError, match="pass provider.experts"):
-        generate_mixed(experts, ids, mask, provider, eos_token_ids=[tok.eos_token_id])
+    bare = StepContext(0, ids, mask, ids[:, :0], torch.zeros(ids.shape[0], dtype=torch.bool))
+    with pytest.raises(ConfigError, match="next-token log-probabilities"):
+        provider(bare)  # a context without the experts' distributions: not from the mixture step
     with pytest.raises(PreferenceError, match="no expert loaded for side.*P3A"):
         PCMWeights(pcm, experts, emb, parse_preference("1A,2A,3A"))
     with pytest.raises(PreferenceError, match="not P1B"):

@@ -12,11 +12,12 @@ import pytest
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient
 
-from personalign.data import build_user_message, format_chat
-from personalign.generation import Method, SamplingConfig, generate_texts
+from personalign.data import build_user_message
+from personalign.generation import SamplingConfig
+from personalign.personalize import MethodOptions, personalize, resolve
 from personalign.preferences import parse_preference
 from personalign.serve import create_app, running_server
-from personalign.serve.app import _Batcher, _Job
+from personalign.serve.batching import _Batcher, _Job
 
 USER = [{"role": "user", "content": "Explain rain."}]
 
@@ -91,14 +92,14 @@ def test_preferences_are_appended_to_the_last_user_message(client, tiny, monkeyp
     assert sent[3]["content"] == (f"And snow? {suffix}" if suffix else "And snow? ")
 
 
-def test_seeded_request_equals_generate_texts_and_repeats(client, tiny):
+def test_seeded_request_equals_the_entry_points_text_and_repeats(client, tiny):
     model, tok = tiny
-    pref = parse_preference("1B,2B,3B")
     body = {"max_tokens": 12, "temperature": 1.0, "top_p": 1.0, "seed": 7, "preferences": "1B,2B,3B"}
     first = chat(client, **body).json()
     assert chat(client, **body).json()["choices"] == first["choices"]
-    text = format_chat(tok, build_user_message("Explain rain.", pref.prompt()))
-    (ref,) = generate_texts(model, tok, [text], SamplingConfig(max_new_tokens=12, temperature=1.0, top_p=1.0, seed=7))
+    pm = personalize(model, tok, resolve("1B,2B,3B", MethodOptions(method="prompt")))
+    text = pm.format("Explain rain.")
+    (ref,) = pm.generate(["Explain rain."], SamplingConfig(max_new_tokens=12, temperature=1.0, top_p=1.0, seed=7))
     assert first["choices"][0]["message"]["content"] == ref
     assert first["usage"]["prompt_tokens"] == len(tok(text, add_special_tokens=False)["input_ids"])
     other = chat(client, **{**body, "seed": 8}).json()
@@ -169,7 +170,11 @@ BAD = [
     ({"preferences": "1A,1B"}, "preferences", "are both sides of 'expertise'"),
     ({"preferences": "concise=lots"}, "preferences", "malformed weight"),
     ({"preferences": 5}, "preferences", "preferences must be a string"),
-    ({"method": "soup"}, "method", "unknown method 'soup'; choose one of vanilla, prompt"),
+    ({"method": "adapter"}, "method", "unknown method 'adapter'; choose one of vanilla, prompt, expert, soup, mope"),
+    ({"method": "soup"}, "preferences", "a preference is required with method soup"),
+    ({"method": "soup", "preferences": "1A", "mix": "logit"}, "method", "mix='logit' applies only to method mope"),
+    ({"method": "mope", "preferences": "1A", "pcm": "/etc"}, "pcm", "pcm must be one of shipped, none"),
+    ({"method": "soup", "preferences": "1A", "merge": 3}, "merge", "merge must be a string"),
     ({"max_tokens": -3}, "max_tokens", "max_tokens must be at least 1, got -3"),
     ({"max_tokens": "ten"}, "max_tokens", "max_tokens must be an integer"),
     ({"max_tokens": 5000}, "max_tokens", "exceeds the model's context of 1024 tokens"),
@@ -224,7 +229,7 @@ def test_other_errors_keep_the_openai_shape(client):
 
 def test_a_failing_generation_answers_500_and_the_server_keeps_serving(tiny, monkeypatch):
     model, tok = tiny
-    original = model.generate
+    original = model.forward
     calls = iter([RuntimeError("boom\nsecond line")])
 
     def flaky(*args, **kwargs):
@@ -233,7 +238,7 @@ def test_a_failing_generation_answers_500_and_the_server_keeps_serving(tiny, mon
             raise exc
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(model, "generate", flaky)
+    monkeypatch.setattr(model, "forward", flaky)
     with TestClient(create_app(model, tok, "tiny")) as c:
         r = chat(c, max_tokens=2)
         assert r.status_code == 500 and r.json()["error"]["message"] == "generation failed: RuntimeError: boom second line"
@@ -250,8 +255,10 @@ def test_batcher_groups_compatible_jobs_and_runs_seeded_ones_alone():
         for job in jobs:
             job.future.set_result(job.texts[0])
 
+    spec = resolve("1A", MethodOptions(method="prompt"))
+
     def job(name, seeded=False, temperature=0.7, n=1):
-        return _Job([name], n, SamplingConfig(temperature=temperature), (), seeded, True, Method.PROMPT)
+        return _Job([name], n, SamplingConfig(temperature=temperature), (), seeded, True, spec)
 
     batcher = _Batcher(run, max_batch=3)
     jobs = [job("first"), job("s1", seeded=True), job("a"), job("b"), job("greedy", temperature=0),
@@ -321,8 +328,12 @@ def test_run_server_checks_its_arguments_before_loading_a_model(tmp_path):
 
     with pytest.raises(PreferenceError, match="does not exist"):
         run_server(dimensions=str(tmp_path / "missing.yaml"))
-    with pytest.raises(ConfigError, match="unknown method 'soup'"):
-        run_server(default_method="soup")
+    with pytest.raises(ConfigError, match="unknown method 'adapter'"):
+        run_server(default_method="adapter")
+    with pytest.raises(ConfigError, match="unknown merge 'soupy'"):
+        run_server(defaults=MethodOptions(method="soup", merge="soupy"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        run_server(defaults=MethodOptions(method="soup", experts=str(tmp_path / "nowhere")))
 
 
 def test_run_server_serves_a_model_folder(tiny_model_dir):

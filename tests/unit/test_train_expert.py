@@ -12,6 +12,7 @@ import torch
 
 from personalign.config import load_config
 from personalign.errors import ConfigError, PersonalignError
+from personalign import rl
 from personalign.recipes import train_expert as te
 from personalign.reward_model import LoraSpec
 
@@ -49,17 +50,17 @@ def test_response_mask_ends_at_first_eos():
                            [7, 3, 3, 9, 9],  # the other eos id first
                            [1, 2, 3, 4, 5],  # no eos: all real (truncated)
                            [1, 9, 4, 4, 9]])  # tokens after the first eos are never real
-    assert te.response_mask(tokens, eos).tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1],
+    assert rl.response_mask(tokens, eos).tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1],
                                                        [1, 1, 0, 0, 0]]
 
 
 def test_step_prompt_indices_cover_each_pass_and_need_no_replay():
-    stream = [i for s in range(6) for i in te.step_prompt_indices(5, 3, s, seed=1)]  # 18 = 3 passes + 3
+    stream = [i for s in range(6) for i in rl.step_prompt_indices(5, 3, s, seed=1)]  # 18 = 3 passes + 3
     for p in range(3):
         assert sorted(stream[5 * p : 5 * p + 5]) == list(range(5))
     assert stream[:5] != stream[5:10] or stream[5:10] != stream[10:15]  # reshuffled per pass
-    assert te.step_prompt_indices(5, 3, 4, seed=1) == stream[12:15]
-    assert te.step_prompt_indices(5, 5, 0, seed=2) != te.step_prompt_indices(5, 5, 0, seed=1)
+    assert rl.step_prompt_indices(5, 3, 4, seed=1) == stream[12:15]
+    assert rl.step_prompt_indices(5, 5, 0, seed=2) != rl.step_prompt_indices(5, 5, 0, seed=1)
 
 
 def test_rollout_stops_at_eos_and_masks_after_it(tiny):
@@ -69,7 +70,7 @@ def test_rollout_stops_at_eos_and_masks_after_it(tiny):
     texts = ["<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
              "<|im_start|>user\nTell me more<|im_end|>\n"]
     torch.manual_seed(0)
-    ro = te.rollout(model, tok, texts, eos, max_new_tokens=40, temperature=1.0)
+    ro = rl.rollout(model, tok, texts, eos, max_new_tokens=40, temperature=1.0)
     assert ro.response.shape[1] < 40  # generation stopped once every row had ended
     assert ro.finished.all()
     for i in range(2):
@@ -95,10 +96,10 @@ def test_logprobs_match_generation_and_ignore_padding(tiny):
     want = gen_logp.gather(-1, resp[..., None]).squeeze(-1)
     am = torch.cat([enc["attention_mask"], torch.ones_like(resp)], 1)
     with torch.no_grad():
-        got, _, _ = te.response_logprobs(model, out.sequences, am, resp.shape[1])
+        got, _, _ = rl.response_logprobs(model, out.sequences, am, resp.shape[1])
         # The short prompt alone, without padding, gives the same log-probs.
         pad = int((enc["attention_mask"][1] == 0).sum())
-        alone, _, _ = te.response_logprobs(model, out.sequences[1:, pad:], am[1:, pad:], resp.shape[1])
+        alone, _, _ = rl.response_logprobs(model, out.sequences[1:, pad:], am[1:, pad:], resp.shape[1])
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(alone[0], got[1], atol=1e-5, rtol=1e-5)
 
@@ -108,20 +109,20 @@ def test_reference_is_base_model_with_adapter_disabled(tiny_model_dir):
 
     plain, tok = load_model(str(tiny_model_dir), device="cpu")
     base, _ = load_model(str(tiny_model_dir), device="cpu")
-    policy = te.build_policy(base, LoraSpec(r=4, alpha=8, dropout=0.0), seed=0)
+    policy = rl.build_policy(base, LoraSpec(r=4, alpha=8, dropout=0.0), seed=0)
     policy.eval()
     enc = tok(["Compare stocks and bonds. Write a short poem"], return_tensors="pt")
     ids, am = enc["input_ids"], enc["attention_mask"]
     with torch.no_grad():
-        want, _, _ = te.response_logprobs(plain, ids, am, 4)
-        fresh, _, _ = te.response_logprobs(policy, ids, am, 4)
+        want, _, _ = rl.response_logprobs(plain, ids, am, 4)
+        fresh, _, _ = rl.response_logprobs(policy, ids, am, 4)
         assert torch.equal(fresh, want)  # lora_B starts at zero: the policy is the base, exactly
         for name, p in policy.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)
-        trained, _, _ = te.response_logprobs(policy, ids, am, 4)
+        trained, _, _ = rl.response_logprobs(policy, ids, am, 4)
         with policy.disable_adapter():
-            ref, _, _ = te.response_logprobs(policy, ids, am, 4)
+            ref, _, _ = rl.response_logprobs(policy, ids, am, 4)
     assert not torch.allclose(trained, want)
     assert torch.equal(ref, want)
 
@@ -133,19 +134,19 @@ def test_single_pass_update_equals_three_pass_update(tiny_model_dir, monkeypatch
     from personalign.models import load_model
 
     def run(single: bool):
-        monkeypatch.setattr(te, "single_pass", lambda *a: single)
+        monkeypatch.setattr(rl, "single_pass", lambda *a: single)
         base, tok = load_model(str(tiny_model_dir), device="cpu")
-        policy = te.build_policy(base, LoraSpec(r=4, alpha=8, dropout=0.0), seed=0)
+        policy = rl.build_policy(base, LoraSpec(r=4, alpha=8, dropout=0.0), seed=0)
         with torch.no_grad():
             for name, p in policy.named_parameters():
                 if "lora_B" in name:
                     p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
         torch.manual_seed(0)
-        ro = te.rollout(policy, tok, ["Explain photosynthesis to me."] * 2 + ["How do I bake bread at home?"] * 2,
+        ro = rl.rollout(policy, tok, ["Explain photosynthesis to me."] * 2 + ["How do I bake bread at home?"] * 2,
                         eos_token_ids(base, tok), max_new_tokens=5, temperature=1.0)
-        c = te.resolve_defaults(te.TrainExpertConfig(side="P2A", output_dir="unused", group_size=2, batch_prompts=2))
-        state = te.RLState(policy, dataclasses.replace(c, lr=1e-2))
-        metrics = te.rl_update(state, ro, torch.tensor([1.0, -1.0, 0.5, -0.5]), c)
+        c = rl.resolve_defaults(te.TrainExpertConfig(side="P2A", output_dir="unused", group_size=2, batch_prompts=2))
+        state = rl.RLState(policy, dataclasses.replace(c, lr=1e-2))
+        metrics = rl.rl_update(state, ro, torch.tensor([1.0, -1.0, 0.5, -0.5]), c)
         return metrics, [p.detach().clone() for p in state.params]
 
     m3, p3 = run(False)
@@ -159,13 +160,13 @@ def test_single_pass_update_equals_three_pass_update(tiny_model_dir, monkeypatch
 def test_single_pass_only_where_it_is_exact():
     from torch import nn
 
-    c = te.resolve_defaults(te.TrainExpertConfig(side="P2A", output_dir="unused"))
+    c = rl.resolve_defaults(te.TrainExpertConfig(side="P2A", output_dir="unused"))
     plain = nn.Sequential(nn.Linear(2, 2))
-    assert te.single_pass(plain, c, 16)
-    assert not te.single_pass(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.1)), c, 16)
-    assert not te.single_pass(plain, te.resolve_defaults(te.TrainExpertConfig(side="P2A", output_dir="u",
+    assert rl.single_pass(plain, c, 16)
+    assert not rl.single_pass(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.1)), c, 16)
+    assert not rl.single_pass(plain, rl.resolve_defaults(te.TrainExpertConfig(side="P2A", output_dir="u",
                                                                                minibatch_size=8)), 16)
-    assert not te.single_pass(plain, te.resolve_defaults(te.TrainExpertConfig(side="P2A", output_dir="u",
+    assert not rl.single_pass(plain, rl.resolve_defaults(te.TrainExpertConfig(side="P2A", output_dir="u",
                                                                                algorithm="ppo")), 16)
 
 
@@ -194,7 +195,7 @@ def test_each_algorithm_trains_logs_and_saves(tmp_path, tiny_model_dir, algorith
     doc = json.loads((out / "expert.json").read_text())
     assert doc["side"] == "P2A" and doc["algorithm"] == algorithm and doc["kind"] == "expert"
     assert doc["base"]["model_type"] == "llama" and doc["metrics"] == result
-    assert doc["config"]["lr"] == te.DEFAULT_LR[algorithm]
+    assert doc["config"]["lr"] == rl.DEFAULT_LR[algorithm]
     assert result["steps"] == 3
     # The adapter loads back with peft onto the base and changes it.
     from peft import PeftModel
@@ -310,10 +311,10 @@ def test_config_loads_from_overrides():
     cfg = load_config(te.TrainExpertConfig, None, ["side=P1A", "output_dir=/tmp/x", "algorithm=ppo",
                                                    "lora.r=8", "reward=rm:runs/rm-P1A", "steps=10"])
     assert cfg.lora == LoraSpec(r=8, alpha=32, dropout=0.05) and cfg.algorithm == "ppo"
-    resolved = te.resolve_defaults(cfg)
+    resolved = rl.resolve_defaults(cfg)
     resolved_fields = (resolved.lr, resolved.kl_coef, resolved.ppo_epochs, resolved.adaptive_kl)
     assert resolved_fields == (1.4e-5, 0.2, 8, True)
-    assert te.resolve_defaults(te.TrainExpertConfig(side="P1A", output_dir="x")).lr == 5e-5
+    assert rl.resolve_defaults(te.TrainExpertConfig(side="P1A", output_dir="x")).lr == 5e-5
     with pytest.raises(ConfigError, match="unknown field"):
         load_config(te.TrainExpertConfig, None, ["side=P1A", "output_dir=x", "learning_rate=1"])
 

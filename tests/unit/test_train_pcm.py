@@ -35,8 +35,8 @@ _LIKES: dict[str, object] = {}
 def likes_p1a(prompts: list[str], responses: list[str]) -> torch.Tensor:
     """Mean per-token log-likelihood ratio of expert P1A over expert P2A given the policy's prompt (the
     combination 1A,2A): high for text that P1A would write, measured on the text alone."""
-    from personalign.generation import Method, build_prompts
-    from personalign.mixing import score_responses
+    from personalign.experts import score_responses
+    from personalign.personalize import Method, build_prompts
     from personalign.preferences import parse_preference
 
     experts, tok = _LIKES["experts"], _LIKES["tok"]
@@ -50,6 +50,16 @@ def likes_p1a(prompts: list[str], responses: list[str]) -> torch.Tensor:
                          resp["attention_mask"])  # (N, T, 2)
     m = resp["attention_mask"].float()
     return _LIKES.get("sign", 1.0) * ((lp[..., 0] - lp[..., 1]) * m).sum(1) / m.sum(1)
+
+
+def _mixture(base, sides, experts_dir):
+    """The experts of ``sides`` as adapters of one peft model, as MoPE runs them."""
+    from personalign.compose import expert_folders, with_adapters
+    from personalign.experts import Experts
+    from personalign.merging import load_adapter
+
+    folders = expert_folders(experts_dir)
+    return Experts.from_adapters(with_adapters(base, {s: load_adapter(folders[s]) for s in sides}), list(sides))
 
 
 def zero(prompts: list[str], responses: list[str]) -> list[float]:
@@ -133,11 +143,9 @@ def test_calibrated_scales_are_measured_once_kept_and_overridable(tmp_path, tiny
     scales = json.loads((out / "pcm.json").read_text())["scales"]
     assert scales["P1A"] == pytest.approx(measured["P1A"]) and scales["P3C"] == 0.25  # the override wins
     # An extension reads scales.json back instead of measuring again.
-    import personalign.generation
-
-    real = personalign.generation.generate_texts
+    real = tp.generate_texts
     calls = []
-    monkeypatch.setattr(personalign.generation, "generate_texts",
+    monkeypatch.setattr(tp, "generate_texts",
                         lambda m, t, texts, *a, **k: calls.append(len(texts)) or real(m, t, texts, *a, **k))
     tp.main(_cfg(tmp_path, tiny_model_dir, experts_dir, rewards=rewards, calibrate_scales=3, steps=3,
                  reward_scales={"P3C": 0.25}))
@@ -150,11 +158,10 @@ def test_calibrated_scales_are_measured_once_kept_and_overridable(tmp_path, tiny
 
 @pytest.mark.parametrize("context", [True, False])
 def test_run_logs_saves_and_the_pcm_drives_generation(tmp_path, tiny_model_dir, experts_dir, context):
-    from personalign import compose
     from personalign.generation import SamplingConfig
-    from personalign.mixing import MixRule, generate_mixed
     from personalign.models import load_model
     from personalign.pcm import PCMWeights, PreferenceControlModel
+    from personalign.personalize import MethodOptions, personalize, resolve
     from personalign.preferences import parse_preference
 
     cfg = _cfg(tmp_path, tiny_model_dir, experts_dir, weighted_fraction=0.5, context=context)
@@ -181,11 +188,10 @@ def test_run_logs_saves_and_the_pcm_drives_generation(tmp_path, tiny_model_dir, 
     # What `generate --method mope --pcm FOLDER` does: load the PCM for the base and the preference.
     base, tok = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
     pref = parse_preference("1A,3C")
-    pcm = PreferenceControlModel.load(out, base_model=base, sides=pref.sides)
-    experts, _ = compose.load_mixture(base, pref, experts_dir)
-    provider = PCMWeights(pcm, experts, base.get_input_embeddings(), pref)
-    texts = compose.generate_mixture_texts(provider.experts, tok, ["Hi", "Explain photosynthesis to me."],
-                                           provider, MixRule.PROB, SamplingConfig(max_new_tokens=4, seed=1))
+    spec = resolve(pref, MethodOptions(method="mope", pcm=str(out), experts=str(experts_dir)),
+                   model=str(tiny_model_dir))
+    texts = personalize(base, tok, spec).generate(["Hi", "Explain photosynthesis to me."],
+                                                  SamplingConfig(max_new_tokens=4, seed=1))
     assert len(texts) == 2
     # Through the generate recipe: the same PCM, its rows labelled, and --pcm refused with other mixes.
     from personalign.errors import PersonalignError
@@ -195,11 +201,16 @@ def test_run_logs_saves_and_the_pcm_drives_generation(tmp_path, tiny_model_dir, 
                                      experts=str(experts_dir), instructions=("Hi",), progress=False,
                                      sampling=SamplingConfig(max_new_tokens=4, seed=1))
     assert gen_recipe.main(gcfg)[0]["method"] == "mope-pcm-run"
-    with pytest.raises(PersonalignError, match="goes with --method mope --mix prob"):
+    with pytest.raises(PersonalignError, match="pcm goes with mix 'prob'"):
         gen_recipe.main(gen_recipe.GenerateConfig(**{**gcfg.__dict__, "mix": "uniform"}))
     if not context:  # the ablation's weights depend on the preference alone
+        from personalign.mixture import generate_mixed
+
+        experts = _mixture(base, pref.sides, experts_dir)
+        pcm = PreferenceControlModel.load(out, base_model=base, sides=pref.sides)
+        provider = PCMWeights(pcm, experts, base.get_input_embeddings(), pref)
         ids = tok(["Hi"], return_tensors="pt")
-        gen = generate_mixed(provider.experts, ids["input_ids"], ids["attention_mask"], provider,
+        gen = generate_mixed(experts, ids["input_ids"], ids["attention_mask"], provider,
                              eos_token_ids=[len(tok) + 1], sampling=SamplingConfig(max_new_tokens=4))
         assert torch.allclose(gen.weights, gen.weights[:, :1].expand_as(gen.weights))
 
@@ -209,12 +220,10 @@ def test_toy_utility_moves_weight_toward_the_rewarded_expert(tmp_path, tiny_mode
     """P1A's reward is the likelihood ratio of expert P1A over P2A (or its negative), P2A's is constant:
     within 16 REBEL steps the PCM's weight for the combination 1A,2A leaves 0.5 toward the expert whose
     text is rewarded (both signs, so it is the reward that moves it, not a drift)."""
-    from personalign.compose import load_mixture
     from personalign.models import load_model
-    from personalign.preferences import parse_preference
 
     base, tok = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
-    _LIKES["experts"], _ = load_mixture(base, parse_preference("1A,2A"), experts_dir)
+    _LIKES["experts"] = _mixture(base, ("P1A", "P2A"), experts_dir)
     _LIKES["tok"], _LIKES["sign"] = tok, sign
     cfg = _cfg(tmp_path, tiny_model_dir, experts_dir, sides=("P1A", "P2A"), weighted_fraction=0.0,
                rewards={"P1A": f"{__name__}:likes_p1a", "P2A": f"{__name__}:zero"}, steps=16, batch_prompts=4,

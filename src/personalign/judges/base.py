@@ -7,10 +7,11 @@ first-class answer: the reference code crashed on them (METHODS.md section 5).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Sequence
 from typing import Literal, Protocol, runtime_checkable
 
-from personalign.errors import PreferenceError
+from personalign.errors import DataError, PreferenceError
 
 __all__ = ["PairwiseJudge", "UnsupportedSideError", "Verdict", "flip_verdict"]
 
@@ -50,3 +51,20 @@ class PairwiseJudge(Protocol):
 def flip_verdict(verdict: Verdict) -> Verdict:
     """The verdict for the same pair shown in the other order (evaluation shows both orders)."""
     return {"a": "b", "b": "a", "tie": "tie"}[verdict]  # type: ignore[return-value]
+
+
+def pair_key(side: str, prompt: str, response: str, reference: str) -> str:
+    """A verdict's cache key: the same side, instruction and responses give the same verdicts."""
+    return hashlib.sha1(f"{side}\x1f{prompt}\x1f{response}\x1f{reference}".encode()).hexdigest()
+
+
+def judge_both_orders(judge: PairwiseJudge, side: str,
+                      triples: list[tuple[str, str, str]]) -> list[tuple[Verdict, Verdict]]:
+    """For each (prompt, method's response, reference's response): the verdict with the method's
+    response shown first, and the verdict with it shown second; one judge call for both orders."""
+    n = len(triples)
+    asked = [(p, m, r) for p, m, r in triples] + [(p, r, m) for p, m, r in triples]
+    verdicts = list(judge.judge_many(asked, side))
+    if len(verdicts) != 2 * n:
+        raise DataError(f"judge {judge.name!r} answered {len(verdicts)} verdicts for {2 * n} pairs")
+    return list(zip(verdicts[:n], verdicts[n:]))

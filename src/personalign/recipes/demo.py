@@ -17,7 +17,8 @@ from typing import Any
 
 from personalign.data import load_builtin
 from personalign.errors import DataError
-from personalign.generation import Method, SamplingConfig, build_prompts, generate_texts
+from personalign.generation import SamplingConfig
+from personalign.personalize import Method, MethodOptions, build_prompts, personalize, resolve
 from personalign.preferences import load_space
 
 DEFAULT_INSTRUCTIONS = 3
@@ -74,12 +75,19 @@ def main(cfg: DemoConfig, show: bool = True) -> list[dict[str, Any]]:
             if len(instructions) == cfg.num_instructions:
                 break
 
+    # Every personalized model the demo shows, checked before the model loads.
     experts = experts_for(cfg) if cfg.compose else None
+    composed = []
     if experts is not None:
-        from personalign import compose
+        from personalign.models import canonical_name
+        from personalign.pcm import SHIPPED, shipped_pcm_dir
 
-        for p in prefs:
-            compose.require_experts(p, compose.expert_folders(experts), experts)
+        learned = cfg.experts is None and shipped_pcm_dir(canonical_name(cfg.model)) is not None
+        for name in cfg.compose:
+            pcm = SHIPPED if name == "mope" and learned else None
+            composed += [resolve(p, MethodOptions(method=name, experts=experts, pcm=pcm), model=cfg.model)
+                         for p in prefs]
+    plain = resolve(None, MethodOptions(method="vanilla"), model=cfg.model)
 
     from personalign.models import load_model
 
@@ -87,35 +95,24 @@ def main(cfg: DemoConfig, show: bool = True) -> list[dict[str, Any]]:
     model, tok = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     load_s = time.perf_counter() - t0
 
+    # Prompting: every preference's prompts in shared batches (each text carries its preference prompt).
     texts: list[str] = []
     keys: list[tuple[int, int]] = []
     for pi, pref in enumerate(prefs):
         texts += build_prompts(tok, instructions, pref, method)
         keys += [(ii, pi) for ii in range(len(instructions))]
     t1 = time.perf_counter()
-    responses = generate_texts(model, tok, texts, cfg.sampling, batch_size=cfg.batch_size)
+    responses = personalize(model, tok, plain).generate_texts(texts, cfg.sampling, batch_size=cfg.batch_size)
 
     rows = [
         {"instruction": instructions[ii], "prefs": prefs[pi].spec(), "describe": prefs[pi].describe(),
          "method": method.value, "response": r}
         for (ii, pi), r in zip(keys, responses)
     ]
-    if experts is not None:
-        from personalign.recipes import generate
-
-        from personalign.models import canonical_name
-        from personalign.pcm import SHIPPED, shipped_pcm_dir
-
-        learned = cfg.experts is None and shipped_pcm_dir(canonical_name(cfg.model)) is not None
-        for name in cfg.compose:
-            pcm = SHIPPED if name == "mope" and learned else None
-            for p in prefs:
-                gcfg = generate.GenerateConfig(prefs=p.spec(), method=name, model=cfg.model,
-                                               instructions=tuple(instructions), batch_size=cfg.batch_size,
-                                               device=cfg.device, dtype=cfg.dtype, progress=False,
-                                               sampling=cfg.sampling, experts=experts, pcm=pcm)
-                rows += [{"instruction": r["prompt"], "prefs": p.spec(), "describe": p.describe(),
-                          "method": r["method"], "response": r["response"]} for r in generate.main(gcfg)]
+    for spec in composed:
+        answers = personalize(model, tok, spec).generate(instructions, cfg.sampling, batch_size=cfg.batch_size)
+        rows += [{"instruction": q, "prefs": spec.preference.spec(), "describe": spec.preference.describe(),
+                  "method": spec.label, "response": r} for q, r in zip(instructions, answers)]
     gen_s = time.perf_counter() - t1
     if cfg.output_dir:
         out = Path(cfg.output_dir)

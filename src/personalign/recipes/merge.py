@@ -1,7 +1,8 @@
 """Recipe: merge the experts of a preference into one adapter, or into a full model (Personalized Soups).
 
-config -> main(cfg) -> phases: resolve preference and experts -> merge (cached) -> write the adapter,
-or load the base, fold the adapter into its weights and write the model with its tokenizer.
+config -> main(cfg) -> phases: resolve preference, experts and merge options -> merge (in memory, cached)
+-> write the adapter, or load the base, fold the adapter into its weights and write the model with its
+tokenizer.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from personalign import compose
+from personalign.compose import soup_adapter
 from personalign.errors import ConfigError
-from personalign.preferences import load_space
+from personalign.merging import save_adapter
+from personalign.personalize import MethodOptions, personalize, resolve
 
 
 @dataclass(frozen=True)
@@ -34,28 +36,31 @@ class MergeConfig:
 
 
 def main(cfg: MergeConfig) -> dict[str, Any]:
-    from personalign.models import canonical_name
-
-    pref = load_space(cfg.dimensions).parse(cfg.prefs)
+    # -- resolve: the preference, its experts and the merge options, checked before anything loads
+    spec = resolve(cfg.prefs, MethodOptions(method="soup", experts=cfg.experts, merge=cfg.method, merge_rank=cfg.rank,
+                                            merge_density=cfg.density, merge_seed=cfg.seed),
+                   model=cfg.model, dimensions=cfg.dimensions)
     out = Path(cfg.output)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"output folder {out} is not empty; choose a new folder")
-    folder = compose.resolve_experts_dir(cfg.experts, canonical_name(cfg.model))
-    seed = cfg.seed if cfg.seed is not None or not cfg.method.startswith("dare") else 0
-    adapter, report = compose.soup_adapter(pref, folder, method=cfg.method, rank=cfg.rank, density=cfg.density,
-                                           seed=seed)
+
+    # -- merge (in memory; the cache keeps a copy) -> write the adapter, or the base with it folded in
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     if cfg.full_model:
         from personalign.models import load_model
 
         base, tok = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
-        merged = compose.load_expert_model(base, adapter, merge=True)
-        merged.save_pretrained(tmp)
+        soup = personalize(base, tok, spec, inplace=True)
+        soup.model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        report = soup.merge_report or {}
     else:
-        shutil.copytree(adapter, tmp)
-    (tmp / "merge_report.json").write_text(json.dumps({**report, "experts": str(folder)}, indent=2))
+        adapter, report, _ = soup_adapter(dict(spec.weights), dict(spec.experts), method=cfg.method, rank=cfg.rank,
+                                          density=spec.merge_density, seed=spec.merge_seed,
+                                          preference=spec.preference.spec())
+        save_adapter(adapter, tmp)
+    (tmp / "merge_report.json").write_text(json.dumps({**report, "experts": str(spec.experts_dir)}, indent=2))
     if out.exists():
         out.rmdir()
     tmp.replace(out)

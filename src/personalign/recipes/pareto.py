@@ -33,18 +33,19 @@ from personalign.config import to_dict
 from personalign.data import Instruction, load_prompts
 from personalign.errors import ConfigError
 from personalign.evaluation import hypervolume_2d, pareto_front
-from personalign.generation import Method, SamplingConfig
-from personalign.preferences import Preference, PreferenceSpace, load_space
-from personalign.recipes.evaluate import (
+from personalign.generation import SamplingConfig
+from personalign.generations import (
+    GenerationJob,
     MethodSpec,
     check_generation_identity,
-    generate_config,
     generation_identity,
+    job_for,
     missing_requirement,
     parse_method,
     run_generations,
 )
-from personalign.recipes.generate import GenerateConfig
+from personalign.personalize import Method
+from personalign.preferences import Preference, PreferenceSpace, load_space
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,7 @@ class ParetoPlan:
     sides: tuple[str, str]
     methods: list[MethodSpec]
     files: dict[tuple[str, float], Path]
-    jobs: dict[Path, GenerateConfig]
+    jobs: dict[Path, GenerationJob]
 
 
 def validate(cfg: ParetoConfig) -> ParetoPlan:
@@ -162,12 +163,12 @@ def validate(cfg: ParetoConfig) -> ParetoPlan:
 
     run = Path(cfg.run_dir)
     files: dict[tuple[str, float], Path] = {}
-    jobs: dict[Path, GenerateConfig] = {}
+    jobs: dict[Path, GenerationJob] = {}
     for m in methods:
         for w, pref in prefs.items():
             path = run / "generations" / m.label / f"w{w:g}.jsonl"
             files[(m.label, w)] = path
-            jobs[path] = generate_config(cfg, m, pref.spec(), path)
+            jobs[path] = job_for(cfg, m, pref.spec(), path)
     return ParetoPlan(space, items, (sx, sy), methods, files, jobs)
 
 
@@ -189,7 +190,7 @@ def main(cfg: ParetoConfig) -> dict[str, Any]:
     (run / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
 
     # -- generate ------------------------------------------------------------------------------------
-    responses = run_generations(plan.jobs, plan.items, cfg.progress, desc="pareto generate", run=run)
+    responses = run_generations(cfg, plan.jobs, plan.items, cfg.progress, desc="pareto generate", run=run)
 
     # -- measure -------------------------------------------------------------------------------------
     sx, sy = plan.sides

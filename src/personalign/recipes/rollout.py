@@ -23,7 +23,8 @@ from typing import Any
 
 from personalign.data import JsonlWriter, build_user_message, format_chat, load_prompts, resume_rows
 from personalign.errors import ConfigError
-from personalign.generation import SamplingConfig, generate_texts
+from personalign.generation import SamplingConfig
+from personalign.personalize import MethodOptions, personalize, resolve
 from personalign.preferences import PSOUPS_SIDES, load_space
 
 
@@ -113,6 +114,8 @@ def main(cfg: RolloutConfig) -> Path:
 
     model, tok = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     model_name = canonical_name(cfg.model)
+    # Each row carries its own side's prompt, so the base model answers texts formatted here.
+    policy = personalize(model, tok, resolve(None, MethodOptions(method="vanilla"), model=cfg.model), inplace=True)
     texts = [format_chat(tok, build_user_message(r["prompt"], r["policy_prompt"])) for r in todo]
 
     bar = None
@@ -129,8 +132,8 @@ def main(cfg: RolloutConfig) -> Path:
                 bar.update(len(batch))
 
         try:
-            generate_texts(model, tok, texts, cfg.sampling, batch_size=cfg.batch_size, first_index=len(done),
-                           on_batch=on_batch)
+            policy.generate_texts(texts, cfg.sampling, batch_size=cfg.batch_size, first_index=len(done),
+                                  on_batch=on_batch)
         finally:
             if bar is not None:
                 bar.close()

@@ -321,8 +321,8 @@ def main(cfg: TrainMultitaskConfig) -> dict[str, float]:
 
     # -- model: the base with a fresh LoRA adapter, as the experts are built
     from personalign.models import load_model, quiet_transformers
-    from personalign.recipes.train_expert import build_policy, save_adapter
     from personalign.reward_model import base_fingerprint
+    from personalign.rl import build_policy, save_adapter
 
     base, tok = load_model(cfg.model, device=cfg.device, dtype="float32")  # float32 master weights
     fingerprint = base_fingerprint(base)

@@ -73,9 +73,19 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from personalign.checkpoint import load_checkpoint, save_checkpoint
+from personalign.config import finite as _finite
+from personalign.config import require as _require
 from personalign.config import to_dict
 from personalign.errors import ConfigError, PreferenceError
-from personalign.generation import Method, SamplingConfig, batch_seed, build_prompts
+from personalign.generation import (
+    ModelStep,
+    SamplingConfig,
+    batch_seed,
+    encode_batch,
+    eos_token_ids,
+    generate_texts,
+    pad_token_id,
+)
 from personalign.losses import rebel_loss
 from personalign.pcm import (
     PCM_CONFIG,
@@ -88,14 +98,15 @@ from personalign.pcm import (
     preference_vector,
     weight_kl,
 )
-from personalign.recipes.train_expert import _finite, _require, step_prompt_indices
+from personalign.personalize import Method, build_prompts
+from personalign.rl import step_prompt_indices
 from personalign.runlog import MetricsLogger, prepare_run_dir, summarize_steps
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from personalign.data import Instruction
-    from personalign.mixing import Experts
+    from personalign.experts import Experts
     from personalign.preferences import Preference, PreferenceSpace
     from personalign.rewards import RewardFunction, RewardSpec
 
@@ -172,7 +183,7 @@ class Plan:
 
 def validate(cfg: TrainPCMConfig) -> Plan:
     """Check every field, the sides, their experts, rewards and the prompts; load no model."""
-    from personalign.compose import expert_folders, resolve_experts_dir
+    from personalign.compose import check_base, expert_folders, resolve_experts_dir
     from personalign.data import load_prompts
     from personalign.judges.offline import DEFAULT_MARGINS
     from personalign.models import canonical_name, resolve_device, resolve_dtype
@@ -227,6 +238,8 @@ def validate(cfg: TrainPCMConfig) -> Plan:
         raise PreferenceError(f"a PCM weights at least two sides' experts, found {len(sides)} "
                               f"({', '.join(sides) or 'none'}) in {experts_dir}; train more experts or set "
                               "sides")
+    for side in sides:  # trained on this base model (their configs only)
+        check_base(canonical_name(c.model), folders[side])
 
     for key, what in ((c.rewards, "rewards"), (c.reward_scales, "reward_scales")):
         for name in key:
@@ -437,8 +450,6 @@ def calibrate_scales(plan: Plan, model: Any, tok: Any, rewards: SideRewards, out
     ``sigmoid`` alike. ``reward_scales`` still overrides a side, and a side that stays unmeasured keeps its
     default scale.
     """
-    from personalign.generation import generate_texts
-
     c = plan.cfg
     path = out / SCALES
     if path.is_file():
@@ -454,9 +465,10 @@ def calibrate_scales(plan: Plan, model: Any, tok: Any, rewards: SideRewards, out
                 instr.append(x)
                 prefs.append(preference_vector(combo, plan.sides))
         doubled = [t for t in texts for _ in range(2)]
+        eos = eos_token_ids(model, tok)
         with model.disable_adapter():
-            replies = generate_texts(model, tok, doubled, ref_sampling(c, c.seed + 7919),
-                                     batch_size=c.ref_batch_size)
+            replies = generate_texts(lambda: ModelStep(model), tok, doubled, ref_sampling(c, c.seed + 7919),
+                                     eos=eos, device=next(model.parameters()).device, batch_size=c.ref_batch_size)
         pref = torch.stack(prefs)
         raw, raw_other = score_batch(rewards, plan.sides, instr, replies[0::2], replies[1::2], pref)
         spread = calibration_spread(raw, raw_other)
@@ -476,12 +488,13 @@ def calibrate_scales(plan: Plan, model: Any, tok: Any, rewards: SideRewards, out
 
 def _load_experts(base: PreTrainedModel, plan: Plan) -> Experts:
     """Every trained side's expert as an adapter of one peft model, in the PCM's side order."""
-    from personalign.compose import load_mixture
+    from personalign.compose import expert_folders, with_adapters
+    from personalign.experts import Experts
+    from personalign.merging import load_adapter
 
-    experts, _ = load_mixture(base, plan.space.parse({s: 1.0 for s in plan.sides}), plan.experts_dir)
-    if experts.names != plan.sides:
-        raise ConfigError(f"experts loaded as {experts.names}, expected {plan.sides}")  # defensive: order
-    return experts
+    folders = expert_folders(plan.experts_dir)
+    peft_model = with_adapters(base, {s: load_adapter(folders[s]) for s in plan.sides})
+    return Experts.from_adapters(peft_model, plan.sides)
 
 
 def _summary(rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -502,8 +515,8 @@ def main(cfg: TrainPCMConfig) -> dict[str, float]:
         return json.loads((out / PCM_CONFIG).read_text()).get("metrics", {})
 
     # -- models: the experts (frozen adapters on one base), the rewards, a fresh PCM
-    from personalign.generation import eos_token_ids, generate_texts
-    from personalign.mixing import MixRule, generate_mixed
+    from personalign.mixing import MixRule
+    from personalign.mixture import generate_mixed
     from personalign.models import load_model
     from personalign.reward_model import base_fingerprint
 
@@ -516,7 +529,7 @@ def main(cfg: TrainPCMConfig) -> dict[str, float]:
         p.requires_grad_(False)
     device = experts.device
     eos = eos_token_ids(base, tok)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
+    pad = pad_token_id(tok, eos)
     rewards = SideRewards(plan.rewards, c.device, c.dtype)
     scale_of = calibrate_scales(plan, peft_model, tok, rewards, out) if c.calibrate_scales else plan.scales
     scales = torch.tensor([scale_of[s] for s in sides])  # (S,)
@@ -552,8 +565,6 @@ def main(cfg: TrainPCMConfig) -> dict[str, float]:
 
     n_pairs = c.batch_prompts
     mb = c.minibatch_pairs or n_pairs
-    tok.padding_side = "left"
-    add_special = not getattr(tok, "chat_template", None)
     while step < c.steps:
         t0 = time.perf_counter()
         seed = batch_seed(c.seed, step)
@@ -572,19 +583,19 @@ def main(cfg: TrainPCMConfig) -> dict[str, float]:
         todo = refs.missing(texts)
         if todo:
             with peft_model.disable_adapter():
-                made = generate_texts(peft_model, tok, todo, ref_sampling(c, seed % (2**31)),
-                                      batch_size=c.ref_batch_size)
+                made = generate_texts(lambda: ModelStep(peft_model), tok, todo, ref_sampling(c, seed % (2**31)),
+                                      eos=eos, device=device, batch_size=c.ref_batch_size)
             refs.add(todo, made)
         y_ref = [refs.get(t) for t in texts]
 
         # -- rollout: two samples per pair from the current mixture, features recorded
         rows_text = [t for t in texts for _ in range(2)]
-        enc = tok(rows_text, return_tensors="pt", padding=True, add_special_tokens=add_special)
+        ids, prompt_mask = encode_batch(tok, rows_text)
         provider = PCMWeights(pcm, experts, embeddings, pref_rows, record=True)
         sampling = SamplingConfig(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
                                   repetition_penalty=1.0, seed=seed % (2**31))
         pcm.eval()
-        gen = generate_mixed(provider.experts, enc["input_ids"], enc["attention_mask"], provider,
+        gen = generate_mixed(experts, ids, prompt_mask, provider,
                              eos_token_ids=eos, pad_token_id=pad, rule=MixRule.PROB, sampling=sampling)
         inputs = provider.recorded(2 * n_pairs)
         mask = gen.mask.float()  # (2P, T)

@@ -35,7 +35,6 @@ sides' raw rewards, ``train/reward_combined`` the mean CombinedReward output, an
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import random
 import shutil
@@ -50,8 +49,20 @@ from personalign.data import build_user_message, format_chat
 from personalign.errors import ConfigError, ModelError
 from personalign.generation import batch_seed, eos_token_ids
 from personalign.losses import RunningMeanStd
-from personalign.recipes import train_expert as te
 from personalign.reward_model import LoraSpec
+from personalign.rl import (
+    ADAPTER_DIR,
+    EXPERT_JSON,
+    KLGuard,
+    RLState,
+    build_policy,
+    check_settings,
+    resolve_defaults,
+    rl_update,
+    rollout,
+    step_prompt_indices,
+    stopped_summary,
+)
 from personalign.runlog import MetricsLogger, prepare_run_dir
 
 if TYPE_CHECKING:
@@ -61,18 +72,13 @@ if TYPE_CHECKING:
     from personalign.preferences import Preference, PreferenceSpace
     from personalign.rewards import CombinedReward, RewardFunction, RewardSpec
 
-ADAPTER_DIR = te.ADAPTER_DIR
-VALUE_HEAD = te.VALUE_HEAD
-EXPERT_JSON = te.EXPERT_JSON
-
-
 @dataclass(frozen=True)
 class TrainPMORLConfig:
     output_dir: str
     sides: tuple[str, ...] = ()  # empty: every side but the extra style sides P3C, P3D (8 combinations)
     reward: str = "offline"  # every side's reward unless `rewards` names it: offline | rm:PATH | module:function
     rewards: dict[str, str] = field(default_factory=dict)  # side -> reward spec, overriding `reward`
-    # From here on: train-expert's fields, with its defaults (see TrainExpertConfig).
+    # From here on: the RL settings of personalign.rl.RLSettings, with train-expert's defaults.
     model: str | None = None
     dimensions: str | None = None
     algorithm: str = "rloo"  # rloo | grpo | ppo
@@ -110,15 +116,11 @@ class TrainPMORLConfig:
     progress: bool = True
 
 
-# The fields this config shares with TrainExpertConfig (every one of its fields but side and reward).
-SHARED_FIELDS = tuple(f.name for f in dataclasses.fields(te.TrainExpertConfig) if f.name not in ("side", "reward"))
-
-
 @dataclass(frozen=True)
 class Plan:
     """What validation found: everything the run needs that does not need a model."""
 
-    cfg: te.TrainExpertConfig  # the shared fields, per-algorithm defaults filled in
+    cfg: TrainPMORLConfig  # per-algorithm defaults filled in
     space: PreferenceSpace
     combinations: list[Preference]
     sides: tuple[str, ...]  # every side of some combination, in dimension order
@@ -128,6 +130,8 @@ class Plan:
 
 def validate(cfg: TrainPMORLConfig) -> Plan:
     """Check every field, the sides, each side's reward spec and the prompts; load no model."""
+    from personalign.data import load_prompts
+    from personalign.models import resolve_device, resolve_dtype
     from personalign.preferences import load_space
     from personalign.rewards import parse_reward_spec
 
@@ -147,11 +151,11 @@ def validate(cfg: TrainPMORLConfig) -> Plan:
             raise ConfigError(f"rewards.{key}: side {side} is not in any combination trained here (sides: "
                               f"{', '.join(sides)}); drop it or add it to sides")
         per_side[side] = spec
-    # The shared fields are checked by train-expert's own validation (with the first side's reward).
-    plan = te.validate(te.TrainExpertConfig(side=sides[0], reward=per_side.get(sides[0], cfg.reward),
-                                            **{f: getattr(cfg, f) for f in SHARED_FIELDS}))
+    c = resolve_defaults(cfg)
+    check_settings(c)
+    resolve_dtype(c.dtype, resolve_device(c.device))  # raises ModelError naming the value
     specs = {s: parse_reward_spec(per_side.get(s, cfg.reward), s) for s in sides}
-    return Plan(plan.cfg, space, combinations, sides, specs, plan.instructions)
+    return Plan(c, space, combinations, sides, specs, load_prompts(c.prompts, limit=c.limit))
 
 
 # -- pieces each phase calls (tested on their own) -------------------------------------------------
@@ -241,9 +245,9 @@ def main(cfg: TrainPMORLConfig) -> dict[str, float]:
 
     base, tok = load_model(c.model, device=c.device, dtype=c.dtype)
     fingerprint = base_fingerprint(base)
-    model = te.build_policy(base, c.lora, c.seed)
+    model = build_policy(base, c.lora, c.seed)
     device = next(model.parameters()).device
-    rl = te.RLState(model, c)
+    rl = RLState(model, c)
     combined, side_stats = combination_rewards(plan.combinations,
                                                side_rewards(plan.rewards, device=c.device, dtype=c.dtype))
     keys = [p.spec() for p in plan.combinations]
@@ -268,13 +272,13 @@ def main(cfg: TrainPMORLConfig) -> dict[str, float]:
 
     g = c.group_size
     n = c.batch_prompts * g
-    guard = te.KLGuard(rl, c.kl_stop)
+    guard = KLGuard(rl, c.kl_stop)
     stopped: dict[str, Any] | None = None
     while step < c.steps:
         t0 = time.perf_counter()
         guard.before()
         torch.manual_seed(batch_seed(c.seed, step))
-        prompt_ids = te.step_prompt_indices(len(plan.instructions), c.batch_prompts, step, c.seed)
+        prompt_ids = step_prompt_indices(len(plan.instructions), c.batch_prompts, step, c.seed)
         combo_ids = step_combinations(len(keys), c.batch_prompts, step, c.seed)
         idx = [i for i in prompt_ids for _ in range(g)]  # a prompt's samples are consecutive (groups)
         cidx = [k for k in combo_ids for _ in range(g)]  # ... and share its combination
@@ -284,7 +288,7 @@ def main(cfg: TrainPMORLConfig) -> dict[str, float]:
         texts = [format_chat(tok, build_user_message(x, plan.combinations[k].prompt()))
                  for x, k in zip(instructions, cidx)]
         model.eval()
-        ro = te.rollout(model, tok, texts, eos, max_new_tokens=c.max_new_tokens, temperature=c.temperature,
+        ro = rollout(model, tok, texts, eos, max_new_tokens=c.max_new_tokens, temperature=c.temperature,
                         top_p=c.top_p, autocast=c.autocast_bf16)
 
         # -- score: each RESPONSE on its own combination's sides, then the running normalisation
@@ -293,7 +297,7 @@ def main(cfg: TrainPMORLConfig) -> dict[str, float]:
         score_n = rl.normalize(score)  # (N,)
 
         # -- reference log-probs -> KL penalty -> advantages -> loss -> step
-        update = te.rl_update(rl, ro, score_n, c)
+        update = rl_update(rl, ro, score_n, c)
         step += 1
 
         # -- log
@@ -327,7 +331,7 @@ def main(cfg: TrainPMORLConfig) -> dict[str, float]:
         bar.close()
 
     # -- save: a standard peft adapter folder, the value head (ppo), then expert.json last
-    final = te.stopped_summary(logger.read(), stopped)
+    final = stopped_summary(logger.read(), stopped)
     rl.save(out)
     doc = {
         "kind": "pmorl",

@@ -28,14 +28,13 @@ from typing import Any
 import torch
 
 from personalign.checkpoint import load_checkpoint, save_checkpoint
-from personalign.data import read_jsonl
+from personalign.data import read_pairs, split_by_prompt
 from personalign.errors import ConfigError, DataError
 from personalign.losses import bradley_terry_loss, fit_bradley_terry_head, pairwise_accuracy, select_l2_by_cv
 from personalign.preferences import load_space
 from personalign.reward_model import CONFIG, POOLINGS, WEIGHTS, LoraSpec, PrefixCache, RewardModel
 from personalign.runlog import MetricsLogger, prepare_run_dir
 
-PAIR_FIELDS = ("prompt", "chosen", "rejected", "side")
 DATA = "data.json"
 
 
@@ -88,27 +87,6 @@ class TrainRMConfig:
             raise ConfigError(f"head_init must be probe or random, got {self.head_init!r}")
         if any(not x > 0 for x in (self.probe_l2, *self.probe_l2_grid)):
             raise ConfigError("probe_l2 and probe_l2_grid values must be positive, e.g. [0.01, 0.1, 1, 10]")
-
-
-def read_pairs(path: str | Path, sides: set[str] | None = None) -> list[dict[str, Any]]:
-    rows = read_jsonl(path)
-    if not rows:
-        raise DataError(f"pairs file {path} is empty")
-    for i, row in enumerate(rows):
-        missing = [k for k in PAIR_FIELDS if not isinstance(row.get(k), str)]
-        if missing:
-            raise DataError(f"{path}: line {i + 1} lacks field(s) {', '.join(missing)} (needs {', '.join(PAIR_FIELDS)})")
-    return [r for r in rows if sides is None or r["side"] in sides]
-
-
-def split_by_prompt(rows: list[dict[str, Any]], eval_fraction: float, seed: int) -> tuple[list, list]:
-    """Held-out pairs are those of the first ``eval_fraction`` of the instructions present, in a seeded
-    hash order: no instruction is on both sides of the split, and models trained on the same pairs with
-    the same seed hold out the same pairs."""
-    prompts = sorted({r["prompt"] for r in rows}, key=lambda p: hashlib.sha1(f"{seed}:{p}".encode()).hexdigest())
-    n_eval = max(1, round(len(prompts) * eval_fraction)) if eval_fraction > 0 else 0
-    held = set(prompts[:n_eval])
-    return [r for r in rows if r["prompt"] not in held], [r for r in rows if r["prompt"] in held]
 
 
 def data_fingerprint(rows: list[dict[str, Any]]) -> dict[str, Any]:

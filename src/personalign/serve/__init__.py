@@ -9,11 +9,11 @@ when an app is built, so importing it never fails::
 Clients pass a preference with the OpenAI client's ``extra_body``::
 
     client.chat.completions.create(model="smollm2-135m-instruct", messages=[...],
-                                   extra_body={"preferences": "1A,2A,3A", "method": "prompt"})
+                                   extra_body={"preferences": "1A,2A,3A", "method": "soup"})
 """
 
 from __future__ import annotations
 
-from personalign.serve.app import INSTALL_HINT, apply_method, create_app, run_server, running_server
+from personalign.serve.app import INSTALL_HINT, create_app, run_server, running_server
 
-__all__ = ["INSTALL_HINT", "apply_method", "create_app", "run_server", "running_server"]
+__all__ = ["INSTALL_HINT", "create_app", "run_server", "running_server"]

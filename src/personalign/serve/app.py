@@ -1,16 +1,22 @@
 """An OpenAI-compatible server: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``, ``/health``.
 
-Two extra body fields carry a person's preference (the OpenAI client sends them with ``extra_body``):
-``preferences`` (``"1A,2A,3A"``, ``"concise=0.7,informative=0.3"`` or a side -> weight object) and
-``method`` (``vanilla`` or ``prompt``, default ``prompt``). With ``prompt`` the preference prompt is
-appended to the last user message after one space, exactly as ``personalign generate`` does.
+Extra body fields carry a person's preference and how to honour it (the OpenAI client sends them with
+``extra_body``): ``preferences`` (``"1A,2A,3A"``, ``"concise=0.7,informative=0.3"`` or a side -> weight
+object) and ``method``: ``vanilla``, ``prompt`` (the default), ``expert``, ``soup`` (with ``merge``:
+psoups, exact, ties, dare, dare_ties) or ``mope`` (with ``mix``: prob, logit, uniform, and ``pcm``:
+shipped or none). The server's own defaults for each come from ``personalign serve --method ... --merge
+... --mix ... --pcm ... --experts ...``. Every method but vanilla appends the preference prompt to the
+last user message after one space, exactly as ``personalign generate`` does; a request without
+``preferences`` is answered as vanilla by the prompt method and refused by the others. Each request's
+model is built by the same entry point the CLI uses (:mod:`personalign.personalize`), so a seeded
+request gives the text ``personalign generate`` gives for the same instruction, preference and method.
 
 Defaults are personalign's, not OpenAI's, so that the server and the CLI give the same text for the
 same seed: ``max_tokens`` 256, ``temperature`` 0.7, ``top_p`` 0.9, ``repetition_penalty`` 1.1 (an
 extra field; small models loop without it).
 
 Generation runs in one worker thread (the model is not thread-safe) that groups requests waiting
-with identical settings into one ``model.generate`` call, up to ``max_batch`` rows: with one torch
+with the same personalized model and settings into one batch, up to ``max_batch`` rows: with one torch
 thread, four concurrent 32-token answers from the embedded model take 4.1 s batched against 8.4 s
 one by one (``max_batch=1``). A request with a ``seed`` always runs alone, seeded as :func:`generate_texts` seeds a batch, so
 the same request gives the same text whatever else the server is doing. Requests without a seed may
@@ -31,23 +37,23 @@ import uuid
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from personalign.data import build_user_message
 from personalign.errors import ConfigError, PersonalignError
-from personalign.generation import Method, SamplingConfig
-from personalign.serve.batching import ApiError, _Batcher, _generate_batch, _Job
-from personalign.preferences import Preference, PreferenceSpace, default_space
+from personalign.generation import SamplingConfig
+from personalign.personalize import Method, MethodOptions, chat_text, plain_text, resolve
+from personalign.preferences import PreferenceSpace, default_space
+from personalign.serve.batching import ApiError, Models, _Job, new_batcher
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["INSTALL_HINT", "apply_method", "create_app", "run_server", "running_server"]
+__all__ = ["INSTALL_HINT", "SERVED_METHODS", "create_app", "run_server", "running_server"]
 
 INSTALL_HINT = "the server needs the 'serve' extra: pip install 'personalign[serve]'"
 log = logging.getLogger("personalign.serve")
 
 _COMMON = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "n", "stop",
-           "stream", "preferences", "method", "repetition_penalty", "user"}
+           "stream", "preferences", "method", "merge", "mix", "pcm", "repetition_penalty", "user"}
 # OpenAI fields we do not implement. A client may send them with their neutral value; any other value
 # is refused, because ignoring it would silently give the client something it did not ask for.
 _NEUTRAL_ONLY = {"frequency_penalty", "presence_penalty", "logit_bias", "logprobs", "top_logprobs",
@@ -56,7 +62,10 @@ _NEUTRAL_ONLY = {"frequency_penalty", "presence_penalty", "logit_bias", "logprob
 _ROLES = ("system", "user", "assistant")
 
 
-SERVED_METHODS = (Method.VANILLA, Method.PROMPT)
+# Every method but adapter: a client never names a folder on the server (experts and the PCM are the
+# server's, set when it starts).
+SERVED_METHODS = (Method.VANILLA, Method.PROMPT, Method.EXPERT, Method.SOUP, Method.MOPE)
+PCM_CHOICES = ("shipped", "none")
 
 
 def served_method(name: str) -> Method:
@@ -67,17 +76,29 @@ def served_method(name: str) -> Method:
     return method
 
 
-def apply_method(method: Method, preference: Preference | None, text: str) -> str:
-    """What the model is asked under a method: ``text`` is the last user turn (chat) or the prompt.
-
-    The one place where a method changes a request. Methods that change the model instead of the
-    prompt (soup, mope) also change how a batch is generated; jobs are grouped by method for that.
-    """
-    if method is Method.PROMPT and preference is not None:
-        return build_user_message(text, preference.prompt())
-    if method in (Method.VANILLA, Method.PROMPT):
-        return text
-    raise ConfigError(f"method {method.value!r} is not served yet")
+def request_options(method: Method, body: Mapping[str, Any], defaults: MethodOptions) -> MethodOptions:
+    """The method's options: the request's ``merge``, ``mix`` and ``pcm``, else the server's defaults
+    (only those of the method asked for, so a server default for soups never reaches a mixture)."""
+    for key in ("merge", "mix", "pcm"):
+        if body.get(key) is not None and not isinstance(body[key], str):
+            raise ApiError(f"{key} must be a string, got {_short(body[key])}", key)
+    if body.get("pcm") is not None and body["pcm"] not in PCM_CHOICES:
+        raise ApiError(f"pcm must be one of {', '.join(PCM_CHOICES)}, got {_short(body['pcm'])}", "pcm")
+    soup, mope = method is Method.SOUP, method is Method.MOPE
+    mix = (body.get("mix") or defaults.mix) if mope else body.get("mix") or "prob"
+    if body.get("pcm") is not None:
+        pcm = None if body["pcm"] == "none" else body["pcm"]
+    else:  # the server's PCM weights a probability mixture only
+        pcm = defaults.pcm if mope and mix == "prob" else None
+    return MethodOptions(
+        method=method.value,
+        experts=defaults.experts if method.uses_experts else None,
+        merge=(body.get("merge") or defaults.merge) if soup else body.get("merge") or "psoups",
+        merge_rank=defaults.merge_rank if soup else None,
+        merge_density=defaults.merge_density if soup else None,
+        mix=mix,
+        pcm=pcm if mope or body.get("pcm") is None else body["pcm"],
+    )
 
 
 def _short(value: object) -> str:
@@ -101,12 +122,14 @@ class _Service:
     """Turns request bodies into generation jobs and results into OpenAI response objects."""
 
     def __init__(self, model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", model_name: str,
-                 max_batch: int, default_method: Method, space: PreferenceSpace):
+                 max_batch: int, defaults: MethodOptions, space: PreferenceSpace, max_models: int = 4):
         self.tokenizer, self.model_name, self.max_batch = tokenizer, model_name, max_batch
-        self.default_method, self.space = default_method, space
-        self.batcher = _Batcher(lambda jobs: _generate_batch(model, tokenizer, jobs), max_batch)
+        self.defaults, self.space = defaults, space
+        self.base_name = getattr(model.config, "personalign_base", None) or model.name_or_path
+        self.models = Models(model, tokenizer, max_models)
+        self.batcher = new_batcher(self.models, max_batch)
 
-    def _parse(self, body: Mapping[str, Any], fields: set[str], chat: bool) -> tuple[_Job, Preference | None]:
+    def _parse(self, body: Mapping[str, Any], fields: set[str], chat: bool) -> _Job:
         """The settings every endpoint shares, as a job without inputs, and the parsed preference."""
         for key, value in body.items():
             if key in _NEUTRAL_ONLY:
@@ -146,12 +169,12 @@ class _Service:
         stop = [stop] if isinstance(stop, str) else (stop or [])
         if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
             raise ApiError("stop must be a non-empty string or a list of at most 4 non-empty strings", "stop")
-        method_name = body.get("method", self.default_method.value)
+        method_name = body.get("method", self.defaults.method)
         if not isinstance(method_name, str):
             raise ApiError(f"method must be a string, got {_short(method_name)}", "method")
         try:
             method = served_method(method_name)
-        except ConfigError as exc:  # "unknown method 'x'; choose one of vanilla, prompt"
+        except ConfigError as exc:  # "unknown method 'x'; choose one of vanilla, prompt, ..."
             raise ApiError(str(exc), "method") from None
         prefs = body.get("preferences")
         if prefs is not None and not isinstance(prefs, (str, dict)):
@@ -161,23 +184,29 @@ class _Service:
             preference = self.space.parse(prefs) if prefs is not None else None
         except PersonalignError as exc:  # names the bad side and lists the valid ones
             raise ApiError(str(exc), "preferences") from None
-        return _Job([], n, sampling, tuple(stop), seed is not None, chat, method), preference
+        if preference is None and method is Method.PROMPT:
+            method = Method.VANILLA  # nothing to prompt with: the request is answered as it is
+        options = request_options(method, body, self.defaults)
+        try:  # the entry point's checks: experts present, same base, weights legal, options that apply
+            spec = resolve(preference, options, model=self.base_name, space=self.space)
+        except PersonalignError as exc:
+            param = "preferences" if preference is None or "weight" in str(exc) else "method"
+            raise ApiError(str(exc), param) from None
+        return _Job([], n, sampling, tuple(stop), seed is not None, chat, spec)
 
     def chat_job(self, body: Mapping[str, Any]) -> _Job:
-        job, pref = self._parse(body, _COMMON | {"messages"}, chat=True)
+        job = self._parse(body, _COMMON | {"messages"}, chat=True)
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise ApiError("messages is required: a non-empty list of {role, content} objects", "messages")
         convo = [self._message(i, m) for i, m in enumerate(messages)]
-        users = [i for i, m in enumerate(convo) if m["role"] == "user"]
-        if job.method is Method.PROMPT and pref is not None:
-            if not users:
-                raise ApiError("preferences with method 'prompt' need a user message to append to", "messages")
-            convo[users[-1]]["content"] = apply_method(job.method, pref, convo[users[-1]]["content"])
+        if job.spec.prompt_suffix and not any(m["role"] == "user" for m in convo):
+            raise ApiError(f"preferences with method {job.spec.method.value!r} need a user message to append "
+                           "their prompt to", "messages")
         if not getattr(self.tokenizer, "chat_template", None):
             raise ApiError(f"model {self.model_name!r} has no chat template; use /v1/completions", "messages")
         try:
-            job.texts = [self.tokenizer.apply_chat_template(convo, tokenize=False, add_generation_prompt=True)]
+            job.texts = [chat_text(self.tokenizer, convo, job.spec)]
         except Exception as exc:  # noqa: BLE001 - e.g. a template that demands alternating roles
             raise ApiError(f"the model's chat template rejected the messages: {exc}", "messages") from None
         return job
@@ -197,12 +226,12 @@ class _Service:
         return {"role": m["role"], "content": content}
 
     def completion_job(self, body: Mapping[str, Any]) -> _Job:
-        job, pref = self._parse(body, _COMMON | {"prompt"}, chat=False)
+        job = self._parse(body, _COMMON | {"prompt"}, chat=False)
         prompt = body.get("prompt")
         prompts = [prompt] if isinstance(prompt, str) else prompt
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p for p in prompts):
             raise ApiError("prompt is required: a non-empty string or list of strings", "prompt")
-        job.texts = [apply_method(job.method, pref, p) for p in prompts]
+        job.texts = [plain_text(p, job.spec) for p in prompts]
         if job.rows > self.max_batch:
             raise ApiError(f"this request asks for {job.rows} completions; the server generates at "
                            f"most {self.max_batch} per request", "prompt")
@@ -228,9 +257,38 @@ class _Service:
         }
 
 
+def check_defaults(defaults: MethodOptions, model_name: str | None = None) -> MethodOptions:
+    """The server's default method options, checked as far as they can be without a preference."""
+    from personalign.compose import resolve_experts_dir
+    from personalign.merging import METHODS, check_merge_options, merge_defaults
+    from personalign.mixing import MixRule
+
+    method = served_method(defaults.method)
+    if defaults.merge not in METHODS:
+        raise ConfigError(f"unknown merge {defaults.merge!r}; choose one of {', '.join(METHODS)}")
+    density, seed = merge_defaults(defaults.merge, defaults.merge_density, defaults.merge_seed)
+    check_merge_options(defaults.merge, defaults.merge_rank, density, seed)
+    MixRule.parse(defaults.mix)
+    if defaults.adapter is not None:
+        raise ConfigError("the server takes no adapter; serve an adapter's merged model with --model instead")
+    if model_name is not None:
+        if defaults.experts is not None or method.uses_experts:
+            resolve_experts_dir(defaults.experts, model_name)
+        if defaults.pcm is not None:
+            from personalign.pcm import read_pcm_config, resolve_pcm_dir
+
+            read_pcm_config(resolve_pcm_dir(defaults.pcm, model_name))
+    return defaults
+
+
 def create_app(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", model_name: str, *,
-               max_batch: int = 8, default_method: str = "prompt", space: PreferenceSpace | None = None) -> "FastAPI":
-    """The FastAPI app serving ``model`` under the name ``model_name`` (see the module docstring)."""
+               max_batch: int = 8, default_method: str = "prompt", space: PreferenceSpace | None = None,
+               defaults: MethodOptions | None = None, max_models: int = 4) -> "FastAPI":
+    """The FastAPI app serving ``model`` under the name ``model_name`` (see the module docstring).
+
+    ``defaults`` are the method options a request does not give (its ``method`` wins over
+    ``default_method``); ``max_models`` bounds the personalized copies (soups, mixtures) kept built.
+    """
     try:
         from fastapi import FastAPI, Request
         from fastapi.responses import JSONResponse
@@ -239,7 +297,10 @@ def create_app(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", m
         raise PersonalignError(INSTALL_HINT) from None
     if max_batch < 1:
         raise ConfigError(f"max_batch must be at least 1, got {max_batch}")
-    service = _Service(model, tokenizer, model_name, max_batch, served_method(default_method), space or default_space())
+    if max_models < 1:
+        raise ConfigError(f"max_models must be at least 1, got {max_models}")
+    defaults = check_defaults(defaults or MethodOptions(method=default_method))
+    service = _Service(model, tokenizer, model_name, max_batch, defaults, space or default_space(), max_models)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> Any:
@@ -291,7 +352,8 @@ def create_app(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", m
     @app.get("/health")
     async def health() -> dict[str, Any]:
         b = service.batcher
-        return {"status": "ok", "model": model_name, "queued": b.pending(), "batches": b.batches, "jobs": b.jobs}
+        return {"status": "ok", "model": model_name, "queued": b.pending(), "batches": b.batches, "jobs": b.jobs,
+                "models_built": service.models.built, "models_kept": len(service.models)}
 
     return app
 
@@ -325,7 +387,8 @@ def running_server(app: Any, host: str = "127.0.0.1", port: int = 0, timeout: fl
 
 def run_server(model_name_or_path: str | None = None, host: str = "127.0.0.1", port: int = 8000,
                device: str = "auto", dtype: str = "auto", *, model_name: str | None = None, max_batch: int = 8,
-               default_method: str = "prompt", dimensions: str | None = None, log_level: str = "info") -> None:
+               default_method: str = "prompt", dimensions: str | None = None, log_level: str = "info",
+               defaults: MethodOptions | None = None, max_models: int = 4) -> None:
     """Load a model with :func:`personalign.models.load_model` and serve it until interrupted.
 
     ``model_name`` is the id clients send (default: the embedded model's name, or the id/path given).
@@ -337,9 +400,10 @@ def run_server(model_name_or_path: str | None = None, host: str = "127.0.0.1", p
     from personalign.models import canonical_name, load_model
     from personalign.preferences import load_space
 
-    space = load_space(dimensions)  # a bad dimensions file fails before the model loads
-    served_method(default_method)
+    space = load_space(dimensions)  # a bad dimensions file or default fails before the model loads
+    defaults = check_defaults(defaults or MethodOptions(method=default_method), canonical_name(model_name_or_path))
     model, tokenizer = load_model(model_name_or_path, device=device, dtype=dtype)
     name = model_name or canonical_name(model_name_or_path)
-    app = create_app(model, tokenizer, name, max_batch=max_batch, default_method=default_method, space=space)
+    app = create_app(model, tokenizer, name, max_batch=max_batch, space=space, defaults=defaults,
+                     max_models=max_models)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -1,5 +1,10 @@
-"""The server's generation worker: one thread owns the model and groups waiting requests with
-identical settings into one ``model.generate`` call (see :mod:`personalign.serve.app`)."""
+"""The server's generation worker: one thread owns the models and runs waiting requests that share a
+personalized model and settings as one batch (see :mod:`personalign.serve.app`).
+
+Every request's model comes from the entry point (:func:`personalign.personalize.personalize`): the
+base model for vanilla and prompt, and for expert, soup and mope a personalized copy, built in the worker
+on first use and kept in a small least-recently-used cache (``max_models``).
+"""
 
 from __future__ import annotations
 
@@ -7,17 +12,18 @@ import dataclasses
 import logging
 import secrets
 import threading
-from collections import deque
-from concurrent.futures import Future
+from collections import OrderedDict, deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from personalign.errors import PersonalignError
-from personalign.generation import Method, SamplingConfig, batch_seed, eos_token_ids
-from personalign.kernels import fast_decode
+from personalign.generation import SamplingConfig
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from personalign.personalize import Personalization, PersonalizedModel
 
 log = logging.getLogger("personalign.serve")
 
@@ -42,8 +48,8 @@ class _Job:
     sampling: SamplingConfig
     stop: tuple[str, ...]
     seeded: bool
-    chat: bool  # chat answers are stripped like generate_texts'; raw completions are not
-    method: Method
+    chat: bool  # chat answers are stripped like generate's; raw completions are not
+    spec: Personalization
     future: Future = dataclasses.field(default_factory=Future)
     prompt_tokens: int = 0
 
@@ -55,7 +61,7 @@ class _Job:
         # A seeded job is keyed by itself: it never shares a batch, so its text never depends on others.
         if self.seeded:
             return self
-        return (self.method, self.sampling, self.stop)
+        return (self.spec.key(), self.sampling, self.stop)
 
 
 class _Batcher:
@@ -131,16 +137,40 @@ class _Batcher:
             self._thread.join(timeout)
 
 
-def _generate_batch(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", jobs: list[_Job]) -> None:
-    """Run compatible jobs as one ``model.generate`` call and resolve their futures.
+class Models:
+    """The personalized models the worker generates with: built on first use from the base model, the
+    ones that change weights kept in a least-recently-used cache of ``max_models``. Worker thread only."""
 
-    Mirrors :func:`personalign.generation.generate_texts` (same tokenisation, eos ids, seeding and
-    decoding kwargs, so a seeded request equals ``generate_texts`` on its text), but keeps the token
-    ids, which the response needs for ``usage`` and ``finish_reason``.
-    """
-    import torch
+    def __init__(self, base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_models: int = 4):
+        self.base, self.tokenizer, self.max_models = base, tokenizer, max_models
+        self._cache: OrderedDict[object, PersonalizedModel] = OrderedDict()
+        self.built = 0
 
-    ctx = getattr(model.config, "max_position_embeddings", None)
+    def get(self, spec: Personalization) -> PersonalizedModel:
+        from personalign.personalize import personalize
+
+        if not spec.method.changes_weights:  # the base itself: nothing to build or keep
+            return personalize(self.base, self.tokenizer, spec)
+        key = spec.key()
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        while len(self._cache) >= self.max_models:
+            self._cache.popitem(last=False)
+        model = personalize(self.base, self.tokenizer, spec)
+        self.built += 1
+        self._cache[key] = model
+        return model
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+
+def generate_batch(models: Models, jobs: list[_Job]) -> None:
+    """Run compatible jobs (one personalized model, one set of settings) as one batch and resolve their
+    futures with ``(text, finish_reason, completion tokens)`` per choice."""
+    tokenizer = models.tokenizer
+    ctx = getattr(models.base.config, "max_position_embeddings", None)
     add_special = not getattr(tokenizer, "chat_template", None)
     ready: list[_Job] = []
     for job in jobs:  # tokenised here, in the worker: fast tokenizers are not safe across threads
@@ -156,40 +186,17 @@ def _generate_batch(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBas
     if not ready:
         return
     first = ready[0]
-    eos = eos_token_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    kwargs = first.sampling.generate_kwargs()
-    if first.stop:  # stop each row as soon as it ends with a stop string (cut from the text below)
-        kwargs.update(stop_strings=list(first.stop), tokenizer=tokenizer)
-    tokenizer.padding_side = "left"
+    model = models.get(first.spec)
     rows = [text for job in ready for text in job.texts for _ in range(job.n)]
-    enc = tokenizer(rows, return_tensors="pt", padding=True, add_special_tokens=add_special)
-    enc = enc.to(next(model.parameters()).device)
     seed = first.sampling.seed if first.seeded else secrets.randbits(62)
-    torch.manual_seed(batch_seed(seed, 0))
-    with torch.inference_mode(), fast_decode(model):
-        out = model.generate(**enc, eos_token_id=eos, pad_token_id=pad_id, **kwargs)
-    new = out[:, enc["input_ids"].shape[1]:].tolist()  # (rows, T_new)
-    ends = set(eos) | {pad_id}
+    done = model.complete(rows, first.sampling, seed=seed, stop=first.stop)
     i = 0
     for job in ready:
-        choices = [_finish(tokenizer, ids, ends, job) for ids in new[i : i + job.rows]]
+        job.future.set_result([(c.text.strip() if job.chat else c.text, c.finish_reason, c.tokens)
+                               for c in done[i: i + job.rows]])
         i += job.rows
-        job.future.set_result(choices)
 
 
-def _finish(tokenizer: "PreTrainedTokenizerBase", ids: list[int], ends: set[int], job: _Job) -> tuple[str, str, int]:
-    """(text, finish_reason, completion tokens) of one generated row."""
-    end = next((k for k, t in enumerate(ids) if t in ends), len(ids))
-    text = tokenizer.decode(ids[:end], skip_special_tokens=True)
-    cuts = [text.find(s) for s in job.stop if s in text]
-    if cuts:  # the stop string itself is not returned, as in OpenAI's API
-        text, reason, count = text[: min(cuts)], "stop", end
-    elif end < len(ids):
-        reason, count = "stop", end + 1  # the end-of-sequence token was generated
-    else:
-        reason, count = "length", len(ids)
-    return (text.strip() if job.chat else text), reason, count
+def new_batcher(models: Models, max_batch: int) -> _Batcher:
+    return _Batcher(lambda jobs: generate_batch(models, jobs), max_batch)
 
-
-# -- request parsing ----------------------------------------------------------------------------

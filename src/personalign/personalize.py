@@ -1,0 +1,497 @@
+"""The one way into a personalized model: (base model, preference, method and its options) -> something
+that generates. The CLI, the Python API, the evaluation harness and the server all come through here.
+
+Two calls, so that everything checkable is checked before any model is loaded::
+
+    spec = resolve("1A,2B,3A", MethodOptions(method="soup", merge="exact"))   # validation only
+    pm = personalize(model, tokenizer, spec)                                    # builds the model
+    pm.generate(["Explain photosynthesis."], SamplingConfig(temperature=0))
+
+or both at once, loading the base model too: ``load_personalized("1A,2B,3A", method="mope")``.
+
+:func:`resolve` parses the method and the preference, finds the experts of the preference's sides
+(and that they were trained on this base model, from their configs), checks the weights (MoPE needs
+non-negative ones, ``expert`` one side), the merge or mixing rule and its options, the PCM and the
+adapter. :func:`personalize` then builds, by method:
+
+* ``vanilla``, ``prompt`` - the base model (``prompt`` appends the preference prompt to the instruction);
+* ``expert`` / ``adapter`` - the base with one adapter merged into its weights;
+* ``soup`` - the base with the experts merged into one adapter (in memory; cached on disk as a side
+  effect) and that merged into its weights;
+* ``mope`` - the experts as adapters of one peft model, mixed token by token with fixed weights, or the
+  PCM's per-token weights.
+
+Every method gives a :class:`PersonalizedModel` with the same calls: ``generate`` (instructions ->
+responses, in seeded batches), ``complete`` (formatted texts -> token ids, texts and finish reasons,
+with stop strings), ``stream`` (one text, token by token). All run the one decode loop of
+:mod:`personalign.generation`.
+"""
+
+from __future__ import annotations
+
+import copy
+import enum
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from personalign.errors import ConfigError, PreferenceError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from personalign.generation import SamplingConfig, Step
+    from personalign.preferences import Preference, PreferenceSpace
+
+__all__ = [
+    "Completion",
+    "Method",
+    "MethodOptions",
+    "Personalization",
+    "PersonalizedModel",
+    "build_prompts",
+    "chat_text",
+    "load_personalized",
+    "personalize",
+    "plain_text",
+    "resolve",
+]
+
+
+class Method(str, enum.Enum):
+    """How a preference is honoured at generation time."""
+
+    VANILLA = "vanilla"  # base model, no preference prompt
+    PROMPT = "prompt"  # base model, preference prompt appended (the PP baseline)
+    EXPERT = "expert"  # one side's expert adapter, with that side's prompt
+    SOUP = "soup"  # the chosen sides' experts merged into one adapter (Personalized Soups)
+    MOPE = "mope"  # the chosen sides' experts mixed token by token (MoPE)
+    ADAPTER = "adapter"  # one given adapter (multitask, P-MORL, RLHF), with the preference prompt
+
+    @property
+    def uses_experts(self) -> bool:
+        return self in (Method.EXPERT, Method.SOUP, Method.MOPE)
+
+    @property
+    def changes_weights(self) -> bool:
+        return self not in (Method.VANILLA, Method.PROMPT)
+
+    @classmethod
+    def parse(cls, value: str | Method) -> Method:
+        if isinstance(value, Method):
+            return value
+        try:
+            return cls(value)
+        except ValueError:
+            raise ConfigError(f"unknown method {value!r}; choose one of {', '.join(m.value for m in cls)}") from None
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """A method and its options, as every face takes them (CLI flags, Python keywords, request fields).
+
+    Options that do not apply to the method must keep their defaults: a ``--mix`` given with a soup is
+    refused, never ignored.
+    """
+
+    method: str = "prompt"
+    experts: str | None = None  # folder of <SIDE>/ adapters; None: the experts shipped for the model
+    merge: str = "psoups"  # soup: psoups | exact | ties | dare | dare_ties
+    merge_rank: int | None = None  # soup exact/ties/dare: compress to this rank by SVD
+    merge_density: float | None = None  # soup ties/dare: fraction kept (default 0.5)
+    merge_seed: int | None = None  # soup dare: random pruning seed (default 0)
+    mix: str = "prob"  # mope: prob | logit | uniform
+    pcm: str | None = None  # mope: a train-pcm folder, or "shipped"
+    adapter: str | None = None  # adapter: a peft adapter folder
+
+
+@dataclass(frozen=True)
+class Personalization:
+    """A validated request for a personalized model: what :func:`personalize` builds. No model is loaded."""
+
+    method: Method
+    preference: Preference | None
+    model_name: str  # the base model's canonical name (adapters must have been trained on it)
+    options: MethodOptions
+    experts_dir: Path | None = None
+    experts: Mapping[str, Path] = field(default_factory=dict)  # side -> adapter folder, the sides used
+    weights: Mapping[str, float] = field(default_factory=dict)  # side -> normalised weight, the sides used
+    merge_density: float | None = None  # resolved defaults
+    merge_seed: int | None = None
+    pcm_dir: Path | None = None
+    adapter_dir: Path | None = None
+
+    @property
+    def label(self) -> str:
+        """The method as recorded in output rows: variants are distinct (``soup-exact``, ``mope-uniform``)."""
+        o = self.options
+        if self.method is Method.SOUP:
+            return f"soup-{o.merge}"
+        if self.method is Method.MOPE:
+            if o.pcm == "shipped":
+                return "mope-pcm"
+            return f"mope-pcm-{Path(o.pcm).resolve().name}" if o.pcm else f"mope-{o.mix}"
+        if self.method is Method.ADAPTER:
+            return f"adapter-{Path(o.adapter).resolve().name}"  # type: ignore[arg-type]
+        return self.method.value
+
+    @property
+    def prompt_suffix(self) -> str:
+        """What is appended to each instruction: the preference prompt, except for vanilla."""
+        if self.preference is None or self.method is Method.VANILLA:
+            return ""
+        return self.preference.prompt()
+
+    def key(self) -> tuple[Any, ...]:
+        """Equal for requests that build the same model (the server's cache key)."""
+        return (self.method, self.model_name, self.options, tuple(sorted(self.weights.items())),
+                self.preference.spec() if self.preference is not None and self.method.changes_weights else None)
+
+
+def build_prompts(tokenizer: PreTrainedTokenizerBase, instructions: Sequence[str], preference: Preference | None,
+                  method: Method) -> list[str]:
+    """Chat-formatted model inputs for each instruction: the preference prompt is appended to the
+    instruction for every method but vanilla (experts and soups are prompted as they were trained)."""
+    from personalign.data import build_user_message, format_chat
+
+    suffix = preference.prompt() if (preference is not None and method is not Method.VANILLA) else ""
+    return [format_chat(tokenizer, build_user_message(text, suffix)) for text in instructions]
+
+
+def chat_text(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str, str]],
+              spec: Personalization) -> str:
+    """The model input for a conversation under ``spec``: its preference prompt joins the last user message
+    after one space, as :func:`build_prompts` adds it to an instruction."""
+    from personalign.data import build_user_message
+
+    convo = [dict(m) for m in messages]
+    users = [i for i, m in enumerate(convo) if m.get("role") == "user"]
+    if spec.prompt_suffix:
+        if not users:
+            raise PreferenceError("a preference prompt needs a user message to append to")
+        convo[users[-1]]["content"] = build_user_message(convo[users[-1]]["content"], spec.prompt_suffix)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("this model has no chat template; give plain text instead of messages")
+    return tokenizer.apply_chat_template(convo, tokenize=False, add_generation_prompt=True)
+
+
+def plain_text(text: str, spec: Personalization) -> str:
+    """A raw completion prompt under ``spec``: the preference prompt appended (no chat template)."""
+    from personalign.data import build_user_message
+
+    return build_user_message(text, spec.prompt_suffix) if spec.prompt_suffix else text
+
+
+def resolve(prefs: str | Preference | Mapping[str, float] | None, options: MethodOptions | None = None, *,
+            model: str | None = None, space: PreferenceSpace | None = None,
+            dimensions: str | None = None) -> Personalization:
+    """Check a request completely without loading a model; raise one precise error on the first problem."""
+    from personalign import compose
+    from personalign.merging import METHODS, check_merge_options, merge_defaults
+    from personalign.mixing import MixRule
+    from personalign.models import canonical_name
+    from personalign.preferences import Preference, load_space
+
+    o = options or MethodOptions()
+    method = Method.parse(o.method)
+    space = space if space is not None else load_space(dimensions)
+    if prefs is None:
+        if method is not Method.VANILLA:
+            raise PreferenceError(f"a preference is required with method {method.value}; e.g. --prefs 1A,2A,3A "
+                                  "(prefs='1A,2A,3A' in Python, preferences in a request)")
+        pref = None
+    else:
+        pref = prefs if isinstance(prefs, Preference) else space.parse(prefs)
+    name = canonical_name(model)
+    defaults = MethodOptions()
+
+    def refuse(option: str, applies: str) -> None:
+        if getattr(o, option) != getattr(defaults, option):
+            raise ConfigError(f"{option}={getattr(o, option)!r} applies only to {applies}, not to method "
+                              f"{method.value}; drop it")
+
+    if method is not Method.SOUP:
+        for opt in ("merge", "merge_rank", "merge_density", "merge_seed"):
+            refuse(opt, "method soup")
+    if method is not Method.MOPE:
+        for opt in ("mix", "pcm"):
+            refuse(opt, "method mope")
+    if not method.uses_experts:
+        refuse("experts", "methods expert, soup and mope")
+    if (method is Method.ADAPTER) != (o.adapter is not None):
+        raise ConfigError("adapter=FOLDER goes with method adapter (and method adapter needs adapter=FOLDER)")
+
+    density = seed = None
+    if method is Method.SOUP:
+        if o.merge not in METHODS:
+            raise ConfigError(f"unknown merge {o.merge!r}; choose one of {', '.join(METHODS)}")
+        density, seed = merge_defaults(o.merge, o.merge_density, o.merge_seed)
+        check_merge_options(o.merge, o.merge_rank, density, seed)
+    rule = MixRule.parse(o.mix) if method is Method.MOPE else None
+    if o.pcm is not None and rule is not MixRule.PROB:
+        raise ConfigError("pcm goes with mix 'prob' (the PCM weights a probability mixture)")
+
+    spec: dict[str, Any] = {"merge_density": density, "merge_seed": seed}
+    if method.uses_experts:
+        assert pref is not None
+        weights = compose.expert_weights(pref)
+        if method is Method.EXPERT and len(weights) != 1:
+            raise PreferenceError(f"method expert uses one side's expert, but {pref.spec()!r} names "
+                                  f"{len(weights)}; use method soup or mope to combine experts")
+        if method is Method.MOPE and any(w < 0 for w in weights.values()):
+            raise PreferenceError(f"token-level mixing needs non-negative weights, got {pref.spec()!r}; "
+                                  "use method soup for negative weights")
+        folder = compose.resolve_experts_dir(o.experts, name)
+        folders = compose.expert_folders(folder)
+        compose.require_experts(pref, folders, folder)
+        for side in weights:  # the configs only: no tensor is read here
+            compose.check_base(name, folders[side])
+        spec.update(experts_dir=folder, experts={s: folders[s] for s in weights}, weights=weights)
+    if o.pcm is not None:
+        from personalign.pcm import read_pcm_config, resolve_pcm_dir
+
+        pcm_dir = resolve_pcm_dir(o.pcm, name)
+        read_pcm_config(pcm_dir, list(spec["weights"]))
+        spec["pcm_dir"] = pcm_dir
+    if o.adapter is not None:
+        found = compose.adapter_folder(Path(o.adapter))
+        if found is None:
+            raise ConfigError(f"{o.adapter} holds no adapter ({' and '.join(compose.ADAPTER_FILES)}, directly or "
+                              "in adapter/)")
+        compose.check_base(name, found)
+        spec["adapter_dir"] = found
+    return Personalization(method, pref, name, o, **spec)
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One generated row: its token ids (end-of-sequence excluded), text and why it ended."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" (end-of-sequence or a stop string) or "length"
+    tokens: int  # generated tokens counted as OpenAI counts them (the end-of-sequence included)
+
+
+class PersonalizedModel:
+    """A base model personalized by one method for one preference; build it with :func:`personalize`."""
+
+    def __init__(self, spec: Personalization, tokenizer: PreTrainedTokenizerBase, make_step: Callable[[], Step],
+                 eos: list[int], device: torch.device, seed_range: int | None, *, model: Any = None,
+                 merge_report: dict[str, Any] | None = None) -> None:
+        self.spec, self.tokenizer = spec, tokenizer
+        self._make_step, self.eos, self.device, self._seed_range = make_step, eos, device, seed_range
+        self.model = model  # the generating model (merged for expert/soup/adapter; the peft model for mope)
+        self.merge_report = merge_report
+
+    @property
+    def method(self) -> Method:
+        return self.spec.method
+
+    @property
+    def preference(self) -> Preference | None:
+        return self.spec.preference
+
+    @property
+    def label(self) -> str:
+        return self.spec.label
+
+    # -- inputs ------------------------------------------------------------------------------------------
+    def format(self, instruction: str) -> str:
+        """The chat-formatted model input for one instruction under this method and preference."""
+        return build_prompts(self.tokenizer, [instruction], self.preference, self.method)[0]
+
+    def format_messages(self, messages: Sequence[Mapping[str, str]]) -> str:
+        """The model input for a conversation: the preference prompt joins the last user message."""
+        return chat_text(self.tokenizer, messages, self.spec)
+
+    def format_plain(self, text: str) -> str:
+        """A raw completion prompt with the preference prompt appended (no chat template)."""
+        return plain_text(text, self.spec)
+
+    # -- generation ----------------------------------------------------------------------------------------
+    def generate(self, instructions: Sequence[str] | str, sampling: SamplingConfig | None = None, *,
+                 batch_size: int = 8, first_index: int = 0,
+                 on_batch: Callable[[int, list[str]], None] | None = None) -> list[str]:
+        """Answer each instruction; batches are seeded by position (``first_index`` is the position of the
+        first instruction in a larger run), so a resumed file run gives the same text."""
+        items = [instructions] if isinstance(instructions, str) else list(instructions)
+        return self.generate_texts([self.format(t) for t in items], sampling, batch_size=batch_size,
+                                   first_index=first_index, on_batch=on_batch)
+
+    def generate_texts(self, texts: Sequence[str], sampling: SamplingConfig | None = None, *, batch_size: int = 8,
+                       first_index: int = 0, on_batch: Callable[[int, list[str]], None] | None = None) -> list[str]:
+        """Like :meth:`generate`, for inputs already formatted (:meth:`format`)."""
+        from personalign.generation import SamplingConfig, generate_texts
+
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+        return generate_texts(self._make_step, self.tokenizer, texts, sampling or SamplingConfig(), eos=self.eos,
+                              device=self.device, batch_size=batch_size, first_index=first_index,
+                              seed_range=self._seed_range, on_batch=on_batch)
+
+    def _batch(self, texts: Sequence[str], seed: int) -> tuple[Any, Any, Any]:
+        from personalign.generation import batch_seed, encode_batch, seeded_generator
+
+        ids, mask = encode_batch(self.tokenizer, texts, self.device)
+        s = batch_seed(seed, 0)
+        if self._seed_range is not None:
+            s %= self._seed_range
+        return ids, mask, seeded_generator(s, self.device)
+
+    def _stopper(self, stop: Sequence[str]) -> Callable[[Any], Any] | None:
+        if not stop:
+            return None
+        import torch
+
+        tail = max(len(s) for s in stop) + 8  # tokens enough to hold any stop string
+
+        def check(generated: torch.Tensor) -> torch.Tensor:
+            texts = self.tokenizer.batch_decode(generated[:, -tail:], skip_special_tokens=True)
+            return torch.tensor([any(s in t for s in stop) for t in texts], device=generated.device)
+
+        return check
+
+    def complete(self, texts: Sequence[str], sampling: SamplingConfig, *, seed: int | None = None,
+                 stop: Sequence[str] = ()) -> list[Completion]:
+        """Generate for formatted texts as one batch; a row ends at end-of-sequence or at a stop string
+        (cut from its text). ``seed`` defaults to ``sampling.seed``: the same call gives the same text."""
+        from personalign.generation import decode, pad_token_id
+
+        ids, mask, gen = self._batch(texts, sampling.seed if seed is None else seed)
+        out = decode(self._make_step(), ids, mask, sampling, eos=self.eos, pad=pad_token_id(self.tokenizer, self.eos),
+                     generator=gen, stop=self._stopper(stop))
+        results = []
+        for row, valid, reason in zip(out.tokens.tolist(), out.mask.tolist(), out.reasons):
+            n = sum(valid)
+            kept = [t for t in row[:n] if t not in self.eos]
+            text = self.tokenizer.decode(kept, skip_special_tokens=True)
+            cuts = [text.find(s) for s in stop if s in text]
+            if cuts:
+                text = text[: min(cuts)]
+            results.append(Completion(kept, text, reason, n))
+        return results
+
+    def stream(self, text: str, sampling: SamplingConfig, *, seed: int | None = None,
+               stop: Sequence[str] = ()) -> Iterator[str]:
+        """Yield the answer to one formatted text piece by piece as it is decoded (the pieces join to what
+        :meth:`complete` returns for the same text and seed)."""
+        from personalign.generation import decode_steps, pad_token_id
+
+        ids, mask, gen = self._batch([text], sampling.seed if seed is None else seed)
+        tokens: list[int] = []
+        sent = ""
+        held = max((len(s) for s in stop), default=0)  # hold back what could start a stop string
+        for nxt, valid, _ in decode_steps(self._make_step(), ids, mask, sampling, eos=self.eos,
+                                          pad=pad_token_id(self.tokenizer, self.eos), generator=gen,
+                                          stop=self._stopper(stop)):
+            if bool(valid[0]) and int(nxt[0]) not in self.eos:
+                tokens.append(int(nxt[0]))
+            full = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            cuts = [full.find(s) for s in stop if s in full]
+            if cuts:
+                full = full[: min(cuts)]
+                if full.startswith(sent) and len(full) > len(sent):
+                    yield full[len(sent):]
+                return
+            safe = full.removesuffix("\ufffd")  # an incomplete UTF-8 sequence waits
+            safe = safe[: len(safe) - held] if held else safe
+            if len(safe) > len(sent) and safe.startswith(sent):
+                yield safe[len(sent):]
+                sent = safe
+        full = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        if len(full) > len(sent) and full.startswith(sent):
+            yield full[len(sent):]
+
+
+def personalize(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, spec: Personalization, *,
+                inplace: bool = False, cache: Path | None = None) -> PersonalizedModel:
+    """Build the personalized model ``spec`` describes on ``model``.
+
+    Methods that change weights (expert, soup, adapter, mope) work on a copy of ``model`` unless
+    ``inplace`` (the caller hands the model over: no copy, and the model must not be used otherwise).
+    ``cache``: the folder soups are cached in (default: personalign's cache folder).
+    """
+    from personalign import compose
+    from personalign.generation import ModelStep, eos_token_ids
+    from personalign.merging import load_adapter
+    from personalign.models import canonical_name
+
+    have = canonical_name(getattr(model.config, "personalign_base", None) or model.name_or_path)
+    if spec.method.changes_weights and have != spec.model_name:
+        from personalign.errors import ModelError
+
+        raise ModelError(f"this request was resolved for base model {spec.model_name!r}, but the model given is "
+                         f"{have!r}; resolve it with model={have!r}")
+    eos = eos_token_ids(model, tokenizer)
+    device = next(model.parameters()).device
+    m = spec.method
+    if not m.changes_weights:
+        return PersonalizedModel(spec, tokenizer, lambda: ModelStep(model), eos, device, None, model=model)
+    base = model if inplace else copy.deepcopy(model)
+    report = None
+    if m is Method.MOPE:
+        return _mixture(spec, tokenizer, base, eos, device)
+    if m is Method.SOUP:
+        o = spec.options
+        adapter, report, _ = compose.soup_adapter(dict(spec.weights), dict(spec.experts), method=o.merge,
+                                                  rank=o.merge_rank, density=spec.merge_density,
+                                                  seed=spec.merge_seed, preference=spec.preference.spec(),
+                                                  cache=cache)
+    else:  # expert, adapter
+        folder = spec.adapter_dir if m is Method.ADAPTER else next(iter(spec.experts.values()))
+        adapter = load_adapter(folder)
+    merged = compose.with_adapters(base, {"default": adapter}).merge_and_unload()
+    merged.eval()
+    return PersonalizedModel(spec, tokenizer, lambda: ModelStep(merged), eos, device, None, model=merged,
+                             merge_report=report)
+
+
+# MoPE batches have always been seeded within 31 bits; kept so that their recorded outputs reproduce.
+_MIXTURE_SEED_RANGE = 2**31
+
+
+def _mixture(spec: Personalization, tokenizer: PreTrainedTokenizerBase, base: PreTrainedModel, eos: list[int],
+             device: torch.device) -> PersonalizedModel:
+    from personalign import compose
+    from personalign.experts import Experts
+    from personalign.merging import load_adapter
+    from personalign.mixing import MixRule
+    from personalign.mixture import FixedWeights, MixtureStep
+
+    sides = list(spec.weights)
+    peft_model = compose.with_adapters(base, {s: load_adapter(spec.experts[s]) for s in sides})
+    experts = Experts.from_adapters(peft_model, sides)
+    rule = MixRule.parse(spec.options.mix)
+    if spec.pcm_dir is not None:
+        from personalign.pcm import PCMWeights, PreferenceControlModel
+
+        pcm = PreferenceControlModel.load(spec.pcm_dir, base_model=base, sides=sides, device=experts.device)
+        provider: Any = PCMWeights(pcm, experts, base.get_input_embeddings(), spec.preference)
+    else:
+        provider = None if rule is MixRule.UNIFORM else FixedWeights([spec.weights[s] for s in sides])
+    return PersonalizedModel(spec, tokenizer, lambda: MixtureStep(experts, provider, rule), eos, device,
+                             _MIXTURE_SEED_RANGE, model=peft_model)
+
+
+def load_personalized(prefs: str | Preference | Mapping[str, float] | None = None, method: str = "prompt", *,
+                      model: str | None = None, device: str = "auto", dtype: str = "auto",
+                      dimensions: str | None = None, **options: Any) -> PersonalizedModel:
+    """Resolve, load the base model (the embedded default unless ``model``) and personalize it::
+
+        pm = load_personalized("1A,2B,3A", method="soup", merge="exact")
+        print(pm.generate("Explain photosynthesis."))
+    """
+    from personalign.models import load_model
+
+    spec = resolve(prefs, _options(method, options), model=model, dimensions=dimensions)
+    base, tokenizer = load_model(model, device=device, dtype=dtype)
+    return personalize(base, tokenizer, spec, inplace=True)
+
+
+def _options(method: str, options: Mapping[str, Any]) -> MethodOptions:
+    from personalign.config import from_dict
+
+    return from_dict(MethodOptions, {"method": method, **{k: v for k, v in options.items()}}, where="options")
