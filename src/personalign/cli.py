@@ -78,8 +78,21 @@ def _root(
 # Options shared by several commands.
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Base model: smollm2-135m-instruct (default, embedded), a local folder or a Hugging Face id.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16.")]
 DimsOpt = Annotated[Optional[Path], typer.Option("--dimensions", help="YAML file declaring your own dimensions and sides.")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config field: --set lr=1e-4 --set lora.r=16.")]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file (strict: unknown fields are errors).")]
+# The same options for commands whose defaults live in their config (None: not given on the command line).
+DeviceArg = Annotated[Optional[str], typer.Option("--device", help="auto (default), cpu, cuda or cuda:N.")]
+DtypeArg = Annotated[Optional[str], typer.Option("--dtype", help="auto (default: float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16.")]
+
+
+def _load(cls: type, config: Path | None, given: dict[str, Any], sets: list[str] | None) -> Any:
+    """Every command's one way to its config: the config class's defaults, then ``--config FILE``, then the
+    flags given (typed, by dotted field name), then ``--set field=value``."""
+    from personalign.config import load_config
+
+    flags = {k: (str(v) if isinstance(v, Path) else v) for k, v in given.items() if v is not None}
+    return load_config(cls, _resolve_config_path(config), list(sets or []), given=flags)
 
 
 @app.command()
@@ -87,156 +100,143 @@ DimsOpt = Annotated[Optional[Path], typer.Option("--dimensions", help="YAML file
 def generate(
     instruction: Annotated[Optional[str], typer.Argument(help="The instruction to answer (or use --input).")] = None,
     prefs: Annotated[Optional[str], typer.Option("--prefs", "-p", help="Preference: 1A,2A,3A or P1A+P2A+P3A or elementary,concise,friendly or weighted concise=0.7,informative=0.3.")] = None,
-    method: Annotated[str, typer.Option("--method", help="vanilla (no preference), prompt (preference prompting), expert (one side's expert), soup (experts merged), mope (experts mixed per token) or adapter (--adapter FOLDER).")] = "prompt",
+    method: Annotated[Optional[str], typer.Option("--method", help="prompt (default: preference prompting), vanilla (no preference), expert (one side's expert), soup (experts merged), mope (experts mixed per token) or adapter (--adapter FOLDER).")] = None,
     input: Annotated[Optional[str], typer.Option("--input", "-i", help="Prompts: a JSONL/JSON file (prompt, or instruction+input), builtin:train, builtin:eval or hf:NAME[:SPLIT].")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write JSONL here (resumes if it exists).")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first N prompts of --input.")] = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 256,
-    temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy.")] = 0.7,
-    top_p: Annotated[float, typer.Option("--top-p")] = 0.9,
-    repetition_penalty: Annotated[float, typer.Option("--repetition-penalty")] = 1.1,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Default 256.")] = None,
+    temperature: Annotated[Optional[float], typer.Option("--temperature", help="0 = greedy; default 0.7.")] = None,
+    top_p: Annotated[Optional[float], typer.Option("--top-p", help="Default 0.9.")] = None,
+    repetition_penalty: Annotated[Optional[float], typer.Option("--repetition-penalty", help="Default 1.1.")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Default 0; the same seed gives the same text.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Default 8.")] = None,
     experts: Annotated[Optional[Path], typer.Option("--experts", help="Folder of <SIDE>/ expert adapters (default: the experts shipped for the model).")] = None,
-    merge: Annotated[str, typer.Option("--merge", help="soup: psoups (A and B averaged, as the paper), exact (sum of B@A), ties, dare, dare_ties.")] = "psoups",
+    merge: Annotated[Optional[str], typer.Option("--merge", help="soup: psoups (default: A and B averaged, as the paper), exact (sum of B@A), ties, dare, dare_ties.")] = None,
     merge_rank: Annotated[Optional[int], typer.Option("--merge-rank", help="soup: compress exact/ties/dare merges to this rank by SVD.")] = None,
     density: Annotated[Optional[float], typer.Option("--density", help="soup: fraction kept by ties/dare (default 0.5).")] = None,
-    mix: Annotated[str, typer.Option("--mix", help="mope: prob (mix probabilities), logit (mix logits) or uniform.")] = "prob",
+    mix: Annotated[Optional[str], typer.Option("--mix", help="mope: prob (default: mix probabilities), logit (mix logits) or uniform.")] = None,
     adapter: Annotated[Optional[Path], typer.Option("--adapter", help="With --method adapter: a trained adapter folder (multitask, P-MORL, RLHF).")] = None,
-    pcm: Annotated[Optional[Path], typer.Option("--pcm", help="mope: a Preference Control Model folder written by train-pcm (per-token weights), or 'shipped' for the one shipped with the embedded model's experts.")] = None,
+    pcm: Annotated[Optional[str], typer.Option("--pcm", help="mope: a Preference Control Model folder written by train-pcm (per-token weights), or 'shipped' for the one shipped with the embedded model's experts.")] = None,
     model: ModelOpt = None,
     dimensions: DimsOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
+    device: DeviceArg = None,
+    dtype: DtypeArg = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
 ) -> None:
     """Answer instructions under a preference."""
-    from personalign.generation import SamplingConfig
     from personalign.recipes import generate as recipe
 
-    if instruction is not None and input is not None:
-        raise typer.BadParameter("give either an instruction or --input, not both")
-    if output is not None and input is None:
-        raise typer.BadParameter("--output needs --input")
-    cfg = recipe.GenerateConfig(
-        prefs=prefs, method=method, model=model, dimensions=str(dimensions) if dimensions else None,
-        input=input, instructions=(instruction,) if instruction is not None else (), output=str(output) if output else None,
-        limit=limit, batch_size=batch_size, device=device, dtype=dtype,
-        sampling=SamplingConfig(max_new_tokens, temperature, top_p, repetition_penalty, seed),
-        experts=str(experts) if experts else None, merge=merge, merge_rank=merge_rank,
-        merge_density=density,
-        mix=mix, adapter=str(adapter) if adapter else None, pcm=str(pcm) if pcm else None,
-    )
+    given = {"prefs": prefs, "method": method, "input": input, "output": output, "limit": limit,
+             "instructions": [instruction] if instruction is not None else None, "batch_size": batch_size,
+             "sampling.max_new_tokens": max_new_tokens, "sampling.temperature": temperature, "sampling.top_p": top_p,
+             "sampling.repetition_penalty": repetition_penalty, "sampling.seed": seed, "experts": experts,
+             "merge": merge, "merge_rank": merge_rank, "merge_density": density, "mix": mix, "adapter": adapter,
+             "pcm": pcm, "model": model, "dimensions": dimensions, "device": device, "dtype": dtype}
+    cfg = _load(recipe.GenerateConfig, config, given, set_)
     rows = recipe.main(cfg)
-    if output is None:
+    if cfg.output is None:
         for row in rows:
             typer.echo(row["response"])
     else:
-        typer.echo(f"wrote {len(rows)} responses to {output}", err=True)
+        typer.echo(f"wrote {len(rows)} responses to {cfg.output}", err=True)
 
 
 @app.command()
 @_friendly_errors
 def rollout(
-    output: Annotated[Path, typer.Option("--output", "-o", help="JSONL file to write (resumes if it exists).")],
-    sides: Annotated[str, typer.Option("--sides", help="Comma-separated sides to roll out.")] = "P1A,P1B,P2A,P2B,P3A,P3B",
-    prompts: Annotated[str, typer.Option("--prompts", help="builtin:train, a JSONL/JSON file or hf:NAME.")] = "builtin:train",
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="JSONL file to write (resumes if it exists).")] = None,
+    sides: Annotated[Optional[str], typer.Option("--sides", help="Comma-separated sides to roll out (default: the six P-SOUPS sides).")] = None,
+    prompts: Annotated[Optional[str], typer.Option("--prompts", help="builtin:train (default), a JSONL/JSON file or hf:NAME.")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first N instructions.")] = None,
-    samples: Annotated[int, typer.Option("--samples", "-n", help="Responses per instruction per side.")] = 2,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 160,
-    temperature: Annotated[float, typer.Option("--temperature")] = 1.0,
-    top_p: Annotated[float, typer.Option("--top-p")] = 0.95,
-    repetition_penalty: Annotated[float, typer.Option("--repetition-penalty")] = 1.1,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 16,
+    samples: Annotated[Optional[int], typer.Option("--samples", "-n", help="Responses per instruction per side (default 2).")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Default 160.")] = None,
+    temperature: Annotated[Optional[float], typer.Option("--temperature", help="Default 1.0.")] = None,
+    top_p: Annotated[Optional[float], typer.Option("--top-p", help="Default 0.95.")] = None,
+    repetition_penalty: Annotated[Optional[float], typer.Option("--repetition-penalty", help="Default 1.1.")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Default 0.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Default 16.")] = None,
     model: ModelOpt = None,
     dimensions: DimsOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
+    device: DeviceArg = None,
+    dtype: DtypeArg = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
 ) -> None:
     """Sample responses per instruction per side, with that side's prompt appended."""
-    from personalign.generation import SamplingConfig
     from personalign.recipes import rollout as recipe
 
-    cfg = recipe.RolloutConfig(
-        output=str(output), sides=tuple(s for s in sides.split(",") if s.strip()), prompts=prompts, limit=limit,
-        samples=samples, model=model, dimensions=str(dimensions) if dimensions else None, batch_size=batch_size,
-        device=device, dtype=dtype, sampling=SamplingConfig(max_new_tokens, temperature, top_p, repetition_penalty, seed),
-    )
-    path = recipe.main(cfg)
+    given = {"output": output, "sides": sides, "prompts": prompts, "limit": limit, "samples": samples,
+             "sampling.max_new_tokens": max_new_tokens, "sampling.temperature": temperature, "sampling.top_p": top_p,
+             "sampling.repetition_penalty": repetition_penalty, "sampling.seed": seed, "batch_size": batch_size,
+             "model": model, "dimensions": dimensions, "device": device, "dtype": dtype}
+    path = recipe.main(_load(recipe.RolloutConfig, config, given, set_))
     typer.echo(f"rollouts in {path}", err=True)
 
 
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config field: --set lr=1e-4 --set lora.r=16.")]
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file (strict: unknown fields are errors).")]
 
 
-def _overrides(pairs: dict[str, Any], sets: list[str] | None) -> list[str]:
-    """Command-line options that were given, as overrides, then --set ones (which win)."""
-    out = [f"{k}={v}" for k, v in pairs.items() if v is not None]
-    return out + list(sets or [])
-
-
-JudgeOpt = Annotated[str, typer.Option("--judge", help="offline, llm (an OpenAI-compatible endpoint) or human (a labels file).")]
 BaseUrlOpt = Annotated[Optional[str], typer.Option("--base-url", help="llm judge: endpoint, e.g. http://127.0.0.1:8000/v1.")]
 JudgeModelOpt = Annotated[Optional[str], typer.Option("--judge-model", help="llm judge: the endpoint's model name.")]
 LabelsOpt = Annotated[Optional[Path], typer.Option("--labels", help="human judge: JSONL of labels.")]
 CacheOpt = Annotated[Optional[Path], typer.Option("--judge-cache", help="llm judge: answer cache file (reruns never pay twice).")]
 
 
-def _judge_config(kind: str, base_url: str | None, judge_model: str | None, labels: Path | None,
-                  cache: Path | None) -> Any:
-    from personalign.judges import JudgeConfig
-
-    return JudgeConfig(kind=kind, labels=str(labels) if labels else None, base_url=base_url, model=judge_model,
-                       cache=str(cache) if cache else None)
+def _judge_fields(kind: str | None, base_url: str | None, judge_model: str | None, labels: Path | None,
+                  cache: Path | None) -> dict[str, Any]:
+    """A judge's settings given on the command line (JudgeConfig's fields), the others left to the config."""
+    given = {"kind": kind, "base_url": base_url, "model": judge_model, "labels": labels, "cache": cache}
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in given.items() if v is not None}
 
 
 @app.command()
 @_friendly_errors
 def judge(
-    side: Annotated[str, typer.Option("--side", help="The side whose criterion decides, e.g. P2A or concise.")],
-    input: Annotated[Path, typer.Option("--input", "-i", help="JSONL with prompt, a and b.")],
+    side: Annotated[Optional[str], typer.Option("--side", help="The side whose criterion decides, e.g. P2A or concise.")] = None,
+    input: Annotated[Optional[Path], typer.Option("--input", "-i", help="JSONL with prompt, a and b.")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write here (default: standard output).")] = None,
-    judge: JudgeOpt = "offline",
+    judge: Annotated[Optional[str], typer.Option("--judge", help="offline (default), llm (an OpenAI-compatible endpoint) or human (a labels file).")] = None,
     base_url: BaseUrlOpt = None,
     judge_model: JudgeModelOpt = None,
     labels: LabelsOpt = None,
     judge_cache: CacheOpt = None,
     dimensions: DimsOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
 ) -> None:
     """Judge pairs of responses on one side's criterion: adds `verdict` (a, b or tie)."""
     from personalign.recipes import judge as recipe
 
-    cfg = recipe.JudgeFileConfig(side=side, input=str(input), output=str(output) if output else None,
-                                 judge=_judge_config(judge, base_url, judge_model, labels, judge_cache),
-                                 dimensions=str(dimensions) if dimensions else None)
-    recipe.main(cfg)
+    fields = _judge_fields(judge, base_url, judge_model, labels, judge_cache)
+    given = {"side": side, "input": input, "output": output, "dimensions": dimensions,
+             **{f"judge.{k}": v for k, v in fields.items()}}
+    recipe.main(_load(recipe.JudgeFileConfig, config, given, set_))
 
 
 @app.command()
 @_friendly_errors
 def label(
-    rollouts: Annotated[Path, typer.Option("--rollouts", "-i", help="JSONL written by `personalign rollout`.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Pairs JSONL to write (stats beside it).")],
-    judge: Annotated[Optional[list[str]], typer.Option("--judge", help="Judge kind; repeat to run several and report their agreement (the first decides).")] = None,
-    combine: Annotated[str, typer.Option("--combine", help="first (the first judge decides) or unanimous.")] = "first",
+    rollouts: Annotated[Optional[Path], typer.Option("--rollouts", "-i", help="JSONL written by `personalign rollout`.")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Pairs JSONL to write (stats beside it).")] = None,
+    judge: Annotated[Optional[list[str]], typer.Option("--judge", help="Judge kind (default offline); repeat to run several and report their agreement (the first decides).")] = None,
+    combine: Annotated[Optional[str], typer.Option("--combine", help="first (default: the first judge decides) or unanimous.")] = None,
     sides: Annotated[Optional[str], typer.Option("--sides", help="Only these sides (comma-separated).")] = None,
     base_url: BaseUrlOpt = None,
     judge_model: JudgeModelOpt = None,
     labels: LabelsOpt = None,
     judge_cache: CacheOpt = None,
     dimensions: DimsOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
 ) -> None:
     """Turn rollouts into per-side preference pairs (ties dropped), with judge agreement."""
     from personalign.recipes import label as recipe
 
-    kinds = judge or ["offline"]
-    cfg = recipe.LabelConfig(
-        rollouts=str(rollouts), output=str(output),
-        judges=tuple(_judge_config(k, base_url, judge_model, labels, judge_cache) for k in kinds), combine=combine,
-        sides=tuple(s for s in (sides or "").split(",") if s.strip()), dimensions=str(dimensions) if dimensions else None,
-    )
-    stats = recipe.main(cfg)
+    shared = _judge_fields(None, base_url, judge_model, labels, judge_cache)
+    judges = [{"kind": k, **shared} for k in judge] if judge else ([{"kind": "offline", **shared}] if shared else None)
+    given = {"rollouts": rollouts, "output": output, "judges": judges, "combine": combine, "sides": sides,
+             "dimensions": dimensions}
+    stats = recipe.main(_load(recipe.LabelConfig, config, given, set_))
     typer.echo(json.dumps(stats, indent=1), err=True)
 
 
@@ -251,12 +251,11 @@ def train_rm(
     set_: SetOpt = None,
 ) -> None:
     """Train a Bradley-Terry reward model (LoRA + scalar head) on one side's pairs, or a multi-head one."""
-    from personalign.config import load_config
     from personalign.recipes import train_rm as recipe
 
     given = {"pairs": pairs, "output_dir": output_dir, "model": model,
              "sides": ",".join(side) if side else None}
-    cfg = load_config(recipe.TrainRMConfig, _resolve_config_path(config), _overrides(given, set_))
+    cfg = _load(recipe.TrainRMConfig, config, given, set_)
     metrics = recipe.main(cfg)
     typer.echo(json.dumps({k: v for k, v in metrics.items() if k.startswith("eval/accuracy")}, indent=1))
 
@@ -273,11 +272,10 @@ def train_expert(
     set_: SetOpt = None,
 ) -> None:
     """Train one expert: a LoRA adapter on the base model, by RL against one side's reward."""
-    from personalign.config import load_config
     from personalign.recipes import train_expert as recipe
 
     given = {"side": side, "output_dir": output_dir, "reward": reward, "algorithm": algorithm, "model": model}
-    cfg = load_config(recipe.TrainExpertConfig, _resolve_config_path(config), _overrides(given, set_))
+    cfg = _load(recipe.TrainExpertConfig, config, given, set_)
     typer.echo(json.dumps(recipe.main(cfg), indent=1))
 
 
@@ -293,12 +291,11 @@ def train_pcm(
     set_: SetOpt = None,
 ) -> None:
     """Train the Preference Control Model (MoPE): per-token expert weights by REBEL, experts frozen."""
-    from personalign.config import load_config
     from personalign.recipes import train_pcm as recipe
 
     given = {"output_dir": output_dir, "experts": str(experts) if experts else None, "reward": reward,
              "model": model, "sides": ",".join(side) if side else None}
-    cfg = load_config(recipe.TrainPCMConfig, _resolve_config_path(config), _overrides(given, set_))
+    cfg = _load(recipe.TrainPCMConfig, config, given, set_)
     typer.echo(json.dumps(recipe.main(cfg), indent=1))
 
 
@@ -313,11 +310,10 @@ def train_multitask(
     set_: SetOpt = None,
 ) -> None:
     """Multitask baseline: one LoRA adapter fine-tuned on the judge-chosen responses of every side."""
-    from personalign.config import load_config
     from personalign.recipes import train_multitask as recipe
 
     given = {"pairs": pairs, "output_dir": output_dir, "model": model, "sides": ",".join(side) if side else None}
-    cfg = load_config(recipe.TrainMultitaskConfig, _resolve_config_path(config), _overrides(given, set_))
+    cfg = _load(recipe.TrainMultitaskConfig, config, given, set_)
     typer.echo(json.dumps(recipe.main(cfg), indent=1))
 
 
@@ -333,12 +329,11 @@ def train_pmorl(
     set_: SetOpt = None,
 ) -> None:
     """P-MORL baseline: one policy trained by RL on prompts carrying a whole combination, reward = mean of its sides."""
-    from personalign.config import load_config
     from personalign.recipes import train_pmorl as recipe
 
     given = {"output_dir": output_dir, "reward": reward, "algorithm": algorithm, "model": model,
              "sides": ",".join(side) if side else None}
-    cfg = load_config(recipe.TrainPMORLConfig, _resolve_config_path(config), _overrides(given, set_))
+    cfg = _load(recipe.TrainPMORLConfig, config, given, set_)
     typer.echo(json.dumps(recipe.main(cfg), indent=1))
 
 
@@ -355,12 +350,11 @@ def eval_(
     set_: SetOpt = None,
 ) -> None:
     """Evaluate methods against preference prompting: win rates with bootstrap intervals, fluency, plots."""
-    from personalign.config import load_config
     from personalign.recipes import evaluate as recipe
 
     given = {"run_dir": run_dir, "model": model, "experts": experts, "judge": judge, "limit": limit,
              "single_sides": single_sides}
-    cfg = load_config(recipe.EvalConfig, _resolve_config_path(config), _overrides(given, set_))
+    cfg = _load(recipe.EvalConfig, config, given, set_)
     results = recipe.main(cfg)
     typer.echo(Path(results["files"]["markdown"]).read_text())
 
@@ -377,12 +371,11 @@ def pareto(
     set_: SetOpt = None,
 ) -> None:
     """Sweep the weight between two opposite sides; report the Pareto front and its hypervolume."""
-    from personalign.config import load_config
     from personalign.recipes import pareto as recipe
 
     given = {"run_dir": run_dir, "sides": sides, "methods": ",".join(method) if method else None,
              "model": model, "experts": experts}
-    cfg = load_config(recipe.ParetoConfig, _resolve_config_path(config), _overrides(given, set_))
+    cfg = _load(recipe.ParetoConfig, config, given, set_)
     result = recipe.main(cfg)
     typer.echo(Path(result["files"]["markdown"]).read_text())
 
@@ -442,26 +435,28 @@ def _resolve_config_path(config: Path | None) -> Path | None:
 @app.command()
 @_friendly_errors
 def merge(
-    prefs: Annotated[str, typer.Option("--prefs", "-p", help="Preference whose experts to merge: 1A,2A,3A or concise=0.7,informative=0.3.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="New folder for the merged adapter (or model).")],
+    prefs: Annotated[Optional[str], typer.Option("--prefs", "-p", help="Preference whose experts to merge: 1A,2A,3A or concise=0.7,informative=0.3.")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="New folder for the merged adapter (or model).")] = None,
     experts: Annotated[Optional[Path], typer.Option("--experts", help="Folder of <SIDE>/ expert adapters (default: the shipped experts).")] = None,
-    method: Annotated[str, typer.Option("--method", help="psoups (A and B averaged, as the paper), exact (sum of B@A), ties, dare, dare_ties.")] = "psoups",
+    method: Annotated[Optional[str], typer.Option("--method", help="psoups (default: A and B averaged, as the paper), exact (sum of B@A), ties, dare, dare_ties.")] = None,
     rank: Annotated[Optional[int], typer.Option("--rank", help="exact/ties/dare: compress to this rank by SVD (the error is reported).")] = None,
-    density: Annotated[Optional[float], typer.Option("--density", help="ties/dare: fraction of each delta kept.")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="dare: random seed.")] = None,
-    full_model: Annotated[bool, typer.Option("--full-model", help="Write the base model with the merge folded into its weights.")] = False,
+    density: Annotated[Optional[float], typer.Option("--density", help="ties/dare: fraction of each delta kept (default 0.5).")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="dare: random seed (default 0).")] = None,
+    full_model: Annotated[Optional[bool], typer.Option("--full-model", help="Write the base model with the merge folded into its weights.")] = None,
     model: ModelOpt = None,
     dimensions: DimsOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
+    device: DeviceArg = None,
+    dtype: DtypeArg = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
 ) -> None:
     """Merge the experts of a preference into one adapter (Personalized Soups), or into a full model."""
     from personalign.recipes import merge as recipe
 
-    report = recipe.main(recipe.MergeConfig(
-        prefs=prefs, output=str(output), experts=str(experts) if experts else None, method=method, rank=rank,
-        density=density, seed=seed, full_model=full_model, model=model,
-        dimensions=str(dimensions) if dimensions else None, device=device, dtype=dtype))
+    given = {"prefs": prefs, "output": output, "experts": experts, "method": method, "rank": rank, "density": density,
+             "seed": seed, "full_model": full_model, "model": model, "dimensions": dimensions, "device": device,
+             "dtype": dtype}
+    report = recipe.main(_load(recipe.MergeConfig, config, given, set_))
     typer.echo(json.dumps(report, indent=2))
 
 
@@ -472,10 +467,9 @@ def pipeline(
     set_: SetOpt = None,
 ) -> None:
     """Run rollouts -> labels -> reward models -> experts for every side; completed stages are skipped."""
-    from personalign.config import load_config
     from personalign.recipes import pipeline as recipe
 
-    cfg = load_config(recipe.PipelineConfig, _resolve_config_path(config), list(set_ or []))
+    cfg = _load(recipe.PipelineConfig, config, {}, set_)
     summary = recipe.main(cfg)
     rewards = summary["stages"].get("reward", {})
     for name, m in rewards.items():
@@ -486,26 +480,28 @@ def pipeline(
 @_friendly_errors
 def serve(
     model: ModelOpt = None,
-    host: Annotated[str, typer.Option("--host", help="Address to listen on (loopback by default).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port")] = 8000,
-    max_batch: Annotated[int, typer.Option("--max-batch", help="Most concurrent requests generated together.")] = 8,
-    method: Annotated[str, typer.Option("--method", help="Default method when a request names none: vanilla, prompt, expert, soup or mope.")] = "prompt",
+    host: Annotated[Optional[str], typer.Option("--host", help="Address to listen on (default 127.0.0.1, loopback).")] = None,
+    port: Annotated[Optional[int], typer.Option("--port", help="Default 8000.")] = None,
+    max_batch: Annotated[Optional[int], typer.Option("--max-batch", help="Most rows generated together (default 8).")] = None,
+    method: Annotated[Optional[str], typer.Option("--method", help="Default method when a request names none: prompt (default), vanilla, expert, soup or mope.")] = None,
     experts: Annotated[Optional[Path], typer.Option("--experts", help="Folder of <SIDE>/ expert adapters (default: the experts shipped for the model).")] = None,
-    merge: Annotated[str, typer.Option("--merge", help="Default merge for soups: psoups, exact, ties, dare, dare_ties.")] = "psoups",
-    mix: Annotated[str, typer.Option("--mix", help="Default mixing rule for mope: prob, logit or uniform.")] = "prob",
+    merge: Annotated[Optional[str], typer.Option("--merge", help="Default merge for soups: psoups (default), exact, ties, dare, dare_ties.")] = None,
+    mix: Annotated[Optional[str], typer.Option("--mix", help="Default mixing rule for mope: prob (default), logit or uniform.")] = None,
     pcm: Annotated[Optional[str], typer.Option("--pcm", help="Default for mope: a train-pcm folder or 'shipped' (requests may say pcm: none).")] = None,
-    max_models: Annotated[int, typer.Option("--max-models", help="Personalized models (soups, mixtures) kept built; each is a copy of the base model.")] = 4,
+    max_models: Annotated[Optional[int], typer.Option("--max-models", help="Personalized models (soups, mixtures) kept built, default 4; each is a copy of the base model.")] = None,
     dimensions: DimsOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
+    device: DeviceArg = None,
+    dtype: DtypeArg = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions) that takes preferences and methods per request."""
-    from personalign.personalize import MethodOptions
-    from personalign.serve import run_server
+    from personalign.serve import ServeConfig, run_server
 
-    defaults = MethodOptions(method=method, experts=str(experts) if experts else None, merge=merge, mix=mix, pcm=pcm)
-    run_server(model, host=host, port=port, device=device, dtype=dtype, max_batch=max_batch, defaults=defaults,
-               max_models=max_models, dimensions=str(dimensions) if dimensions else None)
+    given = {"model": model, "host": host, "port": port, "max_batch": max_batch, "method": method,
+             "experts": experts, "merge": merge, "mix": mix, "pcm": pcm, "max_models": max_models,
+             "dimensions": dimensions, "device": device, "dtype": dtype}
+    run_server(config=_load(ServeConfig, config, given, set_))
 
 
 @app.command()
@@ -513,24 +509,23 @@ def serve(
 def demo(
     model: ModelOpt = None,
     output_dir: Annotated[Optional[Path], typer.Option("--output-dir", help="Also write demo.jsonl here.")] = None,
-    num_instructions: Annotated[int, typer.Option("--num-instructions", "-n")] = 3,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 160,
+    num_instructions: Annotated[Optional[int], typer.Option("--num-instructions", "-n", help="Default 3.")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Default 160.")] = None,
     experts: Annotated[Optional[Path], typer.Option("--experts", help="Folder of <SIDE>/ experts to compose (default: the shipped experts, if any).")] = None,
     prompting_only: Annotated[bool, typer.Option("--prompting-only", help="Show preference prompting only, even when experts exist.")] = False,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
+    device: DeviceArg = None,
+    dtype: DtypeArg = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
 ) -> None:
     """Answer a few instructions under contrasting preferences, side by side (with soup and MoPE when
     experts exist)."""
-    from personalign.generation import SamplingConfig
     from personalign.recipes import demo as recipe
 
-    cfg = recipe.DemoConfig(
-        model=model, output_dir=str(output_dir) if output_dir else None, num_instructions=num_instructions,
-        device=device, dtype=dtype, sampling=SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0),
-        experts=str(experts) if experts else None, compose=() if prompting_only else ("soup", "mope"),
-    )
-    recipe.main(cfg)
+    given = {"model": model, "output_dir": output_dir, "num_instructions": num_instructions,
+             "sampling.max_new_tokens": max_new_tokens, "experts": experts,
+             "compose": [] if prompting_only else None, "device": device, "dtype": dtype}
+    recipe.main(_load(recipe.DemoConfig, config, given, set_))
 
 
 @app.command()

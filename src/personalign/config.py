@@ -21,7 +21,7 @@ from personalign.errors import ConfigError
 
 T = TypeVar("T")
 
-__all__ = ["finite", "from_dict", "load_config", "parse_overrides", "require", "to_dict"]
+__all__ = ["finite", "from_dict", "load_config", "nest", "parse_overrides", "require", "to_dict"]
 
 
 def require(ok: bool, name: str, value: Any, rule: str) -> None:
@@ -114,6 +114,7 @@ def from_dict(cls: type[T], data: Any, where: str = "config") -> T:
         raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}; valid fields: {', '.join(fields)}")
     kwargs = {}
     for name, value in data.items():
+        value = _onto_default(fields[name], hints[name], value)
         kwargs[name] = _coerce(value, hints[name], f"{where}.{name}" if where else name)
     missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
@@ -125,6 +126,20 @@ def from_dict(cls: type[T], data: Any, where: str = "config") -> T:
         if isinstance(exc, ConfigError):
             raise ConfigError(f"{where}: {exc}") from None
         raise ConfigError(f"{where}: {exc}") from None
+
+
+def _onto_default(f: dataclasses.Field, tp: Any, value: Any) -> Any:
+    """A partial mapping for a nested dataclass field completes the field's own default, not the nested
+    class's: ``sampling.max_new_tokens=32`` keeps a recipe's sampling temperature."""
+    if not isinstance(value, dict) or not dataclasses.is_dataclass(tp):
+        return value
+    if f.default_factory is not dataclasses.MISSING:
+        default = f.default_factory()
+    elif f.default is not dataclasses.MISSING:
+        default = f.default
+    else:
+        return value
+    return _merge(to_dict(default), value) if dataclasses.is_dataclass(default) else value
 
 
 def to_dict(obj: Any) -> Any:
@@ -184,8 +199,23 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return doc
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
-    """Load ``cls`` from a YAML file (optional) with dotted overrides applied on top."""
+def nest(values: dict[str, Any]) -> dict[str, Any]:
+    """``{"sampling.seed": 3, "model": "m"}`` -> ``{"sampling": {"seed": 3}, "model": "m"}``."""
+    tree: dict[str, Any] = {}
+    for key, value in values.items():
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = (),
+                given: dict[str, Any] | None = None) -> T:
+    """Load ``cls``: its defaults, then a YAML file (optional), then ``given`` (typed values by dotted
+    name, e.g. a command's flags), then dotted ``field=value`` overrides (``--set``, parsed as YAML)."""
     data = read_yaml(path) if path else {}
+    data = _merge(data, nest(dict(given or {})))
     data = _merge(data, parse_overrides(overrides))
     return from_dict(cls, data, where=str(path) if path else "config")

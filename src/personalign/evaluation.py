@@ -1,6 +1,6 @@
 """Evaluation math: judge agreement, win rates, bootstrap confidence intervals and Pareto metrics.
 
-Pure functions, tested against hand-computed values. The paper's protocol (METHODS.md section 2 item 6):
+Pure functions, tested against hand-computed values. The paper's protocol (docs/methods.md, section 2, evaluation):
 for each instruction and criterion a judge compares the method's response with a reference method's,
 once in each presentation order. Vocabulary used throughout:
 

@@ -6,7 +6,7 @@ settings, so every rule is a pure function that can be tested on delta weights. 
 ``A`` (r, in) and ``B`` (out, r) the adapter's delta weight is ``scale * B @ A``, ``scale = alpha / r``
 (``alpha / sqrt(r)`` for rsLoRA).
 
-Methods (METHODS.md section 2 item 5):
+Methods (docs/methods.md, section 2, composition):
 
 * ``psoups`` - the paper's rule: ``lora_A`` and ``lora_B`` are averaged *separately*, so the update is
   ``mean(B) @ mean(A)``, cross terms included. With weights ``w``: ``A = sum_i (|w_i| / sum_j |w_j|) A_i``

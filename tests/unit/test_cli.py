@@ -183,3 +183,40 @@ def test_library_deprecation_notices_are_quiet_unless_debugging():
         warnings.warn(notice, FutureWarning, stacklevel=1)
         warnings.warn("something else is deprecated", FutureWarning, stacklevel=1)
     assert [str(w.message) for w in seen] == ["something else is deprecated"]
+
+
+# -- one configuration path for every command ---------------------------------------------------------
+
+CONFIGURED = [c for c in COMMANDS if c not in ("prefs", "env", "score")]  # score, prefs, env: no recipe config
+
+
+@pytest.mark.parametrize("cmd", CONFIGURED)
+def test_every_recipe_command_takes_config_and_set(cmd):
+    out = run(cmd, "--help").output
+    assert "--config" in out and "--set" in out, cmd
+
+
+def test_generate_reads_a_config_file_and_flags_and_set_win_in_that_order(tiny_model_dir, tmp_path):
+    cfg = tmp_path / "gen.yaml"
+    cfg.write_text(f"model: {tiny_model_dir}\nmethod: vanilla\nprefs: null\ninstructions: [Hi]\n"
+                   "sampling: {max_new_tokens: 3, temperature: 0}\n")
+    base = run("generate", "--config", str(cfg))
+    assert base.exit_code == 0, base.output
+    longer = run("generate", "--config", str(cfg), "--max-new-tokens", "9")  # a flag beats the file
+    shorter = run("generate", "--config", str(cfg), "--max-new-tokens", "9", "--set", "sampling.max_new_tokens=1")
+    # Greedy: each text is the start of the next longer one, and the three lengths differ.
+    texts = [shorter.output.strip(), base.output.strip(), longer.output.strip()]
+    assert texts[2].startswith(texts[1]) and texts[1].startswith(texts[0]) and len(set(texts)) == 3, texts
+    typo = run("generate", "--config", str(cfg), "--set", "sampling.max_tokens=3")
+    assert "unknown field(s) max_tokens" in _error_line(typo)
+
+
+def test_a_partial_nested_override_keeps_the_recipes_own_defaults():
+    from personalign.config import load_config
+    from personalign.recipes.demo import DemoConfig
+    from personalign.recipes.rollout import RolloutConfig
+
+    roll = load_config(RolloutConfig, given={"output": "o.jsonl", "sampling.max_new_tokens": 32})
+    assert (roll.sampling.max_new_tokens, roll.sampling.temperature, roll.sampling.top_p) == (32, 1.0, 0.95)
+    demo = load_config(DemoConfig, overrides=["sampling.max_new_tokens=8"])
+    assert demo.sampling.temperature == 0.0 and demo.sampling.max_new_tokens == 8

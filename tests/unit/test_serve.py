@@ -364,3 +364,72 @@ def test_run_server_serves_a_model_folder(tiny_model_dir):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+# -- composed methods per request ---------------------------------------------------------------------
+
+
+@pytest.fixture()
+def composed(tiny, tiny_model_dir, tmp_path):
+    from conftest import save_side_experts
+
+    model, tok = tiny
+    experts = save_side_experts(tiny_model_dir, tmp_path / "experts", ("P1A", "P1B", "P2A", "P3A"))
+    app = create_app(model, tok, "tiny", defaults=MethodOptions(experts=str(experts)), max_models=2)
+    with TestClient(app) as c:
+        yield c, model, tok, experts, tiny_model_dir
+
+
+SEEDED = {"max_tokens": 8, "temperature": 1.0, "top_p": 0.9, "seed": 5, "preferences": "1A,2A,3A"}
+
+
+@pytest.mark.parametrize(("method", "extra"), [("soup", {"merge": "exact"}), ("soup", {}), ("mope", {"mix": "prob"}),
+                                               ("mope", {"mix": "uniform"}), ("expert", {"preferences": "P2A"})])
+def test_soup_mope_and_expert_per_request_equal_the_entry_point(composed, method, extra):
+    c, model, tok, experts, model_dir = composed
+    body = {**SEEDED, "method": method, **extra}
+    r = chat(c, **body)
+    assert r.status_code == 200, r.text
+    options = {k: v for k, v in extra.items() if k in ("merge", "mix")}
+    spec = resolve(body["preferences"], MethodOptions(method=method, experts=str(experts), **options),
+                   model=str(model_dir))
+    want = personalize(model, tok, spec).generate(["Explain rain."], SamplingConfig(max_new_tokens=8,
+                                                   temperature=1.0, top_p=0.9, seed=5))
+    assert r.json()["choices"][0]["message"]["content"] == want[0]
+    prompted = chat(c, **{**body, "method": "prompt", "merge": None, "mix": None}).json()
+    assert prompted["choices"][0]["message"]["content"] != want[0]
+
+
+def test_built_models_are_reused_and_bounded(composed):
+    c = composed[0]
+    for method, prefs in [("soup", "1A,2A,3A"), ("soup", "1A,2A,3A"), ("mope", "1A,2A,3A"), ("soup", "1B,2A,3A"),
+                          ("soup", "1A,2A,3A")]:
+        assert chat(c, **{**SEEDED, "method": method, "preferences": prefs}).status_code == 200
+    health = c.get("/health").json()
+    # soup 1A,2A,3A built once, then mope, then soup 1B (evicting the first), then 1A again: 4 builds, 2 kept
+    assert health["models_built"] == 4 and health["models_kept"] == 2
+
+
+def test_concurrent_people_with_different_methods_get_their_own_answers(composed):
+    c = composed[0]
+    bodies = [{**SEEDED, "method": m, "preferences": p, "seed": s}
+              for s, (m, p) in enumerate([("soup", "1A,2A,3A"), ("mope", "1B,2A,3A"), ("prompt", "1A,2A,3A"),
+                                          ("vanilla", None), ("soup", "1B,2A,3A")])]
+    alone = [chat(c, **b).json()["choices"] for b in bodies]
+    with ThreadPoolExecutor(5) as pool:
+        together = list(pool.map(lambda b: chat(c, **b).json()["choices"], bodies))
+    assert together == alone
+
+
+def test_a_default_method_and_options_apply_when_a_request_names_none(tiny, tiny_model_dir, tmp_path):
+    from conftest import save_side_experts
+
+    model, tok = tiny
+    experts = save_side_experts(tiny_model_dir, tmp_path / "experts", ("P1A", "P2A", "P3A"))
+    app = create_app(model, tok, "tiny", defaults=MethodOptions(method="soup", experts=str(experts), merge="exact"))
+    with TestClient(app) as c:
+        by_default = chat(c, **SEEDED).json()["choices"]
+        assert by_default == chat(c, **{**SEEDED, "method": "soup", "merge": "exact"}).json()["choices"]
+        assert by_default != chat(c, **{**SEEDED, "method": "soup", "merge": "psoups"}).json()["choices"]
+        r = chat(c, **{**SEEDED, "method": "mope"})  # the soup default's merge never reaches a mixture
+        assert r.status_code == 200, r.text

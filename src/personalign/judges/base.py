@@ -2,7 +2,7 @@
 
 A judge compares two responses ``a`` and ``b`` to one prompt on *one* side's criterion (P1A
 elementary, P2A concise, P3B unfriendly, ...) and answers ``"a"``, ``"b"`` or ``"tie"``. Ties are a
-first-class answer: the reference code crashed on them (METHODS.md section 5).
+first-class answer: the reference code crashed on them (docs/methods.md, section 5).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Recipe: evaluate methods against a reference method, as in the papers' tables (METHODS.md 2.6 and 4).
+"""Recipe: evaluate methods against a reference method, as in the papers' tables (docs/methods.md, section 2).
 
 config -> main(cfg) -> phases: validate -> generate -> judge -> score -> text metrics -> report.
 

@@ -61,6 +61,10 @@ def main(cfg: GenerateConfig) -> list[dict[str, Any]]:
     """Generate and return the rows (for a file run: all rows, including those resumed)."""
     # -- validate: the personalization and the prompts, before any model loads
     spec = request(cfg)
+    if cfg.instructions and cfg.input is not None:
+        raise DataError("give either an instruction or --input (input), not both")
+    if cfg.output is not None and cfg.input is None:
+        raise DataError("--output (output) needs --input (input): a file of instructions to answer")
     if cfg.input is not None:
         items = load_prompts(cfg.input, limit=cfg.limit)
     elif cfg.instructions:

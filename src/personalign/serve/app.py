@@ -29,6 +29,7 @@ is one line; nothing a client sends can stop the server.
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import threading
@@ -47,7 +48,7 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["INSTALL_HINT", "SERVED_METHODS", "create_app", "run_server", "running_server"]
+__all__ = ["INSTALL_HINT", "SERVED_METHODS", "ServeConfig", "create_app", "run_server", "running_server"]
 
 INSTALL_HINT = "the server needs the 'serve' extra: pip install 'personalign[serve]'"
 log = logging.getLogger("personalign.serve")
@@ -385,13 +386,39 @@ def running_server(app: Any, host: str = "127.0.0.1", port: int = 0, timeout: fl
         thread.join(timeout)
 
 
+@dataclasses.dataclass(frozen=True)
+class ServeConfig:
+    """``personalign serve``'s settings (``--config``/``--set`` like every command)."""
+
+    model: str | None = None  # None: the embedded default
+    model_name: str | None = None  # the id clients send (default: the embedded model's name, or the id/path)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch: int = 8
+    max_models: int = 4  # personalized copies of the base kept built (soups, mixtures)
+    # Defaults for requests that do not name them (personalign.personalize.MethodOptions).
+    method: str = "prompt"
+    experts: str | None = None
+    merge: str = "psoups"
+    mix: str = "prob"
+    pcm: str | None = None
+    dimensions: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    log_level: str = "info"
+
+    def defaults(self) -> MethodOptions:
+        return MethodOptions(method=self.method, experts=self.experts, merge=self.merge, mix=self.mix, pcm=self.pcm)
+
+
 def run_server(model_name_or_path: str | None = None, host: str = "127.0.0.1", port: int = 8000,
                device: str = "auto", dtype: str = "auto", *, model_name: str | None = None, max_batch: int = 8,
                default_method: str = "prompt", dimensions: str | None = None, log_level: str = "info",
-               defaults: MethodOptions | None = None, max_models: int = 4) -> None:
+               defaults: MethodOptions | None = None, max_models: int = 4, config: ServeConfig | None = None) -> None:
     """Load a model with :func:`personalign.models.load_model` and serve it until interrupted.
 
     ``model_name`` is the id clients send (default: the embedded model's name, or the id/path given).
+    ``config`` (what ``personalign serve`` passes) replaces every other argument.
     """
     try:
         import uvicorn
@@ -400,6 +427,10 @@ def run_server(model_name_or_path: str | None = None, host: str = "127.0.0.1", p
     from personalign.models import canonical_name, load_model
     from personalign.preferences import load_space
 
+    if config is not None:
+        model_name_or_path, host, port, device, dtype = config.model, config.host, config.port, config.device, config.dtype
+        model_name, max_batch, dimensions, log_level = config.model_name, config.max_batch, config.dimensions, config.log_level
+        defaults, max_models = config.defaults(), config.max_models
     space = load_space(dimensions)  # a bad dimensions file or default fails before the model loads
     defaults = check_defaults(defaults or MethodOptions(method=default_method), canonical_name(model_name_or_path))
     model, tokenizer = load_model(model_name_or_path, device=device, dtype=dtype)
