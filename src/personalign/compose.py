@@ -22,16 +22,14 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from personalign.errors import ConfigError, ModelError, PreferenceError
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel
 
-    from personalign.merging import LoraAdapter
+    from personalign.adapters import LoraAdapter
     from personalign.preferences import Preference
 
 __all__ = [
@@ -44,7 +42,6 @@ __all__ = [
     "resolve_experts_dir",
     "shipped_experts_dir",
     "soup_adapter",
-    "with_adapters",
 ]
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -142,7 +139,8 @@ def soup_adapter(weights: dict[str, float], folders: dict[str, Path], *, method:
     Merged in memory; writing it to ``<cache>/soups/<key>/`` is a side effect, so the next request for the
     same soup reads one file instead of merging (a cache that cannot be written is only skipped).
     """
-    from personalign.merging import load_adapter, merge_adapters, save_adapter
+    from personalign.adapters import load_adapter, save_adapter
+    from personalign.merging import merge_adapters
     from personalign.models import cache_root
 
     root = (cache or cache_root()) / "soups"
@@ -172,36 +170,9 @@ def soup_adapter(weights: dict[str, float], folders: dict[str, Path], *, method:
     return merged, info, target
 
 
-def with_adapters(base: PreTrainedModel, adapters: Mapping[str, LoraAdapter]) -> Any:
-    """``base`` wrapped by peft with each adapter loaded under its name, from tensors already in memory."""
-    from peft import LoraConfig, PeftModel
-    from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
-    from peft.utils import set_peft_model_state_dict
-
-    from personalign.merging import peft_config_dict
-
-    def config(adapter: LoraAdapter) -> LoraConfig:
-        cfg = LoraConfig.from_peft_type(**LoraConfig.check_kwargs(**peft_config_dict(adapter)))
-        cfg.inference_mode = True
-        return cfg
-
-    names = list(adapters)
-    if not names:
-        raise ConfigError("no adapters given; name at least one")
-    first = config(adapters[names[0]])
-    cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(first.task_type, PeftModel)
-    model = cls(base, first, names[0])
-    for i, name in enumerate(names):
-        if i:
-            model.add_adapter(name, config(adapters[name]))
-        set_peft_model_state_dict(model, dict(adapters[name].tensors), adapter_name=name)
-    model.eval()
-    return model
-
-
 def check_base(model_name: str, folder: str | Path) -> None:
     """Refuse an adapter trained on another base model than ``model_name``; reads only its config."""
-    from personalign.merging import CONFIG_FILE
+    from personalign.adapters import CONFIG_FILE
 
     path = Path(folder) / CONFIG_FILE
     try:

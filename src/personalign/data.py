@@ -35,6 +35,7 @@ __all__ = [
     "build_user_message",
     "format_chat",
     "read_pairs",
+    "read_records",
     "split_by_prompt",
 ]
 
@@ -258,15 +259,23 @@ def batched(items: Sequence[Any], size: int) -> Iterator[tuple[int, Sequence[Any
 PAIR_FIELDS = ("prompt", "chosen", "rejected", "side")
 
 
-def read_pairs(path: str | Path, sides: set[str] | None = None) -> list[dict[str, Any]]:
+def read_records(path: str | Path, fields: Sequence[str], what: str = "file") -> list[dict[str, Any]]:
+    """The rows of a JSONL file, each checked to hold every one of ``fields`` as a string; an empty file
+    or a row that lacks one is refused with the line number."""
     rows = read_jsonl(path)
     if not rows:
-        raise DataError(f"pairs file {path} is empty")
+        raise DataError(f"{what} {path} is empty")
     for i, row in enumerate(rows):
-        missing = [k for k in PAIR_FIELDS if not isinstance(row.get(k), str)]
+        missing = [k for k in fields if not isinstance(row.get(k), str)]
         if missing:
-            raise DataError(f"{path}: line {i + 1} lacks field(s) {', '.join(missing)} (needs {', '.join(PAIR_FIELDS)})")
-    return [r for r in rows if sides is None or r["side"] in sides]
+            raise DataError(f"{path}: line {i + 1} lacks string field(s) {', '.join(missing)} "
+                            f"(needs {', '.join(fields)})")
+    return rows
+
+
+def read_pairs(path: str | Path, sides: set[str] | None = None) -> list[dict[str, Any]]:
+    """Preference pairs (``prompt``, ``chosen``, ``rejected``, ``side``), of ``sides`` if given."""
+    return [r for r in read_records(path, PAIR_FIELDS, "pairs file") if sides is None or r["side"] in sides]
 
 
 def split_by_prompt(rows: list[dict[str, Any]], eval_fraction: float, seed: int) -> tuple[list, list]:

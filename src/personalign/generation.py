@@ -230,16 +230,17 @@ class Decoded:
     reasons: list[str]  # per row: "stop" (end-of-sequence or a stop string) or "length"
 
 
-@torch.no_grad()
 def decode_steps(step: Step, input_ids: torch.Tensor, mask: torch.Tensor, sampling: SamplingConfig, *,
                  eos: Sequence[int], pad: int, generator: torch.Generator | None,
-                 stop: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 stop: Callable[[torch.Tensor], torch.Tensor] | None = None, inference: bool = False,
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield ``(tokens, valid, finished)`` (each (B,)) after every step of decoding a left-padded batch.
 
     ``stop(generated (B, t)) -> (B,) bool`` marks rows that end now (e.g. on a stop string), checked after
-    end-of-sequence. ``generator`` None draws from torch's global generator. Runs without gradients (also
-    while suspended) and with the thin-input linear kernels.
+    end-of-sequence. ``generator`` None draws from torch's global generator. The model runs without
+    gradients, under ``torch.inference_mode`` with ``inference`` (faster; for text only: its tensors
+    cannot enter autograd later, as RL rollouts and recorded mixtures do), and with the thin-input
+    linear kernels; the caller's own grad mode is untouched while the generator is suspended.
     """
     from personalign.kernels import fast_decode
 
@@ -249,52 +250,56 @@ def decode_steps(step: Step, input_ids: torch.Tensor, mask: torch.Tensor, sampli
         raise ConfigError("a prompt row has no tokens; every row needs at least one unpadded token")
     if bool((mask[:, -1] == 0).any()):
         raise ConfigError("prompts must be left-padded (the last column is padding); set padding_side='left'")
+    grad_off = torch.inference_mode if inference else torch.no_grad
     b = input_ids.shape[0]
     device = input_ids.device
-    eos_t = torch.tensor(list(eos), device=device)
-    mask = mask.long()
-    pos = positions(mask)  # (B, L)
-    prompt_mask = mask
     with fast_decode(*step.models):
-        step.start(input_ids, mask, pos)
-        vocab = step.vocab_size
-        # (B, V) tokens the repetition penalty acts on: the prompt's (padding excluded), then each chosen one
-        seen = torch.zeros(b, vocab + 1, dtype=torch.bool, device=device)
-        seen.scatter_(1, input_ids.clamp(max=vocab).masked_fill(mask == 0, vocab), True)
-        seen = seen[:, :vocab]
-        finished = torch.zeros(b, dtype=torch.bool, device=device)
+        with grad_off():
+            eos_t = torch.tensor(list(eos), device=device)
+            mask = mask.long()
+            prompt_mask = mask
+            pos = positions(mask)  # (B, L)
+            step.start(input_ids, mask, pos)
+            vocab = step.vocab_size
+            # (B, V) tokens the repetition penalty acts on: the prompt's (padding excluded), then each chosen one
+            seen = torch.zeros(b, vocab + 1, dtype=torch.bool, device=device)
+            seen.scatter_(1, input_ids.clamp(max=vocab).masked_fill(mask == 0, vocab), True)
+            seen = seen[:, :vocab]
+            finished = torch.zeros(b, dtype=torch.bool, device=device)
+            next_pos = pos[:, -1:] + 1  # (B, 1)
         toks: list[torch.Tensor] = []
-        next_pos = pos[:, -1:] + 1  # (B, 1)
         for t in range(sampling.max_new_tokens):
-            generated = torch.stack(toks, 1) if toks else input_ids.new_zeros(b, 0)
-            ctx = StepContext(t, input_ids, prompt_mask, generated, finished.clone(), seen)
-            scores = step.scores(ctx, sampling.repetition_penalty)  # (B, V)
-            nxt = sample_next(scores, sampling, generator)
-            nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)  # (B,)
-            valid = ~finished
-            step.accept(nxt, ctx)
-            toks.append(nxt)
-            seen = seen.clone()  # the context handed out above keeps its own
-            seen[torch.arange(b, device=device)[valid], nxt[valid]] = True
-            finished = finished | torch.isin(nxt, eos_t)
-            if stop is not None:
-                finished = finished | (stop(torch.stack(toks, 1)) & valid)
+            with grad_off():
+                generated = torch.stack(toks, 1) if toks else input_ids.new_zeros(b, 0)
+                ctx = StepContext(t, input_ids, prompt_mask, generated, finished.clone(), seen)
+                scores = step.scores(ctx, sampling.repetition_penalty)  # (B, V)
+                nxt = sample_next(scores, sampling, generator)
+                nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)  # (B,)
+                valid = ~finished
+                step.accept(nxt, ctx)
+                toks.append(nxt)
+                seen = seen.clone()  # the context handed out above keeps its own
+                seen[torch.arange(b, device=device)[valid], nxt[valid]] = True
+                finished = finished | torch.isin(nxt, eos_t)
+                if stop is not None:
+                    finished = finished | (stop(torch.stack(toks, 1)) & valid)
             yield nxt, valid, finished
             if bool(finished.all()) or t == sampling.max_new_tokens - 1:
                 return
-            mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
-            step.advance(nxt, mask, next_pos)
-            next_pos = next_pos + 1
+            with grad_off():
+                mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
+                step.advance(nxt, mask, next_pos)
+                next_pos = next_pos + 1
 
 
 def decode(step: Step, input_ids: torch.Tensor, mask: torch.Tensor, sampling: SamplingConfig, *,
            eos: Sequence[int], pad: int, generator: torch.Generator | None,
-           stop: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Decoded:
+           stop: Callable[[torch.Tensor], torch.Tensor] | None = None, inference: bool = False) -> Decoded:
     """Decode a left-padded (B, L) batch to the end; see :func:`decode_steps`."""
     toks, valid = [], []
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool)
     for nxt, ok, finished in decode_steps(step, input_ids, mask, sampling, eos=eos, pad=pad, generator=generator,
-                                          stop=stop):
+                                          stop=stop, inference=inference):
         toks.append(nxt)
         valid.append(ok)
     reasons = ["stop" if bool(f) else "length" for f in finished.tolist()]
@@ -332,7 +337,8 @@ def generate_texts(
         seed = batch_seed(sampling.seed, first_index + start)
         if seed_range is not None:
             seed %= seed_range
-        out = decode(make_step(), ids, mask, sampling, eos=eos, pad=pad, generator=seeded_generator(seed, device))
+        out = decode(make_step(), ids, mask, sampling, eos=eos, pad=pad, generator=seeded_generator(seed, device),
+                     inference=True)
         tokens = out.tokens.masked_fill(out.mask == 0, pad)
         responses = [r.strip() for r in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
         outputs.extend(responses)

@@ -27,6 +27,9 @@ weights of a whole batch of responses from the record, with no expert forward pa
 
 Saved as ``pcm.safetensors`` + ``pcm.json`` (architecture, sides, base-model fingerprint); loading
 checks the sides and the base model and says what to do on a mismatch.
+
+Why one file of about 490 lines: the controller is one object with its inputs; its configuration,
+its features, the quantities its training reads and the weight provider that runs it change together.
 """
 
 from __future__ import annotations

@@ -25,6 +25,10 @@ Every method gives a :class:`PersonalizedModel` with the same calls: ``generate`
 responses, in seeded batches), ``complete`` (formatted texts -> token ids, texts and finish reasons,
 with stop strings), ``stream`` (one text, token by token). All run the one decode loop of
 :mod:`personalign.generation`.
+
+Why one file of 500 lines: the entry point reads in one place, from the request and every check on it to
+the object each method builds; the pieces it builds from (adapters, soups, experts, the decode loop) are
+in their own modules.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from personalign.generation import SamplingConfig, Step
+    from personalign.mixing import MixRule
     from personalign.preferences import Preference, PreferenceSpace
 
 __all__ = [
@@ -122,6 +127,7 @@ class Personalization:
     merge_seed: int | None = None
     pcm_dir: Path | None = None
     adapter_dir: Path | None = None
+    mix_rule: MixRule | None = None  # mope: the parsed mixing rule
 
     @property
     def label(self) -> str:
@@ -233,7 +239,7 @@ def resolve(prefs: str | Preference | Mapping[str, float] | None, options: Metho
     if o.pcm is not None and rule is not MixRule.PROB:
         raise ConfigError("pcm goes with mix 'prob' (the PCM weights a probability mixture)")
 
-    spec: dict[str, Any] = {"merge_density": density, "merge_seed": seed}
+    spec: dict[str, Any] = {"merge_density": density, "merge_seed": seed, "mix_rule": rule}
     if method.uses_experts:
         assert pref is not None
         weights = compose.expert_weights(pref)
@@ -362,7 +368,7 @@ class PersonalizedModel:
 
         ids, mask, gen = self._batch(texts, sampling.seed if seed is None else seed)
         out = decode(self._make_step(), ids, mask, sampling, eos=self.eos, pad=pad_token_id(self.tokenizer, self.eos),
-                     generator=gen, stop=self._stopper(stop))
+                     generator=gen, stop=self._stopper(stop), inference=True)
         results = []
         for row, valid, reason in zip(out.tokens.tolist(), out.mask.tolist(), out.reasons):
             n = sum(valid)
@@ -386,7 +392,7 @@ class PersonalizedModel:
         held = max((len(s) for s in stop), default=0)  # hold back what could start a stop string
         for nxt, valid, _ in decode_steps(self._make_step(), ids, mask, sampling, eos=self.eos,
                                           pad=pad_token_id(self.tokenizer, self.eos), generator=gen,
-                                          stop=self._stopper(stop)):
+                                          stop=self._stopper(stop), inference=True):
             if bool(valid[0]) and int(nxt[0]) not in self.eos:
                 tokens.append(int(nxt[0]))
             full = self.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -415,8 +421,8 @@ def personalize(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, spec
     ``cache``: the folder soups are cached in (default: personalign's cache folder).
     """
     from personalign import compose
+    from personalign.adapters import load_adapter, with_adapters
     from personalign.generation import ModelStep, eos_token_ids
-    from personalign.merging import load_adapter
     from personalign.models import canonical_name
 
     have = canonical_name(getattr(model.config, "personalign_base", None) or model.name_or_path)
@@ -443,7 +449,7 @@ def personalize(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, spec
     else:  # expert, adapter
         folder = spec.adapter_dir if m is Method.ADAPTER else next(iter(spec.experts.values()))
         adapter = load_adapter(folder)
-    merged = compose.with_adapters(base, {"default": adapter}).merge_and_unload()
+    merged = with_adapters(base, {"default": adapter}).merge_and_unload()
     merged.eval()
     return PersonalizedModel(spec, tokenizer, lambda: ModelStep(merged), eos, device, None, model=merged,
                              merge_report=report)
@@ -455,16 +461,15 @@ _MIXTURE_SEED_RANGE = 2**31
 
 def _mixture(spec: Personalization, tokenizer: PreTrainedTokenizerBase, base: PreTrainedModel, eos: list[int],
              device: torch.device) -> PersonalizedModel:
-    from personalign import compose
+    from personalign.adapters import load_adapter, with_adapters
     from personalign.experts import Experts
-    from personalign.merging import load_adapter
     from personalign.mixing import MixRule
     from personalign.mixture import FixedWeights, MixtureStep
 
-    sides = list(spec.weights)
-    peft_model = compose.with_adapters(base, {s: load_adapter(spec.experts[s]) for s in sides})
+    sides, rule = list(spec.weights), spec.mix_rule
+    assert rule is not None
+    peft_model = with_adapters(base, {s: load_adapter(spec.experts[s]) for s in sides})
     experts = Experts.from_adapters(peft_model, sides)
-    rule = MixRule.parse(spec.options.mix)
     if spec.pcm_dir is not None:
         from personalign.pcm import PCMWeights, PreferenceControlModel
 

@@ -9,6 +9,9 @@ One step is ``rollout -> score (the recipe's) -> reference log-probs -> KL penal
 The RL settings (``algorithm``, ``lr``, ``group_size``, ``kl_coef`` ...) are fields that the recipes'
 configs share (:class:`RLSettings`); :func:`resolve_defaults` fills the per-algorithm defaults and
 :func:`check_settings` checks them before any model loads.
+
+Why one file of about 480 lines: one RL step, rollout to optimizer step, with the state it trains and
+resumes; the losses themselves are in :mod:`personalign.losses`.
 """
 
 from __future__ import annotations

@@ -163,7 +163,7 @@ def test_adapters_record_the_embedded_base_by_name(tmp_path):
     from peft import LoraConfig, get_peft_model
 
     from personalign import compose
-    from personalign.merging import load_adapter
+    from personalign.adapters import load_adapter
 
     base, _ = load_model(EMBEDDED_DEFAULT, device="cpu", dtype="float32")
     get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "P1A")

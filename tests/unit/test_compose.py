@@ -74,17 +74,18 @@ def test_expert_weights_hard_and_weighted():
 
 
 def test_soup_is_merged_in_memory_cached_and_equals_merge(experts_dir, tmp_path, monkeypatch):
+    from personalign import adapters as io
     from personalign import merging
 
     weights = {s: 1 / 3 for s in SIDES}
     folders = compose.expert_folders(experts_dir)
     adapter, report, folder = compose.soup_adapter(weights, folders, method="exact", cache=tmp_path / "c")
     assert report["method"] == "exact" and set(report["sides"]) == set(SIDES)
-    adapters = [merging.load_adapter(experts_dir / s / "adapter") for s in SIDES]
-    want = merging.delta_weights(merging.merge_adapters(adapters, [1 / 3] * 3, method="exact")[0])
-    got = merging.delta_weights(adapter)
+    adapters = [io.load_adapter(experts_dir / s / "adapter") for s in SIDES]
+    want = io.delta_weights(merging.merge_adapters(adapters, [1 / 3] * 3, method="exact")[0])
+    got = io.delta_weights(adapter)
     assert all(torch.allclose(got[k], want[k], atol=1e-6) for k in want)
-    cached = merging.delta_weights(merging.load_adapter(folder))  # the cache holds the same soup
+    cached = io.delta_weights(io.load_adapter(folder))  # the cache holds the same soup
     assert all(torch.equal(cached[k], got[k]) for k in want)
 
     def boom(*a, **k):

@@ -124,7 +124,8 @@ def test_merges_of_cuda_adapters_equal_the_cpu_merges(experts_dir):
     runs once per weight vector and its result is cached), so even DARE's seeded masks agree."""
     import dataclasses
 
-    from personalign.merging import delta_weights, load_adapter, merge_adapters
+    from personalign.adapters import delta_weights, load_adapter
+    from personalign.merging import merge_adapters
 
     cpu = [load_adapter(experts_dir / s / "adapter") for s in SIDES]
     gpu = [dataclasses.replace(a, tensors={k: v.cuda() for k, v in a.tensors.items()}) for a in cpu]

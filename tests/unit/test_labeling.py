@@ -104,7 +104,7 @@ def test_label_bad_input(tmp_path):
     with pytest.raises(DataError, match="is empty"):
         label.main(label.LabelConfig(rollouts=str(empty), output=str(tmp_path / "o.jsonl")))
     bad = _write(tmp_path / "b.jsonl", [{"prompt": "p", "side": "P2A"}])
-    with pytest.raises(DataError, match="line 1 lacks response"):
+    with pytest.raises(DataError, match="line 1 lacks string field.s. response"):
         label.main(label.LabelConfig(rollouts=str(bad), output=str(tmp_path / "o.jsonl")))
     single = _write(tmp_path / "s.jsonl", [{"prompt": "p", "side": "P2A", "response": "r"}])
     with pytest.raises(DataError, match="no instruction with two samples"):

@@ -13,16 +13,15 @@ from peft.utils import merge_utils
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from personalign.errors import ConfigError, ModelError
-from personalign.merging import (
+from personalign.adapters import (
     LoraAdapter,
     adapter_from_model,
     adapter_from_state_dict,
-    compress_adapter,
     delta_weights,
     load_adapter,
-    merge_adapters,
     save_adapter,
 )
+from personalign.merging import compress_adapter, merge_adapters
 
 TARGETS = ["q_proj", "v_proj"]
 TOL = 1e-5

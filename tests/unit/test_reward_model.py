@@ -166,7 +166,7 @@ def test_train_rm_bad_input(tmp_path, tiny_model_dir):
         train_rm.main(train_rm.TrainRMConfig(pairs=str(empty), output_dir=str(tmp_path / "o")))
     bad = tmp_path / "b.jsonl"
     bad.write_text('{"prompt": "a", "chosen": "b"}\n')
-    with pytest.raises(DataError, match="lacks field"):
+    with pytest.raises(DataError, match="lacks string field"):
         train_rm.main(train_rm.TrainRMConfig(pairs=str(bad), output_dir=str(tmp_path / "o")))
     pairs = _pairs(tmp_path / "p.jsonl", 4)
     with pytest.raises(DataError, match="no pairs for side"):

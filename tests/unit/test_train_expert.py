@@ -310,7 +310,8 @@ def test_bad_input_fails_before_any_model_loads(tmp_path, tiny_model_dir, monkey
 def test_config_loads_from_overrides():
     cfg = load_config(te.TrainExpertConfig, None, ["side=P1A", "output_dir=/tmp/x", "algorithm=ppo",
                                                    "lora.r=8", "reward=rm:runs/rm-P1A", "steps=10"])
-    assert cfg.lora == LoraSpec(r=8, alpha=32, dropout=0.05) and cfg.algorithm == "ppo"
+    # lora.r=8 changes the rank of train-expert's own LoRA default (alpha 32, no dropout), nothing else
+    assert cfg.lora == LoraSpec(r=8, alpha=32, dropout=0.0) and cfg.algorithm == "ppo"
     resolved = rl.resolve_defaults(cfg)
     resolved_fields = (resolved.lr, resolved.kl_coef, resolved.ppo_epochs, resolved.adaptive_kl)
     assert resolved_fields == (1.4e-5, 0.2, 8, True)

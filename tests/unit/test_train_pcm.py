@@ -54,9 +54,9 @@ def likes_p1a(prompts: list[str], responses: list[str]) -> torch.Tensor:
 
 def _mixture(base, sides, experts_dir):
     """The experts of ``sides`` as adapters of one peft model, as MoPE runs them."""
-    from personalign.compose import expert_folders, with_adapters
+    from personalign.adapters import load_adapter, with_adapters
+    from personalign.compose import expert_folders
     from personalign.experts import Experts
-    from personalign.merging import load_adapter
 
     folders = expert_folders(experts_dir)
     return Experts.from_adapters(with_adapters(base, {s: load_adapter(folders[s]) for s in sides}), list(sides))

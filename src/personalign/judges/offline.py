@@ -45,6 +45,9 @@ Known limits (see docs/judges.md): no measure checks that a reply is correct or 
 word overlap with the prompt; the lexicons are English-only; the cue lists can be gamed by an RL
 policy that learns to insert cue words, so use these scores as rewards only with a KL penalty and
 check samples by eye.
+
+Why one file of about 480 lines: one score per side, each a few lines with its margin and its
+explanation, and the judge over them; a file per side would scatter the margins that calibrate them.
 """
 
 from __future__ import annotations

@@ -42,6 +42,10 @@ Sampling: the paper sampled; so do we (temperature 0.7, top-p 0.9, repetition pe
 greedy decoding makes a 135M model loop and would measure the loop, not the method. It stays
 reproducible: each batch is seeded from ``seed`` and its position, so the same config gives the same
 text. Set ``sampling.temperature: 0`` for greedy decoding.
+
+Why one file of about 470 lines: one workflow (a recipe reads linearly); generation files, judges and
+scoring are library modules (:mod:`personalign.generations`, :mod:`personalign.judges`,
+:mod:`personalign.evaluation`).
 """
 
 from __future__ import annotations

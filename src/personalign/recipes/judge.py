@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from personalign.data import read_jsonl
-from personalign.errors import DataError
+from personalign.data import read_records
 from personalign.judges import JudgeConfig, build_judge
 from personalign.preferences import load_space
 
@@ -32,13 +31,7 @@ class JudgeFileConfig:
 def main(cfg: JudgeFileConfig) -> list[dict[str, Any]]:
     space = load_space(cfg.dimensions)
     side = space.resolve(cfg.side)
-    rows = read_jsonl(cfg.input)
-    if not rows:
-        raise DataError(f"{cfg.input} is empty")
-    for i, r in enumerate(rows):
-        missing = [k for k in ("prompt", "a", "b") if not isinstance(r.get(k), str)]
-        if missing:
-            raise DataError(f"{cfg.input}: line {i + 1} lacks string field(s) {', '.join(missing)}")
+    rows = read_records(cfg.input, ("prompt", "a", "b"), "pairs to judge")
     judge = build_judge(cfg.judge, space)
     verdicts = judge.judge_many([(r["prompt"], r["a"], r["b"]) for r in rows], side)
     out = [{**r, "side": side, "verdict": v, "judge": judge.name} for r, v in zip(rows, verdicts)]

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from personalign.config import to_dict
-from personalign.data import read_jsonl
+from personalign.data import read_records
 from personalign.errors import ConfigError, DataError
 from personalign.evaluation import agreement
 from personalign.judges import JudgeConfig, build_judge
@@ -71,13 +71,8 @@ def main(cfg: LabelConfig) -> dict[str, Any]:
     if not cfg.judges:
         raise ConfigError("at least one judge is needed")
     space = load_space(cfg.dimensions)
-    rows = read_jsonl(cfg.rollouts)
-    if not rows:
-        raise DataError(f"rollouts file {cfg.rollouts} is empty")
-    for i, r in enumerate(rows):
-        missing = [k for k in ROLLOUT_FIELDS if not isinstance(r.get(k), str)]
-        if missing:
-            raise DataError(f"{cfg.rollouts}: line {i + 1} lacks {', '.join(missing)}")
+    rows = read_records(cfg.rollouts, ROLLOUT_FIELDS, "rollouts file")
+    for r in rows:
         r["side"] = space.resolve(r["side"])
     wanted = {space.resolve(s) for s in cfg.sides} if cfg.sides else None
     if wanted:

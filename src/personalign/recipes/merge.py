@@ -15,7 +15,7 @@ from typing import Any
 
 from personalign.compose import soup_adapter
 from personalign.errors import ConfigError
-from personalign.merging import save_adapter
+from personalign.adapters import save_adapter
 from personalign.personalize import MethodOptions, personalize, resolve
 
 

@@ -22,9 +22,9 @@ Per-side reward sources: ``reward`` for every side (``offline``, a multi-head ``
 all, loaded once) and ``rewards`` for per-side overrides (``rewards.P1A=rm:runs/rm/P1A``).
 
 Algorithms, hyper-parameters, defaults, validation, rollouts, log-probabilities, the KL reference
-(the adapter disabled) and determinism are train-expert's: its config fields are repeated here with
-the same defaults, checked by its :func:`~personalign.recipes.train_expert.validate`, and its rollout
-and log-probability functions are called. Resumption is exact: the checkpoint holds the LoRA (and value
+(the adapter disabled) and determinism are train-expert's, shared through :mod:`personalign.rl`: the RL
+fields (:class:`~personalign.rl.RLSettings`) are repeated here with the same defaults and checked by
+:func:`~personalign.rl.check_settings`, and the same rollout and update run. Resumption is exact: the checkpoint holds the LoRA (and value
 head), the optimizer, the RNG, the per-side and the overall reward statistics and the KL coefficient.
 
 Run folder: as train-expert's; ``expert.json`` has ``kind: pmorl``, the sides, the combinations and
