@@ -165,11 +165,15 @@ def test_adapters_record_the_embedded_base_by_name(tmp_path):
     from personalign import compose
     from personalign.adapters import load_adapter
 
+    from personalign.personalize import MethodOptions, personalize, resolve
+
     base, _ = load_model(EMBEDDED_DEFAULT, device="cpu", dtype="float32")
     get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "P1A")
     assert load_adapter(tmp_path / "P1A").base_model == EMBEDDED_DEFAULT
-    fresh, _ = load_model(EMBEDDED_DEFAULT, device="cpu", dtype="float32")
-    compose.load_expert_model(fresh, tmp_path / "P1A")  # accepted: same base by name
+    compose.check_base(EMBEDDED_DEFAULT, tmp_path / "P1A")  # accepted: same base by name
+    fresh, tok = load_model(EMBEDDED_DEFAULT, device="cpu", dtype="float32")
+    spec = resolve("P1A", MethodOptions(method="expert", experts=str(tmp_path)))
+    assert personalize(fresh, tok, spec).label == "expert"
 
 
 def test_reward_model_expert_and_single_side_eval_real_model(tmp_path):
