@@ -99,7 +99,7 @@ class Experts:
         cached = getattr(self, "_stack_cache", None)
         if cached is not None and cached[0] == versions:
             return cached[1]
-        stacked = _stack_lora(model, self.names)
+        stacked = stack_lora(model, self.names)
         self._stack_cache = (versions, stacked)
         return stacked
 
@@ -230,7 +230,7 @@ def _lora_layers(model: Any) -> list[Any]:
     return [m for m in model.modules() if isinstance(m, LoraLayer)]
 
 
-def _stack_lora(model: Any, names: Sequence[str]) -> list[_StackedLoRA] | None:
+def stack_lora(model: Any, names: Sequence[str]) -> list[_StackedLoRA] | None:
     """Stacked factors for every LoRA layer, or None where a layer is not a plain LoRA Linear (embedding,
     convolution, bias or merged adapters), which peft's mixed batch handles instead."""
     from torch import nn

@@ -343,7 +343,7 @@ def test_stacked_lora_equals_peft_mixed_batch_with_unequal_ranks_and_tracks_chan
     experts = Experts.from_adapters(model, ["small", "big", "__base__"])
     assert experts._stacked() is not None  # plain LoRA Linears: the stacked path runs
     fast = score_responses(experts, ids, mask, response, rmask)
-    monkeypatch.setattr(runtime, "_stack_lora", lambda *a: None)  # force peft's adapter_names path
+    monkeypatch.setattr(runtime, "stack_lora", lambda *a: None)  # force peft's adapter_names path
     slow = score_responses(Experts.from_adapters(model, ["small", "big", "__base__"]), ids, mask, response, rmask)
     assert torch.allclose(fast, slow, atol=1e-5)
     monkeypatch.undo()
