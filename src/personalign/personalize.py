@@ -151,9 +151,12 @@ class Personalization:
         return self.preference.prompt()
 
     def key(self) -> tuple[Any, ...]:
-        """Equal for requests that build the same model (the server's cache key)."""
+        """Equal for requests that generate with the same model (the server batches and caches by it):
+        vanilla and prompt share the base model whatever the preference, which is in their text."""
+        if not self.method.changes_weights:
+            return ("base", self.model_name)
         return (self.method, self.model_name, self.options, tuple(sorted(self.weights.items())),
-                self.preference.spec() if self.preference is not None and self.method.changes_weights else None)
+                self.preference.spec() if self.preference is not None else None)
 
 
 def build_prompts(tokenizer: PreTrainedTokenizerBase, instructions: Sequence[str], preference: Preference | None,

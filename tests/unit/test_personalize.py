@@ -178,3 +178,13 @@ def test_load_personalized_loads_the_base_and_builds(tiny_model_dir, experts):
     pm = personalign.load_personalized("1A,2A", method="soup", model=str(tiny_model_dir), experts=str(experts),
                                        device="cpu", merge="exact")
     assert pm.label == "soup-exact" and len(pm.generate("Hi", GREEDY)) == 1
+
+
+def test_requests_on_the_base_model_share_a_key_and_composed_ones_do_not(tiny_model_dir, experts):
+    keys = {resolve(p, MethodOptions(method=m)).key() for p, m in [("1A,2A", "prompt"), ("1B,2B", "prompt"),
+                                                                     (None, "vanilla")]}
+    assert len(keys) == 1  # one model: such requests can share a batch
+    a = spec(tiny_model_dir, experts, "1A,2A", "soup")
+    assert a.key() == spec(tiny_model_dir, experts, "1A,2A", "soup").key()
+    assert a.key() != spec(tiny_model_dir, experts, "1B,2A", "soup").key()
+    assert a.key() != spec(tiny_model_dir, experts, "1A,2A", "soup", merge="exact").key()
