@@ -433,3 +433,21 @@ def test_a_default_method_and_options_apply_when_a_request_names_none(tiny, tiny
         assert by_default != chat(c, **{**SEEDED, "method": "soup", "merge": "psoups"}).json()["choices"]
         r = chat(c, **{**SEEDED, "method": "mope"})  # the soup default's merge never reaches a mixture
         assert r.status_code == 200, r.text
+
+
+def test_serve_command_builds_its_config_like_every_command(tmp_path, monkeypatch):
+    import personalign.serve.app as serve_app
+    from personalign.cli import _load
+    from personalign.serve import ServeConfig
+
+    cfg_file = tmp_path / "serve.yaml"
+    cfg_file.write_text("method: soup\nmerge: ties\nport: 9000\n")
+    cfg = _load(ServeConfig, cfg_file, {"port": 9100, "mix": None}, ["merge=exact"])
+    assert (cfg.method, cfg.merge, cfg.port, cfg.mix, cfg.host) == ("soup", "exact", 9100, "prob", "127.0.0.1")
+    assert cfg.defaults() == MethodOptions(method="soup", merge="exact")
+    seen = []
+    monkeypatch.setattr(serve_app, "check_defaults", lambda d, name=None: seen.append(d) or (_ for _ in ()).throw(
+        RuntimeError("stop before the model loads")))
+    with pytest.raises(RuntimeError, match="stop before"):
+        serve_app.run_server(config=cfg)
+    assert seen == [cfg.defaults()]  # the config's defaults, not run_server's keyword defaults
