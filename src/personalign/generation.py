@@ -39,6 +39,7 @@ __all__ = [
     "SamplingConfig",
     "Step",
     "StepContext",
+    "batch_generator",
     "batch_seed",
     "cache_argument",
     "decode",
@@ -267,22 +268,21 @@ def decode_steps(step: Step, input_ids: torch.Tensor, mask: torch.Tensor, sampli
             seen = seen[:, :vocab]
             finished = torch.zeros(b, dtype=torch.bool, device=device)
             next_pos = pos[:, -1:] + 1  # (B, 1)
-        toks: list[torch.Tensor] = []
+            generated = input_ids.new_zeros(b, 0)  # (B, t): grows by one column per step
         for t in range(sampling.max_new_tokens):
             with grad_off():
-                generated = torch.stack(toks, 1) if toks else input_ids.new_zeros(b, 0)
                 ctx = StepContext(t, input_ids, prompt_mask, generated, finished.clone(), seen)
                 scores = step.scores(ctx, sampling.repetition_penalty)  # (B, V)
                 nxt = sample_next(scores, sampling, generator)
                 nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)  # (B,)
                 valid = ~finished
                 step.accept(nxt, ctx)
-                toks.append(nxt)
+                generated = torch.cat([generated, nxt[:, None]], 1)
                 seen = seen.clone()  # the context handed out above keeps its own
                 seen[torch.arange(b, device=device)[valid], nxt[valid]] = True
                 finished = finished | torch.isin(nxt, eos_t)
                 if stop is not None:
-                    finished = finished | (stop(torch.stack(toks, 1)) & valid)
+                    finished = finished | (stop(generated) & valid)
             yield nxt, valid, finished
             if bool(finished.all()) or t == sampling.max_new_tokens - 1:
                 return
@@ -310,6 +310,13 @@ def seeded_generator(seed: int, device: torch.device | str) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
+def batch_generator(seed: int, first_index: int, device: torch.device | str,
+                    seed_range: int | None = None) -> torch.Generator:
+    """The generator of the batch starting at ``first_index`` (see :func:`generate_texts`)."""
+    s = batch_seed(seed, first_index)
+    return seeded_generator(s % seed_range if seed_range is not None else s, device)
+
+
 def generate_texts(
     make_step: Callable[[], Step],
     tokenizer: PreTrainedTokenizerBase,
@@ -334,11 +341,8 @@ def generate_texts(
     outputs: list[str] = []
     for start, chunk in batched(list(texts), batch_size):
         ids, mask = encode_batch(tokenizer, chunk, device)
-        seed = batch_seed(sampling.seed, first_index + start)
-        if seed_range is not None:
-            seed %= seed_range
-        out = decode(make_step(), ids, mask, sampling, eos=eos, pad=pad, generator=seeded_generator(seed, device),
-                     inference=True)
+        gen = batch_generator(sampling.seed, first_index + start, device, seed_range)
+        out = decode(make_step(), ids, mask, sampling, eos=eos, pad=pad, generator=gen, inference=True)
         tokens = out.tokens.masked_fill(out.mask == 0, pad)
         responses = [r.strip() for r in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
         outputs.extend(responses)

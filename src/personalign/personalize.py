@@ -342,13 +342,10 @@ class PersonalizedModel:
                               seed_range=self._seed_range, on_batch=on_batch)
 
     def _batch(self, texts: Sequence[str], seed: int) -> tuple[Any, Any, Any]:
-        from personalign.generation import batch_seed, encode_batch, seeded_generator
+        from personalign.generation import batch_generator, encode_batch
 
         ids, mask = encode_batch(self.tokenizer, texts, self.device)
-        s = batch_seed(seed, 0)
-        if self._seed_range is not None:
-            s %= self._seed_range
-        return ids, mask, seeded_generator(s, self.device)
+        return ids, mask, batch_generator(seed, 0, self.device, self._seed_range)
 
     def _stopper(self, stop: Sequence[str]) -> Callable[[Any], Any] | None:
         if not stop:
