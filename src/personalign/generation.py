@@ -39,6 +39,7 @@ __all__ = [
     "SamplingConfig",
     "Step",
     "StepContext",
+    "TextStream",
     "batch_generator",
     "batch_seed",
     "cache_argument",
@@ -51,6 +52,7 @@ __all__ = [
     "penalize_repetition",
     "positions",
     "sample_next",
+    "sample_rows",
     "seeded_generator",
 ]
 
@@ -150,11 +152,15 @@ class Step(Protocol):
     def advance(self, tokens: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor) -> None: ...
 
 
-def penalize_repetition(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+def penalize_repetition(logits: torch.Tensor, seen: torch.Tensor, penalty: float | torch.Tensor) -> torch.Tensor:
     """The CTRL repetition penalty as transformers applies it: a seen token's positive logit is divided
-    by ``penalty``, a negative one multiplied. (..., V) logits, (B, V) seen mask broadcast over the
-    middle dimensions (K experts) -> same shape."""
-    if penalty == 1:
+    by ``penalty``, a negative one multiplied. (B, ..., V) logits, (B, V) seen mask broadcast over the
+    middle dimensions (K experts) -> same shape. ``penalty`` is one number, or one per row (B,)."""
+    if isinstance(penalty, torch.Tensor):
+        if bool((penalty == 1).all()):
+            return logits
+        penalty = penalty.to(logits.dtype).reshape(-1, *([1] * (logits.dim() - 1)))
+    elif penalty == 1:
         return logits
     while seen.dim() < logits.dim():
         seen = seen[:, None]
@@ -220,6 +226,82 @@ def sample_next(scores: torch.Tensor, sampling: SamplingConfig, generator: torch
         drop[..., -1:] = False
         scores = scores.masked_fill(drop.scatter(1, order, drop), -torch.inf)
     return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
+
+
+def sample_rows(scores: torch.Tensor, temperature: Sequence[float], top_p: Sequence[float],
+                generator: torch.Generator | None) -> torch.Tensor:
+    """:func:`sample_next` with each row's own temperature and top-p (a batch of requests with different
+    settings): (B, V) scores -> (B,) tokens. Greedy rows (temperature 0) take the arg-max; the others
+    draw together from ``generator``."""
+    out = scores.argmax(-1)
+    draw = [i for i, t in enumerate(temperature) if t != 0]
+    if not draw:
+        return out
+    rows = torch.tensor(draw, device=scores.device)
+    s = scores[rows] / torch.tensor([temperature[i] for i in draw], device=scores.device, dtype=scores.dtype)[:, None]
+    cut = [1 - top_p[i] for i in draw]  # in double precision, as sample_next compares
+    if any(c > 0 for c in cut):
+        sorted_scores, order = torch.sort(s, descending=False)
+        drop = sorted_scores.softmax(-1).cumsum(-1) <= torch.tensor(cut, device=s.device, dtype=s.dtype)[:, None]
+        drop[..., -1:] = False
+        drop[torch.tensor([c <= 0 for c in cut], device=s.device)] = False  # top_p 1: nothing dropped
+        s = s.masked_fill(drop.scatter(1, order, drop), -torch.inf)
+    out[rows] = torch.multinomial(s.softmax(-1), 1, generator=generator).squeeze(1)
+    return out
+
+
+class TextStream:
+    """One answer's tokens turned into text piece by piece, as a streaming client receives it.
+
+    ``push`` takes each generated token and returns the new text (possibly ""): a trailing incomplete
+    UTF-8 sequence waits, and so does whatever could be the start of a stop string; at a stop string the
+    text is cut before it and ``stopped`` is set. With ``strip`` (chat answers, which are stripped),
+    leading and trailing whitespace wait too. The pieces join to :attr:`text`.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, eos: Sequence[int], stop: Sequence[str] = (),
+                 strip: bool = False) -> None:
+        self.tokenizer, self.eos, self.stop, self.strip = tokenizer, set(eos), tuple(stop), strip
+        self.tokens: list[int] = []  # the answer's tokens, end-of-sequence excluded
+        self.sent = ""
+        self.stopped = False
+        self._held = max((len(s) for s in self.stop), default=0)
+
+    def _cut(self, text: str) -> str:
+        cuts = [text.find(s) for s in self.stop if s in text]
+        if cuts:
+            self.stopped = True
+            return text[: min(cuts)]
+        return text
+
+    @property
+    def text(self) -> str:
+        """The whole answer so far: cut at a stop string (stripped with ``strip``)."""
+        text = self._cut(self.tokenizer.decode(self.tokens, skip_special_tokens=True))
+        return text.strip() if self.strip else text
+
+    def push(self, token: int) -> str:
+        if token in self.eos:
+            return ""
+        self.tokens.append(token)
+        full = self._cut(self.tokenizer.decode(self.tokens, skip_special_tokens=True))
+        if self.stopped:
+            return self._emit(full, final=True)
+        safe = full.removesuffix("\ufffd")
+        safe = safe[: len(safe) - self._held] if self._held else safe
+        return self._emit(safe, final=False)
+
+    def finish(self) -> str:
+        """What is still held back, once the answer has ended."""
+        return self._emit(self.text, final=True)
+
+    def _emit(self, text: str, final: bool) -> str:
+        if self.strip:
+            text = text.strip() if final else text.lstrip().rstrip()
+        if len(text) > len(self.sent) and text.startswith(self.sent):
+            piece, self.sent = text[len(self.sent):], text
+            return piece
+        return ""
 
 
 @dataclass(frozen=True)

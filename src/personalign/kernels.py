@@ -77,6 +77,19 @@ def _forward_for(layer: nn.Linear) -> Any:
     return forward
 
 
+def plain_copy(model: Any) -> Any:
+    """A deep copy of ``model`` without the routing of a :func:`fast_decode` block that is still open on it
+    (a copied forward would still compute with the original layer's weights)."""
+    import copy
+
+    clone = copy.deepcopy(model)
+    for module in clone.modules():
+        if getattr(module, _ATTR, False):
+            del module.forward
+            delattr(module, _ATTR)
+    return clone
+
+
 @contextlib.contextmanager
 def fast_decode(*models: Any) -> Iterator[None]:
     """Within the block, the plain ``nn.Linear`` layers of ``models`` use the thin-input product when

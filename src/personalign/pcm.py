@@ -72,6 +72,7 @@ __all__ = [
     "read_pcm_config",
     "resolve_pcm_dir",
     "shipped_pcm_dir",
+    "step_inputs",
     "weight_kl",
 ]
 
@@ -323,6 +324,22 @@ def position_feature(step: int) -> float:
     return math.log1p(step) / _POSITION_NORM
 
 
+def step_inputs(pcm: PreferenceControlModel, pref: torch.Tensor, index: torch.Tensor, expert_logp: torch.Tensor,
+                steps: Sequence[int], prompt_emb: torch.Tensor, gen_sum: torch.Tensor) -> PCMInputs:
+    """What a context PCM reads before one token of each row: (B, S) preference weights over its sides,
+    the (K,) sides of the experts run, their (B, K, V) next-token log-probs, the tokens each row has
+    generated so far (rows of one batch may be at different steps), the (B, H) pooled prompt embedding and
+    the (B, H) sum of the generated tokens' embeddings -> inputs with one position (B, 1, ...)."""
+    device = pref.device
+    feats = expert_features(expert_logp, pref[:, index])  # (B, K, 3)
+    feats = _scatter_sides(feats, index, len(pcm.sides)) * (pref > 0)[..., None]  # (B, S, 3)
+    pos = torch.tensor([[position_feature(t)] for t in steps], device=device)  # (B, 1)
+    scalars = torch.cat([feats.flatten(1), pos], -1)  # (B, 3S + 1)
+    count = torch.tensor([max(t, 1) for t in steps], device=device, dtype=gen_sum.dtype)[:, None]
+    gen_emb = gen_sum / count  # (B, H); zero at step 0
+    return PCMInputs(pref, scalars[:, None], prompt_emb, gen_emb[:, None])
+
+
 def pooled_embeddings(embeddings: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Masked mean of the (V, H) embedding rows of ``ids`` (B, L) -> (B, H); zero for an empty row."""
     emb = F.embedding(ids.to(embeddings.device), embeddings).float()  # (B, L, H)
@@ -467,15 +484,10 @@ class PCMWeights:
         else:
             last = F.embedding(ctx.generated[:, -1].to(emb.device), emb).float()  # (B, H)
             self._gen_sum = self._gen_sum + last.to(device)
-        feats = expert_features(logp, pref[:, index])  # (B, K, 3)
-        feats = _scatter_sides(feats, index, len(self.pcm.sides)) * (pref > 0)[..., None]  # (B, S, 3)
-        pos = torch.full((b, 1), position_feature(ctx.step), device=device)
-        scalars = torch.cat([feats.flatten(1), pos], -1)  # (B, 3S + 1)
-        gen_emb = self._gen_sum / max(ctx.step, 1)  # (B, H); zero at step 0
-        inputs = PCMInputs(pref, scalars[:, None], self._prompt_emb, gen_emb[:, None])
+        inputs = step_inputs(self.pcm, pref, index, logp, [ctx.step] * b, self._prompt_emb, self._gen_sum)
         alpha = self.pcm(inputs)[:, 0]  # (B, S)
         if self.record:
-            self._steps.append((scalars, gen_emb))
+            self._steps.append((inputs.scalars[:, 0], inputs.gen_emb[:, 0]))
         return alpha[:, index]
 
     def recorded(self, batch_rows: int | None = None) -> PCMInputs:

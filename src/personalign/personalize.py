@@ -33,7 +33,6 @@ in their own modules.
 
 from __future__ import annotations
 
-import copy
 import enum
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -360,6 +359,17 @@ class PersonalizedModel:
 
         return check
 
+    def decode_steps(self, texts: Sequence[str], sampling: SamplingConfig, *, seed: int | None = None,
+                     stop: Sequence[str] = ()) -> Iterator[tuple[Any, Any, Any]]:
+        """The decode loop over formatted texts as one batch, step by step: ``(tokens, valid, finished)``
+        per step (:func:`personalign.generation.decode_steps`). ``seed`` defaults to ``sampling.seed``."""
+        from personalign.generation import decode_steps, pad_token_id
+
+        ids, mask, gen = self._batch(texts, sampling.seed if seed is None else seed)
+        return decode_steps(self._make_step(), ids, mask, sampling, eos=self.eos,
+                            pad=pad_token_id(self.tokenizer, self.eos), generator=gen, stop=self._stopper(stop),
+                            inference=True)
+
     def complete(self, texts: Sequence[str], sampling: SamplingConfig, *, seed: int | None = None,
                  stop: Sequence[str] = ()) -> list[Completion]:
         """Generate for formatted texts as one batch; a row ends at end-of-sequence or at a stop string
@@ -384,32 +394,16 @@ class PersonalizedModel:
                stop: Sequence[str] = ()) -> Iterator[str]:
         """Yield the answer to one formatted text piece by piece as it is decoded (the pieces join to what
         :meth:`complete` returns for the same text and seed)."""
-        from personalign.generation import decode_steps, pad_token_id
+        from personalign.generation import TextStream
 
-        ids, mask, gen = self._batch([text], sampling.seed if seed is None else seed)
-        tokens: list[int] = []
-        sent = ""
-        held = max((len(s) for s in stop), default=0)  # hold back what could start a stop string
-        for nxt, valid, _ in decode_steps(self._make_step(), ids, mask, sampling, eos=self.eos,
-                                          pad=pad_token_id(self.tokenizer, self.eos), generator=gen,
-                                          stop=self._stopper(stop), inference=True):
-            if bool(valid[0]) and int(nxt[0]) not in self.eos:
-                tokens.append(int(nxt[0]))
-            full = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            cuts = [full.find(s) for s in stop if s in full]
-            if cuts:
-                full = full[: min(cuts)]
-                if full.startswith(sent) and len(full) > len(sent):
-                    yield full[len(sent):]
+        pieces = TextStream(self.tokenizer, self.eos, stop)
+        for nxt, valid, _ in self.decode_steps([text], sampling, seed=seed, stop=stop):
+            if bool(valid[0]) and (piece := pieces.push(int(nxt[0]))):
+                yield piece
+            if pieces.stopped:
                 return
-            safe = full.removesuffix("\ufffd")  # an incomplete UTF-8 sequence waits
-            safe = safe[: len(safe) - held] if held else safe
-            if len(safe) > len(sent) and safe.startswith(sent):
-                yield safe[len(sent):]
-                sent = safe
-        full = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        if len(full) > len(sent) and full.startswith(sent):
-            yield full[len(sent):]
+        if piece := pieces.finish():
+            yield piece
 
 
 def personalize(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, spec: Personalization, *,
@@ -423,6 +417,7 @@ def personalize(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, spec
     from personalign import compose
     from personalign.adapters import load_adapter, with_adapters
     from personalign.generation import ModelStep, eos_token_ids
+    from personalign.kernels import plain_copy
     from personalign.models import canonical_name
 
     have = canonical_name(getattr(model.config, "personalign_base", None) or model.name_or_path)
@@ -436,7 +431,7 @@ def personalize(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, spec
     m = spec.method
     if not m.changes_weights:
         return PersonalizedModel(spec, tokenizer, lambda: ModelStep(model), eos, device, None, model=model)
-    base = model if inplace else copy.deepcopy(model)
+    base = model if inplace else plain_copy(model)  # the model may be decoding elsewhere (the server)
     report = None
     if m is Method.MOPE:
         return _mixture(spec, tokenizer, base, eos, device)

@@ -48,12 +48,23 @@ class RowSoups:
 
     @contextlib.contextmanager
     def applied(self, weights: torch.Tensor) -> Iterator[None]:
-        """Within the block, a forward pass of ``model`` gives row b the soup of ``weights[b]`` (B, K)."""
+        """Within the block, a forward pass of ``model`` gives row b the soup of ``weights[b]`` (B, K).
+
+        Rows whose weights are all zero get the base model exactly (no LoRA product is computed for them).
+        """
         if weights.dim() != 2 or weights.shape[1] != self.k:
             raise ConfigError(f"soup weights of shape {tuple(weights.shape)}; expected (B, {self.k}) over "
                               f"{', '.join(self.names)}")
+        live = weights.ne(0).any(-1)  # (B,)
+        rows = None if bool(live.all()) else live.nonzero().flatten()
         for layer, a, b, r in self._layers:
-            layer.forward = _row_soup_forward(layer, a, b, weights.to(a).repeat_interleave(r, dim=1))
+            if rows is not None and rows.numel() == 0:
+                layer.forward = layer.base_layer.forward  # every row is the base model (a bound method: a
+                # module assigned here would be registered as a submodule, not used as the forward)
+            else:
+                w = weights if rows is None else weights[rows]
+                layer.forward = _row_soup_forward(layer, a, b, w.to(a).repeat_interleave(r, dim=1), rows,
+                                                  weights.shape[0])
         try:
             yield
         finally:
@@ -61,15 +72,22 @@ class RowSoups:
                 del layer.forward
 
 
-def _row_soup_forward(layer: Any, a: torch.Tensor, b: torch.Tensor, wr: torch.Tensor) -> Any:
-    """The forward of one LoRA layer under per-row weights ``wr`` (B, K*r), each expert's repeated r times."""
+def _row_soup_forward(layer: Any, a: torch.Tensor, b: torch.Tensor, wr: torch.Tensor, rows: torch.Tensor | None,
+                      batch: int) -> Any:
+    """The forward of one LoRA layer under per-row weights ``wr`` (R, K*r), each expert's repeated r times,
+    for ``rows`` of a batch of ``batch`` (None: every row)."""
 
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         out = layer.base_layer(x, *args, **kwargs)
-        rows = wr.shape[0]
-        xs = x.reshape(rows, -1, x.shape[-1]).to(a.dtype)  # (B, S, in)
-        delta = ((xs @ a) * wr[:, None, :]) @ b  # (B, S, K*r) -> (B, S, out)
-        return out + delta.reshape(out.shape).to(out.dtype)
+        xs = x.reshape(batch, -1, x.shape[-1])  # (B, S, in)
+        if rows is not None:
+            xs = xs[rows]
+        delta = ((xs.to(a.dtype) @ a) * wr[:, None, :]) @ b  # (R, S, K*r) -> (R, S, out)
+        if rows is None:
+            return out + delta.reshape(out.shape).to(out.dtype)
+        full = out.reshape(batch, -1, out.shape[-1]).clone()
+        full[rows] += delta.to(out.dtype)
+        return full.reshape(out.shape)
 
     return forward
 

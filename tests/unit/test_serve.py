@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -17,7 +16,6 @@ from personalign.generation import SamplingConfig
 from personalign.personalize import MethodOptions, personalize, resolve
 from personalign.preferences import parse_preference
 from personalign.serve import create_app, running_server
-from personalign.serve.batching import _Batcher, _Job
 
 USER = [{"role": "user", "content": "Explain rain."}]
 
@@ -78,7 +76,7 @@ def spy_messages(monkeypatch, tok) -> list:
 )
 def test_preferences_are_appended_to_the_last_user_message(client, tiny, monkeypatch, prefs, method, suffix):
     _, tok = tiny
-    seen = spy_messages(monkeypatch, tok)
+    seen = spy_messages(monkeypatch, client.app.state.service.tokenizer)  # the handlers' own copy
     convo = [{"role": "system", "content": "Be brief."}, *USER, {"role": "assistant", "content": "Rain is water."},
              {"role": "user", "content": "And snow? "}]
     body = {"messages": convo, "max_tokens": 2, "method": method}
@@ -180,11 +178,14 @@ BAD = [
     ({"max_tokens": 5000}, "max_tokens", "exceeds the model's context of 1024 tokens"),
     ({"temperature": -1}, "temperature", "temperature must be in"),
     ({"top_p": 0}, "top_p", "top_p must be in"),
-    ({"n": 0}, "n", "n must be between 1 and 8"),
+    ({"n": 0}, "n", "n must be between 1 and 32"),
+    ({"n": 33}, "n", "n must be between 1 and 32"),
     ({"seed": 1.5}, "seed", "seed must be an integer"),
     ({"stop": ""}, "stop", "stop must be"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "stop must be"),
-    ({"stream": True}, "stream", "stream is not supported"),
+    ({"stream": "yes"}, "stream", "stream must be true or false"),
+    ({"stream_options": {"include_usage": True}}, "stream_options", "goes with stream=true"),
+    ({"stream": True, "stream_options": {"usage": 1}}, "stream_options", "one boolean field include_usage"),
     ({"logprobs": True}, "logprobs", "logprobs is not supported"),
     ({"preference": "1A"}, "preference", "unknown field 'preference'"),
     ({"max_tokens": 3, "max_completion_tokens": 3}, "max_completion_tokens", "not both"),
@@ -243,38 +244,6 @@ def test_a_failing_generation_answers_500_and_the_server_keeps_serving(tiny, mon
         r = chat(c, max_tokens=2)
         assert r.status_code == 500 and r.json()["error"]["message"] == "generation failed: RuntimeError: boom second line"
         assert chat(c, max_tokens=2).status_code == 200
-
-
-def test_batcher_groups_compatible_jobs_and_runs_seeded_ones_alone():
-    release = threading.Event()
-    batches: list[list[str]] = []
-
-    def run(jobs):
-        release.wait(5)
-        batches.append([job.texts[0] for job in jobs])
-        for job in jobs:
-            job.future.set_result(job.texts[0])
-
-    spec = resolve("1A", MethodOptions(method="prompt"))
-
-    def job(name, seeded=False, temperature=0.7, n=1):
-        return _Job([name], n, SamplingConfig(temperature=temperature), (), seeded, True, spec)
-
-    batcher = _Batcher(run, max_batch=3)
-    jobs = [job("first"), job("s1", seeded=True), job("a"), job("b"), job("greedy", temperature=0),
-            job("c", n=2), job("d"), job("e"), job("s2", seeded=True)]
-    futures = [batcher.submit(j) for j in jobs]
-    release.set()
-    assert [f.result(5) for f in futures] == [j.texts[0] for j in jobs]
-    batcher.close()
-    # "first" runs alone (the worker took it before the rest arrived, or with its compatible
-    # followers); the seeded jobs never share a batch; no batch holds more than 3 rows.
-    flat = [name for b in batches for name in b]
-    assert sorted(flat) == sorted(j.texts[0] for j in jobs)
-    assert ["s1"] in batches and ["s2"] in batches and ["greedy"] in batches
-    assert any(len(b) > 1 for b in batches)
-    rows = {j.texts[0]: j.rows for j in jobs}
-    assert all(sum(rows[name] for name in b) <= 3 for b in batches)
 
 
 def test_seeded_requests_ignore_concurrent_traffic(tiny):

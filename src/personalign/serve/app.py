@@ -1,4 +1,5 @@
-"""An OpenAI-compatible server: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``, ``/health``.
+"""An OpenAI-compatible server: ``/v1/chat/completions``, ``/v1/completions`` (both with streaming),
+``/v1/models``, ``/v1/preferences``, ``/health`` and ``/metrics`` (Prometheus).
 
 Extra body fields carry a person's preference and how to honour it (the OpenAI client sends them with
 ``extra_body``): ``preferences`` (``"1A,2A,3A"``, ``"concise=0.7,informative=0.3"`` or a side -> weight
@@ -7,58 +8,71 @@ psoups, exact, ties, dare, dare_ties) or ``mope`` (with ``mix``: prob, logit, un
 shipped or none). The server's own defaults for each come from ``personalign serve --method ... --merge
 ... --mix ... --pcm ... --experts ...``. Every method but vanilla appends the preference prompt to the
 last user message after one space, exactly as ``personalign generate`` does; a request without
-``preferences`` is answered as vanilla by the prompt method and refused by the others. Each request's
-model is built by the same entry point the CLI uses (:mod:`personalign.personalize`), so a seeded
-request gives the text ``personalign generate`` gives for the same instruction, preference and method.
+``preferences`` is answered as vanilla by the prompt method and refused by the others. Each request is
+resolved by the same entry point the CLI uses (:mod:`personalign.personalize`), so a seeded request
+gives the text ``personalign generate`` gives for the same instruction, preference and method.
 
 Defaults are personalign's, not OpenAI's, so that the server and the CLI give the same text for the
 same seed: ``max_tokens`` 256, ``temperature`` 0.7, ``top_p`` 0.9, ``repetition_penalty`` 1.1 (an
 extra field; small models loop without it).
 
-Generation runs in one worker thread (the model is not thread-safe) that groups requests waiting
-with the same personalized model and settings into one batch, up to ``max_batch`` rows: with one torch
-thread, four concurrent 32-token answers from the embedded model take 4.1 s batched against 8.4 s
-one by one (``max_batch=1``). A request with a ``seed`` always runs alone, seeded as :func:`generate_texts` seeds a batch, so
-the same request gives the same text whatever else the server is doing. Requests without a seed may
-share a batch; their text then depends on their batch mates (sampling draws from one random stream,
-and padding can flip a greedy near-tie), as with any batching server.
+Generation runs in one worker thread with continuous batching (:mod:`personalign.serve.engine`): rows of
+every person, preference and method (vanilla, prompt, expert, exact soups, MoPE with fixed or PCM
+weights) decode together in one batch, join it at the next token and leave it when they end; soups of
+the other rules run on merged models from a bounded cache. A request with a ``seed`` runs alone, seeded
+as :func:`generate_texts` seeds a batch, so the same request gives the same text whatever else the server
+is doing; requests without a seed share batches, and their text then depends on their batch mates
+(sampling draws from one random stream, and padding can flip a greedy near-tie), as with any batching
+server.
 
-Every bad request gets HTTP 400 (404 for an unknown model) with an OpenAI error object whose message
-is one line; nothing a client sends can stop the server.
+Limits: a bounded queue (``max_queue`` waiting requests; more get HTTP 429), a per-request time limit
+(the rows end with ``finish_reason`` ``"time_limit"`` and keep their text), body and prompt sizes (413,
+400), and bearer-token auth when an API key is set (401). A client that disconnects frees its rows.
+Every bad request gets a 4xx with an OpenAI error object whose message is one line and names the field;
+nothing a client sends can stop the server or another client's request.
 """
 
 import asyncio
+import collections
 import contextlib
+import copy
 import dataclasses
+import json
 import logging
 import math
+import os
+import secrets
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from personalign.errors import ConfigError, PersonalignError
 from personalign.generation import SamplingConfig
 from personalign.personalize import Method, MethodOptions, chat_text, plain_text, resolve
 from personalign.preferences import PreferenceSpace, default_space
-from personalign.serve.batching import ApiError, Models, _Job, new_batcher
+from personalign.serve.batching import ApiError, Models
+from personalign.serve.engine import Engine, Job
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["INSTALL_HINT", "SERVED_METHODS", "ServeConfig", "create_app", "run_server", "running_server"]
+__all__ = ["INSTALL_HINT", "SERVED_METHODS", "Limits", "ServeConfig", "create_app", "run_server", "running_server"]
 
 INSTALL_HINT = "the server needs the 'serve' extra: pip install 'personalign[serve]'"
+API_KEY_ENV = "PERSONALIGN_API_KEY"
 log = logging.getLogger("personalign.serve")
 
 _COMMON = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "n", "stop",
-           "stream", "preferences", "method", "merge", "mix", "pcm", "repetition_penalty", "user"}
+           "stream", "stream_options", "preferences", "method", "merge", "mix", "pcm", "repetition_penalty",
+           "user"}
 # OpenAI fields we do not implement. A client may send them with their neutral value; any other value
 # is refused, because ignoring it would silently give the client something it did not ask for.
 _NEUTRAL_ONLY = {"frequency_penalty", "presence_penalty", "logit_bias", "logprobs", "top_logprobs",
-                 "stream_options", "response_format", "tools", "tool_choice", "parallel_tool_calls",
+                 "response_format", "tools", "tool_choice", "parallel_tool_calls",
                  "echo", "suffix", "best_of"}
 _ROLES = ("system", "user", "assistant")
 
@@ -119,18 +133,50 @@ def _number(body: Mapping[str, Any], key: str, default: Any, integer: bool = Fal
     return value
 
 
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What one server accepts and holds at once (``personalign serve`` flags of the same names)."""
+
+    max_batch: int = 32  # rows decoding at once (a MoPE row runs one lane per expert)
+    max_queue: int = 64  # requests waiting to start; more are answered 429
+    max_models: int = 4  # merged soups (psoups, ties, dare) kept built
+    max_model_mb: float | None = None  # and at most this much memory of them (None: no bound but the count)
+    request_timeout: float | None = 600.0  # seconds; the rows then end with finish_reason "time_limit"
+    max_body_bytes: int = 1_000_000  # a larger request body is answered 413
+    max_prompt_tokens: int | None = None  # None: the model's context less max_tokens
+    api_key: str | None = None  # clients must send Authorization: Bearer <key> (all but /health)
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_queue", "max_models", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_model_mb", "request_timeout", "max_prompt_tokens"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"{name} must be positive, got {value}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ConfigError("api_key is empty; give a key or none")
+
+
 class _Service:
     """Turns request bodies into generation jobs and results into OpenAI response objects."""
 
     def __init__(self, model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", model_name: str,
-                 max_batch: int, defaults: MethodOptions, space: PreferenceSpace, max_models: int = 4):
-        self.tokenizer, self.model_name, self.max_batch = tokenizer, model_name, max_batch
-        self.defaults, self.space = defaults, space
+                 limits: Limits, defaults: MethodOptions, space: PreferenceSpace):
+        # The event loop's own tokenizer: a fast tokenizer is not safe to share with the worker thread.
+        self.tokenizer = copy.deepcopy(tokenizer)
+        self.model_name, self.limits, self.defaults, self.space = model_name, limits, defaults, space
         self.base_name = getattr(model.config, "personalign_base", None) or model.name_or_path
-        self.models = Models(model, tokenizer, max_models)
-        self.batcher = new_batcher(self.models, max_batch)
+        self.context = getattr(model.config, "max_position_embeddings", None)
+        self.models = Models(model, tokenizer, limits.max_models, limits.max_model_mb)
+        self.experts_dir = _experts_dir(defaults, self.base_name)
+        self.engine = Engine(self.models, max_batch=limits.max_batch, max_queue=limits.max_queue,
+                             experts_dir=self.experts_dir, model_name=self.base_name)
+        self.requests: collections.Counter[tuple[str, str, int]] = collections.Counter()
+        self.prompt_tokens = 0
+        self.started = time.time()
 
-    def _parse(self, body: Mapping[str, Any], fields: set[str], chat: bool) -> _Job:
+    def _parse(self, body: Mapping[str, Any], fields: set[str], chat: bool) -> Job:
         """The settings every endpoint shares, as a job without inputs, and the parsed preference."""
         for key, value in body.items():
             if key in _NEUTRAL_ONLY:
@@ -144,8 +190,16 @@ class _Service:
         if model != self.model_name:
             raise ApiError(f"model {model!r} is not served here; this server serves {self.model_name!r}",
                            "model", status=404, code="model_not_found")
-        if body.get("stream"):
-            raise ApiError("stream is not supported by this server; send stream=false", "stream")
+        if body.get("stream") is not None and not isinstance(body["stream"], bool):
+            raise ApiError(f"stream must be true or false, got {_short(body['stream'])}", "stream")
+        options = body.get("stream_options")
+        if options is not None:
+            if not body.get("stream"):
+                raise ApiError("stream_options goes with stream=true", "stream_options")
+            if not isinstance(options, dict) or set(options) - {"include_usage"} or not isinstance(
+                    options.get("include_usage", False), bool):
+                raise ApiError("stream_options must be an object with one boolean field include_usage",
+                               "stream_options")
         if body.get("max_tokens") is not None and body.get("max_completion_tokens") is not None:
             raise ApiError("give max_tokens or max_completion_tokens, not both", "max_completion_tokens")
         key = "max_tokens" if body.get("max_completion_tokens") is None else "max_completion_tokens"
@@ -153,8 +207,8 @@ class _Service:
         if max_tokens < 1:
             raise ApiError(f"{key} must be at least 1, got {max_tokens}", key)
         n = _number(body, "n", 1, integer=True)
-        if not 1 <= n <= self.max_batch:
-            raise ApiError(f"n must be between 1 and {self.max_batch}, got {n}", "n")
+        if not 1 <= n <= self.limits.max_batch:
+            raise ApiError(f"n must be between 1 and {self.limits.max_batch}, got {n}", "n")
         seed = _number(body, "seed", None, integer=True)
         try:
             sampling = SamplingConfig(
@@ -193,9 +247,9 @@ class _Service:
         except PersonalignError as exc:
             param = "preferences" if preference is None or "weight" in str(exc) else "method"
             raise ApiError(str(exc), param) from None
-        return _Job([], n, sampling, tuple(stop), seed is not None, chat, spec)
+        return Job([], n, sampling, tuple(stop), seed is not None, chat, spec, timeout=self.limits.request_timeout)
 
-    def chat_job(self, body: Mapping[str, Any]) -> _Job:
+    def chat_job(self, body: Mapping[str, Any]) -> Job:
         job = self._parse(body, _COMMON | {"messages"}, chat=True)
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
@@ -210,7 +264,7 @@ class _Service:
             job.texts = [chat_text(self.tokenizer, convo, job.spec)]
         except Exception as exc:  # noqa: BLE001 - e.g. a template that demands alternating roles
             raise ApiError(f"the model's chat template rejected the messages: {exc}", "messages") from None
-        return job
+        return self._measure(job, "messages")
 
     @staticmethod
     def _message(i: int, m: object) -> dict[str, str]:
@@ -226,19 +280,35 @@ class _Service:
             raise ApiError(f"messages[{i}].content must be a string", "messages")
         return {"role": m["role"], "content": content}
 
-    def completion_job(self, body: Mapping[str, Any]) -> _Job:
+    def completion_job(self, body: Mapping[str, Any]) -> Job:
         job = self._parse(body, _COMMON | {"prompt"}, chat=False)
         prompt = body.get("prompt")
         prompts = [prompt] if isinstance(prompt, str) else prompt
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p for p in prompts):
             raise ApiError("prompt is required: a non-empty string or list of strings", "prompt")
         job.texts = [plain_text(p, job.spec) for p in prompts]
-        if job.rows > self.max_batch:
+        if job.rows > self.limits.max_batch:
             raise ApiError(f"this request asks for {job.rows} completions; the server generates at "
-                           f"most {self.max_batch} per request", "prompt")
+                           f"most {self.limits.max_batch} per request", "prompt")
+        return self._measure(job, "prompt")
+
+    def _measure(self, job: Job, field: str) -> Job:
+        """Count the prompt tokens, and refuse prompts over the limit or beyond the model's context."""
+        add_special = not getattr(self.tokenizer, "chat_template", None) or not job.chat
+        add_special = add_special and not getattr(self.tokenizer, "chat_template", None)
+        lengths = [len(ids) for ids in self.tokenizer(job.texts, add_special_tokens=add_special)["input_ids"]]
+        job.prompt_tokens = sum(lengths)  # once per prompt, whatever n (as OpenAI counts)
+        longest, limit = max(lengths), self.limits.max_prompt_tokens
+        if limit is not None and longest > limit:
+            raise ApiError(f"the prompt has {longest} tokens; this server accepts at most {limit}", field,
+                           code="prompt_too_long")
+        if self.context and longest + job.sampling.max_new_tokens > self.context:
+            raise ApiError(f"the prompt has {longest} tokens; with max_tokens {job.sampling.max_new_tokens} that "
+                           f"exceeds the model's context of {self.context} tokens; shorten the prompt or lower "
+                           "max_tokens", "max_tokens")
         return job
 
-    def respond(self, job: _Job, choices: list[tuple[str, str, int]]) -> dict[str, Any]:
+    def respond(self, job: Job, choices: list[tuple[str, str, int]]) -> dict[str, Any]:
         chat = job.chat
         if chat:
             items = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
@@ -253,9 +323,183 @@ class _Service:
             "created": int(time.time()),
             "model": self.model_name,
             "choices": items,
-            "usage": {"prompt_tokens": job.prompt_tokens, "completion_tokens": completion,
-                      "total_tokens": job.prompt_tokens + completion},
+            "usage": self._usage(job, completion),
         }
+
+    @staticmethod
+    def _usage(job: Job, completion: int) -> dict[str, int]:
+        return {"prompt_tokens": job.prompt_tokens, "completion_tokens": completion,
+                "total_tokens": job.prompt_tokens + completion}
+
+    async def stream(self, job: Job, include_usage: bool) -> AsyncIterator[str]:
+        """Server-sent events: one chunk per text piece of any choice, a last chunk per choice with its
+        finish reason, the usage if asked for, then ``[DONE]``. Leaving early cancels the job's rows."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[tuple[int, str, str | None]] = asyncio.Queue()
+        job.on_event = lambda *e: loop.call_soon_threadsafe(events.put_nowait, e)
+        future = self.engine.submit(job)  # a full queue answers 429 before any byte is sent
+        ident = f"{'chatcmpl' if job.chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        head = {"id": ident, "object": "chat.completion.chunk" if job.chat else "text_completion",
+                "created": int(time.time()), "model": self.model_name}
+
+        def chunk(index: int, piece: str | None, reason: str | None) -> str:
+            if job.chat:
+                delta = {} if piece is None else {"content": piece}
+                choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
+            else:
+                choice = {"index": index, "text": piece or "", "logprobs": None, "finish_reason": reason}
+            return _sse({**head, "choices": [choice]})
+
+        async def body() -> AsyncIterator[str]:
+            try:
+                if job.chat:
+                    for i in range(job.rows):
+                        yield _sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                         "logprobs": None, "finish_reason": None}]})
+                left = job.rows
+                while left:
+                    index, piece, reason = await events.get()
+                    if reason == "error":
+                        yield _sse(ApiError(piece, status=500).body())
+                        return
+                    if piece:
+                        yield chunk(index, piece, None)
+                    if reason is not None:
+                        left -= 1
+                        yield chunk(index, None, reason)
+                if include_usage:
+                    choices = await asyncio.wrap_future(future)
+                    yield _sse({**head, "choices": [], "usage": self._usage(job, sum(c for _, _, c in choices))})
+                yield "data: [DONE]\n\n"
+            finally:
+                if not future.done():  # the client went away: free its rows
+                    job.cancel()
+
+        return body()
+
+    def preferences(self) -> dict[str, Any]:
+        """What this server can do: methods, rules, dimensions and sides, which sides have experts, PCMs."""
+        from personalign import compose
+        from personalign.merging import METHODS
+        from personalign.mixing import MixRule
+
+        experts = sorted(compose.expert_folders(self.experts_dir)) if self.experts_dir is not None else []
+        try:
+            from personalign.pcm import resolve_pcm_dir
+
+            shipped_pcm = resolve_pcm_dir("shipped", self.base_name).is_dir()
+        except PersonalignError:
+            shipped_pcm = False
+        d = self.defaults
+        return {
+            "object": "preferences",
+            "model": self.model_name,
+            "methods": [m.value for m in SERVED_METHODS],
+            "merge": list(METHODS),
+            "mix": [r.value for r in MixRule],
+            "pcm": (["shipped"] if shipped_pcm else []) + ["none"],
+            "per_row": {"soup": ["exact"], "mope": [r.value for r in MixRule]},
+            "defaults": {"method": d.method, "merge": d.merge, "mix": d.mix, "pcm": d.pcm},
+            "dimensions": [{"name": dim.name, "sides": [
+                {"id": sid, "name": self.space.sides[sid].name, "aliases": list(self.space.sides[sid].aliases),
+                 "prompt": self.space.sides[sid].prompt, "expert": sid in experts} for sid in dim.sides]}
+                for dim in self.space.dimensions.values()],
+        }
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _experts_dir(defaults: MethodOptions, model_name: str) -> Path | None:
+    """The server's experts folder: the one given, else the shipped one for the model, else none."""
+    from personalign.compose import resolve_experts_dir
+
+    try:
+        return resolve_experts_dir(defaults.experts, model_name)
+    except ConfigError:
+        if defaults.experts is not None:
+            raise
+        return None
+
+
+async def _read_json(request: Any, limit: int) -> Any:
+    """The request body as JSON, refused (413) as soon as it grows past ``limit`` bytes."""
+    size, parts = 0, []
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise ApiError(f"the request body is larger than this server's limit of {limit} bytes", status=413,
+                           code="body_too_large")
+        parts.append(part)
+    try:
+        return json.loads(b"".join(parts))
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise ApiError(f"the request body is not valid JSON: {exc}") from None
+
+
+class _Guard:
+    """ASGI middleware in front of every route: the API key (all but ``/health``) and a declared body size
+    over the limit, refused before the body is read."""
+
+    def __init__(self, app: Any, api_key: str | None, max_body: int) -> None:
+        self.app, self.max_body = app, max_body
+        self.expected = None if api_key is None else f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        from starlette.responses import JSONResponse
+
+        headers = dict(scope.get("headers") or [])
+        error = None
+        if self.expected is not None and scope["path"] != "/health":
+            if not secrets.compare_digest(headers.get(b"authorization", b""), self.expected):
+                error = ApiError("missing or wrong API key; send the header Authorization: Bearer <key>", status=401,
+                                 code="invalid_api_key")
+        length = headers.get(b"content-length", b"0")
+        if error is None and (not length.isdigit() or int(length) > self.max_body):
+            error = ApiError(f"the request body is larger than this server's limit of {self.max_body} bytes",
+                             status=413, code="body_too_large")
+        if error is not None:
+            return await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+class _Metrics:
+    """A Prometheus collector reading the service's counters when scraped."""
+
+    def __init__(self, service: _Service) -> None:
+        self.service = service
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+        s, e = self.service, self.service.engine
+        requests = CounterMetricFamily("personalign_requests", "Requests answered, by endpoint, method and HTTP status",
+                                       labels=["endpoint", "method", "status"])
+        for (endpoint, method, status), count in sorted(s.requests.items()):
+            requests.add_metric([endpoint, method, str(status)], count)
+        yield requests
+        tokens = CounterMetricFamily("personalign_tokens", "Tokens read and generated", labels=["kind"])
+        tokens.add_metric(["prompt"], s.prompt_tokens)
+        tokens.add_metric(["completion"], e.tokens)
+        yield tokens
+        yield GaugeMetricFamily("personalign_queue_depth", "Requests waiting to start", value=e.pending())
+        yield GaugeMetricFamily("personalign_batch_rows", "Rows decoding now", value=e.batch_rows)
+        hist = sorted(e.batch_hist.items())
+        buckets, total = [], 0
+        for bound in (1, 2, 4, 8, 16, 32, 64, 128):
+            buckets.append((str(bound), sum(n for rows, n in hist if rows <= bound)))
+        total = sum(n for _, n in hist)
+        buckets.append(("+Inf", total))
+        yield HistogramMetricFamily("personalign_batch_size", "Rows decoding together, per step", buckets=buckets,
+                                    sum_value=sum(rows * n for rows, n in hist))
+        cache = CounterMetricFamily("personalign_soup_cache", "Merged-model cache look-ups", labels=["result"])
+        cache.add_metric(["hit"], s.models.hits)
+        cache.add_metric(["miss"], s.models.built)
+        yield cache
+        yield GaugeMetricFamily("personalign_models_kept", "Merged models kept built", value=len(s.models))
 
 
 def check_defaults(defaults: MethodOptions, model_name: str | None = None) -> MethodOptions:
@@ -283,33 +527,33 @@ def check_defaults(defaults: MethodOptions, model_name: str | None = None) -> Me
 
 
 def create_app(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", model_name: str, *,
-               max_batch: int = 8, default_method: str = "prompt", space: PreferenceSpace | None = None,
-               defaults: MethodOptions | None = None, max_models: int = 4) -> "FastAPI":
+               max_batch: int = 32, default_method: str = "prompt", space: PreferenceSpace | None = None,
+               defaults: MethodOptions | None = None, max_models: int = 4, limits: Limits | None = None) -> "FastAPI":
     """The FastAPI app serving ``model`` under the name ``model_name`` (see the module docstring).
 
     ``defaults`` are the method options a request does not give (its ``method`` wins over
-    ``default_method``); ``max_models`` bounds the personalized copies (soups, mixtures) kept built.
+    ``default_method``); ``limits`` what the server accepts and holds (``max_batch`` and ``max_models``
+    are shorthands for the same fields).
     """
     try:
         from fastapi import FastAPI, Request
-        from fastapi.responses import JSONResponse
+        from fastapi.responses import JSONResponse, Response, StreamingResponse
         from starlette.exceptions import HTTPException
     except ImportError:
         raise PersonalignError(INSTALL_HINT) from None
-    if max_batch < 1:
-        raise ConfigError(f"max_batch must be at least 1, got {max_batch}")
-    if max_models < 1:
-        raise ConfigError(f"max_models must be at least 1, got {max_models}")
+    if limits is None:
+        limits = Limits(max_batch=max_batch, max_models=max_models)
     defaults = check_defaults(defaults or MethodOptions(method=default_method))
-    service = _Service(model, tokenizer, model_name, max_batch, defaults, space or default_space(), max_models)
+    service = _Service(model, tokenizer, model_name, limits, defaults, space or default_space())
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> Any:
         yield
-        await asyncio.to_thread(service.batcher.close)
+        await asyncio.to_thread(service.engine.close)
 
     app = FastAPI(title="personalign", lifespan=lifespan)
     app.state.service = service
+    app.add_middleware(_Guard, api_key=limits.api_key, max_body=limits.max_body_bytes)
 
     def error(exc: ApiError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status)
@@ -318,24 +562,47 @@ def create_app(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", m
     async def http_error(_: Request, exc: HTTPException) -> JSONResponse:  # unknown route, wrong verb
         return error(ApiError(f"{exc.detail}", status=exc.status_code))
 
+    async def finished(request: Request, job: Job) -> list[tuple[str, str, int]] | None:
+        """The job's choices, or None when the client disconnected first (its rows are then freed)."""
+        future = asyncio.wrap_future(service.engine.submit(job))
+        while True:
+            done, _ = await asyncio.wait({future}, timeout=0.25)
+            if done:
+                return future.result()
+            if await request.is_disconnected():
+                job.cancel()
+                return None
+
     async def handle(request: Request, chat: bool) -> Any:
+        endpoint, label, status = "chat" if chat else "completions", "-", 200
         try:
-            try:
-                body = await request.json()
-            except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
-                raise ApiError(f"the request body is not valid JSON: {exc}") from None
+            body = await _read_json(request, limits.max_body_bytes)
             if not isinstance(body, dict):
                 raise ApiError("the request body must be a JSON object")
             job = service.chat_job(body) if chat else service.completion_job(body)
-            choices = await asyncio.wrap_future(service.batcher.submit(job))
+            label = job.spec.label
+            service.prompt_tokens += job.prompt_tokens
+            if body.get("stream"):
+                events = await service.stream(job, bool((body.get("stream_options") or {}).get("include_usage")))
+                return StreamingResponse(events, media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            choices = await finished(request, job)
+            if choices is None:
+                status = 499  # client closed the request; nobody reads this
+                return Response(status_code=status)
             return service.respond(job, choices)
         except ApiError as exc:
+            status = exc.status
             return error(exc)
         except PersonalignError as exc:
+            status = 400
             return error(ApiError(str(exc)))
         except Exception as exc:  # a bug answers 500 and the server stays up
             log.exception("request failed")
+            status = 500
             return error(ApiError(f"internal error: {type(exc).__name__}: {exc}", status=500))
+        finally:
+            service.requests[(endpoint, label, status)] += 1
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
@@ -347,14 +614,31 @@ def create_app(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", m
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
-                                            "owned_by": "personalign"}]}
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(service.started),
+                                            "owned_by": "personalign",
+                                            "methods": [m.value for m in SERVED_METHODS],
+                                            "preferences": "/v1/preferences"}]}
+
+    @app.get("/v1/preferences")
+    async def preferences() -> dict[str, Any]:
+        return service.preferences()
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        b = service.batcher
-        return {"status": "ok", "model": model_name, "queued": b.pending(), "batches": b.batches, "jobs": b.jobs,
-                "models_built": service.models.built, "models_kept": len(service.models)}
+        e = service.engine
+        return {"status": "ok", "model": model_name, "queued": e.pending(), "rows": e.batch_rows, "steps": e.ticks,
+                "jobs": e.jobs_started, "tokens": e.tokens, "models_built": service.models.built,
+                "models_kept": len(service.models), "experts_loaded": list(e.shared.sides)}
+
+    @app.get("/metrics")
+    async def metrics() -> Any:
+        try:
+            from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+        except ImportError:
+            return error(ApiError(f"metrics need prometheus-client; {INSTALL_HINT}", status=501))
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Metrics(service))
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
 
@@ -392,10 +676,8 @@ class ServeConfig:
 
     model: str | None = None  # None: the embedded default
     model_name: str | None = None  # the id clients send (default: the embedded model's name, or the id/path)
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # loopback unless told otherwise
     port: int = 8000
-    max_batch: int = 8
-    max_models: int = 4  # personalized copies of the base kept built (soups, mixtures)
     # Defaults for requests that do not name them (personalign.personalize.MethodOptions).
     method: str = "prompt"
     experts: str | None = None
@@ -406,13 +688,28 @@ class ServeConfig:
     device: str = "auto"
     dtype: str = "auto"
     log_level: str = "info"
+    # Limits (see Limits).
+    max_batch: int = 32
+    max_queue: int = 64
+    max_models: int = 4
+    max_model_mb: float | None = None
+    request_timeout: float | None = 600.0
+    max_body_bytes: int = 1_000_000
+    max_prompt_tokens: int | None = None
+    api_key: str | None = None  # default: the PERSONALIGN_API_KEY environment variable
 
     def defaults(self) -> MethodOptions:
         return MethodOptions(method=self.method, experts=self.experts, merge=self.merge, mix=self.mix, pcm=self.pcm)
 
+    def limits(self) -> Limits:
+        return Limits(max_batch=self.max_batch, max_queue=self.max_queue, max_models=self.max_models,
+                      max_model_mb=self.max_model_mb, request_timeout=self.request_timeout,
+                      max_body_bytes=self.max_body_bytes, max_prompt_tokens=self.max_prompt_tokens,
+                      api_key=self.api_key if self.api_key is not None else os.environ.get(API_KEY_ENV) or None)
+
 
 def run_server(model_name_or_path: str | None = None, host: str = "127.0.0.1", port: int = 8000,
-               device: str = "auto", dtype: str = "auto", *, model_name: str | None = None, max_batch: int = 8,
+               device: str = "auto", dtype: str = "auto", *, model_name: str | None = None, max_batch: int = 32,
                default_method: str = "prompt", dimensions: str | None = None, log_level: str = "info",
                defaults: MethodOptions | None = None, max_models: int = 4, config: ServeConfig | None = None) -> None:
     """Load a model with :func:`personalign.models.load_model` and serve it until interrupted.
@@ -427,14 +724,25 @@ def run_server(model_name_or_path: str | None = None, host: str = "127.0.0.1", p
     from personalign.models import canonical_name, load_model
     from personalign.preferences import load_space
 
-    if config is not None:
-        model_name_or_path, host, port, device, dtype = config.model, config.host, config.port, config.device, config.dtype
-        model_name, max_batch, dimensions, log_level = config.model_name, config.max_batch, config.dimensions, config.log_level
-        defaults, max_models = config.defaults(), config.max_models
-    space = load_space(dimensions)  # a bad dimensions file or default fails before the model loads
-    defaults = check_defaults(defaults or MethodOptions(method=default_method), canonical_name(model_name_or_path))
-    model, tokenizer = load_model(model_name_or_path, device=device, dtype=dtype)
-    name = model_name or canonical_name(model_name_or_path)
-    app = create_app(model, tokenizer, name, max_batch=max_batch, space=space, defaults=defaults,
-                     max_models=max_models)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    if config is None:
+        config = ServeConfig(model=model_name_or_path, model_name=model_name, host=host, port=port, device=device,
+                             dtype=dtype, max_batch=max_batch, dimensions=dimensions, log_level=log_level,
+                             max_models=max_models, **_option_fields(defaults or MethodOptions(method=default_method)))
+    limits = config.limits()  # bad limits, dimensions or defaults fail before the model loads
+    space = load_space(config.dimensions)
+    defaults = check_defaults(config.defaults(), canonical_name(config.model))
+    model, tokenizer = load_model(config.model, device=config.device, dtype=config.dtype)
+    name = config.model_name or canonical_name(config.model)
+    app = create_app(model, tokenizer, name, space=space, defaults=defaults, limits=limits)
+    if limits.api_key is None and config.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving on %s without an API key: anyone who can reach it can use it (set --api-key or %s)",
+                    config.host, API_KEY_ENV)
+    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level)
+
+
+def _option_fields(options: MethodOptions) -> dict[str, Any]:
+    if options.merge_rank is not None or options.merge_density is not None or options.merge_seed is not None or \
+            options.adapter is not None:
+        raise ConfigError("the server takes merge, mix, pcm and experts defaults only")
+    return {"method": options.method, "experts": options.experts, "merge": options.merge, "mix": options.mix,
+            "pcm": options.pcm}
