@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
@@ -420,3 +421,111 @@ def test_serve_command_builds_its_config_like_every_command(tmp_path, monkeypatc
     with pytest.raises(RuntimeError, match="stop before"):
         serve_app.run_server(config=cfg)
     assert seen == [cfg.defaults()]  # the config's defaults, not run_server's keyword defaults
+
+
+# -- streaming, limits, auth, metrics -------------------------------------------------------------------------
+
+
+def sse(response) -> list:
+    """The JSON events of a server-sent-event body, and a final "[DONE]"."""
+    import json
+
+    events = [line[len("data: "):] for line in response.text.split("\n\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]] + ["[DONE]"]
+
+
+@pytest.mark.parametrize("seed", [5, None])  # a fixed batch, and the shared batch
+def test_streamed_chat_pieces_join_to_the_whole_answer(client, seed):
+    body = {"max_tokens": 12, "temperature": 0 if seed is None else 1.0, "preferences": "1A,2A,3A", "n": 2,
+            **({"seed": seed} if seed is not None else {})}
+    whole = chat(client, **body).json()
+    r = chat(client, **body, stream=True, stream_options={"include_usage": True})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = sse(r)
+    assert all(e["object"] == "chat.completion.chunk" for e in events[:-1])
+    texts, reasons = ["", ""], [None, None]
+    for e in events[:-2]:
+        (c,) = e["choices"]
+        texts[c["index"]] += c["delta"].get("content", "")
+        reasons[c["index"]] = c["finish_reason"] or reasons[c["index"]]
+    assert texts == [c["message"]["content"] for c in whole["choices"]]
+    assert reasons == [c["finish_reason"] for c in whole["choices"]]
+    assert events[-2]["choices"] == [] and events[-2]["usage"] == whole["usage"]
+
+
+def test_streamed_completions_with_a_stop_string(client):
+    body = {"model": "tiny", "prompt": "Rain is", "max_tokens": 16, "temperature": 1.0, "seed": 2}
+    whole = client.post("/v1/completions", json=body).json()["choices"][0]
+    stop = whole["text"][3:5]
+    cut = client.post("/v1/completions", json={**body, "stop": stop}).json()["choices"][0]
+    events = sse(client.post("/v1/completions", json={**body, "stop": stop, "stream": True}))
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == cut["text"] == whole["text"][: whole["text"].find(stop)]
+    assert events[-2]["choices"][0]["finish_reason"] == "stop" and all(e["object"] == "text_completion" for e in events[:-1])
+
+
+def test_api_key_body_and_prompt_limits(tiny):
+    from personalign.serve import Limits
+
+    model, tok = tiny
+    app = create_app(model, tok, "tiny", limits=Limits(api_key="s3cret", max_body_bytes=2000, max_prompt_tokens=30))
+    with TestClient(app) as c:
+        assert c.get("/health").status_code == 200  # open: a load balancer's probe has no key
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            r = c.post("/v1/chat/completions", json={"model": "tiny", "messages": USER}, headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert c.get("/v1/models").status_code == 401
+        ok = {"Authorization": "Bearer s3cret"}
+        assert c.post("/v1/chat/completions", json={"model": "tiny", "messages": USER, "max_tokens": 2},
+                      headers=ok).status_code == 200
+        big = {"model": "tiny", "messages": [{"role": "user", "content": "rain " * 1000}]}
+        r = c.post("/v1/chat/completions", json=big, headers=ok)
+        assert r.status_code == 413 and "limit of 2000 bytes" in r.json()["error"]["message"]
+        long = {"model": "tiny", "messages": [{"role": "user", "content": "rain " * 100}]}
+        r = c.post("/v1/chat/completions", json=long, headers=ok)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages" and "at most 30" in r.text
+
+
+def test_metrics_and_the_preferences_endpoint(composed):
+    c = composed[0]
+    assert chat(c, max_tokens=3, method="soup", preferences="1A,2A,3A").status_code == 200  # psoups: merged
+    assert chat(c, max_tokens=3, method="soup", preferences="1A,2A,3A", merge="exact").status_code == 200
+    assert chat(c, max_tokens=3, method="mope", preferences="nope").status_code == 400
+    text = c.get("/metrics").text
+    assert 'personalign_requests_total{endpoint="chat",method="soup-psoups",status="200"} 1.0' in text
+    assert 'personalign_requests_total{endpoint="chat",method="-",status="400"} 1.0' in text
+    assert 'personalign_soup_cache_total{result="miss"} 1.0' in text
+    assert "personalign_queue_depth 0.0" in text and "personalign_batch_size_bucket" in text
+    assert 'personalign_tokens_total{kind="completion"}' in text
+    prefs = c.get("/v1/preferences").json()
+    assert prefs["methods"] == ["vanilla", "prompt", "expert", "soup", "mope"] and "exact" in prefs["merge"]
+    sides = {s["id"]: s["expert"] for d in prefs["dimensions"] for s in d["sides"]}
+    assert sides["P1A"] and sides["P2A"] and not sides["P2B"]
+    assert c.get("/v1/models").json()["data"][0]["preferences"] == "/v1/preferences"
+
+
+def test_openai_client_streams_and_a_disconnect_frees_the_rows(tiny):
+    openai = pytest.importorskip("openai")
+
+    model, tok = tiny
+    app = create_app(model, tok, "tiny")
+    with running_server(app) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="EMPTY", max_retries=0)
+        stream = client.chat.completions.create(model="tiny", messages=USER, max_tokens=6, stream=True,
+                                                extra_body={"preferences": "1A,2A,3A", "method": "prompt"})
+        chunks = list(stream)
+        assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+        done = client.completions.create(model="tiny", prompt="Rain", max_tokens=4, stream=True)
+        assert len(list(done)) >= 2
+        # A client that goes away mid-stream: its row leaves the batch long before max_tokens.
+        greedy = {"model": "tiny", "messages": USER, "temperature": 0}
+        assert client.chat.completions.create(**greedy, max_tokens=300).choices[0].finish_reason == "length"
+        service = app.state.service
+        assert service.engine.finished["cancelled"] == 0
+        gone = client.chat.completions.create(**greedy, max_tokens=1000, stream=True)
+        next(iter(gone))
+        gone.close()
+        deadline = time.monotonic() + 10
+        while sum(service.engine.finished.values()) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert service.engine.batch_rows == 0 and service.engine.finished["cancelled"] == 1, (service.engine.finished, service.engine.tokens)

@@ -14,6 +14,6 @@ Clients pass a preference with the OpenAI client's ``extra_body``::
 
 from __future__ import annotations
 
-from personalign.serve.app import INSTALL_HINT, ServeConfig, create_app, run_server, running_server
+from personalign.serve.app import INSTALL_HINT, Limits, ServeConfig, create_app, run_server, running_server
 
-__all__ = ["INSTALL_HINT", "ServeConfig", "create_app", "run_server", "running_server"]
+__all__ = ["INSTALL_HINT", "Limits", "ServeConfig", "create_app", "run_server", "running_server"]

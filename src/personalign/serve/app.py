@@ -485,6 +485,11 @@ class _Metrics:
         tokens.add_metric(["prompt"], s.prompt_tokens)
         tokens.add_metric(["completion"], e.tokens)
         yield tokens
+        ended = CounterMetricFamily("personalign_rows_finished", "Generated sequences ended, by finish reason",
+                                    labels=["reason"])
+        for reason, count in sorted(e.finished.items()):
+            ended.add_metric([reason], count)
+        yield ended
         yield GaugeMetricFamily("personalign_queue_depth", "Requests waiting to start", value=e.pending())
         yield GaugeMetricFamily("personalign_batch_rows", "Rows decoding now", value=e.batch_rows)
         hist = sorted(e.batch_hist.items())

@@ -118,8 +118,9 @@ class Job:
 class _Choice:
     """One generated sequence of a job, with its text stream and (in the shared batch) its lanes."""
 
-    def __init__(self, job: Job, index: int, tokenizer: Any, eos: Sequence[int]) -> None:
-        self.job, self.index, self.eos = job, index, set(eos)
+    def __init__(self, job: Job, index: int, tokenizer: Any, eos: Sequence[int],
+                 reasons: collections.Counter[str] | None = None) -> None:
+        self.job, self.index, self.eos, self.reasons = job, index, set(eos), reasons
         self.text = TextStream(tokenizer, eos, job.stop, strip=job.chat)
         self.count = 0  # tokens generated, end-of-sequence included (as OpenAI counts them)
         self.reason: str | None = None
@@ -154,6 +155,8 @@ class _Choice:
 
     def finish(self, reason: str) -> None:
         self.reason = reason
+        if self.reasons is not None:
+            self.reasons[reason] += 1
         self.job.emit(self.index, self.text.finish(), reason)
         self.job.done(self.index, (self.text.text, reason, self.count))
 
@@ -502,9 +505,10 @@ class _RowGroup:
 class _FixedGroup:
     """Rows that started together on one personalized model (a merged soup, or a seeded request)."""
 
-    def __init__(self, model: PersonalizedModel, jobs: list[Job], seed: int, tokenizer: Any) -> None:
+    def __init__(self, model: PersonalizedModel, jobs: list[Job], seed: int, tokenizer: Any,
+                 reasons: collections.Counter[str] | None = None) -> None:
         self.jobs = jobs
-        self.choices = [_Choice(job, i, tokenizer, model.eos) for job in jobs for i in range(job.rows)]
+        self.choices = [_Choice(job, i, tokenizer, model.eos, reasons) for job in jobs for i in range(job.rows)]
         texts = [text for job in jobs for text in job.texts for _ in range(job.n)]
         self.model = model
         self.steps = model.decode_steps(texts, jobs[0].sampling, seed=seed, stop=jobs[0].stop)
@@ -566,6 +570,7 @@ class Engine:
         self.ticks = self.jobs_started = self.tokens = self.lanes_sum = 0
         self.batch_rows = 0  # rows decoding now
         self.batch_hist: collections.Counter[int] = collections.Counter()  # rows per tick
+        self.finished: collections.Counter[str] = collections.Counter()  # rows ended, by finish reason
 
     # -- the clients' side ------------------------------------------------------------------------------
 
@@ -651,7 +656,7 @@ class Engine:
             try:
                 if not job.seeded and self.shared.serves(job.spec) and self.shared.joinable():
                     for i in range(job.rows):
-                        choice = _Choice(job, i, self.tokenizer, self.eos)
+                        choice = _Choice(job, i, self.tokenizer, self.eos, self.finished)
                         self.open.prepare(choice, job.spec)
                         shared.append((choice, job.texts[i // job.n]))
                 else:  # seeded: alone; otherwise with the jobs of the same model and settings
@@ -663,7 +668,7 @@ class Engine:
             try:
                 model = self.models.get(group[0].spec)
                 seed = group[0].sampling.seed if group[0].seeded else secrets.randbits(62)
-                self.fixed.append(_FixedGroup(model, group, seed, self.tokenizer))
+                self.fixed.append(_FixedGroup(model, group, seed, self.tokenizer, self.finished))
             except Exception as exc:  # noqa: BLE001 - its requests fail, the others go on
                 log.exception("building a model failed")
                 for job in group:
