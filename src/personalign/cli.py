@@ -480,13 +480,19 @@ def serve(
     model: ModelOpt = None,
     host: Annotated[Optional[str], typer.Option("--host", help="Address to listen on (default 127.0.0.1, loopback).")] = None,
     port: Annotated[Optional[int], typer.Option("--port", help="Default 8000.")] = None,
-    max_batch: Annotated[Optional[int], typer.Option("--max-batch", help="Most rows generated together (default 8).")] = None,
+    max_batch: Annotated[Optional[int], typer.Option("--max-batch", help="Most rows decoding together, default 32 (a mope row runs one lane per expert).")] = None,
+    max_queue: Annotated[Optional[int], typer.Option("--max-queue", help="Requests waiting to start, default 64; more are answered 429.")] = None,
+    request_timeout: Annotated[Optional[float], typer.Option("--request-timeout", help="Seconds a request may generate, default 600; its rows then end with finish_reason time_limit.")] = None,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", help="Require Authorization: Bearer KEY on every route but /health (default: $PERSONALIGN_API_KEY, else none).")] = None,
+    max_body_bytes: Annotated[Optional[int], typer.Option("--max-body-bytes", help="Largest request body, default 1000000 (413 beyond).")] = None,
+    max_prompt_tokens: Annotated[Optional[int], typer.Option("--max-prompt-tokens", help="Longest prompt in tokens (default: the model's context less max_tokens).")] = None,
     method: Annotated[Optional[str], typer.Option("--method", help="Default method when a request names none: prompt (default), vanilla, expert, soup or mope.")] = None,
     experts: Annotated[Optional[Path], typer.Option("--experts", help="Folder of <SIDE>/ expert adapters (default: the experts shipped for the model).")] = None,
     merge: Annotated[Optional[str], typer.Option("--merge", help="Default merge for soups: psoups (default), exact, ties, dare, dare_ties.")] = None,
     mix: Annotated[Optional[str], typer.Option("--mix", help="Default mixing rule for mope: prob (default), logit or uniform.")] = None,
     pcm: Annotated[Optional[str], typer.Option("--pcm", help="Default for mope: a train-pcm folder or 'shipped' (requests may say pcm: none).")] = None,
-    max_models: Annotated[Optional[int], typer.Option("--max-models", help="Personalized models (soups, mixtures) kept built, default 4; each is a copy of the base model.")] = None,
+    max_models: Annotated[Optional[int], typer.Option("--max-models", help="Merged soups (psoups, ties, dare) kept built, default 4; each is a copy of the base model.")] = None,
+    max_model_mb: Annotated[Optional[float], typer.Option("--max-model-mb", help="And at most this many MiB of them (default: no bound but --max-models).")] = None,
     dimensions: DimsOpt = None,
     device: DeviceArg = None,
     dtype: DtypeArg = None,
@@ -496,8 +502,10 @@ def serve(
     """Serve an OpenAI-compatible API (/v1/chat/completions) that takes preferences and methods per request."""
     from personalign.serve import ServeConfig, run_server
 
-    given = {"model": model, "host": host, "port": port, "max_batch": max_batch, "method": method,
-             "experts": experts, "merge": merge, "mix": mix, "pcm": pcm, "max_models": max_models,
+    given = {"model": model, "host": host, "port": port, "max_batch": max_batch, "max_queue": max_queue,
+             "request_timeout": request_timeout, "api_key": api_key, "max_body_bytes": max_body_bytes,
+             "max_prompt_tokens": max_prompt_tokens, "method": method, "experts": experts, "merge": merge,
+             "mix": mix, "pcm": pcm, "max_models": max_models, "max_model_mb": max_model_mb,
              "dimensions": dimensions, "device": device, "dtype": dtype}
     run_server(config=_load(ServeConfig, config, given, set_))
 

@@ -529,3 +529,19 @@ def test_openai_client_streams_and_a_disconnect_frees_the_rows(tiny):
         while sum(service.engine.finished.values()) < 4 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert service.engine.batch_rows == 0 and service.engine.finished["cancelled"] == 1, (service.engine.finished, service.engine.tokens)
+
+
+def test_serve_limits_are_checked_before_the_model_loads_and_the_key_comes_from_the_environment(monkeypatch):
+    from personalign.errors import ConfigError
+    from personalign.serve import ServeConfig, run_server
+
+    for bad, message in [({"max_queue": 0}, "max_queue must be at least 1"),
+                         ({"request_timeout": -1}, "request_timeout must be positive"),
+                         ({"api_key": " "}, "api_key is empty")]:
+        with pytest.raises(ConfigError, match=message):
+            run_server(config=ServeConfig(model="/nonexistent/model", **bad))
+    monkeypatch.setenv("PERSONALIGN_API_KEY", "from-env")
+    assert ServeConfig().limits().api_key == "from-env"
+    assert ServeConfig(api_key="given").limits().api_key == "given"
+    monkeypatch.delenv("PERSONALIGN_API_KEY")
+    assert ServeConfig().limits().api_key is None
