@@ -51,3 +51,33 @@ def test_opposite_preferences_give_different_answers_through_a_soup(client):
     concise = ask(client, preferences="1A,2A,3A", method="soup")
     informative = ask(client, preferences="1B,2B,3B", method="soup")
     assert concise != informative
+
+
+BEHAVIOUR = [
+    "Why do leaves change colour in autumn?",
+    "How does a refrigerator keep food cold?",
+    "What causes the seasons on Earth?",
+    "How do vaccines work?",
+    "Why is the sky blue?",
+    "How does a bicycle stay upright?",
+]
+
+
+@pytest.mark.parametrize("extra", [{"method": "prompt"}, {"method": "soup", "merge": "exact"},
+                                   {"method": "mope", "pcm": "none"}])
+def test_concise_answers_are_shorter_than_informative_ones_through_the_server(client, extra):
+    """All 12 requests at once (they decode in one shared batch); a method that ignored the
+    informativeness side would give answers of about the same length."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def words(prefs: str, question: str) -> int:
+        r = client.chat.completions.create(model=EMBEDDED_DEFAULT, messages=[{"role": "user", "content": question}],
+                                           max_tokens=160, temperature=0, extra_body={"preferences": prefs, **extra})
+        return len(r.choices[0].message.content.split())
+
+    jobs = [(p, q) for p in ("1A,2A,3A", "1A,2B,3A") for q in BEHAVIOUR]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        counts = list(pool.map(lambda j: words(*j), jobs))
+    concise, informative = counts[: len(BEHAVIOUR)], counts[len(BEHAVIOUR):]
+    assert sum(concise) < 0.8 * sum(informative), (concise, informative)
+    assert sum(c < i for c, i in zip(concise, informative)) >= 4, (concise, informative)
