@@ -492,6 +492,7 @@ def serve(
     mix: Annotated[Optional[str], typer.Option("--mix", help="Default mixing rule for mope: prob (default), logit or uniform.")] = None,
     pcm: Annotated[Optional[str], typer.Option("--pcm", help="Default for mope: a train-pcm folder or 'shipped' (requests may say pcm: none).")] = None,
     max_models: Annotated[Optional[int], typer.Option("--max-models", help="Merged soups (psoups, ties, dare) kept built, default 4; each is a copy of the base model.")] = None,
+    continuous: Annotated[Optional[bool], typer.Option("--continuous/--no-continuous", help="Decode every person's rows in one shared batch (default); --no-continuous merges a model per request instead, for comparison.")] = None,
     max_model_mb: Annotated[Optional[float], typer.Option("--max-model-mb", help="And at most this many MiB of them (default: no bound but --max-models).")] = None,
     dimensions: DimsOpt = None,
     device: DeviceArg = None,
@@ -505,7 +506,7 @@ def serve(
     given = {"model": model, "host": host, "port": port, "max_batch": max_batch, "max_queue": max_queue,
              "request_timeout": request_timeout, "api_key": api_key, "max_body_bytes": max_body_bytes,
              "max_prompt_tokens": max_prompt_tokens, "method": method, "experts": experts, "merge": merge,
-             "mix": mix, "pcm": pcm, "max_models": max_models, "max_model_mb": max_model_mb,
+             "mix": mix, "pcm": pcm, "max_models": max_models, "max_model_mb": max_model_mb, "continuous": continuous,
              "dimensions": dimensions, "device": device, "dtype": dtype}
     run_server(config=_load(ServeConfig, config, given, set_))
 

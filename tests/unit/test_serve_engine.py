@@ -184,3 +184,18 @@ def test_the_pcm_weights_each_row_for_its_own_preference(setup, client):
     with ThreadPoolExecutor(3) as pool:
         got = list(pool.map(lambda c: answer(client, body(*c)), cases))
     assert got == want and len(set(want)) > 1
+
+
+def test_without_the_shared_batch_each_request_gets_its_own_merged_model_and_the_same_answer(setup, client):
+    model, tok, experts, pcm, _ = setup
+    cases = [("soup", "1A,2A,3A", {"merge": "exact"}), ("soup", "P1A=1,P2B=-0.5,P3A=0.3", {"merge": "exact"}),
+             ("mope", "1B,2A,3A", {"mix": "prob"}), ("prompt", "1A,2A,3A", {})]
+    bodies = [body(m, p, e, **({"pcm": "none"} if m == "mope" else {})) for m, p, e in cases]
+    shared = [answer(client, b) for b in bodies]
+    app = create_app(model, tok, "tiny", defaults=MethodOptions(experts=str(experts)), max_models=1, continuous=False)
+    with TestClient(app) as merged:
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            alone = list(pool.map(lambda b: answer(merged, b), bodies))
+        health = merged.get("/health").json()
+    assert alone == shared
+    assert health["models_built"] == 3 and health["experts_loaded"] == []  # one merged model at a time

@@ -162,7 +162,7 @@ class _Service:
     """Turns request bodies into generation jobs and results into OpenAI response objects."""
 
     def __init__(self, model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", model_name: str,
-                 limits: Limits, defaults: MethodOptions, space: PreferenceSpace):
+                 limits: Limits, defaults: MethodOptions, space: PreferenceSpace, continuous: bool = True):
         # The event loop's own tokenizer: a fast tokenizer is not safe to share with the worker thread.
         self.tokenizer = copy.deepcopy(tokenizer)
         self.model_name, self.limits, self.defaults, self.space = model_name, limits, defaults, space
@@ -171,7 +171,7 @@ class _Service:
         self.models = Models(model, tokenizer, limits.max_models, limits.max_model_mb)
         self.experts_dir = _experts_dir(defaults, self.base_name)
         self.engine = Engine(self.models, max_batch=limits.max_batch, max_queue=limits.max_queue,
-                             experts_dir=self.experts_dir, model_name=self.base_name)
+                             experts_dir=self.experts_dir, model_name=self.base_name, continuous=continuous)
         self.requests: collections.Counter[tuple[str, str, int]] = collections.Counter()
         self.prompt_tokens = 0
         self.started = time.time()
@@ -533,12 +533,14 @@ def check_defaults(defaults: MethodOptions, model_name: str | None = None) -> Me
 
 def create_app(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", model_name: str, *,
                max_batch: int = 32, default_method: str = "prompt", space: PreferenceSpace | None = None,
-               defaults: MethodOptions | None = None, max_models: int = 4, limits: Limits | None = None) -> "FastAPI":
+               defaults: MethodOptions | None = None, max_models: int = 4, limits: Limits | None = None,
+               continuous: bool = True) -> "FastAPI":
     """The FastAPI app serving ``model`` under the name ``model_name`` (see the module docstring).
 
     ``defaults`` are the method options a request does not give (its ``method`` wins over
     ``default_method``); ``limits`` what the server accepts and holds (``max_batch`` and ``max_models``
-    are shorthands for the same fields).
+    are shorthands for the same fields). ``continuous=False`` runs every request on its own merged model
+    in fixed batches, without the shared batch (:class:`personalign.serve.engine.Engine`; a baseline).
     """
     try:
         from fastapi import FastAPI, Request
@@ -549,7 +551,7 @@ def create_app(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", m
     if limits is None:
         limits = Limits(max_batch=max_batch, max_models=max_models)
     defaults = check_defaults(defaults or MethodOptions(method=default_method))
-    service = _Service(model, tokenizer, model_name, limits, defaults, space or default_space())
+    service = _Service(model, tokenizer, model_name, limits, defaults, space or default_space(), continuous)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> Any:
@@ -702,6 +704,7 @@ class ServeConfig:
     max_body_bytes: int = 1_000_000
     max_prompt_tokens: int | None = None
     api_key: str | None = None  # default: the PERSONALIGN_API_KEY environment variable
+    continuous: bool = True  # False: no shared batch; every request on its own merged model (a baseline)
 
     def defaults(self) -> MethodOptions:
         return MethodOptions(method=self.method, experts=self.experts, merge=self.merge, mix=self.mix, pcm=self.pcm)
@@ -738,7 +741,8 @@ def run_server(model_name_or_path: str | None = None, host: str = "127.0.0.1", p
     defaults = check_defaults(config.defaults(), canonical_name(config.model))
     model, tokenizer = load_model(config.model, device=config.device, dtype=config.dtype)
     name = config.model_name or canonical_name(config.model)
-    app = create_app(model, tokenizer, name, space=space, defaults=defaults, limits=limits)
+    app = create_app(model, tokenizer, name, space=space, defaults=defaults, limits=limits,
+                     continuous=config.continuous)
     if limits.api_key is None and config.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without an API key: anyone who can reach it can use it (set --api-key or %s)",
                     config.host, API_KEY_ENV)

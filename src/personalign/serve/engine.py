@@ -549,11 +549,15 @@ class Engine:
     """A bounded queue of jobs and the worker thread that decodes them (see the module docstring).
 
     ``max_batch`` bounds the rows decoding at once (a MoPE row runs one lane per expert); ``max_queue``
-    the jobs waiting to start: a full queue refuses new jobs with HTTP 429 instead of growing.
+    the jobs waiting to start: a full queue refuses new jobs with HTTP 429 instead of growing. At most
+    ``models.max_models`` merged models decode at once (each is a copy of the base). ``continuous=False``
+    turns the shared batch off: every request then runs in a fixed batch on its own personalized model
+    (merged per weight vector), as a server without per-row soups and mixtures does (for comparison).
     """
 
     def __init__(self, models: Models, *, max_batch: int, max_queue: int, experts_dir: Path | None,
-                 model_name: str) -> None:
+                 model_name: str, continuous: bool = True) -> None:
+        self.continuous = continuous
         self.models, self.tokenizer = models, models.tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.eos = eos_token_ids(models.base, models.tokenizer)
@@ -623,7 +627,8 @@ class Engine:
         from personalign.kernels import fast_decode
 
         while (jobs := self._take()) is not None:
-            live = [job for job in jobs if not job.cancelled and job.future.set_running_or_notify_cancel()]
+            live = [job for job in jobs  # a job put back to wait for a merged model is already running
+                    if not job.cancelled and (job.future.running() or job.future.set_running_or_notify_cancel())]
             # Models are built (copied, merged) outside the decoding contexts: a copy made inside would carry
             # their routing of the original's layers.
             shared = self._admit(live) if live else []
@@ -639,7 +644,8 @@ class Engine:
 
     def _admit(self, jobs: list[Job]) -> list[tuple[_Choice, str]]:
         """Place each job: its rows for the shared batch (returned, to run their prompts), or a fixed batch."""
-        if self.shared.soups is None and any(j.spec.method.uses_experts and self.shared.serves(j.spec) for j in jobs):
+        if self.continuous and self.shared.soups is None and any(j.spec.method.uses_experts and self.shared.serves(j.spec)
+                                                                 for j in jobs):
             try:
                 self.shared.load_experts()
             except Exception as exc:  # noqa: BLE001 - the requests that need them fail, the others go on
@@ -654,7 +660,7 @@ class Engine:
         for job in jobs:
             self.jobs_started += 1
             try:
-                if not job.seeded and self.shared.serves(job.spec) and self.shared.joinable():
+                if self.continuous and not job.seeded and self.shared.serves(job.spec) and self.shared.joinable():
                     for i in range(job.rows):
                         choice = _Choice(job, i, self.tokenizer, self.eos, self.finished)
                         self.open.prepare(choice, job.spec)
@@ -664,7 +670,15 @@ class Engine:
                     fixed.setdefault(key, []).append(job)
             except Exception as exc:  # noqa: BLE001 - one bad request fails alone
                 job.fail(_as_api_error(exc))
+        building = sum(g.model.spec.method.changes_weights for g in self.fixed)
         for group in fixed.values():
+            if group[0].spec.method.changes_weights:
+                if building >= self.models.max_models:  # wait for a merged model to finish decoding
+                    with self._cond:
+                        self._pending.extendleft(reversed(group))
+                    self.jobs_started -= len(group)
+                    continue
+                building += 1
             try:
                 model = self.models.get(group[0].spec)
                 seed = group[0].sampling.seed if group[0].seeded else secrets.randbits(62)
