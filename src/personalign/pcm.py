@@ -327,12 +327,23 @@ def position_feature(step: int) -> float:
 def step_inputs(pcm: PreferenceControlModel, pref: torch.Tensor, index: torch.Tensor, expert_logp: torch.Tensor,
                 steps: Sequence[int], prompt_emb: torch.Tensor, gen_sum: torch.Tensor) -> PCMInputs:
     """What a context PCM reads before one token of each row: (B, S) preference weights over its sides,
-    the (K,) sides of the experts run, their (B, K, V) next-token log-probs, the tokens each row has
-    generated so far (rows of one batch may be at different steps), the (B, H) pooled prompt embedding and
-    the (B, H) sum of the generated tokens' embeddings -> inputs with one position (B, 1, ...)."""
+    the sides of the experts run, (K,) for every row or (B, K) per row (-1 for a padding slot, whose
+    log-probs are ignored), their (B, K, V) next-token log-probs, the tokens each row has generated so far
+    (rows of one batch may be at different steps), the (B, H) pooled prompt embedding and the (B, H) sum of
+    the generated tokens' embeddings -> inputs with one position (B, 1, ...)."""
     device = pref.device
-    feats = expert_features(expert_logp, pref[:, index])  # (B, K, 3)
-    feats = _scatter_sides(feats, index, len(pcm.sides)) * (pref > 0)[..., None]  # (B, S, 3)
+    s = len(pcm.sides)
+    if index.dim() == 1:
+        feats = expert_features(expert_logp, pref[:, index])  # (B, K, 3)
+        feats = _scatter_sides(feats, index, s)  # (B, S, 3)
+    else:  # per row; padding goes to a spare slot S, dropped
+        slot = index.masked_fill(index < 0, s)  # (B, K)
+        weights = torch.cat([pref, pref.new_zeros(pref.shape[0], 1)], 1).gather(1, slot)  # (B, K), 0 on padding
+        raw = expert_features(expert_logp, weights)  # (B, K, 3)
+        feats = raw.new_zeros(raw.shape[0], s + 1, raw.shape[-1])
+        feats.scatter_(1, slot[..., None].expand(-1, -1, raw.shape[-1]), raw)
+        feats = feats[:, :s]
+    feats = feats * (pref > 0)[..., None]  # (B, S, 3)
     pos = torch.tensor([[position_feature(t)] for t in steps], device=device)  # (B, 1)
     scalars = torch.cat([feats.flatten(1), pos], -1)  # (B, 3S + 1)
     count = torch.tensor([max(t, 1) for t in steps], device=device, dtype=gen_sum.dtype)[:, None]

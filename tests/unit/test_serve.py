@@ -545,3 +545,35 @@ def test_serve_limits_are_checked_before_the_model_loads_and_the_key_comes_from_
     assert ServeConfig(api_key="given").limits().api_key == "given"
     monkeypatch.delenv("PERSONALIGN_API_KEY")
     assert ServeConfig().limits().api_key is None
+
+
+def test_openai_client_every_method_with_a_key(tiny, tiny_model_dir, tmp_path):
+    openai = pytest.importorskip("openai")
+    from conftest import save_side_experts
+
+    from personalign.serve import Limits
+
+    model, tok = tiny
+    experts = save_side_experts(tiny_model_dir, tmp_path / "experts", ("P1A", "P2A", "P2B", "P3A"))
+    app = create_app(model, tok, "tiny", defaults=MethodOptions(experts=str(experts)), limits=Limits(api_key="k"))
+    with running_server(app) as url:
+        refused = openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError, match="wrong API key"):
+            refused.models.list()
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0)
+        assert [m.id for m in client.models.list()] == ["tiny"]
+        answers = {}
+        for extra in ({"method": "vanilla"}, {"method": "prompt"}, {"method": "expert", "preferences": "P2B"},
+                      {"method": "soup", "merge": "exact"}, {"method": "soup", "merge": "ties"},
+                      {"method": "mope", "mix": "logit"}, {"method": "mope", "mix": "uniform"}):
+            body = {"preferences": "P1A=0.5,P2A=0.3,P3A=0.2", **extra}
+            r = client.chat.completions.create(model="tiny", messages=USER, max_tokens=6, temperature=0,
+                                               extra_body=body)
+            streamed = client.chat.completions.create(model="tiny", messages=USER, max_tokens=6, temperature=0,
+                                                      extra_body=body, stream=True)
+            text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+            assert text == r.choices[0].message.content
+            answers[str(extra)] = text
+        assert len(set(answers.values())) >= 5  # the methods give different answers
+        with pytest.raises(openai.BadRequestError, match="unknown method"):
+            client.chat.completions.create(model="tiny", messages=USER, extra_body={"method": "magic"})

@@ -27,7 +27,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-import math
 import secrets
 import threading
 import time
@@ -428,14 +427,11 @@ class _RowGroup:
             pref = torch.stack([c.pcm[1] for c in cs]).to(raw.device)  # (P, S)
             if not pcm.config.context:
                 full = pcm(PCMInputs(pref))  # (P, S)
-            else:
-                # Every side's log-probs, uniform for the sides a row's preference leaves out (as a mixture
-                # of only the preference's experts sees them: not at all, their features zeroed).
-                logp = torch.full((len(cs), s, raw.shape[-1]), -math.log(raw.shape[-1]), device=raw.device)
-                lp = F.log_softmax(raw[group], dim=-1)  # (P, kmax, V)
+            else:  # the features of each row's own experts (PCMWeights over only those does the same)
+                slots = torch.full((len(cs), kmax), -1, dtype=torch.long, device=raw.device)
                 for j, c in enumerate(cs):
-                    logp[j, c.pcm[2]] = lp[j, : c.lanes]
-                inputs = step_inputs(pcm, pref, torch.arange(s, device=raw.device), logp, [c.count for c in cs],
+                    slots[j, : c.lanes] = c.pcm[2].to(raw.device)
+                inputs = step_inputs(pcm, pref, slots, F.log_softmax(raw[group], dim=-1), [c.count for c in cs],
                                      torch.stack([c.pcm[3] for c in cs]), torch.stack([c.pcm[4] for c in cs]))
                 full = pcm(inputs)[:, 0]  # (P, S)
             for j, (r, c) in enumerate(zip(group, cs)):
