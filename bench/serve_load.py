@@ -3,7 +3,9 @@
 
 Every request asks for one answer to a held-out instruction under a random weight vector over the three
 dimensions (each dimension's side drawn at random, the weights from a flat Dirichlet), streamed, with
-``max_tokens`` new tokens at the default sampling settings (no seed, so requests share batches). One set
+``max_tokens`` new tokens at the default sampling settings (no seed, so requests share batches); with
+``--ignore-eos`` every request decodes exactly that many, so that early ends do not make one method's
+phase look faster than another's. One set
 of weight vectors serves every method. Measured per method: aggregate completion tokens/s (all tokens
 over the phase's wall time), p50/p95 latency, p95 time to first token, errors, and the server's resident
 memory at the end of the phase. Methods:
@@ -22,7 +24,7 @@ decode, against the same request on an idle server: its time to first token and 
 Methods run in one order, then the reverse (``--rounds 2``), on the same two server processes; the
 table reports each round and the mean.
 
-    python bench/serve_load.py [--clients 32] [--new-tokens 64] [--rounds 2] [--out bench/serve_load.json]
+    python bench/serve_load.py [--clients 32] [--new-tokens 64] [--rounds 2] [--ignore-eos] [--out FILE]
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ import openai
 from personalign.data import load_builtin
 from personalign.models import EMBEDDED_DEFAULT
 
+IGNORE_EOS = False  # --ignore-eos: every request decodes exactly max_tokens
 DIMENSIONS = (("P1A", "P1B"), ("P2A", "P2B"), ("P3A", "P3B"))
 METHODS = {
     "prompt": {"method": "prompt"},
@@ -115,7 +118,8 @@ async def one(client: openai.AsyncOpenAI, question: str, prefs: str, extra: dict
     try:
         stream = await client.chat.completions.create(
             model=EMBEDDED_DEFAULT, messages=[{"role": "user", "content": question}], max_tokens=tokens,
-            stream=True, stream_options={"include_usage": True}, extra_body={"preferences": prefs, **extra})
+            stream=True, stream_options={"include_usage": True},
+            extra_body={"preferences": prefs, "ignore_eos": IGNORE_EOS, **extra})
         async for chunk in stream:
             if first is None and chunk.choices and chunk.choices[0].delta.content:
                 first = time.perf_counter() - start
@@ -173,8 +177,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--max-models", type=int, default=4)
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--ignore-eos", action="store_true",
+                    help="every request decodes exactly --new-tokens (the methods then compare on equal work)")
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("serve_load.json"))
     args = ap.parse_args()
+    global IGNORE_EOS
+    IGNORE_EOS = args.ignore_eos
 
     questions = [i.prompt for i in load_builtin("eval")][: args.clients]
     prefs = preferences(args.clients)
@@ -227,7 +235,8 @@ def main() -> None:
     }
     doc = {"date": date.today().isoformat(), "machine": platform.processor() or platform.machine(),
            "cpus": os.cpu_count(), "command": "python bench/serve_load.py " + " ".join(sys.argv[1:]),
-           "clients": args.clients, "new_tokens": args.new_tokens, "rounds": rounds, "summary": summary}
+           "clients": args.clients, "new_tokens": args.new_tokens, "ignore_eos": args.ignore_eos, "rounds": rounds,
+           "summary": summary}
     args.out.write_text(json.dumps(doc, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
 

@@ -360,13 +360,14 @@ class PersonalizedModel:
         return check
 
     def decode_steps(self, texts: Sequence[str], sampling: SamplingConfig, *, seed: int | None = None,
-                     stop: Sequence[str] = ()) -> Iterator[tuple[Any, Any, Any]]:
+                     stop: Sequence[str] = (), ignore_eos: bool = False) -> Iterator[tuple[Any, Any, Any]]:
         """The decode loop over formatted texts as one batch, step by step: ``(tokens, valid, finished)``
-        per step (:func:`personalign.generation.decode_steps`). ``seed`` defaults to ``sampling.seed``."""
+        per step (:func:`personalign.generation.decode_steps`). ``seed`` defaults to ``sampling.seed``;
+        ``ignore_eos`` decodes past the end of sequence up to ``max_new_tokens`` (load benchmarks)."""
         from personalign.generation import decode_steps, pad_token_id
 
         ids, mask, gen = self._batch(texts, sampling.seed if seed is None else seed)
-        return decode_steps(self._make_step(), ids, mask, sampling, eos=self.eos,
+        return decode_steps(self._make_step(), ids, mask, sampling, eos=[-1] if ignore_eos else self.eos,
                             pad=pad_token_id(self.tokenizer, self.eos), generator=gen, stop=self._stopper(stop),
                             inference=True)
 

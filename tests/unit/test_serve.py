@@ -577,3 +577,14 @@ def test_openai_client_every_method_with_a_key(tiny, tiny_model_dir, tmp_path):
         assert len(set(answers.values())) >= 5  # the methods give different answers
         with pytest.raises(openai.BadRequestError, match="unknown method"):
             client.chat.completions.create(model="tiny", messages=USER, extra_body={"method": "magic"})
+
+
+@pytest.mark.parametrize("seed", [None, 4])  # the shared batch, and a fixed batch
+def test_ignore_eos_decodes_up_to_max_tokens(client, seed):
+    body = {"max_tokens": 450, "temperature": 0, **({"seed": seed} if seed is not None else {})}
+    plain = chat(client, **body).json()
+    forced = chat(client, **body, ignore_eos=True).json()
+    assert plain["choices"][0]["finish_reason"] == "stop" and plain["usage"]["completion_tokens"] < 450
+    assert forced["choices"][0]["finish_reason"] == "length" and forced["usage"]["completion_tokens"] == 450
+    assert forced["choices"][0]["message"]["content"].startswith(plain["choices"][0]["message"]["content"])
+    assert chat(client, ignore_eos="yes").json()["error"]["param"] == "ignore_eos"

@@ -14,7 +14,8 @@ gives the text ``personalign generate`` gives for the same instruction, preferen
 
 Defaults are personalign's, not OpenAI's, so that the server and the CLI give the same text for the
 same seed: ``max_tokens`` 256, ``temperature`` 0.7, ``top_p`` 0.9, ``repetition_penalty`` 1.1 (an
-extra field; small models loop without it).
+extra field; small models loop without it). ``ignore_eos`` (as vLLM's) decodes up to ``max_tokens`` past
+the end of sequence, for load tests.
 
 Generation runs in one worker thread with continuous batching (:mod:`personalign.serve.engine`): rows of
 every person, preference and method (vanilla, prompt, expert, exact soups, MoPE with fixed or PCM
@@ -68,7 +69,7 @@ log = logging.getLogger("personalign.serve")
 
 _COMMON = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "n", "stop",
            "stream", "stream_options", "preferences", "method", "merge", "mix", "pcm", "repetition_penalty",
-           "user"}
+           "ignore_eos", "user"}
 # OpenAI fields we do not implement. A client may send them with their neutral value; any other value
 # is refused, because ignoring it would silently give the client something it did not ask for.
 _NEUTRAL_ONLY = {"frequency_penalty", "presence_penalty", "logit_bias", "logprobs", "top_logprobs",
@@ -247,7 +248,11 @@ class _Service:
         except PersonalignError as exc:
             param = "preferences" if preference is None or "weight" in str(exc) else "method"
             raise ApiError(str(exc), param) from None
-        return Job([], n, sampling, tuple(stop), seed is not None, chat, spec, timeout=self.limits.request_timeout)
+        ignore_eos = body.get("ignore_eos", False)
+        if not isinstance(ignore_eos, bool):
+            raise ApiError(f"ignore_eos must be true or false, got {_short(ignore_eos)}", "ignore_eos")
+        return Job([], n, sampling, tuple(stop), seed is not None, chat, spec, timeout=self.limits.request_timeout,
+                   ignore_eos=ignore_eos)
 
     def chat_job(self, body: Mapping[str, Any]) -> Job:
         job = self._parse(body, _COMMON | {"messages"}, chat=True)

@@ -76,6 +76,7 @@ class Job:
     chat: bool  # chat answers are stripped like generate's; raw completions are not
     spec: Personalization
     timeout: float | None = None  # seconds from submission; the rows end with finish_reason "time_limit"
+    ignore_eos: bool = False  # decode past the end of sequence up to max_tokens (load benchmarks, as vLLM's)
     on_event: Callable[[int, str, str | None], None] | None = None
     future: Future = dataclasses.field(default_factory=Future)
     prompt_tokens: int = 0
@@ -140,7 +141,7 @@ class _Choice:
         piece = self.text.push(token)
         if piece:
             self.job.emit(self.index, piece, None)
-        if token in self.eos or self.text.stopped:
+        if (token in self.eos and not self.job.ignore_eos) or self.text.stopped:
             self.finish("stop")
         elif self.count >= self.job.sampling.max_new_tokens:
             self.finish("length")
@@ -507,7 +508,8 @@ class _FixedGroup:
         self.choices = [_Choice(job, i, tokenizer, model.eos, reasons) for job in jobs for i in range(job.rows)]
         texts = [text for job in jobs for text in job.texts for _ in range(job.n)]
         self.model = model
-        self.steps = model.decode_steps(texts, jobs[0].sampling, seed=seed, stop=jobs[0].stop)
+        self.steps = model.decode_steps(texts, jobs[0].sampling, seed=seed, stop=jobs[0].stop,
+                                        ignore_eos=jobs[0].ignore_eos)
 
     def __len__(self) -> int:
         return sum(c.reason is None for c in self.choices)
@@ -662,7 +664,7 @@ class Engine:
                         self.open.prepare(choice, job.spec)
                         shared.append((choice, job.texts[i // job.n]))
                 else:  # seeded: alone; otherwise with the jobs of the same model and settings
-                    key = job if job.seeded else (job.spec.key(), job.sampling, job.stop)
+                    key = job if job.seeded else (job.spec.key(), job.sampling, job.stop, job.ignore_eos)
                     fixed.setdefault(key, []).append(job)
             except Exception as exc:  # noqa: BLE001 - one bad request fails alone
                 job.fail(_as_api_error(exc))
