@@ -4,9 +4,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
-EXTRAS ?= judges,embed,api,serve,dev
+EXTRAS ?= judges,embed,api,serve,dev,browser
 
-.PHONY: install demo test test-unit test-integration bench experts pcm clean-venv
+.PHONY: install browser demo test test-unit test-integration bench experts pcm clean-venv
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,13 +20,19 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 install: $(VENV)/.installed
 
+# The playground's browser test drives Debian's chromium (Playwright never downloads a browser here).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { if [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else echo "chromium is not installed and this is not root: the browser test will be skipped"; fi; }
+
 demo: install
 	$(VENV)/bin/personalign demo
 
-test: install
+test: install browser
 	$(PY) -m pytest tests
 
-test-unit: install
+test-unit: install browser
 	$(PY) -m pytest tests -m "not integration"
 
 test-integration: install

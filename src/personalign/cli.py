@@ -103,7 +103,8 @@ def _load(cls: type, config: Path | None, given: dict[str, Any], sets: list[str]
 @_friendly_errors
 def generate(
     instruction: Annotated[Optional[str], typer.Argument(help="The instruction to answer (or use --input).")] = None,
-    prefs: Annotated[Optional[str], typer.Option("--prefs", "-p", help="Preference: 1A,2A,3A or P1A+P2A+P3A or elementary,concise,friendly or weighted concise=0.7,informative=0.3.")] = None,
+    prefs: Annotated[Optional[str], typer.Option("--prefs", "-p", help="Preference: 1A,2A,3A or P1A+P2A+P3A or elementary,concise,friendly or weighted concise=0.7,informative=0.3, or profile:NAME (a saved profile).")] = None,
+    prefs_text: Annotated[Optional[str], typer.Option("--prefs-text", help="The preference in words, e.g. \"short, technical, no jokes\"; what no side covers is added as a prompt.")] = None,
     method: Annotated[Optional[str], typer.Option("--method", help="prompt (default: preference prompting), vanilla (no preference), expert (one side's expert), soup (experts merged), mope (experts mixed per token) or adapter (--adapter FOLDER).")] = None,
     input: Annotated[Optional[str], typer.Option("--input", "-i", help="Prompts: a JSONL/JSON file (prompt, or instruction+input), builtin:train, builtin:eval or hf:NAME[:SPLIT].")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write JSONL here (resumes if it exists).")] = None,
@@ -131,7 +132,7 @@ def generate(
     """Answer instructions under a preference."""
     from personalign.recipes import generate as recipe
 
-    given = {"prefs": prefs, "method": method, "input": input, "output": output, "limit": limit,
+    given = {"prefs": prefs, "prefs_text": prefs_text, "method": method, "input": input, "output": output, "limit": limit,
              "instructions": [instruction] if instruction is not None else None, "batch_size": batch_size,
              "sampling.max_new_tokens": max_new_tokens, "sampling.temperature": temperature, "sampling.top_p": top_p,
              "sampling.repetition_penalty": repetition_penalty, "sampling.seed": seed, "experts": experts,
@@ -492,6 +493,7 @@ def serve(
     mix: Annotated[Optional[str], typer.Option("--mix", help="Default mixing rule for mope: prob (default), logit or uniform.")] = None,
     pcm: Annotated[Optional[str], typer.Option("--pcm", help="Default for mope: a train-pcm folder or 'shipped' (requests may say pcm: none).")] = None,
     max_models: Annotated[Optional[int], typer.Option("--max-models", help="Merged soups (psoups, ties, dare) kept built, default 4; each is a copy of the base model.")] = None,
+    db: Annotated[Optional[Path], typer.Option("--db", help="Profile store, an SQLite file (default: profiles.sqlite in the cache folder).")] = None,
     continuous: Annotated[Optional[bool], typer.Option("--continuous/--no-continuous", help="Decode every person's rows in one shared batch (default); --no-continuous merges a model per request instead, for comparison.")] = None,
     max_model_mb: Annotated[Optional[float], typer.Option("--max-model-mb", help="And at most this many MiB of them (default: no bound but --max-models).")] = None,
     dimensions: DimsOpt = None,
@@ -506,7 +508,7 @@ def serve(
     given = {"model": model, "host": host, "port": port, "max_batch": max_batch, "max_queue": max_queue,
              "request_timeout": request_timeout, "api_key": api_key, "max_body_bytes": max_body_bytes,
              "max_prompt_tokens": max_prompt_tokens, "method": method, "experts": experts, "merge": merge,
-             "mix": mix, "pcm": pcm, "max_models": max_models, "max_model_mb": max_model_mb, "continuous": continuous,
+             "mix": mix, "pcm": pcm, "max_models": max_models, "max_model_mb": max_model_mb, "continuous": continuous, "db": db,
              "dimensions": dimensions, "device": device, "dtype": dtype}
     run_server(config=_load(ServeConfig, config, given, set_))
 

@@ -194,8 +194,12 @@ def plain_text(text: str, spec: Personalization) -> str:
 
 def resolve(prefs: str | Preference | Mapping[str, float] | None, options: MethodOptions | None = None, *,
             model: str | None = None, space: PreferenceSpace | None = None,
-            dimensions: str | None = None) -> Personalization:
-    """Check a request completely without loading a model; raise one precise error on the first problem."""
+            dimensions: str | None = None, profiles: Any = None) -> Personalization:
+    """Check a request completely without loading a model; raise one precise error on the first problem.
+
+    ``prefs`` may name a saved profile, ``"profile:NAME"``: its weights are the preference (read from
+    ``profiles``, a :class:`personalign.profiles.Profiles`, default the store in the cache folder).
+    """
     from personalign import compose
     from personalign.merging import METHODS, check_merge_options, merge_defaults
     from personalign.mixing import MixRule
@@ -211,6 +215,11 @@ def resolve(prefs: str | Preference | Mapping[str, float] | None, options: Metho
                                   "(prefs='1A,2A,3A' in Python, preferences in a request)")
         pref = None
     else:
+        if isinstance(prefs, str) and prefs.strip().startswith("profile:"):
+            from personalign.profiles import Profiles, check_name
+
+            store = profiles if profiles is not None else Profiles()
+            prefs = store.get(check_name(prefs.strip()[len("profile:"):])).weights
         pref = prefs if isinstance(prefs, Preference) else space.parse(prefs)
     name = canonical_name(model)
     defaults = MethodOptions()

@@ -188,3 +188,18 @@ def test_requests_on_the_base_model_share_a_key_and_composed_ones_do_not(tiny_mo
     assert a.key() == spec(tiny_model_dir, experts, "1A,2A", "soup").key()
     assert a.key() != spec(tiny_model_dir, experts, "1B,2A", "soup").key()
     assert a.key() != spec(tiny_model_dir, experts, "1A,2A", "soup", merge="exact").key()
+
+
+def test_generate_reads_a_preference_in_words_and_prompts_the_rest(tiny_model_dir, capsys):
+    from personalign.errors import DataError
+    from personalign.recipes import generate
+
+    s = SamplingConfig(max_new_tokens=4, temperature=0)
+    said = generate.main(generate.GenerateConfig(prefs_text="short and friendly. Cite a source", model=str(tiny_model_dir),
+                                                 instructions=("Explain rain.",), progress=False, sampling=s))
+    assert "read from the description: P2A=1,P3A=1; the rest as a prompt: 'cite a source'" in capsys.readouterr().err
+    spelled = generate.main(generate.GenerateConfig(prefs="P2A=1,P3A=1", model=str(tiny_model_dir), progress=False,
+                                                    instructions=("Explain rain. Cite a source.",), sampling=s))
+    assert said[0]["response"] == spelled[0]["response"] and said[0]["prompt"] == "Explain rain. Cite a source."
+    with pytest.raises(DataError, match="not both"):
+        generate.main(generate.GenerateConfig(prefs="1A", prefs_text="short", instructions=("x",), progress=False))

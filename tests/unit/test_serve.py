@@ -588,3 +588,56 @@ def test_ignore_eos_decodes_up_to_max_tokens(client, seed):
     assert forced["choices"][0]["finish_reason"] == "length" and forced["usage"]["completion_tokens"] == 450
     assert forced["choices"][0]["message"]["content"].startswith(plain["choices"][0]["message"]["content"])
     assert chat(client, ignore_eos="yes").json()["error"]["param"] == "ignore_eos"
+
+
+def test_profiles_through_the_api_survive_a_restart(composed, tmp_path):
+    c, model, tok, experts, _ = composed
+    db = tmp_path / "profiles.sqlite"
+    app = create_app(model, tok, "tiny", defaults=MethodOptions(experts=str(experts)), db=db)
+    with TestClient(app) as s:
+        r = s.put("/v1/profiles/ana", json={"preferences": "P1A=0.6,P2A=0.4", "method": "soup", "merge": "exact"})
+        assert r.status_code == 200, r.text
+        assert r.json()["weights"] == {"P1A": 0.6, "P2A": 0.4} and r.json()["method"] == "soup"
+        by_name = chat(s, **{**SEEDED, "preferences": "profile:ana"}).json()["choices"]
+        spelled = chat(s, **{**SEEDED, "preferences": "P1A=0.6,P2A=0.4", "method": "soup", "merge": "exact"})
+        assert by_name == spelled.json()["choices"]
+        prompted = chat(s, **{**SEEDED, "preferences": "profile:ana", "method": "prompt"}).json()["choices"]
+        assert prompted != by_name  # a method in the request wins over the profile's
+        r = chat(s, **{**SEEDED, "preferences": "profile:nobody"})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "profile_not_found"
+        assert "known profiles: ana" in r.json()["error"]["message"]
+        pick = {"question": "Explain rain.", "answer_a": "Rain falls.", "answer_b": "Water vapour condenses...",
+                "choice": "a", "features_a": [0.1, -0.2, 0.0], "features_b": [0.3, 0.4, 0.0]}
+        assert s.post("/v1/profiles/ana/picks", json=pick).json()["id"] == 1
+        assert s.post("/v1/profiles/ana/picks", json={**pick, "choice": "b", "side": "concise"}).status_code == 200
+        bad = s.post("/v1/profiles/ana/picks", json={**pick, "choice": "left"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "choice"
+        assert s.post("/v1/profiles/ana/picks", json={**pick, "features_a": ["x"]}).json()["error"]["param"] == "features_a"
+        assert s.post("/v1/profiles/bob/picks", json=pick).status_code == 404
+        assert s.put("/v1/profiles/bad name", json={"preferences": "1A"}).status_code == 400
+        assert s.put("/v1/profiles/x", json={"preferences": "1Z"}).json()["error"]["param"] == "preferences"
+    with TestClient(create_app(model, tok, "tiny", defaults=MethodOptions(experts=str(experts)), db=db)) as again:
+        assert again.get("/v1/profiles").json()["data"] == ["ana"]
+        doc = again.get("/v1/profiles/ana").json()
+        assert doc["picks"] == 2 and doc["merge"] == "exact"
+    from personalign.profiles import Profiles
+
+    pairs = Profiles(db).pairs("ana")
+    assert [p["side"] for p in pairs] == ["profile:ana", "P2A"] and pairs[1]["chosen"].startswith("Water")
+    spec = resolve("profile:ana", MethodOptions(method="prompt"), profiles=Profiles(db))
+    assert spec.preference.weight_dict() == {"P1A": 0.6, "P2A": 0.4}
+
+
+def test_a_preference_in_words_and_the_resolved_weights_in_the_response(client):
+    said = chat(client, preferences_text="short and friendly. Cite a source", max_tokens=4, temperature=0).json()
+    assert said["personalign"] == {"method": "prompt", "preferences": "P2A=1,P3A=1", "weights": {"P2A": 1.0, "P3A": 1.0},
+                                   "prompt_extra": "cite a source"}
+    spelled = client.post("/v1/chat/completions", json={
+        "model": "tiny", "messages": [{"role": "user", "content": "Explain rain. Cite a source."}],
+        "preferences": "P2A=1,P3A=1", "max_tokens": 4, "temperature": 0}).json()
+    assert said["choices"] == spelled["choices"]
+    r = chat(client, preferences_text="the weather in Paris")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "preferences_text"
+    assert chat(client, preferences_text="short", preferences="1A").json()["error"]["param"] == "preferences_text"
+    events = sse(chat(client, preferences_text="short", max_tokens=2, stream=True))
+    assert events[0]["personalign"]["preferences"] == "P2A=1" and "personalign" not in events[1]

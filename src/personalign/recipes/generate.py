@@ -10,6 +10,8 @@ written belong to this run and continues after them, without duplicating any.
 
 from __future__ import annotations
 
+import dataclasses
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from personalign.personalize import MethodOptions, Personalization, Personalized
 @dataclass(frozen=True)
 class GenerateConfig:
     prefs: str | None = None  # None only with method=vanilla
+    prefs_text: str | None = None  # the preference described in words instead (personalign.words)
     method: str = "prompt"
     model: str | None = None  # None = the embedded default
     dimensions: str | None = None  # YAML file with user dimensions
@@ -54,7 +57,20 @@ class GenerateConfig:
 
 def request(cfg: GenerateConfig) -> Personalization:
     """The config's method and preference, checked completely before any model is loaded."""
-    return resolve(cfg.prefs, cfg.method_options(), model=cfg.model, dimensions=cfg.dimensions)
+    return resolve(described(cfg)[0], cfg.method_options(), model=cfg.model, dimensions=cfg.dimensions)
+
+
+def described(cfg: GenerateConfig) -> tuple[str | None, str]:
+    """The preference (``prefs``, or the sides ``prefs_text`` names) and what the text says beyond them."""
+    if cfg.prefs_text is None:
+        return cfg.prefs, ""
+    from personalign.preferences import load_space
+    from personalign.words import read_preference
+
+    if cfg.prefs is not None:
+        raise DataError("give --prefs or --prefs-text, not both")
+    read = read_preference(cfg.prefs_text, load_space(cfg.dimensions))
+    return read.spec(), read.rest
 
 
 def main(cfg: GenerateConfig) -> list[dict[str, Any]]:
@@ -75,6 +91,13 @@ def main(cfg: GenerateConfig) -> list[dict[str, Any]]:
         raise DataError("give an instruction, or --input FILE")
     if cfg.batch_size < 1:
         raise DataError(f"--batch-size must be at least 1, got {cfg.batch_size}")
+    prefs, rest = described(cfg)
+    if cfg.prefs_text is not None:  # shown for confirmation
+        extra = f"; the rest as a prompt: {rest!r}" if rest else ""
+        print(f"read from the description: {prefs}{extra}", file=sys.stderr)
+    if rest and spec.prompt_suffix:  # what no side covers joins each instruction as a prompt
+        sentence = (rest[:1].upper() + rest[1:]).rstrip(".") + "."
+        items = [dataclasses.replace(i, prompt=f"{i.prompt} {sentence}") for i in items]
 
     # -- load and personalize (only if something is left to generate) -> generate -> write each batch
     def build() -> PersonalizedModel:

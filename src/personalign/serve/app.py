@@ -50,12 +50,14 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from personalign.errors import ConfigError, PersonalignError
+from personalign.errors import ConfigError, PersonalignError, PreferenceError
 from personalign.generation import SamplingConfig
 from personalign.personalize import Method, MethodOptions, chat_text, plain_text, resolve
+from personalign.profiles import PROFILE_PREFIX, Profiles, check_name
 from personalign.preferences import PreferenceSpace, default_space
 from personalign.serve.batching import ApiError, Models
 from personalign.serve.engine import Engine, Job
+from personalign.words import read_preference
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -69,7 +71,7 @@ log = logging.getLogger("personalign.serve")
 
 _COMMON = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "n", "stop",
            "stream", "stream_options", "preferences", "method", "merge", "mix", "pcm", "repetition_penalty",
-           "ignore_eos", "user"}
+           "ignore_eos", "preferences_text", "user"}
 # OpenAI fields we do not implement. A client may send them with their neutral value; any other value
 # is refused, because ignoring it would silently give the client something it did not ask for.
 _NEUTRAL_ONLY = {"frequency_penalty", "presence_penalty", "logit_bias", "logprobs", "top_logprobs",
@@ -163,7 +165,8 @@ class _Service:
     """Turns request bodies into generation jobs and results into OpenAI response objects."""
 
     def __init__(self, model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", model_name: str,
-                 limits: Limits, defaults: MethodOptions, space: PreferenceSpace, continuous: bool = True):
+                 limits: Limits, defaults: MethodOptions, space: PreferenceSpace, continuous: bool = True,
+                 db: str | Path | None = None):
         # The event loop's own tokenizer: a fast tokenizer is not safe to share with the worker thread.
         self.tokenizer = copy.deepcopy(tokenizer)
         self.model_name, self.limits, self.defaults, self.space = model_name, limits, defaults, space
@@ -173,6 +176,10 @@ class _Service:
         self.experts_dir = _experts_dir(defaults, self.base_name)
         self.engine = Engine(self.models, max_batch=limits.max_batch, max_queue=limits.max_queue,
                              experts_dir=self.experts_dir, model_name=self.base_name, continuous=continuous)
+        self.db, self._profiles = db, None
+        from personalign.serve.elicitation import Sessions
+
+        self.sessions = Sessions()
         self.requests: collections.Counter[tuple[str, str, int]] = collections.Counter()
         self.prompt_tokens = 0
         self.started = time.time()
@@ -225,6 +232,29 @@ class _Service:
         stop = [stop] if isinstance(stop, str) else (stop or [])
         if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
             raise ApiError("stop must be a non-empty string or a list of at most 4 non-empty strings", "stop")
+        prefs = body.get("preferences")
+        profile = None
+        if isinstance(prefs, str) and prefs.strip().startswith(PROFILE_PREFIX):
+            profile = self.profile(prefs.strip()[len(PROFILE_PREFIX):])
+            prefs = profile.weights
+            if body.get("method") is None:  # the profile's method and options, unless the request names a method
+                body = {**{k: v for k, v in profile.options.items() if k in ("merge", "mix", "pcm")}, **body,
+                        "method": profile.method}
+        if prefs is not None and not isinstance(prefs, (str, dict)):
+            raise ApiError("preferences must be a string such as '1A,2A,3A' or an object of side weights",
+                           "preferences")
+        rest = ""
+        if body.get("preferences_text") is not None:
+            text = body["preferences_text"]
+            if prefs is not None:
+                raise ApiError("give preferences or preferences_text, not both", "preferences_text")
+            if not isinstance(text, str):
+                raise ApiError("preferences_text must be a string describing the answers wanted", "preferences_text")
+            try:
+                read = read_preference(text, self.space)
+            except PreferenceError as exc:
+                raise ApiError(str(exc), "preferences_text") from None
+            prefs, rest = read.weights, read.rest
         method_name = body.get("method", self.defaults.method)
         if not isinstance(method_name, str):
             raise ApiError(f"method must be a string, got {_short(method_name)}", "method")
@@ -232,10 +262,6 @@ class _Service:
             method = served_method(method_name)
         except ConfigError as exc:  # "unknown method 'x'; choose one of vanilla, prompt, ..."
             raise ApiError(str(exc), "method") from None
-        prefs = body.get("preferences")
-        if prefs is not None and not isinstance(prefs, (str, dict)):
-            raise ApiError("preferences must be a string such as '1A,2A,3A' or an object of side weights",
-                           "preferences")
         try:
             preference = self.space.parse(prefs) if prefs is not None else None
         except PersonalignError as exc:  # names the bad side and lists the valid ones
@@ -251,8 +277,10 @@ class _Service:
         ignore_eos = body.get("ignore_eos", False)
         if not isinstance(ignore_eos, bool):
             raise ApiError(f"ignore_eos must be true or false, got {_short(ignore_eos)}", "ignore_eos")
-        return Job([], n, sampling, tuple(stop), seed is not None, chat, spec, timeout=self.limits.request_timeout,
-                   ignore_eos=ignore_eos)
+        job = Job([], n, sampling, tuple(stop), seed is not None, chat, spec, timeout=self.limits.request_timeout,
+                  ignore_eos=ignore_eos)
+        job.extra_prompt = rest if spec.prompt_suffix else ""  # vanilla: no preference prompt at all
+        return job
 
     def chat_job(self, body: Mapping[str, Any]) -> Job:
         job = self._parse(body, _COMMON | {"messages"}, chat=True)
@@ -265,6 +293,9 @@ class _Service:
                            "their prompt to", "messages")
         if not getattr(self.tokenizer, "chat_template", None):
             raise ApiError(f"model {self.model_name!r} has no chat template; use /v1/completions", "messages")
+        if job.extra_prompt:  # what the described preference says that no side covers, as a prompt
+            last = max(i for i, m in enumerate(convo) if m["role"] == "user")
+            convo[last] = {**convo[last], "content": f"{convo[last]['content']} {_sentence(job.extra_prompt)}"}
         try:
             job.texts = [chat_text(self.tokenizer, convo, job.spec)]
         except Exception as exc:  # noqa: BLE001 - e.g. a template that demands alternating roles
@@ -291,11 +322,167 @@ class _Service:
         prompts = [prompt] if isinstance(prompt, str) else prompt
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p for p in prompts):
             raise ApiError("prompt is required: a non-empty string or list of strings", "prompt")
-        job.texts = [plain_text(p, job.spec) for p in prompts]
+        extra = f" {_sentence(job.extra_prompt)}" if job.extra_prompt else ""
+        job.texts = [plain_text(p + extra, job.spec) for p in prompts]
         if job.rows > self.limits.max_batch:
             raise ApiError(f"this request asks for {job.rows} completions; the server generates at "
                            f"most {self.limits.max_batch} per request", "prompt")
         return self._measure(job, "prompt")
+
+    @property
+    def profiles(self) -> Profiles:
+        if self._profiles is None:  # created on first use
+            self._profiles = Profiles(self.db)
+        return self._profiles
+
+    def profile(self, name: str) -> Any:
+        try:
+            return self.profiles.get(check_name(name))
+        except PreferenceError as exc:
+            raise ApiError(str(exc), "preferences", status=404, code="profile_not_found") from None
+        except ConfigError as exc:
+            raise ApiError(str(exc), "preferences") from None
+
+    def save_profile(self, name: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        """Create or replace a profile from ``preferences`` and optional ``method``, ``merge``, ``mix``, ``pcm``,
+        checked as a request would be."""
+        allowed = {"preferences", "method", "merge", "mix", "pcm"}
+        unknown = sorted(set(body) - allowed)
+        if unknown:
+            raise ApiError(f"unknown field {unknown[0]!r}; a profile takes {', '.join(sorted(allowed))}", unknown[0])
+        try:
+            check_name(name)
+        except ConfigError as exc:
+            raise ApiError(str(exc), "name") from None
+        prefs = body.get("preferences")
+        if not isinstance(prefs, (str, dict)) or (isinstance(prefs, str) and prefs.startswith(PROFILE_PREFIX)):
+            raise ApiError("preferences is required: a spec such as '1A,2B,3A' or an object of side weights",
+                           "preferences")
+        job = self._parse({"model": self.model_name, **body}, _COMMON, chat=True)  # every check of a request
+        options = {k: body[k] for k in ("merge", "mix", "pcm") if body.get(k) is not None}
+        assert job.spec.preference is not None
+        saved = self.profiles.save(name, job.spec.preference.weight_dict(), job.spec.method.value, options)
+        return self.profile_doc(saved)
+
+    def profile_doc(self, profile: Any) -> dict[str, Any]:
+        return {"object": "profile", "name": profile.name, "weights": profile.weights, "preferences": profile.spec(),
+                "method": profile.method, **profile.options, "picks": len(self.profiles.picks(profile.name))}
+
+    def add_pick(self, name: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        allowed = {"question", "answer_a", "answer_b", "choice", "side", "features_a", "features_b", "weights_a",
+                   "weights_b"}
+        unknown = sorted(set(body) - allowed)
+        if unknown:
+            raise ApiError(f"unknown field {unknown[0]!r}; a pick takes {', '.join(sorted(allowed))}", unknown[0])
+        self.profile(name)
+        side = body.get("side")
+        if side is not None:
+            try:
+                side = self.space.resolve(side) if isinstance(side, str) else None
+            except PreferenceError as exc:
+                raise ApiError(str(exc), "side") from None
+            if side is None:
+                raise ApiError("side must be a side name or id", "side")
+        for key in ("features_a", "features_b"):
+            value = body.get(key)
+            if value is not None and not (isinstance(value, list) and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)):
+                raise ApiError(f"{key} must be a list of finite numbers", key)
+        for key in ("weights_a", "weights_b"):
+            value = body.get(key)
+            if value is not None and not isinstance(value, dict):
+                raise ApiError(f"{key} must be an object of side weights", key)
+        try:
+            pick = self.profiles.add_pick(name, body.get("question"), body.get("answer_a"), body.get("answer_b"),
+                                          body.get("choice"), side=side, features_a=body.get("features_a"),
+                                          features_b=body.get("features_b"), weights_a=body.get("weights_a"),
+                                          weights_b=body.get("weights_b"))
+        except ConfigError as exc:  # "choice must be one of a, b, equal", "a pick needs a non-empty answer_a"
+            words = str(exc).split()
+            param = next((w for w in ("choice", "question", "answer_a", "answer_b") if w in words), None)
+            raise ApiError(str(exc), param) from None
+        return {"object": "pick", "id": pick, "profile": name}
+
+    # -- the playground's calls ------------------------------------------------------------------------------
+
+    def read_words(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        text = body.get("text")
+        if set(body) - {"text"}:
+            raise ApiError("this call takes one field, text", sorted(set(body) - {"text"})[0])
+        if not isinstance(text, str):
+            raise ApiError("text is required: a sentence describing the answers wanted", "text")
+        try:
+            read = read_preference(text, self.space)
+        except PreferenceError as exc:
+            raise ApiError(str(exc), "text") from None
+        return {"object": "preference", "preferences": read.spec(), "weights": read.weights,
+                "evidence": read.evidence, "rest": read.rest}
+
+    def elicitation_pairs(self) -> list[tuple[str, str]]:
+        """The slider pairs the offline judge measures on both sides (the dimensions a session estimates)."""
+        from personalign.judges.offline import SUPPORTED_SIDES
+
+        out = []
+        for dim in self.space.dimensions.values():
+            for a, b in zip(dim.sides[0::2], dim.sides[1::2]):
+                if a in SUPPORTED_SIDES and b in SUPPORTED_SIDES:
+                    out.append((a, b))
+        return out
+
+    async def elicit(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """Start a session: answers to ``question`` under contrasting weights, and the first pair to pick from."""
+        from personalign.serve.elicitation import Session, candidate_weights, features
+
+        allowed = {"question", "profile", "method", "max_tokens"}
+        if set(body) - allowed:
+            raise ApiError(f"unknown field {sorted(set(body) - allowed)[0]!r}; this call takes "
+                           f"{', '.join(sorted(allowed))}", sorted(set(body) - allowed)[0])
+        question = body.get("question")
+        if not isinstance(question, str) or not question.strip():
+            raise ApiError("question is required: the question both answers respond to", "question")
+        profile = body.get("profile")
+        if profile is not None:
+            await asyncio.to_thread(self.profile, profile)  # an unknown profile: 404 before any generation
+        try:
+            pairs = self.elicitation_pairs()
+        except ImportError:
+            raise ApiError("finding a preference scores answers with the offline judge, which needs the "
+                           "'judges' extra: pip install 'personalign[judges]'", status=501) from None
+        candidates = candidate_weights(pairs)
+        futures = []
+        for weights in candidates:
+            request = {"model": self.model_name, "messages": [{"role": "user", "content": question}],
+                       "max_tokens": body.get("max_tokens", 128), "method": body.get("method", "prompt")}
+            if weights:
+                request["preferences"] = weights
+            elif request["method"] != "prompt":
+                request["method"] = "vanilla"  # neutral: no preference at all
+            job = self.chat_job(request)
+            futures.append(asyncio.wrap_future(self.engine.submit(job)))
+        answers = [choices[0][0] for choices in await asyncio.gather(*futures)]
+        feats = await asyncio.to_thread(features, question, answers, pairs)
+        session = Session(question, pairs, candidates, answers, feats, profile)
+        return session.doc(self.sessions.add(session))
+
+    def pick(self, sid: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        from personalign.elicit import CHOICES
+
+        session = self.sessions.get(sid)
+        if session is None:
+            raise ApiError(f"no elicitation session {sid!r} (it ended or the server restarted); start a new one",
+                           "session", status=404, code="session_not_found")
+        choice = body.get("choice")
+        if set(body) - {"choice"} or choice not in CHOICES:
+            raise ApiError(f"choice must be one of {', '.join(CHOICES)}, got {_short(choice)}", "choice")
+        with session.lock:  # one pick at a time per session; any number of sessions at once
+            i, j = session.current
+            if session.profile is not None:  # on disk before the pick is acknowledged
+                self.profiles.add_pick(session.profile, session.question, session.answers[i], session.answers[j],
+                                       choice, features_a=list(session.feats[i]), features_b=list(session.feats[j]),
+                                       weights_a=session.candidates[i], weights_b=session.candidates[j])
+            session.pick(choice)
+            session.next_pair()
+            return session.doc(sid)
 
     def _measure(self, job: Job, field: str) -> Job:
         """Count the prompt tokens, and refuse prompts over the limit or beyond the model's context."""
@@ -329,7 +516,16 @@ class _Service:
             "model": self.model_name,
             "choices": items,
             "usage": self._usage(job, completion),
+            "personalign": self.resolved(job),
         }
+
+    @staticmethod
+    def resolved(job: Job) -> dict[str, Any]:
+        """What the request was answered with: the method and the weights (as a spec), and any prompt
+        added for what a described preference says beyond the known sides."""
+        pref = job.spec.preference
+        return {"method": job.spec.label, "preferences": pref.spec() if pref is not None else None,
+                "weights": pref.weight_dict() if pref is not None else {}, "prompt_extra": job.extra_prompt}
 
     @staticmethod
     def _usage(job: Job, completion: int) -> dict[str, int]:
@@ -346,6 +542,13 @@ class _Service:
         ident = f"{'chatcmpl' if job.chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         head = {"id": ident, "object": "chat.completion.chunk" if job.chat else "text_completion",
                 "created": int(time.time()), "model": self.model_name}
+        first = [True]  # the first chunk also says what the request was answered with
+
+        def _sse_first(obj: dict[str, Any]) -> str:
+            if first[0]:
+                first[0] = False
+                obj = {**obj, "personalign": self.resolved(job)}
+            return _sse(obj)
 
         def chunk(index: int, piece: str | None, reason: str | None) -> str:
             if job.chat:
@@ -353,14 +556,14 @@ class _Service:
                 choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
             else:
                 choice = {"index": index, "text": piece or "", "logprobs": None, "finish_reason": reason}
-            return _sse({**head, "choices": [choice]})
+            return _sse_first({**head, "choices": [choice]})
 
         async def body() -> AsyncIterator[str]:
             try:
                 if job.chat:
                     for i in range(job.rows):
-                        yield _sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                         "logprobs": None, "finish_reason": None}]})
+                        yield _sse_first({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                               "logprobs": None, "finish_reason": None}]})
                 left = job.rows
                 while left:
                     index, piece, reason = await events.get()
@@ -412,6 +615,11 @@ class _Service:
         }
 
 
+def _sentence(text: str) -> str:
+    text = text.strip()
+    return (text[:1].upper() + text[1:]).rstrip(".") + "."
+
+
 def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -444,7 +652,8 @@ async def _read_json(request: Any, limit: int) -> Any:
 
 
 class _Guard:
-    """ASGI middleware in front of every route: the API key (all but ``/health``) and a declared body size
+    """ASGI middleware in front of every route: the API key (all but ``/health`` and the playground page, whose
+    own calls carry the key) and a declared body size
     over the limit, refused before the body is read."""
 
     def __init__(self, app: Any, api_key: str | None, max_body: int) -> None:
@@ -458,7 +667,7 @@ class _Guard:
 
         headers = dict(scope.get("headers") or [])
         error = None
-        if self.expected is not None and scope["path"] != "/health":
+        if self.expected is not None and scope["path"] not in ("/health", "/", "/playground"):
             if not secrets.compare_digest(headers.get(b"authorization", b""), self.expected):
                 error = ApiError("missing or wrong API key; send the header Authorization: Bearer <key>", status=401,
                                  code="invalid_api_key")
@@ -539,13 +748,14 @@ def check_defaults(defaults: MethodOptions, model_name: str | None = None) -> Me
 def create_app(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", model_name: str, *,
                max_batch: int = 32, default_method: str = "prompt", space: PreferenceSpace | None = None,
                defaults: MethodOptions | None = None, max_models: int = 4, limits: Limits | None = None,
-               continuous: bool = True) -> "FastAPI":
+               continuous: bool = True, db: str | Path | None = None) -> "FastAPI":
     """The FastAPI app serving ``model`` under the name ``model_name`` (see the module docstring).
 
     ``defaults`` are the method options a request does not give (its ``method`` wins over
     ``default_method``); ``limits`` what the server accepts and holds (``max_batch`` and ``max_models``
     are shorthands for the same fields). ``continuous=False`` runs every request on its own merged model
     in fixed batches, without the shared batch (:class:`personalign.serve.engine.Engine`; a baseline).
+    ``db`` is the profile store (default: ``profiles.sqlite`` in the cache folder).
     """
     try:
         from fastapi import FastAPI, Request
@@ -556,7 +766,7 @@ def create_app(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", m
     if limits is None:
         limits = Limits(max_batch=max_batch, max_models=max_models)
     defaults = check_defaults(defaults or MethodOptions(method=default_method))
-    service = _Service(model, tokenizer, model_name, limits, defaults, space or default_space(), continuous)
+    service = _Service(model, tokenizer, model_name, limits, defaults, space or default_space(), continuous, db)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> Any:
@@ -635,6 +845,83 @@ def create_app(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", m
     async def preferences() -> dict[str, Any]:
         return service.preferences()
 
+    async def guarded(work: Any) -> Any:
+        """A profile call: its work off the event loop (SQLite waits on the disk), errors as OpenAI objects."""
+        try:
+            return await asyncio.to_thread(work)
+        except ApiError as exc:
+            return error(exc)
+        except PersonalignError as exc:
+            return error(ApiError(str(exc)))
+
+    async def json_body(request: Request) -> dict[str, Any]:
+        body = await _read_json(request, limits.max_body_bytes)
+        if not isinstance(body, dict):
+            raise ApiError("the request body must be a JSON object")
+        return body
+
+    @app.get("/", include_in_schema=False)
+    async def root() -> Any:
+        from fastapi.responses import RedirectResponse
+
+        return RedirectResponse("/playground")
+
+    @app.get("/playground", include_in_schema=False)
+    async def playground() -> Any:
+        from importlib import resources
+
+        from fastapi.responses import HTMLResponse
+
+        return HTMLResponse((resources.files("personalign.serve") / "playground.html").read_text(encoding="utf-8"))
+
+    @app.post("/v1/preferences/read")
+    async def read_words(request: Request) -> Any:
+        try:
+            return service.read_words(await json_body(request))
+        except ApiError as exc:
+            return error(exc)
+
+    @app.post("/v1/elicit")
+    async def elicit(request: Request) -> Any:
+        try:
+            return await service.elicit(await json_body(request))
+        except ApiError as exc:
+            return error(exc)
+        except PersonalignError as exc:
+            return error(ApiError(str(exc)))
+
+    @app.post("/v1/elicit/{sid}/picks")
+    async def elicit_pick(sid: str, request: Request) -> Any:
+        try:
+            body = await json_body(request)
+        except ApiError as exc:
+            return error(exc)
+        return await guarded(lambda: service.pick(sid, body))
+
+    @app.get("/v1/profiles")
+    async def list_profiles() -> Any:
+        return await guarded(lambda: {"object": "list", "data": service.profiles.names()})
+
+    @app.get("/v1/profiles/{name}")
+    async def get_profile(name: str) -> Any:
+        return await guarded(lambda: service.profile_doc(service.profile(name)))
+
+    @app.put("/v1/profiles/{name}")
+    async def put_profile(name: str, request: Request) -> Any:
+        try:
+            body = await json_body(request)
+        except ApiError as exc:
+            return error(exc)
+        return await guarded(lambda: service.save_profile(name, body))
+
+    @app.post("/v1/profiles/{name}/picks")
+    async def post_pick(name: str, request: Request) -> Any:
+        try:
+            body = await json_body(request)
+        except ApiError as exc:
+            return error(exc)
+        return await guarded(lambda: service.add_pick(name, body))
+
     @app.get("/health")
     async def health() -> dict[str, Any]:
         e = service.engine
@@ -710,6 +997,7 @@ class ServeConfig:
     max_prompt_tokens: int | None = None
     api_key: str | None = None  # default: the PERSONALIGN_API_KEY environment variable
     continuous: bool = True  # False: no shared batch; every request on its own merged model (a baseline)
+    db: str | None = None  # the profile store; None: profiles.sqlite in the cache folder
 
     def defaults(self) -> MethodOptions:
         return MethodOptions(method=self.method, experts=self.experts, merge=self.merge, mix=self.mix, pcm=self.pcm)
@@ -747,7 +1035,7 @@ def run_server(model_name_or_path: str | None = None, host: str = "127.0.0.1", p
     model, tokenizer = load_model(config.model, device=config.device, dtype=config.dtype)
     name = config.model_name or canonical_name(config.model)
     app = create_app(model, tokenizer, name, space=space, defaults=defaults, limits=limits,
-                     continuous=config.continuous)
+                     continuous=config.continuous, db=config.db)
     if limits.api_key is None and config.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without an API key: anyone who can reach it can use it (set --api-key or %s)",
                     config.host, API_KEY_ENV)

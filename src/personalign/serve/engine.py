@@ -77,6 +77,7 @@ class Job:
     spec: Personalization
     timeout: float | None = None  # seconds from submission; the rows end with finish_reason "time_limit"
     ignore_eos: bool = False  # decode past the end of sequence up to max_tokens (load benchmarks, as vLLM's)
+    extra_prompt: str = ""  # what a described preference says beyond the known sides (already in ``texts``)
     on_event: Callable[[int, str, str | None], None] | None = None
     future: Future = dataclasses.field(default_factory=Future)
     prompt_tokens: int = 0

@@ -1,0 +1,109 @@
+"""The playground in a real browser (headless Chromium driven by Playwright, the system's browser) against a
+server on the tiny model: the page loads, a slider moves the weights, a streamed answer arrives, two settings
+answer side by side, words set the sliders, three picks update the estimate, and a saved profile (with its
+picks) comes back after a server restart. Also the elicitation calls themselves, without a browser."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient
+
+from personalign.personalize import MethodOptions
+from personalign.serve import create_app, running_server
+
+CHROMIUM = os.environ.get("PERSONALIGN_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture()
+def served(tiny, tiny_model_dir, tmp_path):
+    from conftest import save_side_experts
+
+    model, tok = tiny
+    experts = save_side_experts(tiny_model_dir, tmp_path / "experts", ("P1A", "P1B", "P2A", "P2B", "P3A", "P3B"))
+
+    def app():
+        return create_app(model, tok, "tiny", defaults=MethodOptions(experts=str(experts)), db=tmp_path / "db.sqlite")
+
+    return app
+
+
+def test_elicitation_calls(served):
+    with TestClient(served()) as c:
+        assert c.put("/v1/profiles/ana", json={"preferences": "1A"}).status_code == 200
+        r = c.post("/v1/elicit", json={"question": "Explain rain.", "profile": "ana", "max_tokens": 12})
+        assert r.status_code == 200, r.text
+        doc = r.json()
+        assert doc["a"]["text"] != doc["b"]["text"] or doc["a"]["weights"] != doc["b"]["weights"]
+        assert doc["estimate"]["picks"] == 0 and doc["estimate"]["sliders"] == [0.0, 0.0, 0.0]
+        sid = doc["session"]
+        seen = []
+        for choice in ("a", "b", "a"):
+            doc = c.post(f"/v1/elicit/{sid}/picks", json={"choice": choice}).json()
+            seen.append(doc["estimate"]["std"])
+        assert doc["estimate"]["picks"] == 3 and doc["estimate"]["sliders"] != [0.0, 0.0, 0.0]
+        assert sum(seen[-1]) < 3.0  # the prior's spread is 1 per slider; picks narrow it
+        assert len(c.get("/v1/profiles/ana").json()) and c.get("/v1/profiles/ana").json()["picks"] == 3
+        bad = c.post(f"/v1/elicit/{sid}/picks", json={"choice": "left"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "choice"
+        assert c.post("/v1/elicit/nope/picks", json={"choice": "a"}).json()["error"]["code"] == "session_not_found"
+        assert c.post("/v1/elicit", json={"question": "x", "profile": "bob"}).status_code == 404
+        assert c.post("/v1/elicit", json={"question": " "}).json()["error"]["param"] == "question"
+        words = c.post("/v1/preferences/read", json={"text": "short, technical, no jokes. Cite a source"}).json()
+        assert words["weights"] == {"P1B": 1.0, "P2A": 1.0, "P3B": 1.0} and words["rest"] == "cite a source"
+        assert c.post("/v1/preferences/read", json={"text": "Paris"}).json()["error"]["param"] == "text"
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (make test installs it when run as root)")
+def test_the_playground_in_a_browser(served):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            with running_server(served()) as url:
+                page = browser.new_page()
+                page.goto(f"{url}/playground")
+                page.wait_for_selector("#slider-2")
+                assert "neutral" in page.inner_text("#resolved")
+                page.locator("#slider-1").fill("-60")  # informativeness towards concise
+                assert page.inner_text("#resolved") == "P2A=0.6"
+                assert '"preferences": "P2A=0.6"' in page.inner_text("#api").replace('":"', '": "')
+                page.select_option("#method", "soup")
+                page.select_option("#merge", "exact")
+                page.fill("#max-tokens", "8")
+                page.click("#ask")
+                page.wait_for_function("document.querySelector('#meta-1').textContent.match(/stop|length/)")
+                assert "soup-exact · P2A=0.6" in page.inner_text("#meta-1")
+                page.check("#compare")
+                page.fill("#prefs-2", "1B,2B,3B")
+                page.click("#ask")
+                page.wait_for_function("document.querySelector('#meta-2').textContent.match(/stop|length/)")
+                assert "prompt · P1B,P2B,P3B" in page.inner_text("#meta-2")
+                page.fill("#words", "short, technical, no jokes")
+                page.click("#read")
+                page.wait_for_function("document.querySelector('#resolved').textContent.includes('P1B')")
+                assert page.inner_text("#resolved") == "P1B=1,P2A=1,P3B=1"
+                page.fill("#profile", "ana")
+                page.click("#save")
+                page.wait_for_function("document.querySelector('#profile-out').textContent.startsWith('saved')")
+                page.click("#elicit")
+                page.wait_for_selector("#pair:not([hidden])", timeout=60_000)
+                for n in (1, 2, 3):
+                    page.click("#pick-a" if n % 2 else "#pick-b")
+                    page.wait_for_function(f"document.querySelector('#estimate').textContent.startsWith('{n} picks')")
+                assert "(±" in page.inner_text("#sliders")  # the uncertainty is shown
+            with running_server(served()) as url:  # a restarted server
+                page = browser.new_page()
+                page.goto(f"{url}/playground")
+                page.wait_for_selector("#slider-2")
+                page.fill("#profile", "ana")
+                page.click("#load")
+                page.wait_for_function("document.querySelector('#profile-out').textContent.startsWith('loaded')")
+                assert "(3 picks)" in page.inner_text("#profile-out")
+                assert page.inner_text("#resolved") == "P1B=1,P2A=1,P3B=1"
+        finally:
+            browser.close()
