@@ -63,3 +63,19 @@ def test_bad_input_is_refused_with_one_line(tmp_path):
     bad.write_text("not a database")
     with pytest.raises(ConfigError, match="not a usable profile database"):
         Profiles(bad)
+
+
+def test_train_rm_trains_a_personal_reward_model_on_exported_picks(tmp_path, tiny_model_dir):
+    from personalign.recipes import train_rm
+
+    store = Profiles(tmp_path / "p.sqlite")
+    store.save("ana", {"P2A": 1.0})
+    for i in range(12):  # ana always prefers the short answer
+        store.add_pick("ana", f"question {i}?", f"Short {i}.", "A much longer answer with many words " * 3, "a")
+    pairs = tmp_path / "pairs.jsonl"
+    assert store.export_pairs(pairs, "ana") == 12
+    result = train_rm.main(train_rm.TrainRMConfig(output_dir=str(tmp_path / "rm"), pairs=str(pairs),
+                                                  model=str(tiny_model_dir), lr=5e-3, epochs=2, batch_size=4,
+                                                  progress=False, eval_fraction=0.25))
+    assert result["eval/accuracy"] == result["eval/accuracy"]  # trained and evaluated on the person's side
+    assert "profile:ana" in (tmp_path / "rm" / "data.json").read_text()

@@ -32,6 +32,7 @@ from personalign.data import read_pairs, split_by_prompt
 from personalign.errors import ConfigError, DataError
 from personalign.losses import bradley_terry_loss, fit_bradley_terry_head, pairwise_accuracy, select_l2_by_cv
 from personalign.preferences import load_space
+from personalign.profiles import PROFILE_PREFIX
 from personalign.reward_model import CONFIG, POOLINGS, WEIGHTS, LoraSpec, PrefixCache, RewardModel
 from personalign.runlog import MetricsLogger, prepare_run_dir
 
@@ -211,12 +212,15 @@ def main(cfg: TrainRMConfig) -> dict[str, float]:
     if not 0 <= cfg.eval_fraction < 1:
         raise ConfigError(f"eval_fraction must be in [0, 1), got {cfg.eval_fraction}")
     space = load_space(cfg.dimensions)
-    wanted = [space.resolve(s) for s in cfg.sides]
+    # A person's own labels (picks exported from a profile) name the side "profile:NAME": a personal
+    # reward model, with no side prompt.
+    wanted = [s if s.startswith(PROFILE_PREFIX) else space.resolve(s) for s in cfg.sides]
     rows = read_pairs(cfg.pairs, set(wanted) if wanted else None)
     sides = wanted or sorted({r["side"] for r in rows})
     for s in sides:
-        if s not in space.sides:
-            raise DataError(f"pairs file names side {s!r}, which is not defined; valid sides: {space.valid_sides_text()}")
+        if s not in space.sides and not s.startswith(PROFILE_PREFIX):
+            raise DataError(f"pairs file names side {s!r}, which is not defined; valid sides: {space.valid_sides_text()}"
+                            f" (or {PROFILE_PREFIX}NAME for a person's own picks)")
     counts = {s: sum(r["side"] == s for r in rows) for s in sides}
     empty = [s for s, n in counts.items() if n == 0]
     if empty:
@@ -244,7 +248,7 @@ def main(cfg: TrainRMConfig) -> dict[str, float]:
     torch.manual_seed(cfg.seed)
     base, tok = load_model(cfg.model, device=cfg.device, dtype="float32")
     model = RewardModel(base, tok, sides, cfg.lora, cfg.max_length,
-                        side_prompts={s: space.sides[s].prompt for s in sides},
+                        side_prompts={s: space.sides[s].prompt if s in space.sides else "" for s in sides},
                         side_prompt_in_input=cfg.side_prompt_in_input, readout_layer=cfg.readout_layer,
                         pooling=cfg.pooling)
     model.train()
