@@ -7,7 +7,9 @@ per dimension, standardised per instruction), as the server would with reward mo
 people judge through a different scorer, the offline judge (the same differences from its lexical
 scores): each has hidden weights over the three dimensions and picks between two answers with the
 Bradley-Terry probability of their utility difference. Per person: 20 picks, each on the next
-instruction, the pair chosen by the estimate (active) or at random. Reported: the cosine similarity of
+instruction, the pair chosen by the estimate (active) or at random. A third curve, a diagnostic, lets
+the estimator read the people's own scorer: the gap between it and "active" is what the two scorers'
+disagreement costs. Reported: the cosine similarity of
 the estimated and the hidden weights after 1..20 picks (median over people), against random pairs and
 the neutral guess (cosine 0).
 
@@ -116,12 +118,15 @@ def main() -> None:
     true_f = judge_features(questions, texts)
     agree = [float(np.corrcoef(est_f[..., d].ravel(), true_f[..., d].ravel())[0, 1]) for d in range(3)]
     rng = np.random.default_rng(0)
-    curves = {"active": [], "random": []}
+    # "same scorer" is a diagnostic, not the measurement: the estimator reads the people's own scorer, which
+    # shows how much of the gap to 1 comes from the two scorers disagreeing.
+    curves: dict[str, list[list[float]]] = {"active": [], "random": [], "active, same scorer (diagnostic)": []}
     for _ in range(args.people):
         hidden = rng.uniform(-1, 1, 3)
         seed = int(rng.integers(2**31))
         for mode in curves:
-            curves[mode].append(simulate(est_f, true_f, hidden, args.picks, mode == "active",
+            feats = true_f if "same scorer" in mode else est_f
+            curves[mode].append(simulate(feats, true_f, hidden, args.picks, mode.startswith("active"),
                                          np.random.default_rng(seed), args.sharpness))
     median = {m: [round(float(v), 3) for v in np.median(np.array(c), axis=0)] for m, c in curves.items()}
     summary = {"median_cosine_after_10": {m: median[m][9] for m in median},
