@@ -69,12 +69,14 @@ def test_the_playground_in_a_browser(served):
                 page.goto(f"{url}/playground")
                 page.wait_for_selector("#slider-2")
                 assert "neutral" in page.inner_text("#resolved")
+                assert not page.is_visible("#pair") and not page.is_visible("#second")  # until asked for
                 page.locator("#slider-1").fill("-60")  # informativeness towards concise
                 assert page.inner_text("#resolved") == "P2A=0.6"
                 assert '"preferences": "P2A=0.6"' in page.inner_text("#api").replace('":"', '": "')
                 page.select_option("#method", "soup")
                 page.select_option("#merge", "exact")
                 page.fill("#max-tokens", "8")
+                assert "max_tokens=8" in page.inner_text("#api")
                 page.click("#ask")
                 page.wait_for_function("document.querySelector('#meta-1').textContent.match(/stop|length/)")
                 assert "soup-exact · P2A=0.6" in page.inner_text("#meta-1")
