@@ -860,6 +860,14 @@ def create_app(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", m
             raise ApiError("the request body must be a JSON object")
         return body
 
+    async def with_body(request: Request, work: Any) -> Any:
+        """``work(body)`` off the event loop, for a call whose body is a JSON object."""
+        try:
+            body = await json_body(request)
+        except ApiError as exc:
+            return error(exc)
+        return await guarded(lambda: work(body))
+
     @app.get("/", include_in_schema=False)
     async def root() -> Any:
         from fastapi.responses import RedirectResponse
@@ -892,11 +900,7 @@ def create_app(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", m
 
     @app.post("/v1/elicit/{sid}/picks")
     async def elicit_pick(sid: str, request: Request) -> Any:
-        try:
-            body = await json_body(request)
-        except ApiError as exc:
-            return error(exc)
-        return await guarded(lambda: service.pick(sid, body))
+        return await with_body(request, lambda body: service.pick(sid, body))
 
     @app.get("/v1/profiles")
     async def list_profiles() -> Any:
@@ -908,19 +912,11 @@ def create_app(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", m
 
     @app.put("/v1/profiles/{name}")
     async def put_profile(name: str, request: Request) -> Any:
-        try:
-            body = await json_body(request)
-        except ApiError as exc:
-            return error(exc)
-        return await guarded(lambda: service.save_profile(name, body))
+        return await with_body(request, lambda body: service.save_profile(name, body))
 
     @app.post("/v1/profiles/{name}/picks")
     async def post_pick(name: str, request: Request) -> Any:
-        try:
-            body = await json_body(request)
-        except ApiError as exc:
-            return error(exc)
-        return await guarded(lambda: service.add_pick(name, body))
+        return await with_body(request, lambda body: service.add_pick(name, body))
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
