@@ -248,12 +248,7 @@ class _Service:
             text = body["preferences_text"]
             if prefs is not None:
                 raise ApiError("give preferences or preferences_text, not both", "preferences_text")
-            if not isinstance(text, str):
-                raise ApiError("preferences_text must be a string describing the answers wanted", "preferences_text")
-            try:
-                read = read_preference(text, self.space)
-            except PreferenceError as exc:
-                raise ApiError(str(exc), "preferences_text") from None
+            read = self._read(text, "preferences_text")
             prefs, rest = read.weights, read.rest
         method_name = body.get("method", self.defaults.method)
         if not isinstance(method_name, str):
@@ -405,16 +400,20 @@ class _Service:
 
     # -- the playground's calls ------------------------------------------------------------------------------
 
+    def _read(self, text: object, param: str) -> Any:
+        """A preference described in words (:func:`personalign.words.read_preference`), or a 400 on ``param``."""
+        if not isinstance(text, str):
+            raise ApiError(f"{param} must be a sentence describing the answers wanted", param)
+        try:
+            return read_preference(text, self.space)
+        except PreferenceError as exc:
+            raise ApiError(str(exc), param) from None
+
     def read_words(self, body: Mapping[str, Any]) -> dict[str, Any]:
         text = body.get("text")
         if set(body) - {"text"}:
             raise ApiError("this call takes one field, text", sorted(set(body) - {"text"})[0])
-        if not isinstance(text, str):
-            raise ApiError("text is required: a sentence describing the answers wanted", "text")
-        try:
-            read = read_preference(text, self.space)
-        except PreferenceError as exc:
-            raise ApiError(str(exc), "text") from None
+        read = self._read(text, "text")
         return {"object": "preference", "preferences": read.spec(), "weights": read.weights,
                 "evidence": read.evidence, "rest": read.rest}
 
