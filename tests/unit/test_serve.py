@@ -641,3 +641,48 @@ def test_a_preference_in_words_and_the_resolved_weights_in_the_response(client):
     assert chat(client, preferences_text="short", preferences="1A").json()["error"]["param"] == "preferences_text"
     events = sse(chat(client, preferences_text="short", max_tokens=2, stream=True))
     assert events[0]["personalign"]["preferences"] == "P2A=1" and "personalign" not in events[1]
+
+
+def test_acknowledged_picks_survive_a_killed_server_and_concurrent_picks_are_all_kept(tiny_model_dir, tmp_path):
+    import json
+    import os
+    import signal
+    import socket
+    from urllib.request import Request, urlopen
+
+    from personalign.profiles import Profiles
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    db = tmp_path / "p.sqlite"
+    exe = os.path.join(os.path.dirname(sys.executable), "personalign")
+    proc = subprocess.Popen([exe, "serve", "--model", str(tiny_model_dir), "--port", str(port), "--db", str(db),
+                             "--set", "log_level=warning"], start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def call(method, path, body):
+        req = Request(url + path, data=json.dumps(body).encode(), method=method,
+                      headers={"Content-Type": "application/json"})
+        with urlopen(req, timeout=30) as r:
+            return json.load(r)
+
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urlopen(f"{url}/health", timeout=2).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.2)
+        call("PUT", "/v1/profiles/ana", {"preferences": "1A"})
+        pick = {"question": "q", "answer_a": "x", "answer_b": "y", "choice": "a"}
+        with ThreadPoolExecutor(8) as pool:
+            ids = list(pool.map(lambda i: call("POST", "/v1/profiles/ana/picks", {**pick, "question": f"q{i}"})["id"],
+                                range(24)))
+        assert sorted(ids) == list(range(1, 25))
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # no shutdown: only what was on disk remains
+        proc.wait(30)
+    assert sorted(p.question for p in Profiles(db).picks("ana")) == sorted(f"q{i}" for i in range(24))
