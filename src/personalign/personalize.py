@@ -109,6 +109,9 @@ class MethodOptions:
     mix: str = "prob"  # mope: prob | logit | uniform
     pcm: str | None = None  # mope: a train-pcm folder, or "shipped"
     adapter: str | None = None  # adapter: a peft adapter folder
+    # expert/soup/mope: sides of the preference that have no expert are only prompted (their prompt is in
+    # the preference prompt every method appends) instead of refused; the experts of the others compose.
+    prompt_missing: bool = False
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,7 @@ class Personalization:
     pcm_dir: Path | None = None
     adapter_dir: Path | None = None
     mix_rule: MixRule | None = None  # mope: the parsed mixing rule
+    prompted_only: tuple[str, ...] = ()  # sides with no expert, prompted only (options.prompt_missing)
 
     @property
     def label(self) -> str:
@@ -237,6 +241,7 @@ def resolve(prefs: str | Preference | Mapping[str, float] | None, options: Metho
             refuse(opt, "method mope")
     if not method.uses_experts:
         refuse("experts", "methods expert, soup and mope")
+        refuse("prompt_missing", "methods expert, soup and mope")
     if (method is Method.ADAPTER) != (o.adapter is not None):
         raise ConfigError("adapter=FOLDER goes with method adapter (and method adapter needs adapter=FOLDER)")
 
@@ -262,7 +267,17 @@ def resolve(prefs: str | Preference | Mapping[str, float] | None, options: Metho
                                   "use method soup for negative weights")
         folder = compose.resolve_experts_dir(o.experts, name)
         folders = compose.expert_folders(folder)
-        compose.require_experts(pref, folders, folder)
+        if o.prompt_missing:  # compose the sides that have experts; the preference prompt carries the rest
+            missing = tuple(s for s in weights if s not in folders)
+            kept = {s: w for s, w in weights.items() if s in folders}
+            if not kept:
+                raise PreferenceError(f"no side of {pref.spec()!r} has an expert in {folder} (experts there: "
+                                      f"{', '.join(folders) or 'none'}); use method prompt")
+            total = sum(abs(w) for w in kept.values())
+            weights = {s: w / total for s, w in kept.items()}
+            spec["prompted_only"] = missing
+        else:
+            compose.require_experts(pref, folders, folder)
         for side in weights:  # the configs only: no tensor is read here
             compose.check_base(name, folders[side])
         spec.update(experts_dir=folder, experts={s: folders[s] for s in weights}, weights=weights)

@@ -203,3 +203,19 @@ def test_generate_reads_a_preference_in_words_and_prompts_the_rest(tiny_model_di
     assert said[0]["response"] == spelled[0]["response"] and said[0]["prompt"] == "Explain rain. Cite a source."
     with pytest.raises(DataError, match="not both"):
         generate.main(generate.GenerateConfig(prefs="1A", prefs_text="short", instructions=("x",), progress=False))
+
+
+def test_prompt_missing_composes_the_sides_that_have_experts(tiny_model_dir, tmp_path):
+    from conftest import save_side_experts
+
+    experts = save_side_experts(tiny_model_dir, tmp_path / "experts", ("P1A", "P2A"))
+    options = MethodOptions(method="soup", experts=str(experts), prompt_missing=True)
+    spec = resolve("P1A=0.5,P2A=0.3,P3A=0.2", options, model=str(tiny_model_dir))
+    assert dict(spec.weights) == pytest.approx({"P1A": 0.625, "P2A": 0.375}) and spec.prompted_only == ("P3A",)
+    assert "friendly" in spec.prompt_suffix  # the prompted side's prompt is still appended
+    with pytest.raises(PreferenceError, match="no expert for side"):
+        resolve("1A,2A,3A", MethodOptions(method="soup", experts=str(experts)), model=str(tiny_model_dir))
+    with pytest.raises(PreferenceError, match="no side of"):
+        resolve("3A", options, model=str(tiny_model_dir))
+    with pytest.raises(ConfigError, match="prompt_missing=True applies only to methods expert, soup and mope"):
+        resolve("1A", MethodOptions(method="prompt", prompt_missing=True))

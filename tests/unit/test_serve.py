@@ -686,3 +686,15 @@ def test_acknowledged_picks_survive_a_killed_server_and_concurrent_picks_are_all
         os.killpg(proc.pid, signal.SIGKILL)  # no shutdown: only what was on disk remains
         proc.wait(30)
     assert sorted(p.question for p in Profiles(db).picks("ana")) == sorted(f"q{i}" for i in range(24))
+
+
+def test_sides_without_an_expert_are_prompted_when_asked_and_for_described_preferences(composed):
+    c = composed[0]  # experts for P1A, P1B, P2A, P3A only
+    body = {**SEEDED, "method": "soup", "merge": "exact", "preferences": "1A,2B,3A"}
+    refused = chat(c, **body)
+    assert refused.status_code == 400 and "no expert for side(s) P2B" in refused.json()["error"]["message"]
+    r = chat(c, **body, prompt_missing=True).json()
+    assert r["personalign"]["experts"] == {"P1A": 0.5, "P3A": 0.5} and r["personalign"]["prompted_only"] == ["P2B"]
+    words = chat(c, **{**body, "preferences": None}, preferences_text="simple, detailed and friendly").json()
+    assert words["personalign"]["prompted_only"] == ["P2B"] and words["choices"] == r["choices"]
+    assert chat(c, **SEEDED, prompt_missing=True).json()["error"]["param"] == "prompt_missing"  # prompt method

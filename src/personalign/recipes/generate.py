@@ -48,11 +48,16 @@ class GenerateConfig:
     mix: str = "prob"  # mope: prob | logit | uniform
     adapter: str | None = None  # adapter: a peft adapter folder (multitask, P-MORL, RLHF policies)
     pcm: str | None = None  # mope: a train-pcm folder (learned per-token weights), or "shipped"
+    # expert/soup/mope: sides without an expert are only prompted, not refused (always with prefs_text)
+    prompt_missing: bool = False
 
     def method_options(self) -> MethodOptions:
+        from personalign.personalize import Method
+
+        missing = self.prompt_missing or (self.prefs_text is not None and Method.parse(self.method).uses_experts)
         return MethodOptions(method=self.method, experts=self.experts, merge=self.merge, merge_rank=self.merge_rank,
                              merge_density=self.merge_density, merge_seed=self.merge_seed, mix=self.mix,
-                             pcm=self.pcm, adapter=self.adapter)
+                             pcm=self.pcm, adapter=self.adapter, prompt_missing=missing)
 
 
 def request(cfg: GenerateConfig) -> Personalization:

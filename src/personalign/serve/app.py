@@ -71,7 +71,7 @@ log = logging.getLogger("personalign.serve")
 
 _COMMON = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "n", "stop",
            "stream", "stream_options", "preferences", "method", "merge", "mix", "pcm", "repetition_penalty",
-           "ignore_eos", "preferences_text", "user"}
+           "ignore_eos", "preferences_text", "prompt_missing", "user"}
 # OpenAI fields we do not implement. A client may send them with their neutral value; any other value
 # is refused, because ignoring it would silently give the client something it did not ask for.
 _NEUTRAL_ONLY = {"frequency_penalty", "presence_penalty", "logit_bias", "logprobs", "top_logprobs",
@@ -108,8 +108,14 @@ def request_options(method: Method, body: Mapping[str, Any], defaults: MethodOpt
         pcm = None if body["pcm"] == "none" else body["pcm"]
     else:  # the server's PCM weights a probability mixture only
         pcm = defaults.pcm if mope and mix == "prob" else None
+    missing = body.get("prompt_missing")
+    if missing is not None and not isinstance(missing, bool):
+        raise ApiError(f"prompt_missing must be true or false, got {_short(missing)}", "prompt_missing")
+    if missing and not method.uses_experts:
+        raise ApiError(f"prompt_missing applies to methods expert, soup and mope, not {method.value}", "prompt_missing")
     return MethodOptions(
         method=method.value,
+        prompt_missing=bool(missing),
         experts=defaults.experts if method.uses_experts else None,
         merge=(body.get("merge") or defaults.merge) if soup else body.get("merge") or "psoups",
         merge_rank=defaults.merge_rank if soup else None,
@@ -250,6 +256,7 @@ class _Service:
                 raise ApiError("give preferences or preferences_text, not both", "preferences_text")
             read = self._read(text, "preferences_text")
             prefs, rest = read.weights, read.rest
+            body = {"prompt_missing": True, **body}  # sides without an expert are prompted, not refused
         method_name = body.get("method", self.defaults.method)
         if not isinstance(method_name, str):
             raise ApiError(f"method must be a string, got {_short(method_name)}", "method")
@@ -523,8 +530,11 @@ class _Service:
         """What the request was answered with: the method and the weights (as a spec), and any prompt
         added for what a described preference says beyond the known sides."""
         pref = job.spec.preference
-        return {"method": job.spec.label, "preferences": pref.spec() if pref is not None else None,
-                "weights": pref.weight_dict() if pref is not None else {}, "prompt_extra": job.extra_prompt}
+        out = {"method": job.spec.label, "preferences": pref.spec() if pref is not None else None,
+               "weights": pref.weight_dict() if pref is not None else {}, "prompt_extra": job.extra_prompt}
+        if job.spec.method.uses_experts:  # the experts composed, and the sides only prompted
+            out.update(experts=dict(job.spec.weights), prompted_only=list(job.spec.prompted_only))
+        return out
 
     @staticmethod
     def _usage(job: Job, completion: int) -> dict[str, int]:
