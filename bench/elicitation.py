@@ -1,7 +1,8 @@
 """Finding a preference from picks, with simulated people on real answers of the embedded model.
 
 Answers: each held-out instruction answered by the embedded model under the 9 weight vectors a playground
-session uses (one side per dimension at weight 1, and neutral), preference prompting, greedy.
+session uses (one side per dimension at weight 1, and neutral), greedy, by preference prompting or
+(``--method soup``) the exact soup of the shipped experts.
 The estimator sees each answer through the pipeline's reward models (side B's reward minus side A's,
 per dimension, standardised per instruction), as the server would with reward models. The simulated
 people judge through a different scorer, the offline judge (the same differences from its lexical
@@ -13,7 +14,7 @@ disagreement costs. Reported: the cosine similarity of
 the estimated and the hidden weights after 1..20 picks (median over people), against random pairs and
 the neutral guess (cosine 0).
 
-    python bench/elicitation.py [--people 50] [--instructions 12] [--rm runs/psoups-smollm2/rm]
+    python bench/elicitation.py [--people 50] [--instructions 12] [--method prompt|soup|mope] [--rm DIR]
 """
 
 from __future__ import annotations
@@ -43,12 +44,13 @@ def standardise(x: np.ndarray) -> np.ndarray:
     return (x - x.mean(axis=0)) / np.where(spread > 1e-9, spread, 1.0)
 
 
-def answers(questions: list[str], tokens: int) -> list[list[str]]:
+def answers(questions: list[str], tokens: int, method: str) -> list[list[str]]:
     """(Q, 9) answers: each question under each candidate weight vector."""
     model, tok = load_model(None, device="cpu", dtype="float32")
     out = [[""] * len(candidate_weights(PAIRS)) for _ in questions]
     for k, weights in enumerate(candidate_weights(PAIRS)):
-        spec = resolve(weights or None, MethodOptions(method="prompt" if weights else "vanilla"))
+        options = MethodOptions(method=method, merge="exact") if method == "soup" else MethodOptions(method=method)
+        spec = resolve(weights or None, options if weights else MethodOptions(method="vanilla"))
         texts = personalize(model, tok, spec).generate(questions, SamplingConfig(max_new_tokens=tokens, temperature=0),
                                                        batch_size=len(questions))
         for q, text in enumerate(texts):
@@ -103,17 +105,20 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=96)
     ap.add_argument("--sharpness", type=float, default=3.0, help="how consistently the simulated people pick")
     ap.add_argument("--rm", default="runs/psoups-smollm2/rm")
+    ap.add_argument("--method", default="prompt", choices=["prompt", "soup", "mope"],
+                    help="how the contrasting answers are made (soup: exact, with the shipped experts)")
     ap.add_argument("--cache", type=Path, default=Path("runs/elicitation-answers.json"))
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("elicitation.json"))
     args = ap.parse_args()
 
     questions = [i.prompt for i in load_builtin("eval")][: args.instructions]
-    if args.cache.is_file() and json.loads(args.cache.read_text())["questions"] == questions:
-        texts = json.loads(args.cache.read_text())["answers"]
+    cached = json.loads(args.cache.read_text()) if args.cache.is_file() else {}
+    if cached.get("questions") == questions and cached.get("method", "prompt") == args.method:
+        texts = cached["answers"]
     else:
-        texts = answers(questions, args.tokens)
+        texts = answers(questions, args.tokens, args.method)
         args.cache.parent.mkdir(parents=True, exist_ok=True)
-        args.cache.write_text(json.dumps({"questions": questions, "answers": texts}))
+        args.cache.write_text(json.dumps({"questions": questions, "method": args.method, "answers": texts}))
     est_f = rm_features(questions, texts, args.rm)
     true_f = judge_features(questions, texts)
     agree = [float(np.corrcoef(est_f[..., d].ravel(), true_f[..., d].ravel())[0, 1]) for d in range(3)]
@@ -135,7 +140,7 @@ def main() -> None:
                                                          [round(a, 3) for a in agree]))}
     doc = {"date": date.today().isoformat(), "machine": platform.processor() or platform.machine(),
            "cpus": os.cpu_count(), "command": "python bench/elicitation.py " + " ".join(sys.argv[1:]),
-           "people": args.people, "instructions": len(questions), "sharpness": args.sharpness,
+           "people": args.people, "instructions": len(questions), "sharpness": args.sharpness, "method": args.method,
            "estimator_scorer": f"reward models ({args.rm})", "people_scorer": "offline judge",
            "median_cosine": median, "summary": summary}
     args.out.write_text(json.dumps(doc, indent=2) + "\n")
