@@ -38,6 +38,7 @@ def test_elicitation_calls(served):
         r = c.post("/v1/elicit", json={"question": "Explain rain.", "profile": "ana", "max_tokens": 12})
         assert r.status_code == 200, r.text
         doc = r.json()
+        assert doc["method"] == "soup"  # the server has every measured side's expert
         assert doc["a"]["text"] != doc["b"]["text"] or doc["a"]["weights"] != doc["b"]["weights"]
         assert doc["estimate"]["picks"] == 0 and doc["estimate"]["sliders"] == [0.0, 0.0, 0.0]
         sid = doc["session"]
@@ -53,6 +54,8 @@ def test_elicitation_calls(served):
         assert c.post("/v1/elicit/nope/picks", json={"choice": "a"}).json()["error"]["code"] == "session_not_found"
         assert c.post("/v1/elicit", json={"question": "x", "profile": "bob"}).status_code == 404
         assert c.post("/v1/elicit", json={"question": " "}).json()["error"]["param"] == "question"
+        prompted = c.post("/v1/elicit", json={"question": "Explain rain.", "method": "prompt", "max_tokens": 4})
+        assert prompted.json()["method"] == "prompt"
         words = c.post("/v1/preferences/read", json={"text": "short, technical, no jokes. Cite a source"}).json()
         assert words["weights"] == {"P1B": 1.0, "P2A": 1.0, "P3B": 1.0} and words["rest"] == "cite a source"
         assert c.post("/v1/preferences/read", json={"text": "Paris"}).json()["error"]["param"] == "text"

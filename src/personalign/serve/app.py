@@ -455,19 +455,27 @@ class _Service:
             raise ApiError("finding a preference scores answers with the offline judge, which needs the "
                            "'judges' extra: pip install 'personalign[judges]'", status=501) from None
         candidates = candidate_weights(pairs)
+        method = body.get("method")
+        if method is None:  # soups' answers differ more clearly than prompted ones (bench/RESULTS.md)
+            from personalign.compose import expert_folders
+
+            have = set(expert_folders(self.experts_dir)) if self.experts_dir is not None else set()
+            method = "soup" if all(side in have for pair in pairs for side in pair) else "prompt"
         futures = []
         for weights in candidates:
             request = {"model": self.model_name, "messages": [{"role": "user", "content": question}],
-                       "max_tokens": body.get("max_tokens", 128), "method": body.get("method", "prompt")}
+                       "max_tokens": body.get("max_tokens", 128), "method": method}
+            if method == "soup":
+                request["merge"] = "exact"  # linear in the weights: decoded per row, nothing merged
             if weights:
                 request["preferences"] = weights
-            elif request["method"] != "prompt":
-                request["method"] = "vanilla"  # neutral: no preference at all
+            else:  # neutral: no preference at all
+                request = {k: v for k, v in request.items() if k != "merge"} | {"method": "vanilla"}
             job = self.chat_job(request)
             futures.append(asyncio.wrap_future(self.engine.submit(job)))
         answers = [choices[0][0] for choices in await asyncio.gather(*futures)]
         feats = await asyncio.to_thread(features, question, answers, pairs)
-        session = Session(question, pairs, candidates, answers, feats, profile)
+        session = Session(question, pairs, candidates, answers, feats, profile, method=method)
         return session.doc(self.sessions.add(session))
 
     def pick(self, sid: str, body: Mapping[str, Any]) -> dict[str, Any]:

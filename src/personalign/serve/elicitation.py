@@ -1,7 +1,9 @@
 """The server's "find my preference": answers under contrasting weights, a person's picks, the estimate.
 
 A session starts from one question: the server answers it under candidate weight vectors (every
-combination of the two sides of each dimension the offline judge measures, and neutral), scores every
+combination of the two sides of each dimension the offline judge measures, and neutral; by exact soups
+when the server has an expert for every such side, whose answers differ more clearly than prompted ones,
+else by preference prompting), scores every
 answer per side with the offline judge, and describes each answer by one feature per dimension: side B's
 score minus side A's, standardised over the session's answers. Each pick updates a
 :class:`personalign.elicit.PreferenceEstimate` and the next pair is the one the estimate is least sure of.
@@ -49,6 +51,7 @@ class Session:
     answers: list[str]
     feats: np.ndarray  # (N, D)
     profile: str | None = None
+    method: str = "prompt"  # how the contrasting answers were made
     estimate: PreferenceEstimate = field(init=False)
     shown: set[tuple[int, int]] = field(default_factory=set)
     current: tuple[int, int] = (0, 1)
@@ -81,7 +84,7 @@ class Session:
             if abs(value) >= 0.005:
                 prefs[b if value > 0 else a] = round(abs(value), 2)
         return {
-            "object": "elicitation", "session": sid, "question": self.question,
+            "object": "elicitation", "session": sid, "question": self.question, "method": self.method,
             "a": {"text": self.answers[i], "weights": self.candidates[i]},
             "b": {"text": self.answers[j], "weights": self.candidates[j]},
             "estimate": {"picks": len(self.estimate.picks), "sides": [list(p) for p in self.pairs],
