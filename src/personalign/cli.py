@@ -104,6 +104,7 @@ def _load(cls: type, config: Path | None, given: dict[str, Any], sets: list[str]
 def generate(
     instruction: Annotated[Optional[str], typer.Argument(help="The instruction to answer (or use --input).")] = None,
     prefs: Annotated[Optional[str], typer.Option("--prefs", "-p", help="Preference: 1A,2A,3A or P1A+P2A+P3A or elementary,concise,friendly or weighted concise=0.7,informative=0.3, or profile:NAME (a saved profile).")] = None,
+    db: Annotated[Optional[Path], typer.Option("--db", help="Profile store for --prefs profile:NAME (default: profiles.sqlite in the cache folder).")] = None,
     prompt_missing: Annotated[bool, typer.Option("--prompt-missing", help="With soup, mope or expert: prompt the sides that have no expert instead of refusing (always on with --prefs-text).")] = False,
     prefs_text: Annotated[Optional[str], typer.Option("--prefs-text", help="The preference in words, e.g. \"short, technical, no jokes\"; what no side covers is added as a prompt.")] = None,
     method: Annotated[Optional[str], typer.Option("--method", help="prompt (default: preference prompting), vanilla (no preference), expert (one side's expert), soup (experts merged), mope (experts mixed per token) or adapter (--adapter FOLDER).")] = None,
@@ -133,7 +134,7 @@ def generate(
     """Answer instructions under a preference."""
     from personalign.recipes import generate as recipe
 
-    given = {"prefs": prefs, "prefs_text": prefs_text, "prompt_missing": prompt_missing or None, "method": method, "input": input, "output": output, "limit": limit,
+    given = {"prefs": prefs, "prefs_text": prefs_text, "db": db, "prompt_missing": prompt_missing or None, "method": method, "input": input, "output": output, "limit": limit,
              "instructions": [instruction] if instruction is not None else None, "batch_size": batch_size,
              "sampling.max_new_tokens": max_new_tokens, "sampling.temperature": temperature, "sampling.top_p": top_p,
              "sampling.repetition_penalty": repetition_penalty, "sampling.seed": seed, "experts": experts,

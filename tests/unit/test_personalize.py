@@ -219,3 +219,24 @@ def test_prompt_missing_composes_the_sides_that_have_experts(tiny_model_dir, tmp
         resolve("3A", options, model=str(tiny_model_dir))
     with pytest.raises(ConfigError, match="prompt_missing=True applies only to methods expert, soup and mope"):
         resolve("1A", MethodOptions(method="prompt", prompt_missing=True))
+
+
+def test_generate_answers_under_a_saved_profile(tiny_model_dir, tmp_path):
+    from personalign.errors import DataError
+    from personalign.profiles import Profiles
+    from personalign.recipes import generate
+
+    s = SamplingConfig(max_new_tokens=4, temperature=0)
+    Profiles(tmp_path / "p.sqlite").save("ana", {"P2A": 1.0, "P3A": 1.0})
+    Profiles().save("ben", {"P2A": 1.0, "P3A": 1.0})  # the default store, in the (test's own) cache folder
+
+    def run(**kw):
+        return generate.main(generate.GenerateConfig(model=str(tiny_model_dir), instructions=("Explain rain.",),
+                                                     progress=False, sampling=s, **kw))[0]["response"]
+
+    spelled = run(prefs="P2A=1,P3A=1")
+    assert run(prefs="profile:ana", db=str(tmp_path / "p.sqlite")) == spelled == run(prefs="profile:ben")
+    with pytest.raises(PreferenceError, match="unknown profile 'cy'; known profiles: ben"):
+        run(prefs="profile:cy")
+    with pytest.raises(DataError, match="does not exist"):
+        run(prefs="profile:ana", db=str(tmp_path / "none.sqlite"))

@@ -27,6 +27,7 @@ from personalign.personalize import MethodOptions, Personalization, Personalized
 class GenerateConfig:
     prefs: str | None = None  # None only with method=vanilla
     prefs_text: str | None = None  # the preference described in words instead (personalign.words)
+    db: str | None = None  # the profile store for prefs "profile:NAME" (default: profiles.sqlite in the cache)
     method: str = "prompt"
     model: str | None = None  # None = the embedded default
     dimensions: str | None = None  # YAML file with user dimensions
@@ -62,7 +63,16 @@ class GenerateConfig:
 
 def request(cfg: GenerateConfig) -> Personalization:
     """The config's method and preference, checked completely before any model is loaded."""
-    return resolve(described(cfg)[0], cfg.method_options(), model=cfg.model, dimensions=cfg.dimensions)
+    profiles = None
+    if cfg.db is not None:
+        from personalign.profiles import Profiles
+
+        if not Path(cfg.db).is_file():
+            raise DataError(f"profile store {cfg.db} does not exist; save a profile there first (personalign serve "
+                            "--db, or personalign.profiles.Profiles)")
+        profiles = Profiles(cfg.db)
+    return resolve(described(cfg)[0], cfg.method_options(), model=cfg.model, dimensions=cfg.dimensions,
+                   profiles=profiles)
 
 
 def described(cfg: GenerateConfig) -> tuple[str | None, str]:
