@@ -56,6 +56,19 @@ def test_elicitation_calls(served):
         assert c.post("/v1/elicit", json={"question": " "}).json()["error"]["param"] == "question"
         prompted = c.post("/v1/elicit", json={"question": "Explain rain.", "method": "prompt", "max_tokens": 4})
         assert prompted.json()["method"] == "prompt"
+
+
+def test_elicitation_without_the_judges_extra_names_the_install(served, monkeypatch):
+    from personalign.judges import offline
+
+    def missing(_text):
+        raise ImportError("no vaderSentiment")
+
+    monkeypatch.setattr(offline, "analyze", missing)
+    with TestClient(served()) as c:
+        r = c.post("/v1/elicit", json={"question": "Explain rain."})
+        assert r.status_code == 501 and "pip install 'personalign[judges]'" in r.json()["error"]["message"]
+        assert c.get("/health").json()["jobs"] == 0  # refused before any answer was written
         words = c.post("/v1/preferences/read", json={"text": "short, technical, no jokes. Cite a source"}).json()
         assert words["weights"] == {"P1B": 1.0, "P2A": 1.0, "P3B": 1.0} and words["rest"] == "cite a source"
         assert c.post("/v1/preferences/read", json={"text": "Paris"}).json()["error"]["param"] == "text"

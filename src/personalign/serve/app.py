@@ -450,7 +450,10 @@ class _Service:
         if profile is not None:
             await asyncio.to_thread(self.profile, profile)  # an unknown profile: 404 before any generation
         try:
+            from personalign.judges import offline
+
             pairs = self.elicitation_pairs()
+            offline.analyze("A check that the judge's libraries load.")  # before any answer is written
         except ImportError:
             raise ApiError("finding a preference scores answers with the offline judge, which needs the "
                            "'judges' extra: pip install 'personalign[judges]'", status=501) from None
