@@ -143,9 +143,11 @@ class Profiles:
         """Store one pick (the profile must exist); its id once it is on disk."""
         if choice not in CHOICES:
             raise ConfigError(f"choice must be one of {', '.join(CHOICES)}, got {choice!r}")
-        for label, text in (("question", question), ("answer_a", answer_a), ("answer_b", answer_b)):
-            if not isinstance(text, str) or not text.strip():
-                raise ConfigError(f"a pick needs a non-empty {label}")
+        if not isinstance(question, str) or not question.strip():
+            raise ConfigError("a pick needs a non-empty question")
+        for label, text in (("answer_a", answer_a), ("answer_b", answer_b)):  # a model may answer nothing
+            if not isinstance(text, str):
+                raise ConfigError(f"a pick needs {label}, the text of an answer")
         self.get(name)
 
         def enc(x: Any) -> str | None:

@@ -45,6 +45,7 @@ def test_elicitation_calls(served):
         seen = []
         for choice in ("a", "b", "a"):
             doc = c.post(f"/v1/elicit/{sid}/picks", json={"choice": choice}).json()
+            assert "estimate" in doc, doc
             seen.append(doc["estimate"]["std"])
         assert doc["estimate"]["picks"] == 3 and doc["estimate"]["sliders"] != [0.0, 0.0, 0.0]
         assert sum(seen[-1]) < 3.0  # the prior's spread is 1 per slider; picks narrow it

@@ -55,8 +55,11 @@ def test_bad_input_is_refused_with_one_line(tmp_path):
     store.save("ana", {"P1A": 1.0})
     with pytest.raises(ConfigError, match="choice must be one of a, b, equal"):
         store.add_pick("ana", "q", "x", "y", "left")
-    with pytest.raises(ConfigError, match="non-empty answer_b"):
-        store.add_pick("ana", "q", "x", " ", "a")
+    with pytest.raises(ConfigError, match="needs answer_b"):
+        store.add_pick("ana", "q", "x", None, "a")
+    with pytest.raises(ConfigError, match="non-empty question"):
+        store.add_pick("ana", " ", "x", "y", "a")
+    assert store.add_pick("ana", "q", "x", "", "a")  # an empty answer is still an answer
     with pytest.raises(PreferenceError, match="unknown profile 'bob'; known profiles: ana"):
         store.add_pick("bob", "q", "x", "y", "a")
     bad = tmp_path / "bad.sqlite"

@@ -256,7 +256,6 @@ class _Service:
                 raise ApiError("give preferences or preferences_text, not both", "preferences_text")
             read = self._read(text, "preferences_text")
             prefs, rest = read.weights, read.rest
-            body = {"prompt_missing": True, **body}  # sides without an expert are prompted, not refused
         method_name = body.get("method", self.defaults.method)
         if not isinstance(method_name, str):
             raise ApiError(f"method must be a string, got {_short(method_name)}", "method")
@@ -270,6 +269,8 @@ class _Service:
             raise ApiError(str(exc), "preferences") from None
         if preference is None and method is Method.PROMPT:
             method = Method.VANILLA  # nothing to prompt with: the request is answered as it is
+        if body.get("preferences_text") is not None and method.uses_experts:
+            body = {"prompt_missing": True, **body}  # sides without an expert are prompted, not refused
         options = request_options(method, body, self.defaults)
         try:  # the entry point's checks: experts present, same base, weights legal, options that apply
             spec = resolve(preference, options, model=self.base_name, space=self.space)
@@ -401,7 +402,8 @@ class _Service:
                                           weights_b=body.get("weights_b"))
         except ConfigError as exc:  # "choice must be one of a, b, equal", "a pick needs a non-empty answer_a"
             words = str(exc).split()
-            param = next((w for w in ("choice", "question", "answer_a", "answer_b") if w in words), None)
+            param = next((w for w in ("choice", "question", "answer_a", "answer_b") if w in words or f"{w}," in words),
+                         None)
             raise ApiError(str(exc), param) from None
         return {"object": "pick", "id": pick, "profile": name}
 
