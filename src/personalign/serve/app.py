@@ -505,8 +505,7 @@ class _Service:
 
     def _measure(self, job: Job, field: str) -> Job:
         """Count the prompt tokens, and refuse prompts over the limit or beyond the model's context."""
-        add_special = not getattr(self.tokenizer, "chat_template", None) or not job.chat
-        add_special = add_special and not getattr(self.tokenizer, "chat_template", None)
+        add_special = not getattr(self.tokenizer, "chat_template", None)  # as encode_batch tokenises
         lengths = [len(ids) for ids in self.tokenizer(job.texts, add_special_tokens=add_special)["input_ids"]]
         job.prompt_tokens = sum(lengths)  # once per prompt, whatever n (as OpenAI counts)
         longest, limit = max(lengths), self.limits.max_prompt_tokens

@@ -505,7 +505,6 @@ class _FixedGroup:
 
     def __init__(self, model: PersonalizedModel, jobs: list[Job], seed: int, tokenizer: Any,
                  reasons: collections.Counter[str] | None = None) -> None:
-        self.jobs = jobs
         self.choices = [_Choice(job, i, tokenizer, model.eos, reasons) for job in jobs for i in range(job.rows)]
         texts = [text for job in jobs for text in job.texts for _ in range(job.n)]
         self.model = model
