@@ -35,6 +35,7 @@ __all__ = [
     "adapter_from_model",
     "adapter_from_state_dict",
     "base_id",
+    "check_fits",
     "delta_weights",
     "load_adapter",
     "module_delta",
@@ -197,9 +198,11 @@ def load_adapter(folder: str | Path) -> LoraAdapter:
             )
         raise ModelError(f"no {WEIGHTS_FILE} in {folder}: the adapter's weights are missing")
     try:
-        config = json.loads(cfg_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # unreadable, not UTF-8, not JSON
         raise ModelError(f"cannot read {cfg_path}: {exc}") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{cfg_path} does not hold an adapter config (a JSON object)")
     try:
         tensors = load_file(weights)
     except (OSError, SafetensorError) as exc:
@@ -272,6 +275,36 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+_PEFT_PREFIX = "base_model.model."
+
+
+def check_fits(adapter: LoraAdapter, base: PreTrainedModel, what: str = "the adapter") -> None:
+    """Refuse an adapter whose modules ``base`` lacks or whose shapes differ: it was trained on another base
+    model, whatever its config records (the name there is checked before loading, by
+    :func:`personalign.compose.check_base`)."""
+    trained_on = f" (trained on {adapter.base_model!r})" if adapter.base_model else ""
+    fan_in_fan_out = bool(adapter.config.get("fan_in_fan_out", False))
+    for module in adapter.modules:
+        name = module[len(_PEFT_PREFIX):] if module.startswith(_PEFT_PREFIX) else module
+        try:
+            target = base.get_submodule(name)
+        except AttributeError:
+            raise ModelError(f"{what}{trained_on} adapts module {name!r}, which this base model does not have: it "
+                             "was trained on another base model; use that model or an adapter trained on this one") from None
+        a, b = adapter.tensors[module + _A], adapter.tensors[module + _B]
+        if hasattr(target, "in_features") and hasattr(target, "out_features"):
+            have = (int(target.out_features), int(target.in_features))
+        elif getattr(target, "weight", None) is not None and target.weight.dim() == 2:
+            shape = tuple(target.weight.shape)
+            have = (shape[1], shape[0]) if fan_in_fan_out else (shape[0], shape[1])
+        else:
+            continue
+        if (b.shape[0], a.shape[1]) != have:
+            raise ModelError(f"{what}{trained_on} does not fit this base model: module {name!r} is {have[0]}x{have[1]} "
+                             f"here but {b.shape[0]}x{a.shape[1]} in the adapter; use the base model it was trained "
+                             "on, or an adapter trained on this one")
+
+
 def with_adapters(base: PreTrainedModel, adapters: Mapping[str, LoraAdapter]) -> Any:
     """``base`` wrapped by peft with each adapter loaded under its name, from tensors already in memory."""
     from peft import LoraConfig, PeftModel
@@ -286,6 +319,8 @@ def with_adapters(base: PreTrainedModel, adapters: Mapping[str, LoraAdapter]) ->
     names = list(adapters)
     if not names:
         raise ConfigError("no adapters given; name at least one")
+    for name in names:
+        check_fits(adapters[name], base, "the adapter" if len(names) == 1 else f"adapter {name!r}")
     first = config(adapters[names[0]])
     cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(first.task_type, PeftModel)
     model = cls(base, first, names[0])

@@ -90,13 +90,28 @@ DeviceArg = Annotated[Optional[str], typer.Option("--device", help="auto (defaul
 DtypeArg = Annotated[Optional[str], typer.Option("--dtype", help="auto (default: float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16.")]
 
 
-def _load(cls: type, config: Path | None, given: dict[str, Any], sets: list[str] | None) -> Any:
+def _load(cls: type, config: Path | None, given: dict[str, Any], sets: list[str] | None, *,
+          files: tuple[str, ...] = (), folders: tuple[str, ...] = ()) -> Any:
     """Every command's one way to its config: the config class's defaults, then ``--config FILE``, then the
-    flags given (typed, by dotted field name), then ``--set field=value``."""
+    flags given (typed, by dotted field name), then ``--set field=value``.
+
+    ``files`` and ``folders`` name the config's output fields: each one set is checked to be writable now,
+    before the command loads any model (a path that cannot be written would otherwise fail at the end)."""
     from personalign.config import load_config
 
     flags = {k: (str(v) if isinstance(v, Path) else v) for k, v in given.items() if v is not None}
-    return load_config(cls, _resolve_config_path(config), list(sets or []), given=flags)
+    cfg = load_config(cls, _resolve_config_path(config), list(sets or []), given=flags)
+    _check_outputs(cfg, files, folders)
+    return cfg
+
+
+def _check_outputs(cfg: Any, files: tuple[str, ...] = (), folders: tuple[str, ...] = ()) -> None:
+    from personalign.data import check_writable
+
+    for name, folder in [(f, False) for f in files] + [(f, True) for f in folders]:
+        value = getattr(cfg, name, None)
+        if value is not None:
+            check_writable(value, f"--{name.replace('_', '-')}", folder=folder)
 
 
 @app.command()
@@ -140,7 +155,7 @@ def generate(
              "sampling.repetition_penalty": repetition_penalty, "sampling.seed": seed, "experts": experts,
              "merge": merge, "merge_rank": merge_rank, "merge_density": density, "mix": mix, "adapter": adapter,
              "pcm": pcm, "model": model, "dimensions": dimensions, "device": device, "dtype": dtype}
-    cfg = _load(recipe.GenerateConfig, config, given, set_)
+    cfg = _load(recipe.GenerateConfig, config, given, set_, files=("output",))
     rows = recipe.main(cfg)
     if cfg.output is None:
         for row in rows:
@@ -177,7 +192,7 @@ def rollout(
              "sampling.max_new_tokens": max_new_tokens, "sampling.temperature": temperature, "sampling.top_p": top_p,
              "sampling.repetition_penalty": repetition_penalty, "sampling.seed": seed, "batch_size": batch_size,
              "model": model, "dimensions": dimensions, "device": device, "dtype": dtype}
-    path = recipe.main(_load(recipe.RolloutConfig, config, given, set_))
+    path = recipe.main(_load(recipe.RolloutConfig, config, given, set_, files=("output",)))
     typer.echo(f"rollouts in {path}", err=True)
 
 
@@ -192,6 +207,12 @@ CacheOpt = Annotated[Optional[Path], typer.Option("--judge-cache", help="llm jud
 def _judge_fields(kind: str | None, base_url: str | None, judge_model: str | None, labels: Path | None,
                   cache: Path | None) -> dict[str, Any]:
     """A judge's settings given on the command line (JudgeConfig's fields), the others left to the config."""
+    if cache is not None:  # the answer cache is read whole and appended to: refuse a bad one before judging
+        from personalign.data import check_writable, read_text
+
+        check_writable(cache, "--judge-cache")
+        if cache.exists():
+            read_text(cache, "--judge-cache")
     given = {"kind": kind, "base_url": base_url, "model": judge_model, "labels": labels, "cache": cache}
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in given.items() if v is not None}
 
@@ -217,7 +238,7 @@ def judge(
     fields = _judge_fields(judge, base_url, judge_model, labels, judge_cache)
     given = {"side": side, "input": input, "output": output, "dimensions": dimensions,
              **{f"judge.{k}": v for k, v in fields.items()}}
-    recipe.main(_load(recipe.JudgeFileConfig, config, given, set_))
+    recipe.main(_load(recipe.JudgeFileConfig, config, given, set_, files=("output",)))
 
 
 @app.command()
@@ -243,7 +264,7 @@ def label(
     judges = [{"kind": k, **shared} for k in judge] if judge else ([{"kind": "offline", **shared}] if shared else None)
     given = {"rollouts": rollouts, "output": output, "judges": judges, "combine": combine, "sides": sides,
              "dimensions": dimensions}
-    stats = recipe.main(_load(recipe.LabelConfig, config, given, set_))
+    stats = recipe.main(_load(recipe.LabelConfig, config, given, set_, files=("output",)))
     typer.echo(json.dumps(stats, indent=1), err=True)
 
 
@@ -262,7 +283,7 @@ def train_rm(
 
     given = {"pairs": pairs, "output_dir": output_dir, "model": model,
              "sides": ",".join(side) if side else None}
-    cfg = _load(recipe.TrainRMConfig, config, given, set_)
+    cfg = _load(recipe.TrainRMConfig, config, given, set_, folders=("output_dir",))
     metrics = recipe.main(cfg)
     typer.echo(json.dumps({k: v for k, v in metrics.items() if k.startswith("eval/accuracy")}, indent=1))
 
@@ -282,7 +303,7 @@ def train_expert(
     from personalign.recipes import train_expert as recipe
 
     given = {"side": side, "output_dir": output_dir, "reward": reward, "algorithm": algorithm, "model": model}
-    cfg = _load(recipe.TrainExpertConfig, config, given, set_)
+    cfg = _load(recipe.TrainExpertConfig, config, given, set_, folders=("output_dir",))
     typer.echo(json.dumps(recipe.main(cfg), indent=1))
 
 
@@ -302,7 +323,7 @@ def train_pcm(
 
     given = {"output_dir": output_dir, "experts": str(experts) if experts else None, "reward": reward,
              "model": model, "sides": ",".join(side) if side else None}
-    cfg = _load(recipe.TrainPCMConfig, config, given, set_)
+    cfg = _load(recipe.TrainPCMConfig, config, given, set_, folders=("output_dir",))
     typer.echo(json.dumps(recipe.main(cfg), indent=1))
 
 
@@ -320,7 +341,7 @@ def train_multitask(
     from personalign.recipes import train_multitask as recipe
 
     given = {"pairs": pairs, "output_dir": output_dir, "model": model, "sides": ",".join(side) if side else None}
-    cfg = _load(recipe.TrainMultitaskConfig, config, given, set_)
+    cfg = _load(recipe.TrainMultitaskConfig, config, given, set_, folders=("output_dir",))
     typer.echo(json.dumps(recipe.main(cfg), indent=1))
 
 
@@ -340,7 +361,7 @@ def train_pmorl(
 
     given = {"output_dir": output_dir, "reward": reward, "algorithm": algorithm, "model": model,
              "sides": ",".join(side) if side else None}
-    cfg = _load(recipe.TrainPMORLConfig, config, given, set_)
+    cfg = _load(recipe.TrainPMORLConfig, config, given, set_, folders=("output_dir",))
     typer.echo(json.dumps(recipe.main(cfg), indent=1))
 
 
@@ -361,7 +382,7 @@ def eval_(
 
     given = {"run_dir": run_dir, "model": model, "experts": experts, "judge": judge, "limit": limit,
              "single_sides": single_sides}
-    cfg = _load(recipe.EvalConfig, config, given, set_)
+    cfg = _load(recipe.EvalConfig, config, given, set_, folders=("run_dir",))
     results = recipe.main(cfg)
     typer.echo(Path(results["files"]["markdown"]).read_text())
 
@@ -382,7 +403,7 @@ def pareto(
 
     given = {"run_dir": run_dir, "sides": sides, "methods": ",".join(method) if method else None,
              "model": model, "experts": experts}
-    cfg = _load(recipe.ParetoConfig, config, given, set_)
+    cfg = _load(recipe.ParetoConfig, config, given, set_, folders=("run_dir",))
     result = recipe.main(cfg)
     typer.echo(Path(result["files"]["markdown"]).read_text())
 
@@ -398,10 +419,12 @@ def score(
     device: DeviceOpt = "auto",
 ) -> None:
     """Score responses with a trained reward model (adds `reward`, or `rewards` per side)."""
-    from personalign.data import read_records
+    from personalign.data import check_writable, read_records
     from personalign.reward_model import RewardModel
 
     rows = read_records(input, ("prompt", "response"), "responses file")
+    if output is not None:
+        check_writable(output, "--output")
     rm = RewardModel.load(reward_model, device=device)
     side_id = rm.sides[rm.side_index(side)] if side else None
     vals = rm.score([r["prompt"] for r in rows], [r["response"] for r in rows], side=side_id, batch_size=batch_size)
@@ -457,7 +480,7 @@ def merge(
     given = {"prefs": prefs, "output": output, "experts": experts, "method": method, "rank": rank, "density": density,
              "seed": seed, "full_model": full_model, "model": model, "dimensions": dimensions, "device": device,
              "dtype": dtype}
-    report = recipe.main(_load(recipe.MergeConfig, config, given, set_))
+    report = recipe.main(_load(recipe.MergeConfig, config, given, set_, folders=("output",)))
     typer.echo(json.dumps(report, indent=2))
 
 
@@ -470,7 +493,7 @@ def pipeline(
     """Run rollouts -> labels -> reward models -> experts for every side; completed stages are skipped."""
     from personalign.recipes import pipeline as recipe
 
-    cfg = _load(recipe.PipelineConfig, config, {}, set_)
+    cfg = _load(recipe.PipelineConfig, config, {}, set_, folders=("run_dir",))
     summary = recipe.main(cfg)
     rewards = summary["stages"].get("reward", {})
     for name, m in rewards.items():
@@ -512,7 +535,7 @@ def serve(
              "max_prompt_tokens": max_prompt_tokens, "method": method, "experts": experts, "merge": merge,
              "mix": mix, "pcm": pcm, "max_models": max_models, "max_model_mb": max_model_mb, "continuous": continuous, "db": db,
              "dimensions": dimensions, "device": device, "dtype": dtype}
-    run_server(config=_load(ServeConfig, config, given, set_))
+    run_server(config=_load(ServeConfig, config, given, set_, files=("db",)))
 
 
 @app.command()
@@ -536,7 +559,7 @@ def demo(
     given = {"model": model, "output_dir": output_dir, "num_instructions": num_instructions,
              "sampling.max_new_tokens": max_new_tokens, "experts": experts,
              "compose": [] if prompting_only else None, "device": device, "dtype": dtype}
-    recipe.main(_load(recipe.DemoConfig, config, given, set_))
+    recipe.main(_load(recipe.DemoConfig, config, given, set_, folders=("output_dir",)))
 
 
 @app.command()

@@ -176,8 +176,8 @@ def check_base(model_name: str, folder: str | Path) -> None:
 
     path = Path(folder) / CONFIG_FILE
     try:
-        trained_on = json.loads(path.read_text()).get("base_model_name_or_path")
-    except (OSError, json.JSONDecodeError, AttributeError) as exc:
+        trained_on = json.loads(path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError) as exc:  # unreadable, not UTF-8 or not JSON, not an object
         raise ModelError(f"cannot read {path}: {exc}") from None
     if trained_on and model_name and str(trained_on).rstrip("/") != str(model_name).rstrip("/"):
         raise ModelError(f"adapter {folder} was trained on base model {trained_on!r}, not {model_name!r}; "

@@ -184,11 +184,13 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
+    from personalign.data import read_text
+
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
     try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        doc = yaml.safe_load(read_text(path, "config file", ConfigError))
+    except RecursionError:
+        raise ConfigError(f"config file {path} is nested too deeply") from None
     except yaml.YAMLError as exc:
         first = str(exc).strip().splitlines()[0]
         raise ConfigError(f"config file {path} is not valid YAML: {first}") from None

@@ -37,6 +37,10 @@ __all__ = [
     "read_pairs",
     "read_records",
     "split_by_prompt",
+    "check_input_file",
+    "check_prompt_size",
+    "check_writable",
+    "read_text",
 ]
 
 BUILTIN_SPLITS = ("train", "eval")
@@ -50,27 +54,104 @@ class Instruction:
     kind: str | None = None
 
 
-def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) for each non-blank line; a malformed line is an error naming file and line."""
+# Limits on what a file may hold, checked while reading (a line is read at most this far, never whole), so a
+# stray huge line or file fails at once with its name instead of exhausting memory in the tokenizer or model.
+MAX_LINE_BYTES = 1 << 20  # one JSONL line, and one prompt from any source (1 MiB: far beyond any context)
+MAX_FILE_BYTES = 256 << 20  # a file read whole: a config, a dimensions file, a JSON list of prompts
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):g} MiB"
+
+
+def check_input_file(path: str | Path, what: str = "file", error: type[Exception] = DataError) -> Path:
+    """``path`` if it names a regular file that can be opened; else one ``error`` naming the problem
+    (missing, a directory, a device or pipe, unreadable)."""
     path = Path(path)
+    if not path.exists():
+        raise error(f"{what} {path} does not exist")
+    if path.is_dir():
+        raise error(f"{what} {path} is a directory, not a file")
     if not path.is_file():
-        raise DataError(f"file {path} does not exist")
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+        raise error(f"{what} {path} is not a regular file (a device or pipe?); give a file")
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise error(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    return path
+
+
+def _decode(data: bytes, path: Path, what: str, error: type[Exception], lineno: int | None = None) -> str:
+    """UTF-8 text (a leading byte-order mark dropped); binary or other encodings are refused with the line."""
+    bad = data.find(b"\x00")
+    try:
+        if bad >= 0:
+            raise UnicodeDecodeError("utf-8", data, bad, bad + 1, "NUL byte")
+        return data.decode("utf-8-sig" if lineno in (None, 1) else "utf-8")
+    except UnicodeDecodeError as exc:
+        line = lineno if lineno is not None else data.count(b"\n", 0, exc.start) + 1
+        raise error(f"{what} {path} is not UTF-8 text (line {line}: byte {data[exc.start]:#04x}; a binary file?); "
+                    "give a UTF-8 text file") from None
+
+
+def read_text(path: str | Path, what: str = "file", error: type[Exception] = DataError,
+              limit: int = MAX_FILE_BYTES) -> str:
+    """The UTF-8 text of a file read whole (a config, a dimensions or JSON file), or one ``error`` naming the
+    problem: missing, a directory, unreadable, larger than ``limit`` bytes, binary or not UTF-8."""
+    path = check_input_file(path, what, error)
+    try:
+        with path.open("rb") as fh:
+            data = fh.read(limit + 1)
+    except OSError as exc:
+        raise error(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    if len(data) > limit:
+        raise error(f"{what} {path} is larger than {_mib(limit)}; is it the right file?")
+    return _decode(data, path, what, error)
+
+
+def check_prompt_size(text: str, where: str) -> str:
+    """``text`` if it fits :data:`MAX_LINE_BYTES`; a longer prompt would only fail in the model, slowly."""
+    if len(text) > MAX_LINE_BYTES or len(text.encode("utf-8")) > MAX_LINE_BYTES:
+        raise DataError(f"{where}: the prompt is longer than {_mib(MAX_LINE_BYTES)}, far more than a model's context; "
+                        "shorten it")
+    return text
+
+
+def iter_jsonl(path: str | Path, what: str = "file") -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line; a malformed line is an error naming file and line.
+
+    Read line by line in bytes, each line at most :data:`MAX_LINE_BYTES`: a binary file, a line in another
+    encoding or a huge line is refused at that line, without reading the rest."""
+    path = check_input_file(path, what)
+    try:
+        fh = path.open("rb")
+    except OSError as exc:
+        raise DataError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    with fh:
+        lineno = 0
+        while raw := fh.readline(MAX_LINE_BYTES + 1):
+            lineno += 1
+            if len(raw) > MAX_LINE_BYTES:
+                raise DataError(f"{path}:{lineno}: line longer than {_mib(MAX_LINE_BYTES)}; one record per line, "
+                                "each a JSON object of reasonable size")
+            line = _decode(raw, path, what, DataError, lineno)
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from None
+            except RecursionError:
+                raise DataError(f"{path}:{lineno}: JSON nested too deeply") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
             yield lineno, row
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+def read_jsonl(path: str | Path, what: str = "file") -> list[dict[str, Any]]:
     """Read a JSONL file; a malformed line is an error naming the file and line number."""
-    return [row for _, row in iter_jsonl(path)]
+    return [row for _, row in iter_jsonl(path, what)]
 
 
 def _record_to_instruction(row: dict[str, Any], where: str) -> Instruction:
@@ -83,6 +164,7 @@ def _record_to_instruction(row: dict[str, Any], where: str) -> Instruction:
             text = f"{text}\n\n{extra.strip()}"
     else:
         raise DataError(f"{where}: record has no non-empty 'prompt' (or alpaca-style 'instruction') field")
+    check_prompt_size(text, where)
     opt = {k: (str(row[k]) if row.get(k) is not None else None) for k in ("id", "domain", "kind")}
     return Instruction(text, **opt)
 
@@ -116,20 +198,22 @@ def load_prompts(source: str | Path, limit: int | None = None) -> list[Instructi
 
 
 def _load_file(path: Path) -> list[Instruction]:
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"prompt file {path} does not exist (or use builtin:train, builtin:eval, hf:NAME)")
     if path.suffix == ".json":
         try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
+            doc = json.loads(read_text(path, "prompt file"))
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}: malformed JSON at line {exc.lineno} ({exc.msg})") from None
+        except RecursionError:
+            raise DataError(f"{path}: JSON nested too deeply") from None
         if isinstance(doc, dict):
             doc = doc.get("data", doc.get("instructions"))
         if not isinstance(doc, list):
             raise DataError(f"{path}: expected a list of records (or {{'data': [...]}})")
         rows = doc
     else:
-        rows = read_jsonl(path)
+        rows = read_jsonl(path, "prompt file")
     out = []
     for i, row in enumerate(rows):
         if isinstance(row, str):
@@ -177,6 +261,44 @@ class JsonlWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def check_writable(path: str | Path, what: str = "output", *, folder: bool = False,
+                   error: type[Exception] = DataError) -> Path:
+    """``path`` if a file (or, with ``folder``, a folder) can be written there; else one ``error`` naming why.
+
+    Commands check their outputs with it before loading any model. Nothing is left behind: an existing file
+    is opened for appending and closed; a new one is tried as a temporary file in the nearest existing
+    folder above it, which must be a folder that can be written (the folders between are created later)."""
+    path = Path(path)
+    if not str(path).strip():
+        raise error(f"{what} path is empty")
+    kind = "folder" if folder else "file"
+    if path.exists():
+        if folder and not path.is_dir():
+            raise error(f"{what} {path} is a file, not a folder; give a folder")
+        if not folder and path.is_dir():
+            raise error(f"{what} {path} is a directory; give a file path")
+        if not folder and not path.is_file():
+            raise error(f"{what} {path} is not a regular file (a device or pipe?); give a file path")
+    parent = path if path.is_dir() else path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise error(f"{what} {path} cannot be created: {parent} is a file, not a folder")
+    try:
+        if path.is_file():
+            with path.open("ab"):
+                pass
+        else:
+            import tempfile
+
+            with tempfile.TemporaryFile(dir=parent):
+                pass
+    except OSError as exc:
+        where = path if path.exists() else parent
+        raise error(f"{what} {path} cannot be written ({where}: {exc.strerror or exc}); choose another {kind}") from None
+    return path
 
 
 def read_completed(path: str | Path) -> list[dict[str, Any]]:
@@ -262,7 +384,7 @@ PAIR_FIELDS = ("prompt", "chosen", "rejected", "side")
 def read_records(path: str | Path, fields: Sequence[str], what: str = "file") -> list[dict[str, Any]]:
     """The rows of a JSONL file, each checked to hold every one of ``fields`` as a string; an empty file
     or a row that lacks one is refused with the line number."""
-    rows = read_jsonl(path)
+    rows = read_jsonl(path, what)
     if not rows:
         raise DataError(f"{what} {path} is empty")
     for i, row in enumerate(rows):

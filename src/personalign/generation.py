@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from personalign.data import batched
-from personalign.errors import ConfigError
+from personalign.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -43,6 +43,8 @@ __all__ = [
     "batch_generator",
     "batch_seed",
     "cache_argument",
+    "check_prompt_lengths",
+    "context_length",
     "decode",
     "decode_steps",
     "encode_batch",
@@ -113,6 +115,31 @@ def encode_batch(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
     if device is not None:
         ids, mask = ids.to(device), mask.to(device)
     return ids, mask
+
+
+def check_prompt_lengths(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], context: int | None,
+                         max_new_tokens: int, first_index: int = 0) -> None:
+    """Refuse, before any generation, a prompt whose tokens and ``max_new_tokens`` exceed the model's
+    ``context`` (the rule the server applies to a request); ``None`` (unknown context) checks nothing."""
+    if not context or not texts:
+        return
+    add_special = not getattr(tokenizer, "chat_template", None)
+    lengths = tokenizer(list(texts), add_special_tokens=add_special)["input_ids"]
+    for i, ids in enumerate(lengths):
+        if len(ids) + max_new_tokens > context:
+            raise DataError(f"prompt {first_index + i + 1} has {len(ids)} tokens; with max_new_tokens {max_new_tokens} "
+                            f"that exceeds the model's context of {context} tokens; shorten the prompt or lower "
+                            "max_new_tokens")
+
+
+def context_length(model: Any) -> int | None:
+    """The longest sequence ``model`` takes (its position embeddings), when its config says."""
+    cfg = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
 
 
 def positions(mask: torch.Tensor) -> torch.Tensor:

@@ -160,9 +160,7 @@ class Preference:
 
     def normalized(self) -> dict[str, float]:
         """Weights divided by the sum of their absolute values (utilities use these)."""
-        total = sum(abs(w) for _, w in self.weights)
-        if total == 0:
-            raise PreferenceError(f"preference {self.spec()!r} has all weights zero; give some side a weight")
+        total = _check_total(dict(self.weights), self.spec())
         return {s: w / total for s, w in self.weights}
 
     def spec(self) -> str:
@@ -240,11 +238,13 @@ class PreferenceSpace:
                     criterion: ...
                     aliases: [informal]
         """
+        from personalign.data import read_text
+
         path = Path(path)
-        if not path.is_file():
-            raise PreferenceError(f"dimensions file {path} does not exist")
         try:
-            doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+            doc = yaml.safe_load(read_text(path, "dimensions file", PreferenceError))
+        except RecursionError:
+            raise PreferenceError(f"dimensions file {path} is nested too deeply") from None
         except yaml.YAMLError as exc:
             raise PreferenceError(f"dimensions file {path} is not valid YAML: {_first_line(exc)}") from None
         return PreferenceSpace(list(self.sides.values()) + parse_dimensions(doc, self, where=str(path)))
@@ -324,6 +324,7 @@ class PreferenceSpace:
                 seen[dim] = s
         order = {sid: i for i, sid in enumerate(self.sides)}
         ordered = tuple(sorted(weights.items(), key=lambda kv: order[kv[0]]))
+        _check_total(weights, ",".join(f"{s}={_fmt(w)}" for s, w in ordered))
         return Preference(ordered, hard, self)
 
 
@@ -335,6 +336,18 @@ def _check_weight(token: str, w: object, space: PreferenceSpace) -> float:
     if not math.isfinite(value):
         raise PreferenceError(f"malformed weight in {token!r}: must be finite, as in concise=0.7")
     return value
+
+
+def _check_total(weights: Mapping[str, float], spec: str) -> float:
+    """The sum of the weights' absolute values, which every method divides by: refused when zero (no side
+    would count, and prompting would silently drop the preference) or when it overflows."""
+    total = sum(abs(w) for w in weights.values())
+    if total == 0:
+        raise PreferenceError(f"preference {spec!r} has all weights zero; give at least one side a non-zero weight")
+    if not math.isfinite(total):
+        raise PreferenceError(f"the weights of {spec!r} are too large: their sum overflows; use weights of a "
+                              "sensible size, as in concise=0.7,friendly=0.3")
+    return total
 
 
 def _first_line(exc: BaseException) -> str:

@@ -86,12 +86,16 @@ class Profiles:
 
     def __init__(self, path: str | Path | None = None) -> None:
         self.path = Path(path) if path is not None else default_db()
+        if self.path.is_dir():
+            raise ConfigError(f"profile store {self.path} is a directory; give a file path (an SQLite file)")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self._db() as db:
                 db.executescript(_SCHEMA)
         except sqlite3.DatabaseError as exc:
             raise ConfigError(f"{self.path} is not a usable profile database: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"profile store {self.path} cannot be created: {exc.strerror or exc}") from None
 
     @contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:

@@ -106,9 +106,10 @@ def test_unknown_side_lists_valid_ones():
 
 
 def test_all_zero_weights_cannot_be_normalized():
-    p = parse_preference("concise=0")
     with pytest.raises(PreferenceError, match="all weights zero"):
-        p.normalized()
+        parse_preference("concise=0")
+    with pytest.raises(PreferenceError, match="all weights zero"):
+        parse_preference({"concise": 0.0, "friendly": -0.0})
 
 
 def test_eight_benchmark_combinations():

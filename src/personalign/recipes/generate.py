@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from personalign.data import Instruction, load_prompts
+from personalign.data import Instruction, check_prompt_size, load_prompts
 from personalign.errors import DataError
 from personalign.generation import SamplingConfig
 from personalign.generations import write_answers
@@ -99,7 +99,7 @@ def main(cfg: GenerateConfig) -> list[dict[str, Any]]:
     if cfg.input is not None:
         items = load_prompts(cfg.input, limit=cfg.limit)
     elif cfg.instructions:
-        items = [Instruction(t) for t in cfg.instructions if t.strip()]
+        items = [Instruction(check_prompt_size(t, "the instruction")) for t in cfg.instructions if t.strip()]
         if not items:
             raise DataError("the instruction is empty")
     else:

@@ -1026,6 +1026,29 @@ class ServeConfig:
                       api_key=self.api_key if self.api_key is not None else os.environ.get(API_KEY_ENV) or None)
 
 
+def check_address(host: str, port: int) -> None:
+    """Refuse a port out of range, a host that does not resolve, or an address that cannot be listened on
+    (in use, not this machine's, a privileged port): before the model loads, not after."""
+    import socket
+
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ConfigError(f"port must be between 0 and 65535, got {port!r}")
+    if not isinstance(host, str) or not host.strip():
+        raise ConfigError(f"host must be an address such as 127.0.0.1 or 0.0.0.0, got {host!r}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError, OSError) as exc:
+        raise ConfigError(f"cannot listen on host {host!r}: {getattr(exc, 'strerror', None) or exc}; give an address "
+                          "such as 127.0.0.1 or 0.0.0.0") from None
+    family, kind, proto, _, address = infos[0]
+    try:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server itself binds
+            sock.bind(address)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
 def run_server(model_name_or_path: str | None = None, host: str = "127.0.0.1", port: int = 8000,
                device: str = "auto", dtype: str = "auto", *, model_name: str | None = None, max_batch: int = 32,
                default_method: str = "prompt", dimensions: str | None = None, log_level: str = "info",
@@ -1047,8 +1070,13 @@ def run_server(model_name_or_path: str | None = None, host: str = "127.0.0.1", p
                              dtype=dtype, max_batch=max_batch, dimensions=dimensions, log_level=log_level,
                              max_models=max_models, **_option_fields(defaults or MethodOptions(method=default_method)))
     limits = config.limits()  # bad limits, dimensions or defaults fail before the model loads
+    check_address(config.host, config.port)
     space = load_space(config.dimensions)
     defaults = check_defaults(config.defaults(), canonical_name(config.model))
+    if config.db is not None:  # a store that cannot be opened fails now, not on the first request
+        from personalign.profiles import Profiles
+
+        Profiles(config.db)
     model, tokenizer = load_model(config.model, device=config.device, dtype=config.dtype)
     name = config.model_name or canonical_name(config.model)
     app = create_app(model, tokenizer, name, space=space, defaults=defaults, limits=limits,
