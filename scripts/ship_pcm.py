@@ -1,11 +1,12 @@
-"""Copy a trained Preference Control Model into the package, as the PCM shipped for its model's experts.
+"""Copy a trained Preference Control Model into the model's weights distribution, beside its experts.
 
     python scripts/ship_pcm.py runs/pcm-smollm2 [--model smollm2-135m-instruct]
 
 The run folder must hold a finished ``personalign train-pcm`` run (``pcm.json`` + ``pcm.safetensors``)
-trained on that base model. Writes ``src/personalign/data/pcm/<model>/`` with the weights, ``pcm.json``
-(architecture, sides, base model, rewards, training config and final metrics), ``metrics.jsonl`` (every
-training step) and the run's ``config.json``, so what is shipped says how it was made. ``--pcm shipped``
+trained on that base model. Writes ``weights/<model>/src/<package>/pcm/`` with the weights, ``pcm.json``
+(architecture, sides, base model, rewards, the judges that labelled their training data, training config
+and final metrics), ``metrics.jsonl`` (every training step) and the run's ``config.json``, so what is
+shipped says how it was made; paths into ``runs/`` become paths relative to it. ``--pcm shipped``
 (generate), the ``mope-pcm`` method (eval, pareto) and the demo use it. ``make pcm`` trains and ships.
 """
 
@@ -16,6 +17,9 @@ import json
 import shutil
 import sys
 from pathlib import Path
+
+from personalign.provenance import label_sources_of_dir
+from personalign.weights import portable
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = ("pcm.safetensors", "pcm.json", "metrics.jsonl", "config.json")
@@ -44,13 +48,26 @@ def main() -> int:
     if base != args.model:
         print(f"error: the PCM in {run} was trained on base model {base!r}, not {args.model}", file=sys.stderr)
         return 1
-    target = ROOT / "src" / "personalign" / "data" / "pcm" / args.model
-    tmp = target.parent / f".{args.model}.tmp"
+    src = ROOT / "weights" / args.model / "src"
+    packages = [d for d in src.iterdir() if (d / "__init__.py").is_file()] if src.is_dir() else []
+    if len(packages) != 1:
+        print(f"error: weights/{args.model}/src/ holds no package; create the weights distribution first "
+              "(weights/smollm2-135m-instruct is the layout to copy)", file=sys.stderr)
+        return 1
+    target = packages[0] / "pcm"
+    tmp = target.parent / ".pcm.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for name in FILES:
         if (run / name).is_file():
             shutil.copy2(run / name, tmp / name)
+    doc["label_judges"] = label_sources_of_dir(run, "pcm.json")
+    doc["made_by"] = {"run": run.name, "command": "personalign train-pcm, then scripts/ship_pcm.py"}
+    doc["experts"] = "../experts (the experts shipped beside this PCM)"
+    (tmp / "pcm.json").write_text(json.dumps(portable(doc), indent=2) + "\n")
+    if (tmp / "config.json").is_file():
+        config = json.loads((tmp / "config.json").read_text())
+        (tmp / "config.json").write_text(json.dumps(portable(config), indent=2) + "\n")
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     size = sum(f.stat().st_size for f in target.iterdir())

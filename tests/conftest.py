@@ -132,9 +132,15 @@ def _isolated_cache(tmp_path, monkeypatch, request):
 
 @pytest.fixture
 def ship_script(tmp_path, monkeypatch):
-    """Load ``scripts/<name>`` with its ROOT at ``tmp_path/repo``; returns run(name, *args) -> exit code."""
+    """Load ``scripts/<name>`` with its ROOT at ``tmp_path/repo`` (holding an empty weights distribution
+    for the embedded default, ``weights/smollm2-135m-instruct/src/personalign_smollm2/``); returns
+    run(name, *args) -> exit code."""
     import importlib.util
     import sys
+
+    package = tmp_path / "repo" / "weights" / "smollm2-135m-instruct" / "src" / "personalign_smollm2"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
 
     def run(name: str, *args: str) -> int:
         script = Path(__file__).resolve().parents[1] / "scripts" / name
@@ -146,3 +152,28 @@ def ship_script(tmp_path, monkeypatch):
         return mod.main()
 
     return run
+
+
+@pytest.fixture
+def shipped_weights(monkeypatch):
+    """Replace the installed ``personalign.weights`` entry points: call it with {model: {"experts": folder,
+    "pcm": folder}} (a value may also be an exception to raise, as a broken distribution would)."""
+    import personalign.weights as weights
+
+    class EntryPoint:
+        def __init__(self, name, folders):
+            self.name, self.value, self.dist, self._folders = name, f"fake:{name}", None, folders
+
+        def load(self):
+            def folders():
+                if isinstance(self._folders, Exception):
+                    raise self._folders
+                return self._folders
+
+            return folders
+
+    def install(table):
+        eps = [EntryPoint(name, folders) for name, folders in table.items()]
+        monkeypatch.setattr(weights, "entry_points", lambda group: [e for e in eps if group == weights.GROUP])
+
+    return install

@@ -48,13 +48,12 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 def shipped_experts_dir(model_name: str) -> Path | None:
-    """The experts shipped inside the package for ``model_name`` (an embedded model's name), if any."""
-    from personalign.models import EMBEDDED_MODELS
+    """The experts an installed weights distribution ships for ``model_name``, if any
+    (:mod:`personalign.weights`)."""
+    from personalign.weights import shipped_folder
 
-    if model_name not in EMBEDDED_MODELS:  # paths and hub ids never name a shipped folder
-        return None
-    folder = Path(__file__).parent / "data" / "experts" / model_name
-    return folder if folder.is_dir() and any(folder.iterdir()) else None
+    folder = shipped_folder(model_name, "experts")
+    return folder if folder is not None and folder.is_dir() and any(folder.iterdir()) else None
 
 
 def resolve_experts_dir(experts: str | Path | None, model_name: str) -> Path:

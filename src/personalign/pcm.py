@@ -256,12 +256,13 @@ class PreferenceControlModel(nn.Module):
 
 
 def shipped_pcm_dir(model_name: str) -> Path | None:
-    """The PCM shipped inside the package for ``model_name`` (an embedded model's name), if any."""
-    from personalign.models import EMBEDDED_MODELS
+    """The PCM an installed weights distribution ships for ``model_name``, if any
+    (:mod:`personalign.weights`)."""
+    from personalign.weights import shipped_folder
 
-    if model_name not in EMBEDDED_MODELS:  # paths and hub ids never name a shipped folder
+    folder = shipped_folder(model_name, "pcm")
+    if folder is None:
         return None
-    folder = Path(__file__).parent / "data" / "pcm" / model_name
     return folder if (folder / PCM_CONFIG).is_file() and (folder / PCM_WEIGHTS).is_file() else None
 
 

@@ -209,6 +209,25 @@ def markdown_report(results: Mapping[str, Any]) -> str:
         rows = [[m, *("–" if o == m else _diff(paired.get(m, {}).get(o)) for o in against)] for m in methods]
         out += _table(["method", *(f"− {o} [{conf}% CI]" for o in against)], rows)
 
+    sources = results.get("label_sources")
+    if sources is not None:
+        evaluating = results.get("judge_sources") or []
+        out += ["", "## Who labelled the training data", "",
+                (f"The evaluating judge `{results['judge']}` is (or learned from): "
+                 f"{', '.join(f'`{s}`' for s in evaluating) or 'itself'}. A method trained on labels from "
+                 "the same judge is marked: its win rates partly measure how well it learned that judge. "
+                 "No judge here checks that an answer is correct."), ""]
+        rows = [[m, ", ".join(f"`{s}`" for s in srcs) or "none (nothing trained)",
+                 "**same as the judge**" if set(srcs) & set(evaluating) else "independent of it"]
+                for m, srcs in sources.items()]
+        out += _table(["method", "training labels from", "against the evaluating judge"], rows)
+    checked = results.get("judge_validation")
+    if checked:
+        out += ["", "## The judge on hand-written contrasting pairs (before any model output)", ""]
+        out += _table(["side", "right", "wrong", "ties", "accuracy (ties half)"],
+                      [[side, str(v["right"]), str(v["wrong"]), str(v["ties"]), _num(v["accuracy"], 3)]
+                       for side, v in checked.items()])
+
     text = results.get("text", {})
     if text:
         out += ["", "## Fluency and on-topic-ness", ""]
@@ -223,7 +242,7 @@ def markdown_report(results: Mapping[str, Any]) -> str:
                          _num(t.get("ontopic"))])
         out += _table(header, rows)
     skipped = results.get("skipped") or {}
-    notes = list(results.get("notes") or [])
+    notes = [f"warning: {w}" for w in results.get("warnings") or []] + list(results.get("notes") or [])
     if skipped or notes:
         out += ["", "## Notes", ""]
         out += [f"- skipped `{m}`: {why}" for m, why in skipped.items()]

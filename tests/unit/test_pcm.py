@@ -303,20 +303,20 @@ def test_save_load_round_trip_and_refusals(tiny, tiny_model_dir, tmp_path):
         PreferenceControlModel.load(tmp_path / "pcm")
 
 
-def test_shipped_pcm_is_found_for_embedded_models_only(tmp_path, monkeypatch):
-    import personalign.pcm as pcm_module
+def test_shipped_pcm_is_found_through_the_weights_entry_point(tmp_path, shipped_weights):
     from personalign.models import EMBEDDED_DEFAULT
     from personalign.pcm import PCM_CONFIG, PCM_WEIGHTS, resolve_pcm_dir, shipped_pcm_dir
 
-    monkeypatch.setattr(pcm_module, "__file__", str(tmp_path / "pkg" / "pcm.py"))  # an empty package
+    shipped_weights({})  # no weights distribution installed
     assert shipped_pcm_dir(EMBEDDED_DEFAULT) is None
     with pytest.raises(ConfigError, match=f"no PCM is shipped for model '{EMBEDDED_DEFAULT}'; train one"):
         resolve_pcm_dir("shipped", EMBEDDED_DEFAULT)
-    folder = tmp_path / "pkg" / "data" / "pcm" / EMBEDDED_DEFAULT
+    folder = tmp_path / "dist" / "pcm"
     folder.mkdir(parents=True)
+    shipped_weights({EMBEDDED_DEFAULT: {"experts": None, "pcm": folder}})
     (folder / PCM_WEIGHTS).write_bytes(b"")
     assert shipped_pcm_dir(EMBEDDED_DEFAULT) is None  # incomplete: pcm.json is written last
     (folder / PCM_CONFIG).write_text("{}")
     assert shipped_pcm_dir(EMBEDDED_DEFAULT) == folder == resolve_pcm_dir("shipped", EMBEDDED_DEFAULT)
-    assert shipped_pcm_dir("/some/local/model") is None  # a path never names a shipped folder
+    assert shipped_pcm_dir("/some/local/model") is None  # no distribution ships for it
     assert resolve_pcm_dir(tmp_path / "mine", EMBEDDED_DEFAULT) == tmp_path / "mine"

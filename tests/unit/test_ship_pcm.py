@@ -1,4 +1,4 @@
-"""scripts/ship_pcm.py: a finished train-pcm run lands in the package, with how it was made."""
+"""scripts/ship_pcm.py: a finished train-pcm run lands in the weights distribution, with how it was made."""
 
 from __future__ import annotations
 
@@ -30,9 +30,12 @@ def fake_run(folder: Path, *, base: str = MODEL, finished: bool = True) -> Path:
 
 def test_ships_a_finished_pcm_with_its_provenance(ship, tmp_path, capsys):
     assert ship(str(fake_run(tmp_path / "run"))) == 0
-    out = tmp_path / "repo" / "src" / "personalign" / "data" / "pcm" / MODEL
+    out = tmp_path / "repo" / "weights" / MODEL / "src" / "personalign_smollm2" / "pcm"
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "metrics.jsonl", "pcm.json", "pcm.safetensors"]
     assert (out / "pcm.safetensors").read_bytes() == b"weights"
+    doc = json.loads((out / "pcm.json").read_text())
+    assert doc["label_judges"] == ["unknown"]  # the fake run names no reward: read, never guessed
+    assert doc["made_by"]["run"] == "run" and doc["experts"].startswith("../experts")
     assert "sides P1A, P1B, 3 steps" in capsys.readouterr().out
     # Reshipping replaces the old copy.
     (tmp_path / "run" / "pcm.safetensors").write_bytes(b"new")
@@ -45,4 +48,18 @@ def test_refuses_unfinished_runs_and_other_base_models(ship, tmp_path, capsys):
     assert "holds no finished PCM" in capsys.readouterr().err
     assert ship(str(fake_run(tmp_path / "other", base="llama-7b"))) == 1
     assert "trained on base model 'llama-7b', not smollm2-135m-instruct" in capsys.readouterr().err
-    assert not (tmp_path / "repo").exists()  # nothing written
+    assert not (tmp_path / "repo" / "weights" / MODEL / "src" / "personalign_smollm2" / "pcm").exists()
+
+
+def test_paths_into_runs_become_relative(ship, tmp_path):
+    run = fake_run(tmp_path / "run")
+    doc = json.loads((run / "pcm.json").read_text())
+    doc["rewards"] = {"P1A": "rm:runs/psoups/rm/P1A", "P1B": "offline"}
+    (run / "pcm.json").write_text(json.dumps(doc))
+    (run / "config.json").write_text('{"output_dir": "runs/pcm-x", "experts": "./runs/psoups/experts"}')
+    assert ship(str(run)) == 0
+    out = tmp_path / "repo" / "weights" / MODEL / "src" / "personalign_smollm2" / "pcm"
+    shipped = json.loads((out / "pcm.json").read_text())
+    assert shipped["rewards"] == {"P1A": "rm:psoups/rm/P1A", "P1B": "offline"}
+    assert json.loads((out / "config.json").read_text()) == {"output_dir": "pcm-x", "experts": "psoups/experts"}
+    assert "runs/" not in (out / "pcm.json").read_text() + (out / "config.json").read_text()

@@ -4,7 +4,9 @@
   (``pip install 'personalign[judges]'``);
 * :class:`~personalign.judges.llm.LLMJudge` asks any OpenAI-compatible endpoint, one criterion at a
   time, both orders (``pip install 'personalign[api]'``);
-* :class:`HumanLabelJudge` reads labels from a file.
+* :class:`HumanLabelJudge` reads labels from a file;
+* :class:`~personalign.judges.independent.IndependentJudge` measures with other signals and libraries
+  than the offline judge, for evaluation only (``pip install 'personalign[independent]'``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from personalign.judges.offline import DEFAULT_MARGINS, SUPPORTED_SIDES, Offline
 __all__ = [
     "DEFAULT_MARGINS",
     "SUPPORTED_SIDES",
+    "EVALUATION_ONLY",
     "HumanLabelJudge",
+    "IndependentJudge",
     "JudgeConfig",
     "LLMJudge",
     "OfflineJudge",
@@ -31,7 +35,9 @@ __all__ = [
     "side_score",
 ]
 
-JUDGE_KINDS = ("offline", "llm", "human")
+JUDGE_KINDS = ("offline", "independent", "llm", "human")
+# Judges that never label training data: an evaluation by them is independent of every shipped method.
+EVALUATION_ONLY = ("independent",)
 
 
 def __getattr__(name: str):  # noqa: ANN202 - lazy: LLMJudge needs the `api` extra (openai)
@@ -39,6 +45,10 @@ def __getattr__(name: str):  # noqa: ANN202 - lazy: LLMJudge needs the `api` ext
         from personalign.judges.llm import LLMJudge
 
         return LLMJudge
+    if name == "IndependentJudge":
+        from personalign.judges.independent import IndependentJudge
+
+        return IndependentJudge
     raise AttributeError(name)
 
 
@@ -72,6 +82,10 @@ class JudgeConfig:
 def build_judge(cfg: JudgeConfig, space=None) -> PairwiseJudge:  # noqa: ANN001
     if cfg.kind == "offline":
         return OfflineJudge(cfg.margins)
+    if cfg.kind == "independent":
+        from personalign.judges.independent import IndependentJudge
+
+        return IndependentJudge()
     if cfg.kind == "human":
         return HumanLabelJudge(cfg.labels, space=space)  # type: ignore[arg-type]
     from personalign.judges.llm import LLMJudge

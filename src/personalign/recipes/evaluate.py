@@ -53,6 +53,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -108,7 +109,9 @@ class EvalConfig:
     # those not evaluated are left out.
     paired_against: tuple[str, ...] = DEFAULT_PAIRED
     skip_missing: bool = False  # methods whose experts/adapters are missing: skip (True) or fail (False)
-    judge: str = "offline"  # offline | llm | human | rm:FOLDER (reward models: higher reward wins)
+    # offline | independent | llm | human | rm:FOLDER (reward models: higher reward wins). ``independent``
+    # shares no signal with the offline judge that labelled the shipped experts' training data.
+    judge: str = "offline"
     judge_options: JudgeConfig = field(default_factory=JudgeConfig)  # llm and human settings
     rm_margin: float = 0.1  # rm judge: reward gaps below this tie (BT probability within 0.475-0.525)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)  # its seed is set from `seed`
@@ -147,12 +150,12 @@ class EvalConfig:
 
 
 def judge_kind(spec: str) -> str:
-    """``offline``, ``llm``, ``human`` or ``rm`` (for ``rm:FOLDER``)."""
-    if spec in ("offline", "llm", "human"):
+    """``offline``, ``independent``, ``llm``, ``human`` or ``rm`` (for ``rm:FOLDER``)."""
+    if spec in ("offline", "independent", "llm", "human"):
         return spec
     if spec.startswith("rm:") and spec[3:].strip():
         return "rm"
-    raise ConfigError(f"unknown judge {spec!r}; use offline, llm, human or rm:FOLDER "
+    raise ConfigError(f"unknown judge {spec!r}; use offline, independent, llm, human or rm:FOLDER "
                       "(reward models written by "
                       "personalign train-rm or pipeline)")
 
@@ -174,6 +177,15 @@ def build_eval_judge(cfg: EvalConfig, space: PreferenceSpace, sides: list[str]) 
         margins = cfg.judge_options.margins
         name = "offline" if not margins else f"offline-{_digest(json.dumps(margins, sort_keys=True))}"
         return build_judge(JudgeConfig(margins=margins), space), name
+    if kind == "independent":
+        from personalign.judges.independent import SUPPORTED_SIDES as INDEPENDENT_SIDES
+        from personalign.judges.independent import IndependentJudge
+
+        unsupported = [s for s in sides if s not in INDEPENDENT_SIDES]
+        if unsupported:
+            raise ConfigError(f"the independent judge cannot measure side(s) {', '.join(unsupported)} "
+                              f"(it measures {', '.join(INDEPENDENT_SIDES)}); use judge: llm or human")
+        return IndependentJudge(device=cfg.device), "independent"
     if kind == "rm":
         from personalign.judges.reward_model import RewardModelJudge
 
@@ -193,6 +205,55 @@ def build_eval_judge(cfg: EvalConfig, space: PreferenceSpace, sides: list[str]) 
         return judge, f"llm-{_slug(str(opts.model))}-{_digest(str(opts.base_url))}"
     labels = Path(str(opts.labels))
     return judge, f"human-{_slug(labels.stem)}-{_digest(str(labels.resolve()))}"
+
+
+def label_sources(cfg: EvalConfig, plan: EvalPlan) -> dict[str, list[str]]:
+    """Per evaluated method (and the reference), the judges that labelled its training data
+    (:mod:`personalign.provenance`); empty for methods that learned nothing (vanilla, prompting)."""
+    from personalign.personalize import resolve
+    from personalign.provenance import label_sources_of_dir
+
+    out: dict[str, list[str]] = {}
+    for m in [plan.reference, *plan.methods]:
+        found: set[str] = set()
+        for c in plan.combos.values():
+            pers = resolve(method_prefs(m, c), m.options(cfg.experts, cfg.merge_density), model=cfg.model,
+                           dimensions=cfg.dimensions)
+            for folder in pers.experts.values():
+                folder = folder if (folder / "expert.json").is_file() else folder.parent
+                found.update(label_sources_of_dir(folder, "expert.json"))
+            if pers.pcm_dir is not None:
+                found.update(label_sources_of_dir(pers.pcm_dir, "pcm.json"))
+            if pers.adapter_dir is not None:
+                folder = pers.adapter_dir
+                folder = folder if (folder / "expert.json").is_file() else folder.parent
+                found.update(label_sources_of_dir(folder, "expert.json"))
+        out[m.label] = sorted(found)
+    return out
+
+
+def judge_validation(judge: PairwiseJudge, judge_dir: Path) -> dict[str, Any] | None:
+    """The evaluating judge on the hand-written contrasting pairs, before it sees model output; only for
+    the judges that cost nothing to run (offline, independent). Kept in ``<judge folder>/validation.json``
+    so a rerun does not judge them again."""
+    from personalign.judges.independent import contrast_pairs
+    from personalign.judges.independent import validate as validate_on_pairs
+
+    if not (judge_dir.name.startswith("offline") or judge_dir.name == "independent"):
+        return None
+    digest = _digest(json.dumps([vars(p) for p in contrast_pairs()], sort_keys=True))
+    path = judge_dir / "validation.json"
+    if path.is_file():
+        try:
+            kept = json.loads(path.read_text())
+            if kept.get("pairs") == digest:
+                return kept["sides"]
+        except (ValueError, KeyError, AttributeError):
+            pass
+    checked = validate_on_pairs(judge)
+    judge_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"pairs": digest, "sides": checked}, indent=2))
+    return checked
 
 
 def _slug(text: str) -> str:
@@ -416,6 +477,17 @@ def main(cfg: EvalConfig, judge: PairwiseJudge | None = None) -> dict[str, Any]:
     """
     # -- validate: every check that needs no model ---------------------------------------------
     plan = validate(cfg, judge)
+    from personalign.provenance import evaluating_sources
+
+    sources = label_sources(cfg, plan)
+    evaluating = evaluating_sources(plan.judge_dir.name, plan.judge)
+    same = {m: sorted(set(s) & set(evaluating)) for m, s in sources.items() if set(s) & set(evaluating)}
+    warnings = [f"{m} was trained on labels from {', '.join(common)}, the judge of this evaluation: its win "
+                "rates partly measure how well it learned that judge; evaluate with judge: independent "
+                "(or an LLM or human judge) as well" for m, common in same.items()]
+    for line in warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    checked = judge_validation(plan.judge, plan.judge_dir)
     run = Path(cfg.run_dir)
     run.mkdir(parents=True, exist_ok=True)
     check_generation_identity(run, generation_identity(cfg))
@@ -452,6 +524,8 @@ def main(cfg: EvalConfig, judge: PairwiseJudge | None = None) -> dict[str, Any]:
         "confidence": cfg.confidence, "combinations": list(plan.combos), "criteria": criteria,
         "methods": [m.label for m in plan.methods], "skipped": plan.skipped, "notes": notes,
         "win_rates": win_rates, "paired": paired, "paired_against": list(plan.paired_against), "text": text,
+        "label_sources": sources, "judge_sources": evaluating, "warnings": warnings,
+        "judge_validation": checked,
     }
     plan.judge_dir.mkdir(parents=True, exist_ok=True)
     (plan.judge_dir / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))

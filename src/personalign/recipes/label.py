@@ -21,7 +21,7 @@ from personalign.config import to_dict
 from personalign.data import read_records
 from personalign.errors import ConfigError, DataError
 from personalign.evaluation import agreement
-from personalign.judges import JudgeConfig, build_judge
+from personalign.judges import EVALUATION_ONLY, JudgeConfig, build_judge
 from personalign.preferences import load_space
 
 ROLLOUT_FIELDS = ("prompt", "side", "response")
@@ -70,6 +70,10 @@ def main(cfg: LabelConfig) -> dict[str, Any]:
         raise ConfigError(f"combine must be 'first' or 'unanimous', got {cfg.combine!r}")
     if not cfg.judges:
         raise ConfigError("at least one judge is needed")
+    reserved = [j.kind for j in cfg.judges if j.kind in EVALUATION_ONLY]
+    if reserved:
+        raise ConfigError(f"the {reserved[0]} judge is for evaluation only and never labels training data "
+                          "(an evaluation by it would no longer be independent); label with offline, llm or human")
     space = load_space(cfg.dimensions)
     rows = read_records(cfg.rollouts, ROLLOUT_FIELDS, "rollouts file")
     for r in rows:

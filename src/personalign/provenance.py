@@ -1,0 +1,127 @@
+"""Which judge labelled the data a trained artefact learned from: its *label source*.
+
+An evaluation by the judge that labelled the training data (or by reward models trained on its
+labels) partly measures how well a method learned that judge, not the preference itself.
+``personalign eval`` records the label sources of every method it evaluates and warns when the
+evaluating judge is one of them.
+
+Sources are names: ``offline``, ``llm:<model>``, ``human``, a reward's ``module:function``, or
+``unknown`` when the artefact does not say. They are read, never guessed, from (first found):
+
+* a reward model: ``label_judges`` in ``reward_config.json`` (written by ``train-rm``), else the
+  ``judge`` field of its training pairs for its sides;
+* an expert: ``label_judges`` in ``expert.json``, else its run's ``pipeline.json`` label judges,
+  else its reward (``offline``, ``rm:FOLDER`` as above, ``module:function``);
+* a PCM: ``label_judges`` in ``pcm.json``, else its rewards, as for an expert.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["UNKNOWN", "evaluating_sources", "label_sources_of_dir", "label_sources_of_reward",
+           "label_sources_of_rm", "pair_judges"]
+
+UNKNOWN = "unknown"
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _sorted(sources: Iterable[str]) -> list[str]:
+    return sorted(set(sources))
+
+
+def pair_judges(pairs_file: str | Path, sides: Iterable[str] | None = None) -> list[str]:
+    """The distinct ``judge`` names in a pairs file (for ``sides`` only, when given)."""
+    wanted = set(sides) if sides is not None else None
+    found: set[str] = set()
+    try:
+        with open(pairs_file, encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(row, dict) and (wanted is None or row.get("side") in wanted):
+                    found.add(str(row.get("judge") or UNKNOWN))
+    except OSError:
+        return [UNKNOWN]
+    return _sorted(found) or [UNKNOWN]
+
+
+def label_sources_of_rm(folder: str | Path) -> list[str]:
+    """A reward model's label sources (a folder written by ``train-rm``)."""
+    from personalign.reward_model import CONFIG
+
+    folder = Path(folder)
+    cfg = _read_json(folder / CONFIG)
+    if cfg is None:
+        return [UNKNOWN]
+    if cfg.get("label_judges"):
+        return _sorted(cfg["label_judges"])
+    run_cfg = _read_json(folder / "config.json") or {}
+    pairs = run_cfg.get("pairs")
+    return pair_judges(pairs, cfg.get("sides")) if pairs else [UNKNOWN]
+
+
+def label_sources_of_reward(spec: str) -> list[str]:
+    """The label sources behind a reward spec: ``offline``, ``rm:FOLDER`` or ``module:function``."""
+    spec = str(spec)
+    if spec == "offline":
+        return ["offline"]
+    if spec.startswith("rm:"):
+        from personalign.judges.reward_model import reward_model_sources
+
+        try:
+            folders = set(reward_model_sources(spec[3:]).values())
+        except Exception:  # noqa: BLE001 - a folder that is gone leaves the source unknown, never an error
+            return [UNKNOWN]
+        return _sorted(s for f in folders for s in label_sources_of_rm(f))
+    return [spec]
+
+
+def _pipeline_label_judges(doc: dict[str, Any]) -> list[str]:
+    judges = (doc.get("label") or {}).get("judges") or []
+    out = []
+    for j in judges:
+        kind = j.get("kind", "offline") if isinstance(j, dict) else str(j)
+        out.append(f"llm:{j.get('model')}" if kind == "llm" and isinstance(j, dict) else kind)
+    return out
+
+
+def label_sources_of_dir(folder: str | Path, meta_name: str) -> list[str]:
+    """An expert (``meta_name`` ``expert.json``) or a PCM (``pcm.json``) folder's label sources."""
+    folder = Path(folder)
+    doc = _read_json(folder / meta_name)
+    if doc is None:
+        return [UNKNOWN]
+    if doc.get("label_judges"):
+        return _sorted(doc["label_judges"])
+    pipeline = _read_json(folder / "pipeline.json")
+    if pipeline is not None and _pipeline_label_judges(pipeline):
+        return _sorted(_pipeline_label_judges(pipeline))
+    rewards = doc.get("rewards") or ({"_": doc["reward"]} if doc.get("reward") else {})
+    if not rewards:
+        pairs = doc.get("pairs") or (doc.get("config") or {}).get("pairs")  # trained on labelled pairs
+        return pair_judges(pairs) if pairs else [UNKNOWN]
+    return _sorted(s for spec in rewards.values() for s in label_sources_of_reward(str(spec)))
+
+
+def evaluating_sources(judge_name: str, judge: Any = None) -> list[str]:
+    """What an evaluating judge *is*, as label sources: a reward-model judge is the judges its models
+    learned from; any other judge is itself (``offline``, ``independent``, ``llm:<model>``, ``human``)."""
+    folder = getattr(judge, "folder", None)
+    if judge_name.startswith("rm-") and folder is not None:
+        return _sorted(s for f in set(judge.sources.values()) for s in label_sources_of_rm(f))
+    if judge_name.startswith("offline"):
+        return ["offline"]
+    return [str(getattr(judge, "name", judge_name))]
