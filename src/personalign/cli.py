@@ -44,6 +44,14 @@ def _friendly_errors(fn: F) -> F:
                 raise
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
+        except ImportError as exc:  # an optional library that is not installed: the extra to install
+            from personalign.extras import install_hint, missing_extra
+
+            found = missing_extra(exc)
+            if found is None or _STATE["debug"]:
+                raise
+            typer.echo(f"error: {install_hint(found[0], module=found[1])}", err=True)
+            raise typer.Exit(2) from None
         except KeyboardInterrupt:
             typer.echo("interrupted; run the same command again to continue where it stopped", err=True)
             raise typer.Exit(130) from None

@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from personalign.errors import ConfigError, PersonalignError, PreferenceError
+from personalign.extras import install_hint
 from personalign.generation import SamplingConfig
 from personalign.personalize import Method, MethodOptions, chat_text, plain_text, resolve
 from personalign.profiles import PROFILE_PREFIX, Profiles, check_name
@@ -65,7 +66,7 @@ if TYPE_CHECKING:
 
 __all__ = ["INSTALL_HINT", "SERVED_METHODS", "Limits", "ServeConfig", "create_app", "run_server", "running_server"]
 
-INSTALL_HINT = "the server needs the 'serve' extra: pip install 'personalign[serve]'"
+INSTALL_HINT = install_hint("serve")
 API_KEY_ENV = "PERSONALIGN_API_KEY"
 log = logging.getLogger("personalign.serve")
 
@@ -457,8 +458,8 @@ class _Service:
             pairs = self.elicitation_pairs()
             offline.analyze("A check that the judge's libraries load.")  # before any answer is written
         except ImportError:
-            raise ApiError("finding a preference scores answers with the offline judge, which needs the "
-                           "'judges' extra: pip install 'personalign[judges]'", status=501) from None
+            raise ApiError(install_hint("judges", what="finding a preference (answers are scored by the offline judge)"),
+                           status=501) from None
         candidates = candidate_weights(pairs)
         method = body.get("method")
         if method is None:  # soups' answers differ more clearly than prompted ones (bench/RESULTS.md)
