@@ -5,9 +5,15 @@ Same base model, same LoRA (r=16, alpha=32, attention and MLP projections; dropo
 train-expert's default, ``--lora-dropout`` to change), same prompts
 with the side's preference prompt, 4 prompts x 4 samples per step, the same maximum completion length,
 temperature 1, learning rate, KL coefficient and reward (the offline judge of the side). The first step
-of each is warm-up and not counted; samples per second is 16 / the median step time.
+of each run is warm-up and not counted; samples per second is 16 / the median step time of a run.
 
-    python bench/rl_throughput.py [--steps 4] [--side P2A] [--max-new-tokens 48] [--lora-dropout 0] [--model PATH]
+Each repetition runs both loops, alternating which runs first (ours then TRL, TRL then ours, ...), so that
+neither always runs on a machine the other has just warmed (or left busy). The ratio is the median over
+repetitions of each repetition's ratio; the record also gives each order's ratio, so that an order effect
+shows instead of hiding in the median.
+
+    python bench/rl_throughput.py [--reps 2] [--steps 3] [--side P2A] [--max-new-tokens 48] [--lora-dropout 0]
+                                  [--model PATH]
 """
 
 from __future__ import annotations
@@ -89,25 +95,51 @@ def trl(args, out: Path) -> list[float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--reps", type=int, default=2, help="Repetitions; each runs both loops, alternating order.")
+    ap.add_argument("--steps", type=int, default=3, help="Timed steps per run (after one warm-up step).")
     ap.add_argument("--side", default="P2A")
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--lora-dropout", type=float, default=0.0)
     ap.add_argument("--model", default=None)
     ap.add_argument("--output", default=str(Path(__file__).with_name("rl_throughput.json")))
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        ours_t = ours(args, Path(tmp) / "ours")
-        trl_t = trl(args, Path(tmp) / "trl")
-    n = 16
+    if args.reps < 1 or args.steps < 1:
+        raise SystemExit("--reps and --steps must be at least 1")
+    n = 16  # samples per step: 4 prompts x 4 samples
+    reps = []
+    for rep in range(args.reps):
+        order = ["ours", "trl"] if rep % 2 == 0 else ["trl", "ours"]
+        times: dict[str, list[float]] = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in order:
+                started = time.perf_counter()
+                times[name] = (ours if name == "ours" else trl)(args, Path(tmp) / name)
+                print(f"rep {rep + 1}/{args.reps} ({' then '.join(order)}): {name} median step "
+                      f"{statistics.median(times[name]):.1f} s (run {time.perf_counter() - started:.0f} s)", flush=True)
+        row = {"order": order, "ours_step_s": times["ours"], "trl_step_s": times["trl"],
+               "ours_samples_per_s": n / statistics.median(times["ours"]),
+               "trl_samples_per_s": n / statistics.median(times["trl"])}
+        row["ratio"] = row["ours_samples_per_s"] / row["trl_samples_per_s"]
+        reps.append(row)
+    by_order = {}
+    for first in ("ours", "trl"):
+        rows = [r for r in reps if r["order"][0] == first]
+        if rows:
+            by_order[f"{first}_first"] = {
+                "reps": len(rows),
+                "ours_samples_per_s": statistics.median(r["ours_samples_per_s"] for r in rows),
+                "trl_samples_per_s": statistics.median(r["trl_samples_per_s"] for r in rows),
+                "ratio": statistics.median(r["ratio"] for r in rows),
+            }
     record = {
         "date": date.today().isoformat(), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__, "model": args.model or "smollm2-135m-instruct", "side": args.side,
-        "samples_per_step": n, "max_new_tokens": args.max_new_tokens, "lora_dropout": args.lora_dropout,
-        "ours_step_s": ours_t, "trl_step_s": trl_t,
-        "ours_samples_per_s": n / statistics.median(ours_t), "trl_samples_per_s": n / statistics.median(trl_t),
+        "samples_per_step": n, "steps": args.steps, "max_new_tokens": args.max_new_tokens,
+        "lora_dropout": args.lora_dropout, "reps": reps, "by_order": by_order,
+        "ours_samples_per_s": statistics.median(r["ours_samples_per_s"] for r in reps),
+        "trl_samples_per_s": statistics.median(r["trl_samples_per_s"] for r in reps),
+        "ratio": statistics.median(r["ratio"] for r in reps),
     }
-    record["ratio"] = record["ours_samples_per_s"] / record["trl_samples_per_s"]
     print(json.dumps(record, indent=2))
     Path(args.output).write_text(json.dumps(record, indent=2))
 
