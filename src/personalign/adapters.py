@@ -285,7 +285,7 @@ def check_fits(adapter: LoraAdapter, base: PreTrainedModel, what: str = "the ada
     trained_on = f" (trained on {adapter.base_model!r})" if adapter.base_model else ""
     fan_in_fan_out = bool(adapter.config.get("fan_in_fan_out", False))
     for module in adapter.modules:
-        name = module[len(_PEFT_PREFIX):] if module.startswith(_PEFT_PREFIX) else module
+        name = module.removeprefix(_PEFT_PREFIX)
         try:
             target = base.get_submodule(name)
         except AttributeError:

@@ -276,6 +276,7 @@ def write_answers(spec: Personalization, build: Callable[[], PersonalizedModel],
     if not todo:
         return done
     model = build()
+    model.check_prompts([model.format(it.prompt) for it in todo], sampling, first_index=len(done))
     rows: list[dict[str, Any]] = list(done)
     writer = JsonlWriter(output) if output is not None else None
     bar = progress_bar(progress and output is not None, len(items), "generate", "prompt")

@@ -356,15 +356,22 @@ class PersonalizedModel:
     def generate_texts(self, texts: Sequence[str], sampling: SamplingConfig | None = None, *, batch_size: int = 8,
                        first_index: int = 0, on_batch: Callable[[int, list[str]], None] | None = None) -> list[str]:
         """Like :meth:`generate`, for inputs already formatted (:meth:`format`)."""
-        from personalign.generation import SamplingConfig, check_prompt_lengths, context_length, generate_texts
+        from personalign.generation import SamplingConfig, generate_texts
 
         if batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
         sampling = sampling or SamplingConfig()
-        check_prompt_lengths(self.tokenizer, texts, context_length(self.model), sampling.max_new_tokens, first_index)
+        self.check_prompts(texts, sampling, first_index=first_index)
         return generate_texts(self._make_step, self.tokenizer, texts, sampling, eos=self.eos,
                               device=self.device, batch_size=batch_size, first_index=first_index,
                               seed_range=self._seed_range, on_batch=on_batch)
+
+    def check_prompts(self, texts: Sequence[str], sampling: SamplingConfig, *, first_index: int = 0) -> None:
+        """Refuse formatted inputs that, with ``sampling.max_new_tokens``, exceed the model's context: before
+        any generation (:meth:`generate_texts` calls it; callers with a progress bar call it first)."""
+        from personalign.generation import check_prompt_lengths, context_length
+
+        check_prompt_lengths(self.tokenizer, texts, context_length(self.model), sampling.max_new_tokens, first_index)
 
     def _batch(self, texts: Sequence[str], seed: int) -> tuple[Any, Any, Any]:
         from personalign.generation import batch_generator, encode_batch

@@ -117,6 +117,7 @@ def main(cfg: RolloutConfig) -> Path:
     # Each row carries its own side's prompt, so the base model answers texts formatted here.
     policy = personalize(model, tok, resolve(None, MethodOptions(method="vanilla"), model=cfg.model), inplace=True)
     texts = [format_chat(tok, build_user_message(r["prompt"], r["policy_prompt"])) for r in todo]
+    policy.check_prompts(texts, cfg.sampling, first_index=len(done))
 
     bar = None
     if cfg.progress:

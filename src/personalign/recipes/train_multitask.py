@@ -115,11 +115,11 @@ def read_examples(path: str | Path, space: PreferenceSpace) -> list[Example]:
     Exact repeats of (side, instruction, response) are kept once.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"pairs file {path} does not exist (write one with personalign label)")
     out: list[Example] = []
     seen: set[tuple[str, str, str]] = set()
-    for lineno, row in iter_jsonl(path):
+    for lineno, row in iter_jsonl(path, "pairs file"):
         bad = [k for k in ("prompt", "chosen", "side") if not isinstance(row.get(k), str) or not row[k].strip()]
         if bad:
             raise DataError(f"{path}:{lineno}: field(s) {', '.join(bad)} missing or empty (each line needs "
