@@ -463,3 +463,83 @@ def test_offline_margins_get_their_own_verdict_folder(tmp_path):
     cfg = EvalConfig(run_dir=str(tmp_path), judge_options=JudgeConfig(margins={"P3B": 1.0}))
     wide, wide_name = build_eval_judge(cfg, default_space(), ["P3B"])
     assert wide.margins["P3B"] == 1.0 and wide_name.startswith("offline-") and wide_name != name
+
+
+# ---------------------------------------------------------------- evidence: who labelled what
+
+
+def _label_experts(folder, judge_name):
+    """Experts whose expert.json says they learned from a reward model trained on ``judge_name``'s labels."""
+    rm = folder.parent / f"rm-{judge_name}"
+    (rm / "P1A").mkdir(parents=True, exist_ok=True)
+    pairs = folder.parent / f"pairs-{judge_name}.jsonl"
+    pairs.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b", "side": "P1A",
+                                 "judge": judge_name}) + "\n")
+    (rm / "P1A" / "reward_config.json").write_text(json.dumps({"kind": "reward_model", "sides": ["P1A"]}))
+    (rm / "P1A" / "reward_model.safetensors").write_bytes(b"")
+    (rm / "P1A" / "config.json").write_text(json.dumps({"pairs": str(pairs)}))
+    for side in ("P1A", "P1B", "P2A", "P2B", "P3A"):
+        (folder / side / "expert.json").write_text(json.dumps({"side": side, "reward": f"rm:{rm / 'P1A'}"}))
+
+
+def test_eval_records_label_sources_and_warns_when_the_judge_labelled_the_training(
+        tmp_path, tiny_model_dir, experts_dir, monkeypatch, capsys):
+    monkeypatch.setattr(evaluate, "load_embedder", lambda device="auto": _Embedder())
+    experts = tmp_path / "experts"
+    shutil.copytree(experts_dir, experts)
+    _label_experts(experts, "offline")
+    res = evaluate.main(_cfg(tmp_path, tiny_model_dir, experts))
+    assert res["label_sources"] == {"prompt": [], "vanilla": [], "soup-psoups": ["offline"], "expert-1": ["offline"]}
+    assert res["judge_sources"] == ["offline"]
+    assert [w.split(" ")[0] for w in res["warnings"]] == ["soup-psoups", "expert-1"]
+    err = capsys.readouterr().err
+    assert "warning: soup-psoups was trained on labels from offline, the judge of this evaluation" in err
+    md = (tmp_path / "run" / "results.md").read_text()
+    assert "| soup-psoups | `offline` | **same as the judge** |" in md and "| vanilla | none (nothing trained) |" in md
+    assert set(res["judge_validation"]) == {"P1A", "P1B", "P2A", "P2B", "P3A", "P3B"}
+    assert "## The judge on hand-written contrasting pairs" in md
+
+    # Judged by another judge (any PairwiseJudge), the same experts raise no warning.
+    other = evaluate.main(_cfg(tmp_path, tiny_model_dir, experts), judge=Longer())
+    assert other["warnings"] == [] and other["label_sources"]["expert-1"] == ["offline"]
+    assert other["judge_validation"] is None  # only the free judges are checked on the pairs
+
+
+def test_a_reward_model_judge_counts_as_the_judge_its_models_learned_from(tmp_path):
+    from personalign.provenance import evaluating_sources, label_sources_of_reward
+
+    experts = tmp_path / "experts"
+    for side in ("P1A", "P1B", "P2A", "P2B", "P3A"):
+        (experts / side).mkdir(parents=True)
+    _label_experts(experts, "llm:judge-7b")
+    assert label_sources_of_reward(f"rm:{tmp_path / 'rm-llm:judge-7b'}") == ["llm:judge-7b"]
+    assert label_sources_of_reward("offline") == ["offline"] and label_sources_of_reward("m:f") == ["m:f"]
+    assert label_sources_of_reward(f"rm:{tmp_path / 'gone'}") == ["unknown"]
+
+    class RM:
+        folder = tmp_path
+        sources = {"P1A": tmp_path / "rm-llm:judge-7b" / "P1A"}
+
+    assert evaluating_sources("rm-x-123", RM()) == ["llm:judge-7b"]
+    assert evaluating_sources("offline-abc") == ["offline"]
+
+
+def test_human_judge_writes_the_pairs_it_lacks_then_judges_them(tmp_path, tiny_model_dir, experts_dir, monkeypatch):
+    monkeypatch.setattr(evaluate, "load_embedder", lambda device="auto": _Embedder())
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text(json.dumps({"prompt": "unrelated", "side": "P1A", "a": "x", "b": "y", "verdict": "a"}) + "\n")
+    cfg = _cfg(tmp_path, tiny_model_dir, experts_dir, methods=["prompt", "vanilla"], judge="human",
+               judge_options={"kind": "human", "labels": str(labels)})
+    with pytest.raises(PersonalignError, match=r"pairs have no human label; they are in .*to_label.jsonl"):
+        evaluate.main(cfg)
+    (folder,) = (tmp_path / "run" / "judgments").iterdir()
+    rows = [json.loads(line) for line in (folder / "to_label.jsonl").read_text().splitlines()]
+    # At most one line per distinct (side, instruction, two answers): combinations x criteria x instructions
+    assert 0 < len(rows) <= 2 * 3 * 3 and all(r["verdict"] is None and r["criterion"] for r in rows)
+    assert len({(r["side"], r["prompt"], r["a"], r["b"]) for r in rows}) == len(rows)
+    for r in rows:  # a labeller who always prefers the longer answer
+        r["verdict"] = "a" if len(r["a"]) >= len(r["b"]) else "b"
+    with labels.open("a") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in rows)
+    res = evaluate.main(cfg)
+    assert sum(res["win_rates"]["vanilla"]["counts"].values()) == 18

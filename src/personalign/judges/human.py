@@ -62,3 +62,8 @@ class HumanLabelJudge(PairwiseJudge):
 
     def judge_many(self, items: Sequence[tuple[str, str, str]], side: str) -> list[Verdict]:
         return [self.judge(p, a, b, side) for p, a, b in items]
+
+    def has_label(self, prompt: str, a: str, b: str, side: str) -> bool:
+        """Whether the pair is labelled, in either order."""
+        sid = self.space.resolve(side)
+        return _key(sid, prompt, a, b) in self.labels or _key(sid, prompt, b, a) in self.labels

@@ -61,7 +61,7 @@ from typing import Any
 
 from personalign.config import to_dict
 from personalign.data import Instruction, JsonlWriter, load_prompts, read_completed
-from personalign.errors import ConfigError
+from personalign.errors import ConfigError, DataError
 from personalign.evaluation import pair_outcome, paired_differences, score_method
 from personalign.generation import SamplingConfig
 from personalign.generations import (
@@ -391,6 +391,34 @@ def paired_labels(specs: Sequence[str], evaluated: list[str], skipped: dict[str,
     return tuple(dict.fromkeys(labels))
 
 
+def to_label(plan: EvalPlan, responses: dict[Path, list[str]], caches: dict[tuple[str, str], dict[str, Any]],
+             keys: dict[tuple[str, str, str], list[str]], tasks: list[tuple[str, str, str]]) -> None:
+    """Human judge: before judging anything, write every pair its labels file lacks to
+    ``<judge folder>/to_label.jsonl`` (the two answers in an order fixed by a hash, so a labeller cannot
+    tell which is the method's; ``verdict`` empty) and stop with one line saying so."""
+    prompts = [it.prompt for it in plan.items]
+    rows: list[dict[str, Any]] = []
+    seen: set[tuple[str, str, str, str]] = set()
+    for side, m, c in tasks:
+        mine, ref = responses[plan.files[(m, c)]], responses[plan.files[(plan.reference.label, c)]]
+        for i, k in enumerate(keys[(side, m, c)]):
+            p, a, b = prompts[i], mine[i], ref[i]
+            if k in caches[(m, c)] or plan.judge.has_label(p, a, b, side) or (side, p, a, b) in seen:  # type: ignore[attr-defined]
+                continue
+            seen.add((side, p, a, b))
+            if int(k[:2], 16) % 2:
+                a, b = b, a
+            rows.append({"prompt": p, "side": side, "criterion": plan.space.sides[side].criterion, "a": a, "b": b,
+                         "verdict": None})
+    if rows:
+        path = plan.judge_dir / "to_label.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        raise DataError(f"{len(rows)} pairs have no human label; they are in {path}: set each verdict to a, b or "
+                        "tie (which answer better meets the criterion), add the lines to your labels file and "
+                        "run the same command again")
+
+
 def judge_phase(plan: EvalPlan, responses: dict[Path, list[str]], progress: bool
                 ) -> dict[str, dict[str, dict[str, list[str]]]]:
     """Phase 3: outcomes[method][combination][side], judging only pairs without a cached verdict.
@@ -412,6 +440,9 @@ def judge_phase(plan: EvalPlan, responses: dict[Path, list[str]], progress: bool
         mine, ref = responses[plan.files[(m, c)]], responses[plan.files[(plan.reference.label, c)]]
         keys[(side, m, c)] = [pair_key(side, p, a, b) for p, a, b in zip(prompts, mine, ref)]
         pending += sum(k not in caches[(m, c)] for k in keys[(side, m, c)])
+
+    if hasattr(plan.judge, "has_label"):
+        to_label(plan, responses, caches, keys, tasks)
 
     outcomes: dict[str, dict[str, dict[str, list[str]]]] = {
         m.label: {c: {} for c in plan.combos} for m in plan.methods
