@@ -79,7 +79,7 @@ def test_demo_command_real_model(tmp_path):
     from personalign.pcm import shipped_pcm_dir
 
     mope = "mope-pcm" if shipped_pcm_dir(EMBEDDED_DEFAULT) is not None else "mope-prob"
-    assert set(by_method) == {"prompt", "soup-psoups", mope}, set(by_method)
+    assert set(by_method) == {"prompt", "soup-exact", mope}, set(by_method)
     assert all(len(v) == 2 for v in by_method.values())
     assert by_method["prompt"][0] != by_method["prompt"][1]
 

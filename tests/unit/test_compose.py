@@ -208,6 +208,6 @@ def test_demo_composes_experts_next_to_prompting(tiny_model_dir, experts_dir):
                           experts=str(experts_dir), device="cpu", dtype="float32",
                           sampling=SamplingConfig(max_new_tokens=4, temperature=0.0))
     rows = demo.main(cfg, show=True)
-    assert [r["method"] for r in rows] == ["prompt", "soup-psoups", "mope-prob"]
+    assert [r["method"] for r in rows] == ["prompt", "soup-exact", "mope-prob"]
     only = demo.main(demo.DemoConfig(**{**cfg.__dict__, "compose": ()}), show=False)
     assert [r["method"] for r in only] == ["prompt"]
