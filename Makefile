@@ -47,14 +47,17 @@ bench: install
 	$(PY) bench/rl_throughput.py
 
 # The shipped experts, from scratch: rollouts, labels, reward models and RL experts (hours on a CPU;
-# rerun to resume), then copied into the package.
+# rerun to resume), then copied into the weights distribution, halved where answers do not change, carded.
 experts: install
 	$(VENV)/bin/personalign pipeline --config psoups-smollm2.yaml
 	$(PY) scripts/ship_experts.py runs/psoups-smollm2
+	$(PY) scripts/half_precision.py
+	$(PY) scripts/model_cards.py
 
 pcm: install
 	$(VENV)/bin/personalign train-pcm --config pcm-smollm2.yaml
 	$(PY) scripts/ship_pcm.py runs/pcm-smollm2-t07
+	$(PY) scripts/model_cards.py
 
 clean-venv:
 	rm -rf $(VENV)
