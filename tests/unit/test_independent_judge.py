@@ -81,3 +81,12 @@ def test_never_labels_training_data(tmp_path):
     with pytest.raises(ConfigError, match="evaluation only"):
         main(LabelConfig(rollouts=str(rollouts), output=str(tmp_path / "p.jsonl"),
                          judges=(JudgeConfig(kind="independent"),)))
+
+
+def test_a_missing_library_is_one_line_naming_the_extra(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "empath", None)  # import empath now raises ImportError
+    with pytest.raises(ConfigError, match=r"the independent judge needs the 'independent' extra .*"
+                                          r"pip install 'personalign\[independent\]'"):
+        IndependentJudge(embedder=object())

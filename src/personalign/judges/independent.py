@@ -90,7 +90,6 @@ _FAMILIES: dict[str, tuple[str, ...]] = {
 _POLES = {"P1A": ("expert", "elementary"), "P1B": ("elementary", "expert"),
           "P3A": ("dismissive", "warm"), "P3B": ("warm", "dismissive")}  # (away from, toward)
 _SIGN = {"P1A": -1.0, "P1B": 1.0, "P3A": 1.0, "P3B": -1.0}
-_INSTALL = "the independent judge needs the 'independent' extra: pip install 'personalign[independent]'"
 _WORD = re.compile(r"[A-Za-z0-9]+(?:['-][A-Za-z0-9]+)*")
 
 
@@ -126,10 +125,11 @@ class IndependentJudge(PairwiseJudge):
                 from personalign.report import load_embedder
 
                 embedder = load_embedder(device)
-        except ImportError:
+        except ImportError as exc:
             from personalign.errors import ConfigError
+            from personalign.extras import install_hint
 
-            raise ConfigError(_INSTALL) from None
+            raise ConfigError(install_hint("independent", module=getattr(exc, "name", None))) from None
         self._lexicon = Empath()
         self._embedder = embedder
         self._vectors: dict[str, Any] = {}
