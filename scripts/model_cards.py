@@ -57,14 +57,14 @@ def win_rates(eval_dir: Path | None, side: str) -> list[tuple[str, str, int]]:
 def storage_note(package: Path) -> str:
     path = package / HALF_CHECK
     if not path.is_file():
-        return "float32, as trained."
+        return "Stored in float32, as trained."
     check = json.loads(path.read_text())
     n_cases, n_prompts = len(check["cases"]), len(check["prompts"])
     if check.get("all_same"):
-        return (f"float16. Greedy answers ({check['max_new_tokens']} tokens) of {n_cases} cases (each expert alone, "
+        return (f"Stored in float16: greedy answers ({check['max_new_tokens']} tokens) of {n_cases} cases (each expert alone, "
                 f"both soups and MoPE) on {n_prompts} held-out instructions are identical to the float32 "
                 f"weights' (`{HALF_CHECK}`; the integration tests regenerate them from these weights).")
-    return "float32: float16 changed some answers (see `half_precision_check.json`)."
+    return "Stored in float32: float16 changed some answers (see `half_precision_check.json`)."
 
 
 def expert_card(folder: Path, package: Path, eval_dir: Path | None) -> str:
