@@ -8,10 +8,11 @@ evaluating judge is one of them.
 Sources are names: ``offline``, ``llm:<model>``, ``human``, a reward's ``module:function``, or
 ``unknown`` when the artefact does not say. They are read, never guessed, from (first found):
 
-* a reward model: ``label_judges`` in ``reward_config.json`` (written by ``train-rm``), else the
-  ``judge`` field of its training pairs for its sides;
-* an expert: ``label_judges`` in ``expert.json``, else its run's ``pipeline.json`` label judges,
-  else its reward (``offline``, ``rm:FOLDER`` as above, ``module:function``);
+* a reward model: ``label_judges`` in ``reward_config.json`` where recorded, else the ``judge`` field
+  of its training pairs (the file its run's ``config.json`` names) for its sides;
+* an expert: ``label_judges`` in ``expert.json`` (the shipping script records it), else its run's
+  ``pipeline.json`` label judges, else its reward (``offline``, ``rm:FOLDER`` as above,
+  ``module:function``), else the ``judge`` field of the pairs it was trained on (multitask);
 * a PCM: ``label_judges`` in ``pcm.json``, else its rewards, as for an expert.
 """
 
@@ -58,16 +59,23 @@ def pair_judges(pairs_file: str | Path, sides: Iterable[str] | None = None) -> l
     return _sorted(found) or [UNKNOWN]
 
 
+def _declared(path: Path) -> tuple[dict[str, Any], list[str] | None]:
+    """A metadata file and the label sources it declares: ``({}, [unknown])`` when it is unreadable,
+    ``(doc, None)`` when it declares none."""
+    doc = _read_json(path)
+    if doc is None:
+        return {}, [UNKNOWN]
+    return doc, (_sorted(doc["label_judges"]) if doc.get("label_judges") else None)
+
+
 def label_sources_of_rm(folder: str | Path) -> list[str]:
     """A reward model's label sources (a folder written by ``train-rm``)."""
     from personalign.reward_model import CONFIG
 
     folder = Path(folder)
-    cfg = _read_json(folder / CONFIG)
-    if cfg is None:
-        return [UNKNOWN]
-    if cfg.get("label_judges"):
-        return _sorted(cfg["label_judges"])
+    cfg, declared = _declared(folder / CONFIG)
+    if declared is not None:
+        return declared
     run_cfg = _read_json(folder / "config.json") or {}
     pairs = run_cfg.get("pairs")
     return pair_judges(pairs, cfg.get("sides")) if pairs else [UNKNOWN]
@@ -101,11 +109,9 @@ def _pipeline_label_judges(doc: dict[str, Any]) -> list[str]:
 def label_sources_of_dir(folder: str | Path, meta_name: str) -> list[str]:
     """An expert (``meta_name`` ``expert.json``) or a PCM (``pcm.json``) folder's label sources."""
     folder = Path(folder)
-    doc = _read_json(folder / meta_name)
-    if doc is None:
-        return [UNKNOWN]
-    if doc.get("label_judges"):
-        return _sorted(doc["label_judges"])
+    doc, declared = _declared(folder / meta_name)
+    if declared is not None:
+        return declared
     pipeline = _read_json(folder / "pipeline.json")
     if pipeline is not None and _pipeline_label_judges(pipeline):
         return _sorted(_pipeline_label_judges(pipeline))
