@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
-EXTRAS ?= judges,independent,embed,api,serve,dev,browser
+EXTRAS ?= judges,independent,embed,api,serve,dev,browser,ray
 
 .PHONY: install browser demo test test-unit test-integration bench experts pcm clean-venv
 

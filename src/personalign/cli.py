@@ -496,12 +496,16 @@ def merge(
 @_friendly_errors
 def pipeline(
     config: Annotated[Path, typer.Option("--config", "-c", help="Pipeline YAML (a path, or a shipped config name such as psoups-smollm2.yaml).")],
+    executor: Annotated[Optional[str], typer.Option("--executor", help="local (default: one process, in order) or ray (each reward model, expert, baseline and generation file a Ray task; needs the 'ray' extra).")] = None,
+    address: Annotated[Optional[str], typer.Option("--address", help="With --executor ray: an existing Ray cluster (auto, ray://HEAD:10001); default a local instance.")] = None,
+    num_cpus: Annotated[Optional[int], typer.Option("--num-cpus", help="With --executor ray and no --address: CPUs of the local instance.")] = None,
     set_: SetOpt = None,
 ) -> None:
     """Run rollouts -> labels -> reward models -> experts for every side; completed stages are skipped."""
     from personalign.recipes import pipeline as recipe
 
-    cfg = _load(recipe.PipelineConfig, config, {}, set_, folders=("run_dir",))
+    given = {"executor.kind": executor, "executor.address": address, "executor.num_cpus": num_cpus}
+    cfg = _load(recipe.PipelineConfig, config, given, set_, folders=("run_dir",))
     summary = recipe.main(cfg)
     rewards = summary["stages"].get("reward", {})
     for name, m in rewards.items():
@@ -552,7 +556,7 @@ def demo(
     model: ModelOpt = None,
     output_dir: Annotated[Optional[Path], typer.Option("--output-dir", help="Also write demo.jsonl here.")] = None,
     num_instructions: Annotated[Optional[int], typer.Option("--num-instructions", "-n", help="Default 3.")] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Default 160.")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Default 128.")] = None,
     experts: Annotated[Optional[Path], typer.Option("--experts", help="Folder of <SIDE>/ experts to compose (default: the shipped experts, if any).")] = None,
     prompting_only: Annotated[bool, typer.Option("--prompting-only", help="Show preference prompting only, even when experts exist.")] = False,
     device: DeviceArg = None,

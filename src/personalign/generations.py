@@ -302,16 +302,72 @@ def write_answers(spec: Personalization, build: Callable[[], PersonalizedModel],
     return rows
 
 
+@dataclass(frozen=True)
+class GenerationTask:
+    """One generation file as a unit of work another process can run (:func:`generate_file`)."""
+
+    cfg: Any  # the EvalConfig or ParetoConfig
+    job: GenerationJob
+    items: tuple[Instruction, ...]
+
+
+def generate_file(task: GenerationTask) -> int:
+    """Generate (or resume) one file with its own copy of the base model; the number of rows written."""
+    from personalign.models import load_model
+    from personalign.personalize import personalize
+
+    cfg, items = task.cfg, list(task.items)
+    spec = job_spec(cfg, task.job)
+
+    def build() -> PersonalizedModel:
+        base, tok = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+        return personalize(base, tok, spec)
+
+    rows = write_answers(spec, build, items, task.job.output, replace(cfg.sampling, seed=cfg.seed),
+                         batch_size=cfg.batch_size, progress=False)
+    return len(rows)
+
+
+def fan_out_generations(cfg: Any, jobs: dict[Path, GenerationJob], items: list[Instruction], executor: Any,
+                        run: Path | None = None) -> None:
+    """Generate every missing or incomplete file as one unit of ``executor`` (a Ray task each): files are
+    independent, each unit loads its own base model. Complete files are left alone; files made with weights
+    that changed since are moved aside first, as :func:`run_generations` does. Raises
+    :class:`~personalign.executors.UnitsFailed` listing the files that failed once the others are done."""
+    from personalign.executors import Unit
+
+    ledger = GenerationSources(run) if run is not None else None
+    units = []
+    for path, job in jobs.items():
+        if ledger is not None:
+            note = ledger.stale(path, generation_sources(job_spec(cfg, job)))
+            if note is not None:
+                print(note, file=sys.stderr)
+        if complete_rows(path, items) is None:
+            name = str(path)  # run/generations/<method>/<file>.jsonl -> generate/run/<method>/<file>
+            if run is not None and path.is_relative_to(run / "generations"):
+                name = f"{run.name}/{path.relative_to(run / 'generations').as_posix()}"
+            units.append(Unit(f"generate/{name.removesuffix('.jsonl')}", generate_file,
+                              GenerationTask(cfg, job, tuple(items)), "generate"))
+    if units:
+        executor.run(units).raise_failures()
+
+
 def run_generations(cfg: Any, jobs: dict[Path, GenerationJob], items: list[Instruction], progress: bool,
-                    desc: str = "eval generate", run: Path | None = None) -> dict[Path, list[str]]:
+                    desc: str = "eval generate", run: Path | None = None,
+                    executor: Any = None) -> dict[Path, list[str]]:
     """Each job's responses: complete files are read, others generated or resumed.
 
     The base model is loaded once, on the first file that needs it, and personalized per file. With
     ``run`` (the run folder), each file's weights are checked against ``generations/sources.json``
     first: a file made by an expert, adapter or PCM that has been retrained since is regenerated.
+    With a Ray ``executor`` (:mod:`personalign.executors`), the missing files are generated first, one
+    task each (:func:`fan_out_generations`); a local executor changes nothing.
     """
     from personalign.personalize import personalize
 
+    if executor is not None and executor.kind != "local":
+        fan_out_generations(cfg, jobs, items, executor, run)
     out: dict[Path, list[str]] = {}
     ledger = GenerationSources(run) if run is not None else None
     base: list[Any] = []

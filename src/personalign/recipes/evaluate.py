@@ -500,11 +500,12 @@ def text_phase(plan: EvalPlan, responses: dict[Path, list[str]], cfg: EvalConfig
     return out, notes
 
 
-def main(cfg: EvalConfig, judge: PairwiseJudge | None = None) -> dict[str, Any]:
+def main(cfg: EvalConfig, judge: PairwiseJudge | None = None, executor: Any = None) -> dict[str, Any]:
     """Evaluate and write the report; return the results (``personalign.report``'s layout).
 
     ``judge`` replaces the configured one (any :class:`PairwiseJudge`; its verdicts are cached under
-    ``judgments/<judge.name>/``).
+    ``judgments/<judge.name>/``). ``executor`` (:mod:`personalign.executors`): a Ray executor generates
+    the missing files one task each; judging stays in this process.
     """
     # -- validate: every check that needs no model ---------------------------------------------
     plan = validate(cfg, judge)
@@ -525,7 +526,7 @@ def main(cfg: EvalConfig, judge: PairwiseJudge | None = None) -> dict[str, Any]:
     (run / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
 
     # -- generate (resumable; complete files are read, never regenerated) ------------------------
-    responses = run_generations(cfg, plan.jobs, plan.items, cfg.progress, run=run)
+    responses = run_generations(cfg, plan.jobs, plan.items, cfg.progress, run=run, executor=executor)
 
     # -- judge (both orders, cached per judge) ---------------------------------------------------
     try:

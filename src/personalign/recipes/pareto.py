@@ -179,9 +179,10 @@ def measure(side: str, prompts: Sequence[str], responses: Sequence[str]) -> floa
     return sum(side_score(side, p, r) for p, r in zip(prompts, responses)) / len(responses)
 
 
-def main(cfg: ParetoConfig) -> dict[str, Any]:
+def main(cfg: ParetoConfig, executor: Any = None) -> dict[str, Any]:
     """Sweep, measure, and write pareto.json/md/png; return the result
-    (``report.pareto_markdown``'s layout)."""
+    (``report.pareto_markdown``'s layout). ``executor`` (:mod:`personalign.executors`): a Ray executor
+    generates the missing points' files one task each."""
     # -- validate ------------------------------------------------------------------------------------
     plan = validate(cfg)
     run = Path(cfg.run_dir)
@@ -190,7 +191,8 @@ def main(cfg: ParetoConfig) -> dict[str, Any]:
     (run / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
 
     # -- generate ------------------------------------------------------------------------------------
-    responses = run_generations(cfg, plan.jobs, plan.items, cfg.progress, desc="pareto generate", run=run)
+    responses = run_generations(cfg, plan.jobs, plan.items, cfg.progress, desc="pareto generate", run=run,
+                                executor=executor)
 
     # -- measure -------------------------------------------------------------------------------------
     sx, sy = plan.sides

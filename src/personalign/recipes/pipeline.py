@@ -6,7 +6,14 @@ are two more stages, run when ``stages`` names them: ``multitask`` (one adapter 
 chosen responses of every side's pairs) and ``pmorl`` (one policy trained by RL on whole
 combinations, each side rewarded by its reward model). Each stage's outputs live in
 the run folder; a stage whose outputs are complete is skipped, and an interrupted stage resumes, so
-the same command finishes a run however often it is stopped.
+the same command finishes a run however often it is stopped. Two more stages evaluate the run's
+experts: ``eval`` (the ``eval`` recipe, into eval/) and ``pareto`` (the Pareto sweep, into pareto/).
+
+The units of the later stages are independent (each reward model, each side's expert after its reward
+model, each baseline, each evaluation or Pareto generation file): ``executor: {kind: ray}`` (the CLI's
+``--executor ray``) runs them as Ray tasks with the resources of ``executor.resources``, reports a
+failing unit with its traceback while the others finish, and a rerun does only what is missing
+(:mod:`personalign.executors`, docs/scaling.md). Without it they run in this process, in order.
 
 Every stage config is built and validated before anything runs: a typo in the last section fails
 at once, not an hour later.
@@ -21,6 +28,8 @@ Run folder layout::
     rm/multihead/           stage 3, all sides in one model (when multihead: true)
     baselines/multitask/    stage multitask (adapter/ + expert.json, for eval's adapter:PATH)
     baselines/pmorl/        stage pmorl
+    eval/  pareto/          stages eval and pareto (the eval and pareto recipes' run folders)
+    executor.jsonl          each unit's start, finish, failure or reuse, and where it ran
     summary.json            per-side pair counts, reward-model accuracy and training time
 """
 
@@ -32,11 +41,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from personalign.adapters import WEIGHTS_FILE
 from personalign.config import from_dict, to_dict
 from personalign.errors import ConfigError
+from personalign.executors import ExecutorConfig, Unit, make_executor
 from personalign.preferences import PSOUPS_SIDES, load_space
 from personalign.recipes import label, rollout, train_expert, train_multitask, train_pmorl, train_rm
-from personalign.reward_model import CONFIG
+from personalign.reward_model import CONFIG, WEIGHTS
+from personalign.rl import ADAPTER_DIR, EXPERT_JSON
 
 
 @dataclass(frozen=True)
@@ -62,14 +74,22 @@ class PipelineConfig:
     multitask: dict[str, Any] = field(default_factory=dict)
     pmorl: dict[str, Any] = field(default_factory=dict)
     stages: tuple[str, ...] = ("rollout", "label", "reward", "expert")
+    # Fields of EvalConfig and ParetoConfig for the stages ``eval`` and ``pareto``, which evaluate this
+    # run's experts (``experts`` defaults to <run_dir>/experts) into <run_dir>/eval and <run_dir>/pareto.
+    eval: dict[str, Any] = field(default_factory=dict)
+    pareto: dict[str, Any] = field(default_factory=dict)
+    # Where the independent units run (docs/scaling.md): in this process, in order (local), or as Ray
+    # tasks (ray), each asking for its kind's resources.
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
 
 
-STAGES = ("rollout", "label", "reward", "expert", "multitask", "pmorl")
+STAGES = ("rollout", "label", "reward", "expert", "multitask", "pmorl", "eval", "pareto")
 _DERIVED = {"rollout": {"output", "sides", "model", "dimensions"}, "label": {"rollouts", "output", "dimensions"},
             "reward": {"pairs", "output_dir", "sides", "model", "dimensions"},
             "expert": {"side", "output_dir", "model", "dimensions"},
             "multitask": {"pairs", "output_dir", "sides", "model", "dimensions"},
-            "pmorl": {"output_dir", "sides", "model", "dimensions"}}
+            "pmorl": {"output_dir", "sides", "model", "dimensions"},
+            "eval": {"run_dir", "model", "dimensions"}, "pareto": {"run_dir", "model", "dimensions"}}
 
 
 def build_baseline_configs(cfg: PipelineConfig) -> tuple[train_multitask.TrainMultitaskConfig,
@@ -89,6 +109,19 @@ def build_baseline_configs(cfg: PipelineConfig) -> tuple[train_multitask.TrainMu
                    {**cfg.pmorl, **common, "rewards": rewards, "output_dir": str(run / "baselines" / "pmorl")},
                    "pmorl")
     return mt, pm
+
+
+def build_evaluation_configs(cfg: PipelineConfig) -> tuple[Any, Any]:
+    """The ``eval`` and ``pareto`` stages' configs: this run's experts, into <run_dir>/eval and /pareto."""
+    from personalign.recipes import evaluate, pareto
+
+    run = Path(cfg.run_dir)
+    common = {"model": cfg.model, "dimensions": cfg.dimensions}
+    ev = from_dict(evaluate.EvalConfig, {"experts": str(run / "experts"), **cfg.eval, **common,
+                                         "run_dir": str(run / "eval")}, "eval")
+    pa = from_dict(pareto.ParetoConfig, {"experts": str(run / "experts"), **cfg.pareto, **common,
+                                         "run_dir": str(run / "pareto")}, "pareto")
+    return ev, pa
 
 
 def _side_overrides(space: Any, sides: tuple[str, ...], given: dict[str, Any], section: str,
@@ -185,7 +218,44 @@ def build_stage_configs(cfg: PipelineConfig) -> tuple[rollout.RolloutConfig, lab
         if "pmorl" in cfg.stages:  # reward models still to come from stage 3 stand in as offline
             ready = {s: r for s, r in pm.rewards.items() if not _pending(r)}
             train_pmorl.validate(replace(pm, rewards=ready, reward="offline") if ready != pm.rewards else pm)
+    if "eval" in cfg.stages or "pareto" in cfg.stages:  # their fields now; their experts once trained
+        build_evaluation_configs(cfg)
     return roll, lab, rms
+
+
+def _trained(folder: str) -> bool:
+    """The files whose presence makes train-expert, train-multitask and train-pmorl return at once."""
+    return (Path(folder) / EXPERT_JSON).is_file() and (Path(folder) / ADAPTER_DIR / WEIGHTS_FILE).is_file()
+
+
+def training_units(cfg: PipelineConfig, rms: dict[str, train_rm.TrainRMConfig]) -> list[Unit]:
+    """Stages reward, expert, multitask and pmorl as independent units, in the order one process runs
+    them: each reward model; each side's expert after its side's reward model (when it trains against
+    it); multitask; P-MORL after the reward models it is rewarded by. A unit whose outputs are complete is
+    ``done`` (its recipe returns at once)."""
+    run = Path(cfg.run_dir)
+    units: list[Unit] = []
+    if "reward" in cfg.stages:
+        for name, rm_cfg in rms.items():
+            out = Path(rm_cfg.output_dir)
+            units.append(Unit(f"reward/{name}", train_rm.main, rm_cfg, "reward",
+                              done=(out / WEIGHTS).is_file() and (out / CONFIG).is_file()))
+    ours = {f"rm:{run / 'rm' / name}": f"reward/{name}" for name in rms} if "reward" in cfg.stages else {}
+    if "expert" in cfg.stages:
+        for side, ex_cfg in build_expert_configs(cfg).items():
+            after = (ours[ex_cfg.reward],) if ex_cfg.reward in ours else ()
+            units.append(Unit(f"expert/{side}", train_expert.main, ex_cfg, "expert", after,
+                              done=_trained(ex_cfg.output_dir)))
+    if "multitask" in cfg.stages or "pmorl" in cfg.stages:
+        mt, pm = build_baseline_configs(cfg)
+        if "multitask" in cfg.stages:
+            units.append(Unit("baseline/multitask", train_multitask.main, mt, "baseline",
+                              done=_trained(mt.output_dir)))
+        if "pmorl" in cfg.stages:
+            after = tuple(ours[r] for r in pm.rewards.values() if r in ours)
+            units.append(Unit("baseline/pmorl", train_pmorl.main, pm, "baseline", after,
+                              done=_trained(pm.output_dir)))
+    return units
 
 
 def _complete(path: Path, expected_lines: int) -> bool:
@@ -219,27 +289,38 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
             stats = label.main(lab)
         summary["stages"]["label"] = stats
 
-    if "reward" in cfg.stages:
-        results = {}
-        for name, rm_cfg in rms.items():
-            results[name] = train_rm.main(rm_cfg)  # returns at once when already trained
-            summary["stages"]["reward"] = results
-            _write_summary(run, summary)
+    # -- reward models, experts, baselines: independent units, in this process or as Ray tasks --------
+    executor = make_executor(cfg.executor, log=run / "executor.jsonl")
+    stage_of = {"reward": "reward", "expert": "expert", "baseline": ""}
 
-    if "expert" in cfg.stages:
-        experts = {}
-        for side, ex_cfg in build_expert_configs(cfg).items():
-            experts[side] = train_expert.main(ex_cfg)  # returns at once when already trained
-            summary["stages"]["expert"] = experts
-            _write_summary(run, summary)
+    def record(name: str, result: Any) -> None:
+        kind, _, key = name.partition("/")
+        if stage_of[kind]:
+            summary["stages"].setdefault(stage_of[kind], {})[key] = result
+        else:  # baseline/multitask -> stages.multitask
+            summary["stages"][key] = result
+        _write_summary(run, summary)
 
-    if "multitask" in cfg.stages or "pmorl" in cfg.stages:
-        mt, pm = build_baseline_configs(cfg)
-        if "multitask" in cfg.stages:
-            summary["stages"]["multitask"] = train_multitask.main(mt)  # returns at once when trained
+    report = executor.run(training_units(cfg, rms), on_done=record)
+    if report.failures:
+        summary["failed"] = {name: f.error for name, f in report.failures.items()}
+        _write_summary(run, summary)
+        report.raise_failures()
+
+    # -- evaluation and Pareto sweep of this run's experts (their generation files fan out) ----------
+    if "eval" in cfg.stages or "pareto" in cfg.stages:
+        from personalign.recipes import evaluate, pareto
+
+        ev, pa = build_evaluation_configs(cfg)
+        if "eval" in cfg.stages:
+            results = evaluate.main(ev, executor=executor)
+            summary["stages"]["eval"] = {"report": results["files"]["markdown"],
+                                         "win_rate": {m: w["avg"]["value"] for m, w in results["win_rates"].items()}}
             _write_summary(run, summary)
-        if "pmorl" in cfg.stages:
-            summary["stages"]["pmorl"] = train_pmorl.main(pm)
+        if "pareto" in cfg.stages:
+            result = pareto.main(pa, executor=executor)
+            summary["stages"]["pareto"] = {"report": result["files"]["markdown"],
+                                           "hypervolume": {m: v["hypervolume"] for m, v in result["methods"].items()}}
     _write_summary(run, summary)
     return summary
 
