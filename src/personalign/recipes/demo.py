@@ -43,7 +43,9 @@ class DemoConfig:
     batch_size: int = 8  # unused: every row decodes in one shared batch (kept so old configs load)
     device: str = "auto"
     dtype: str = "auto"
-    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=160, temperature=0.0))
+    # 128 new tokens: long enough for the long answers (informative, expert) to show their difference from the
+    # short ones, which end well before; every row stops at its end of sequence.
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=128, temperature=0.0))
     experts: str | None = None  # None: the shipped experts, when there are any for the model
     # Composition methods shown when experts exist; mope is weighted by the shipped PCM when the demo
     # uses the shipped experts and a PCM ships for them, else by the preference's fixed weights.
