@@ -30,6 +30,7 @@ EXTRA_USES = {
     "api": "the LLM judge",
     "serve": "the server",
     "browser": "the playground's browser test",
+    "ray": "the Ray executor (--executor ray)",
     "dev": "the test suite",
 }
 # Code whose import of a library shared by several extras says which one it needs.

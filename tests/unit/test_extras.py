@@ -39,6 +39,10 @@ def test_every_optional_library_maps_to_the_extra_that_lists_it():
     assert extras.missing_extra(ValueError("x")) is None
 
 
+def test_every_extra_has_words_for_its_message():
+    assert set(extras.extras()) - {"dev"} <= set(extras.EXTRA_USES), set(extras.extras()) - set(extras.EXTRA_USES)
+
+
 def test_an_import_error_raised_from_the_missing_module_names_its_extra():
     try:
         try:
