@@ -241,8 +241,12 @@ class ModelStep:
 # -- the loop ---------------------------------------------------------------------------------------------
 
 
-def sample_next(scores: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
-    """Next token per row from (B, V) scores: greedy at temperature 0, else temperature, top-p, one draw."""
+def sample_next(scores: torch.Tensor, sampling: SamplingConfig,
+                generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
+    """Next token per row from (B, V) scores: greedy at temperature 0, else temperature, top-p, one draw.
+
+    ``generator`` a sequence: one generator per row, each row drawing from its own, so a row's tokens do
+    not depend on the other rows of its batch (data-parallel RL samples a global batch in slices)."""
     if sampling.temperature == 0:
         return scores.argmax(-1)
     scores = scores / sampling.temperature
@@ -252,7 +256,12 @@ def sample_next(scores: torch.Tensor, sampling: SamplingConfig, generator: torch
         drop = sorted_scores.softmax(-1).cumsum(-1) <= (1 - sampling.top_p)
         drop[..., -1:] = False
         scores = scores.masked_fill(drop.scatter(1, order, drop), -torch.inf)
-    return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
+    probs = scores.softmax(-1)
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    if len(generator) != probs.shape[0]:
+        raise ValueError(f"{len(generator)} generators for {probs.shape[0]} rows; give one per row")
+    return torch.cat([torch.multinomial(probs[i : i + 1], 1, generator=g).squeeze(1) for i, g in enumerate(generator)])
 
 
 def sample_rows(scores: torch.Tensor, temperature: Sequence[float], top_p: Sequence[float],
@@ -341,7 +350,7 @@ class Decoded:
 
 
 def decode_steps(step: Step, input_ids: torch.Tensor, mask: torch.Tensor, sampling: SamplingConfig, *,
-                 eos: Sequence[int], pad: int, generator: torch.Generator | None,
+                 eos: Sequence[int], pad: int, generator: torch.Generator | Sequence[torch.Generator] | None,
                  stop: Callable[[torch.Tensor], torch.Tensor] | None = None, inference: bool = False,
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield ``(tokens, valid, finished)`` (each (B,)) after every step of decoding a left-padded batch.
@@ -402,7 +411,7 @@ def decode_steps(step: Step, input_ids: torch.Tensor, mask: torch.Tensor, sampli
 
 
 def decode(step: Step, input_ids: torch.Tensor, mask: torch.Tensor, sampling: SamplingConfig, *,
-           eos: Sequence[int], pad: int, generator: torch.Generator | None,
+           eos: Sequence[int], pad: int, generator: torch.Generator | Sequence[torch.Generator] | None,
            stop: Callable[[torch.Tensor], torch.Tensor] | None = None, inference: bool = False) -> Decoded:
     """Decode a left-padded (B, L) batch to the end; see :func:`decode_steps`."""
     toks, valid = [], []

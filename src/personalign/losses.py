@@ -3,6 +3,8 @@ re-derives a formula."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -106,17 +108,25 @@ def select_l2_by_cv(diff: torch.Tensor, groups: list[str], grid: list[float], fo
 # including end-of-sequence) and 0 on padding. Every reduction over tokens uses the mask.
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None,
+                all_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Mean of ``x`` over the entries where ``mask`` is 1. With ``all_sum`` (sum a tensor over the
+    processes of a data-parallel run; ``dim`` None only) the mean is over every process's entries."""
     mask = mask.to(x.dtype)
     if dim is None:
+        if all_sum is not None:
+            total, count = all_sum(torch.stack([(x * mask).sum(), mask.sum()]))
+            return total / count.clamp(min=1)
         return (x * mask).sum() / mask.sum().clamp(min=1)
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """Normalise to unit variance (and zero mean) over the masked entries."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
+                  all_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Normalise to unit variance (and zero mean) over the masked entries (every process's, with
+    ``all_sum``: see :func:`masked_mean`)."""
+    mean = masked_mean(x, mask, all_sum=all_sum)
+    var = masked_mean((x - mean) ** 2, mask, all_sum=all_sum)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         out = out + mean

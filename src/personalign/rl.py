@@ -30,6 +30,7 @@ from torch import nn
 
 from personalign.checkpoint import load_checkpoint, save_checkpoint
 from personalign.config import finite, require
+from personalign.distributed import Dist
 from personalign.errors import ModelError
 from personalign.generation import batch_seed
 from personalign.losses import (
@@ -199,14 +200,22 @@ class Rollout:
 
 def rollout(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], eos_ids: list[int],
             *, max_new_tokens: int, temperature: float, top_p: float = 1.0,
-            autocast: bool = False, generator: torch.Generator | None = None) -> Rollout:
+            autocast: bool = False, generator: torch.Generator | None = None,
+            seeds: list[int] | None = None) -> Rollout:
     """Sample one response per input text (no repetition penalty), stopping at any of ``eos_ids``.
 
-    ``generator`` None draws from torch's global generator, which the recipes seed per step.
+    ``seeds``: one per text, each row drawing from its own generator, so a sample does not depend on
+    which other texts share its batch (the recipes seed each sample by its index in the global batch,
+    and any number of processes then draws the same samples). Otherwise ``generator``, or with None
+    torch's global generator.
     """
     from personalign.generation import ModelStep, SamplingConfig, decode, encode_batch, pad_token_id
 
     device = next(model.parameters()).device
+    if seeds is not None:
+        if len(seeds) != len(texts):
+            raise ValueError(f"{len(seeds)} seeds for {len(texts)} texts; give one per text")
+        generator = [torch.Generator(device=device).manual_seed(s) for s in seeds]
     ids, prompt_mask = encode_batch(tokenizer, texts, device)
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                               repetition_penalty=1.0)
@@ -279,10 +288,14 @@ def save_adapter(model: Any, folder: Path) -> None:
 class RLState:
     """What an RL loop over a LoRA policy trains and resumes: the adapter (and, for PPO, a value head
     on the last hidden state), AdamW over both, the running reward statistics and the KL controller.
-    Shared by ``train-expert`` and ``train-pmorl``; a checkpoint holds all of it plus the step."""
+    Shared by ``train-expert`` and ``train-pmorl``; a checkpoint holds all of it plus the step.
 
-    def __init__(self, model: Any, c: Any):
+    ``dist``: the data-parallel processes (:mod:`personalign.distributed`); each holds its slice of
+    every batch, and only the main one writes."""
+
+    def __init__(self, model: Any, c: Any, dist: Dist | None = None):
         self.model = model
+        self.dist = dist or Dist()
         self.value_head: nn.Module | None = None
         if c.algorithm == "ppo":
             self.value_head = nn.Linear(model.config.hidden_size, 1).to(next(model.parameters()).device)
@@ -291,13 +304,15 @@ class RLState:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if self.value_head is not None:
             self.params += list(self.value_head.parameters())
+        self.dist.broadcast(self.params)  # equal on every process from the start (they are seeded alike)
         self.opt = torch.optim.AdamW(self.params, lr=c.lr, weight_decay=c.weight_decay)
         self.stats = RunningMeanStd()
         self.kl_ctl = AdaptiveKLController(c.kl_coef, c.kl_target, c.kl_horizon)
 
     def normalize(self, score: torch.Tensor) -> torch.Tensor:
-        """Fold this batch's scores into the running statistics, then return them normalised (float)."""
-        self.stats.update(score)
+        """Fold this batch's scores (every process's) into the running statistics, then return this
+        process's normalised (float)."""
+        self.stats.update(self.dist.gather(score))
         return self.stats.normalize(score).float()
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
@@ -320,9 +335,12 @@ class RLState:
             self.value_head.load_state_dict({k[11:]: v for k, v in state.items() if k.startswith("value_head.")})
 
     def save_checkpoint(self, folder: Path, step: int, **extra: Any) -> None:
-        save_checkpoint(folder, self.trainable_state(), self.opt,
-                        {"step": step, "reward_stats": self.stats.state_dict(), "kl_coef": self.kl_ctl.value,
-                         **extra})
+        """Written by the main process (every process holds the same state); the others wait for it."""
+        if self.dist.is_main:
+            save_checkpoint(folder, self.trainable_state(), self.opt,
+                            {"step": step, "reward_stats": self.stats.state_dict(), "kl_coef": self.kl_ctl.value,
+                             **extra})
+        self.dist.barrier()
 
     def resume(self, folder: Path) -> tuple[int, dict[str, Any]]:
         """Load the checkpoint in ``folder`` if there is one: (its step, its progress record), else (0, {})."""
@@ -336,13 +354,16 @@ class RLState:
         return int(progress["step"]), progress
 
     def save(self, out: Path) -> None:
-        """The adapter (``adapter/``) and, for PPO, the value head (``value_head.safetensors``)."""
-        save_adapter(self.model, out / ADAPTER_DIR)
-        if self.value_head is not None:
-            from safetensors.torch import save_file
+        """The adapter (``adapter/``) and, for PPO, the value head (``value_head.safetensors``); by the
+        main process, the others waiting for it."""
+        if self.dist.is_main:
+            save_adapter(self.model, out / ADAPTER_DIR)
+            if self.value_head is not None:
+                from safetensors.torch import save_file
 
-            save_file({k: v.detach().contiguous().cpu() for k, v in self.value_head.state_dict().items()},
-                      str(out / VALUE_HEAD))
+                save_file({k: v.detach().contiguous().cpu() for k, v in self.value_head.state_dict().items()},
+                          str(out / VALUE_HEAD))
+        self.dist.barrier()
 
 
 def expert_summary(rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -396,12 +417,21 @@ def single_pass(model: nn.Module, c: RLSettings, n: int) -> bool:
             and not any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()))
 
 
-def rl_update(state: RLState, ro: Rollout, score_n: torch.Tensor, c: RLSettings) -> dict[str, float]:
+def rl_update(state: RLState, ro: Rollout, score_n: torch.Tensor, c: RLSettings, first: int = 0,
+              total: int | None = None) -> dict[str, float]:
     """reference log-probs -> KL penalty -> advantages -> loss -> step, for one batch of rollouts whose
-    normalised scores are ``score_n`` (N,). Shared by train-expert and train-pmorl."""
+    normalised scores are ``score_n`` (N,). Shared by train-expert and train-pmorl.
+
+    Data-parallel (``state.dist`` active): this process holds samples ``first .. first + N`` of a
+    global batch of ``total`` (whole groups); minibatches are drawn over the global batch, each
+    process's loss is its share of the global token mean, and the gradients are summed, so the step
+    is the one-process step on the global batch. The returned metrics are the global batch's."""
     model, value_head, opt, params, kl_ctl = state.model, state.value_head, state.opt, state.params, state.kl_ctl
+    dist = state.dist
+    all_sum = dist.all_sum if dist.active else None
     device = score_n.device
     n, t = ro.response.shape
+    total = n if total is None else total
     mask = ro.mask  # (N, T)
     g = c.group_size
 
@@ -409,7 +439,7 @@ def rl_update(state: RLState, ro: Rollout, score_n: torch.Tensor, c: RLSettings)
         return torch.autocast(device.type, dtype=torch.bfloat16) if c.autocast_bf16 else nullcontext()
 
     # -- the sampling policy's log-probs, and the reference's: the same model with the adapter disabled
-    single = single_pass(model, c, n)
+    single = single_pass(model, c, total)
     if single:  # one update on the whole batch: its forward pass gives the old log-probs too
         model.train()
         with autocast():
@@ -434,45 +464,62 @@ def rl_update(state: RLState, ro: Rollout, score_n: torch.Tensor, c: RLSettings)
         last = (mask.sum(1).long() - 1).clamp(min=0)
         rewards[torch.arange(n, device=device), last] += score_n
         advantages, returns = gae_advantages(rewards, old_values, mask, c.gamma, c.lam)
-        advantages = masked_whiten(advantages, mask)
+        advantages = masked_whiten(advantages, mask, all_sum=all_sum)
     else:
         advantages = group_advantages(score_n - beta * seq_kl, g, c.algorithm)  # (N,)
         returns = None
 
-    # -- loss and step: ppo_epochs passes over the batch in minibatches
+    # -- loss and step: ppo_epochs passes over the (global) batch in minibatches
     model.train()
     sums = {"loss": 0.0, "policy_loss": 0.0, "value_loss": 0.0, "clipfrac": 0.0}
     updates = 0
     for _ in range(c.ppo_epochs):
-        for sel in torch.randperm(n, device=device).split(c.minibatch_size or n):
+        for global_sel in torch.randperm(total, device=device).split(c.minibatch_size or total):
             if single:
-                sel, values = torch.arange(n, device=device), None  # the forward pass above, in order
-            else:
-                with autocast():
-                    logp, values, _ = response_logprobs(model, ro.input_ids[sel], ro.attention_mask[sel], t,
-                                                           c.temperature, value_head)
-            if c.algorithm == "ppo":
-                pl, info = ppo_policy_loss(logp, old_logp[sel], advantages[sel], mask[sel], c.clip_range)
-                vl = ppo_value_loss(values, old_values[sel], returns[sel], mask[sel], c.value_clip_range)
-                loss = pl + c.vf_coef * vl
-                sums["value_loss"] += vl.item()
-            else:
-                pl, info = sequence_policy_loss(logp, old_logp[sel], advantages[sel], mask[sel], c.clip_range)
-                loss = pl
+                sel = torch.arange(n, device=device)  # the forward pass above, in order
+            else:  # this process's samples of the minibatch
+                mine = (global_sel >= first) & (global_sel < first + n)
+                sel = global_sel[mine] - first
+            # this process's share of the minibatch's token mean: its tokens over every process's
+            tokens = mask[sel].sum()
+            weight = tokens / dist.all_sum(tokens).clamp(min=1) if dist.active else 1.0
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if len(sel) > 0:
+                if not single:
+                    with autocast():
+                        logp, values, _ = response_logprobs(model, ro.input_ids[sel], ro.attention_mask[sel], t,
+                                                               c.temperature, value_head)
+                if c.algorithm == "ppo":
+                    pl, info = ppo_policy_loss(logp, old_logp[sel], advantages[sel], mask[sel], c.clip_range)
+                    vl = ppo_value_loss(values, old_values[sel], returns[sel], mask[sel], c.value_clip_range)
+                    loss = pl + c.vf_coef * vl
+                else:
+                    pl, info = sequence_policy_loss(logp, old_logp[sel], advantages[sel], mask[sel], c.clip_range)
+                    vl = torch.zeros(())
+                    loss = pl
+                (loss * weight).backward()
+                parts = torch.stack([loss.detach().float().cpu(), pl.detach().float().cpu(),
+                                     vl.detach().float().cpu(), torch.tensor(info["clipfrac"])])
+            else:  # none of this process's samples in the minibatch: it adds zero gradients
+                parts = torch.zeros(4)
+            dist.sum_grads(params)
             torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
             opt.step()
-            sums["loss"] += loss.item()
-            sums["policy_loss"] += pl.item()
-            sums["clipfrac"] += info["clipfrac"]
+            if dist.active:
+                parts = dist.all_sum((parts * float(weight)).to(device)).cpu()
+            sums["loss"] += float(parts[0])
+            sums["policy_loss"] += float(parts[1])
+            sums["value_loss"] += float(parts[2])
+            sums["clipfrac"] += float(parts[3])
             updates += 1
+    objective = dist.gather(score_n - beta * seq_kl)  # (total,)
+    seq_kl_all = dist.gather(seq_kl)
     if c.adaptive_kl:
-        kl_ctl.update(float(seq_kl.mean()), n)
+        kl_ctl.update(float(seq_kl_all.mean()), total)
     return {
-        "train/reward_total": float((score_n - beta * seq_kl).mean()),
-        "train/kl": float(seq_kl.mean()),
+        "train/reward_total": float(objective.mean()),
+        "train/kl": float(seq_kl_all.mean()),
         "train/kl_coef": beta,
-        "train/entropy": float(masked_mean(entropy, mask)),
+        "train/entropy": float(masked_mean(entropy, mask, all_sum=all_sum)),
         **{f"train/{k}": v / updates for k, v in sums.items() if c.algorithm == "ppo" or k != "value_loss"},
     }

@@ -26,9 +26,16 @@ were drawn from; sampling uses no top-k and no repetition penalty (and top-p 1 b
 the loss sees the probabilities the samples actually had. Rollouts stop at end-of-sequence (every id
 from :func:`eos_token_ids`); the response mask covers the tokens up to and including the first one.
 
-Determinism and resumption: each step reseeds torch from (seed, step) before sampling, and the
-prompts of a step come from a seeded shuffle per pass over the data, so step s does the same work
-whether or not the run was interrupted. Every ``checkpoint_every`` steps the checkpoint holds the
+Determinism and resumption: each sample is drawn from its own generator, seeded by (seed, step, its
+index in the step's batch); torch is reseeded from (seed, step) for the rest of the step (minibatch
+order, dropout), and the prompts of a step come from a seeded shuffle per pass over the data, so
+step s does the same work whether or not the run was interrupted.
+
+Data parallel (under ``torchrun`` or ``accelerate launch``, see docs/distributed.md): each process
+takes a contiguous slice of the step's prompts (whole groups), samples and scores them, and the
+update sums the gradients over processes (:func:`rl_update`), so the step is the one-process step
+on the same global batch (``batch_prompts`` is the global count) and the same samples are drawn.
+Only the main process writes the run folder. Every ``checkpoint_every`` steps the checkpoint holds the
 LoRA and value-head tensors, the AdamW state, the RNG, the reward statistics, the KL coefficient and
 the step; running the same command again resumes from it, dropping metrics lines written after it.
 
@@ -53,11 +60,14 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from personalign.config import to_dict
+from personalign.distributed import init as init_distributed
+from personalign.errors import ConfigError
 from personalign.generation import batch_seed, eos_token_ids
 from personalign.personalize import Method, build_prompts
 from personalign.reward_model import LoraSpec
@@ -171,22 +181,30 @@ def validate(cfg: TrainExpertConfig) -> Plan:
 def main(cfg: TrainExpertConfig) -> dict[str, float]:
     plan = validate(cfg)  # before any model loads
     c, side = plan.cfg, plan.side
-    out = prepare_run_dir(cfg.output_dir, cfg)
+    dist = init_distributed(c.device)  # one process unless a launcher started several
+    if c.batch_prompts < dist.world:
+        raise ConfigError(f"batch_prompts is {c.batch_prompts}, fewer than the {dist.world} processes: each "
+                          f"process needs at least one prompt per step (batch_prompts={dist.world} or more)")
+    if dist.is_main:
+        prepare_run_dir(cfg.output_dir, cfg)
+    dist.barrier()
+    out = Path(cfg.output_dir)
     logger = MetricsLogger(out)
     if (out / EXPERT_JSON).is_file() and (out / ADAPTER_DIR / "adapter_model.safetensors").is_file():
         return json.loads((out / EXPERT_JSON).read_text()).get("metrics", {})
+    device_name = dist.resolve_device(c.device)
 
     # -- model: the policy is the base with a LoRA adapter; the reference is the same with it disabled
     from personalign.models import load_model
     from personalign.reward_model import base_fingerprint
     from personalign.rewards import reward_from_spec
 
-    base, tok = load_model(c.model, device=c.device, dtype=c.dtype)
+    base, tok = load_model(c.model, device=device_name, dtype=c.dtype)
     fingerprint = base_fingerprint(base)
     model = build_policy(base, c.lora, c.seed)
     device = next(model.parameters()).device
-    rl = RLState(model, c)
-    reward_fn = reward_from_spec(plan.reward, side, device=c.device, dtype=c.dtype)
+    rl = RLState(model, c, dist)
+    reward_fn = reward_from_spec(plan.reward, side, device=device_name, dtype=c.dtype)
     eos = eos_token_ids(base, tok)
     preference = plan.space.parse(side)
     policy_texts = build_prompts(tok, [it.prompt for it in plan.instructions], preference, Method.PROMPT)
@@ -194,29 +212,36 @@ def main(cfg: TrainExpertConfig) -> dict[str, float]:
     # -- resume: a killed run continues from its last checkpoint; the metrics after it are redone
     ckpt = out / "checkpoint"
     step, _ = rl.resume(ckpt)
-    logger.truncate(step)
+    if dist.is_main:
+        logger.truncate(step)
 
     bar = None
-    if c.progress:
+    if c.progress and dist.is_main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=c.steps, initial=step, desc=f"train-expert {side} ({c.algorithm})", unit="step")
 
     g = c.group_size
-    n = c.batch_prompts * g
+    n = c.batch_prompts * g  # samples per step, over every process
+    first_prompt, stop_prompt = dist.shard(c.batch_prompts)  # this process's prompts of each step
+    first = first_prompt * g  # index of this process's first sample in the step's batch
     guard = KLGuard(rl, c.kl_stop)
     stopped: dict[str, Any] | None = None
     while step < c.steps:
         t0 = time.perf_counter()
         guard.before()
-        torch.manual_seed(batch_seed(c.seed, step))
+        step_seed = batch_seed(c.seed, step)
+        torch.manual_seed(step_seed)
         prompt_ids = step_prompt_indices(len(policy_texts), c.batch_prompts, step, c.seed)
+        prompt_ids = prompt_ids[first_prompt:stop_prompt]
         idx = [i for i in prompt_ids for _ in range(g)]  # a prompt's samples are consecutive (groups)
 
-        # -- rollout: sample with the adapter enabled, stop at end-of-sequence
+        # -- rollout: sample with the adapter enabled, stop at end-of-sequence; each sample seeded by
+        # its index in the step's batch, so the samples do not depend on how the batch is split
         model.eval()
         ro = rollout(model, tok, [policy_texts[i] for i in idx], eos, max_new_tokens=c.max_new_tokens,
-                     temperature=c.temperature, top_p=c.top_p, autocast=c.autocast_bf16)
+                     temperature=c.temperature, top_p=c.top_p, autocast=c.autocast_bf16,
+                     seeds=[batch_seed(step_seed, first + j) for j in range(len(idx))])
         mask = ro.mask  # (N, T)
 
         # -- score: the reward function on the decoded text, normalised by running statistics
@@ -225,22 +250,23 @@ def main(cfg: TrainExpertConfig) -> dict[str, float]:
         score_n = rl.normalize(score)  # (N,)
 
         # -- reference log-probs -> KL penalty -> advantages -> loss -> step
-        update = rl_update(rl, ro, score_n, c)
+        update = rl_update(rl, ro, score_n, c, first, n)
         step += 1
 
-        # -- log
+        # -- log: the global batch's numbers
         seconds = time.perf_counter() - t0
         metrics = {
-            "train/reward_raw": float(raw.mean()),
-            "train/reward": float(score_n.mean()),
+            "train/reward_raw": float(dist.gather(raw).mean()),
+            "train/reward": float(dist.gather(score_n).mean()),
             **update,
-            "train/response_length": float(mask.sum(1).mean()),
-            "train/truncated": float((~ro.finished).float().mean()),
+            "train/response_length": float(dist.gather(mask.sum(1)).mean()),
+            "train/truncated": float(dist.gather((~ro.finished).float()).mean()),
             "train/lr": c.lr,
             "time/step_seconds": seconds,
             "time/samples_per_second": n / seconds,
         }
-        logger.log(step, metrics)
+        if dist.is_main:
+            logger.log(step, metrics)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['train/reward_raw']:.3f}", kl=f"{metrics['train/kl']:.3f}")
@@ -257,11 +283,14 @@ def main(cfg: TrainExpertConfig) -> dict[str, float]:
         bar.close()
 
     # -- save: a standard peft adapter folder, the value head (ppo), then expert.json last
+    dist.barrier()  # every metrics line is written
     final = stopped_summary(logger.read(), stopped)
-    if stopped is not None and c.progress:
+    if stopped is not None and c.progress and dist.is_main:
         print(f"train-expert {side}: step {stopped['step']} sampled {stopped['kl']:.2f} nats from the base "
               f"(kl_stop {c.kl_stop}); keeping the policy of step {stopped['kept_step']}", file=sys.stderr)
     rl.save(out)
+    if not dist.is_main:
+        return final
     doc = {
         "kind": "expert",
         "side": side,

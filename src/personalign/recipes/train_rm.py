@@ -6,6 +6,12 @@ one head per side, every side's reward from one forward pass).
 config -> main(cfg) -> phases: read pairs -> split (by instruction, 90/10) -> load base -> build model
 -> resume -> for each step: encode -> score -> loss -> step -> log -> checkpoint -> evaluate -> save.
 
+Data parallel (under ``torchrun`` or ``accelerate launch``, see docs/distributed.md): each process
+takes a contiguous slice of every batch of pairs (``batch_size`` is the global count), its loss is
+its share of the batch's mean, the gradients are summed over processes, and the probe features and
+evaluation pairs are split the same way and gathered, so the model equals the one-process model.
+Only the main process writes the run folder.
+
 Run folder: ``config.json``, ``data.json`` (the pairs it trains on: counts per side and a digest, so a
 model is never silently reused, or resumed, on pairs that have since changed), ``metrics.jsonl`` (``train/loss``, ``train/accuracy``, ``eval/loss``,
 ``eval/accuracy`` and per side ``eval/accuracy/P2A``), ``checkpoint/`` while training, and the final
@@ -29,6 +35,8 @@ import torch
 
 from personalign.checkpoint import load_checkpoint, save_checkpoint
 from personalign.data import read_pairs, split_by_prompt
+from personalign.distributed import Dist
+from personalign.distributed import init as init_distributed
 from personalign.errors import ConfigError, DataError
 from personalign.losses import bradley_terry_loss, fit_bradley_terry_head, pairwise_accuracy, select_l2_by_cv
 from personalign.preferences import load_space
@@ -138,29 +146,38 @@ def _pair_losses(model: RewardModel, batch: list[dict[str, Any]], autocast: bool
 @torch.no_grad()
 def fit_probe_heads(model: RewardModel, rows: list[dict[str, Any]], batch_size: int,
                     cache: PrefixCache | None, l2: float, l2_grid: tuple[float, ...] = (),
-                    progress: bool = False) -> dict[str, float]:
+                    progress: bool = False, dist: Dist | None = None) -> dict[str, float]:
     """Set each side's head to the Bradley-Terry linear probe of the frozen features (the LoRA is still
     the identity) of that side's training pairs; with ``l2_grid``, each side's penalty is chosen by
     cross-validation over its training instructions. Returns the probes' training accuracies (and the
-    cross-validated accuracy per candidate)."""
+    cross-validated accuracy per candidate). With ``dist`` each process computes the features of its
+    slice of ``rows`` and every process fits the same heads on all of them."""
+    dist = dist or Dist()
     was = model.training
     model.eval()
-    diffs: dict[str, list[torch.Tensor]] = defaultdict(list)
-    groups: dict[str, list[str]] = defaultdict(list)
-    starts = range(0, len(rows), batch_size)
+    a, b = dist.shard(len(rows))
+    mine = rows[a:b]
+    local: list[torch.Tensor] = []
+    starts = range(0, len(mine), batch_size)
     if progress:
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc="probe features", unit="batch")
     for i in starts:
-        batch = rows[i:i + batch_size]
+        batch = mine[i:i + batch_size]
         texts = [model.format(r["prompt"], r["chosen"], r["side"]) for r in batch] + \
                 [model.format(r["prompt"], r["rejected"], r["side"]) for r in batch]
         feats = (cache.features(texts) if cache is not None else model.features(**model.encode(texts))).float()
-        for j, r in enumerate(batch):
-            diffs[r["side"]].append(feats[j] - feats[len(batch) + j])
-            groups[r["side"]].append(r["prompt"])
+        local.append(feats[: len(batch)] - feats[len(batch):])  # (b, H)
     model.train(was)
+    width = model.head.weight.shape[1]
+    device = model.head.weight.device
+    every = dist.gather(torch.cat(local) if local else torch.zeros(0, width, device=device))  # (len(rows), H)
+    diffs: dict[str, list[torch.Tensor]] = defaultdict(list)
+    groups: dict[str, list[str]] = defaultdict(list)
+    for j, r in enumerate(rows):
+        diffs[r["side"]].append(every[j])
+        groups[r["side"]].append(r["prompt"])
     out = {}
     for side, d in diffs.items():
         x = torch.stack(d)  # (N, H)
@@ -179,14 +196,20 @@ def fit_probe_heads(model: RewardModel, rows: list[dict[str, Any]], batch_size: 
 
 @torch.no_grad()
 def evaluate(model: RewardModel, rows: list[dict[str, Any]], batch_size: int, autocast: bool,
-             cache: PrefixCache | None = None) -> dict[str, float]:
+             cache: PrefixCache | None = None, dist: Dist | None = None) -> dict[str, float]:
+    """Accuracy and loss on ``rows``, overall and per side (each process scores its slice of them)."""
+    dist = dist or Dist()
     model.eval()
-    by_side: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
-    for i in range(0, len(rows), batch_size):
-        batch = rows[i:i + batch_size]
+    a, b = dist.shard(len(rows))
+    scores = [torch.zeros(0, 2, device=model.head.weight.device)]
+    for i in range(a, b, batch_size):
+        batch = rows[i:min(i + batch_size, b)]
         _, c, r = _pair_losses(model, batch, autocast, cache)
-        for j, row in enumerate(batch):
-            by_side[row["side"]].append((c[j:j + 1], r[j:j + 1]))
+        scores.append(torch.stack([c, r], 1))
+    every = dist.gather(torch.cat(scores))  # (len(rows), 2): chosen, rejected
+    by_side: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
+    for j, row in enumerate(rows):
+        by_side[row["side"]].append((every[j:j + 1, 0], every[j:j + 1, 1]))
     model.train()
     out: dict[str, float] = {}
     all_c, all_r = [], []
@@ -234,10 +257,16 @@ def main(cfg: TrainRMConfig) -> dict[str, float]:
     if not train_rows:
         raise DataError("no training pairs left after the split")
 
-    out = prepare_run_dir(cfg.output_dir, cfg)
+    dist = init_distributed(cfg.device)  # one process unless a launcher started several
+    if dist.is_main:
+        prepare_run_dir(cfg.output_dir, cfg)
+    dist.barrier()
+    out = Path(cfg.output_dir)
     logger = MetricsLogger(out)
     finished = (out / WEIGHTS).exists() and (out / CONFIG).exists()
-    _check_data(out, data_fingerprint(rows), finished)
+    if dist.is_main:
+        _check_data(out, data_fingerprint(rows), finished)
+    dist.barrier()
     if finished:
         done = [m for m in logger.read() if "eval/accuracy" in m]
         return done[-1] if done else {}
@@ -246,13 +275,14 @@ def main(cfg: TrainRMConfig) -> dict[str, float]:
     from personalign.models import load_model
 
     torch.manual_seed(cfg.seed)
-    base, tok = load_model(cfg.model, device=cfg.device, dtype="float32")
+    base, tok = load_model(cfg.model, device=dist.resolve_device(cfg.device), dtype="float32")
     model = RewardModel(base, tok, sides, cfg.lora, cfg.max_length,
                         side_prompts={s: space.sides[s].prompt if s in space.sides else "" for s in sides},
                         side_prompt_in_input=cfg.side_prompt_in_input, readout_layer=cfg.readout_layer,
                         pooling=cfg.pooling)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
+    dist.broadcast(params)  # equal on every process from the start (they are seeded alike)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train_rows) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
@@ -272,13 +302,19 @@ def main(cfg: TrainRMConfig) -> dict[str, float]:
         step = int(progress["step"])
     elif cfg.head_init == "probe":
         probe = fit_probe_heads(model, train_rows, cfg.batch_size * 2, cache, cfg.probe_l2, cfg.probe_l2_grid,
-                                cfg.progress)
+                                cfg.progress and dist.is_main, dist)
         if eval_rows:
-            probe.update(evaluate(model, eval_rows, cfg.batch_size * 2, autocast, cache))
-        logger.log(0, probe)
+            probe.update(evaluate(model, eval_rows, cfg.batch_size * 2, autocast, cache, dist))
+        if dist.is_main:
+            logger.log(0, probe)
+
+    def checkpoint() -> None:
+        if dist.is_main:
+            save_checkpoint(ckpt, model.trainable_state(), opt, {"step": step})
+        dist.barrier()
 
     bar = None
-    if cfg.progress:
+    if cfg.progress and dist.is_main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, initial=step, desc=f"train-rm {'+'.join(sides)}", unit="step")
@@ -289,27 +325,39 @@ def main(cfg: TrainRMConfig) -> dict[str, float]:
         random.Random(cfg.seed * 1000 + epoch).shuffle(order)  # same order on resume
         for k in range(step - epoch * steps_per_epoch, steps_per_epoch):
             batch = [train_rows[i] for i in order[k * cfg.batch_size:(k + 1) * cfg.batch_size]]
+            a, b = dist.shard(len(batch))  # this process's pairs of the batch
             lr = cfg.lr * lr_at(step)
             for group in opt.param_groups:
                 group["lr"] = lr
-            loss, c, r = _pair_losses(model, batch, autocast, cache)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if b > a:
+                loss, c, r = _pair_losses(model, batch[a:b], autocast, cache)
+                if dist.active:  # this process's share of the batch's mean
+                    loss = loss * ((b - a) / len(batch))
+                loss.backward()
+                loss = loss.detach()
+            else:  # fewer pairs than processes in this batch: this one adds zero gradients
+                loss = torch.zeros((), device=model.head.weight.device)
+                c = r = loss.new_zeros(0)
+            dist.sum_grads(params)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             step += 1
-            logger.log(step, {"train/loss": loss.item(), "train/accuracy": pairwise_accuracy(c, r),
-                              "train/lr": lr, "train/epoch": epoch + (k + 1) / steps_per_epoch})
+            loss, c, r = dist.all_sum(loss), dist.gather(c), dist.gather(r)
+            if dist.is_main:
+                logger.log(step, {"train/loss": loss.item(), "train/accuracy": pairwise_accuracy(c, r),
+                                  "train/lr": lr, "train/epoch": epoch + (k + 1) / steps_per_epoch})
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}")
             if step % cfg.checkpoint_every == 0 and step < total:
-                save_checkpoint(ckpt, model.trainable_state(), opt, {"step": step})
+                checkpoint()
         if eval_rows:
-            metrics = evaluate(model, eval_rows, cfg.batch_size * 2, autocast, cache)
-            logger.log(step, {**metrics, "train/epoch": epoch + 1})
+            metrics = evaluate(model, eval_rows, cfg.batch_size * 2, autocast, cache, dist)
+            if dist.is_main:
+                logger.log(step, {**metrics, "train/epoch": epoch + 1})
         if step < total:
-            save_checkpoint(ckpt, model.trainable_state(), opt, {"step": step})
+            checkpoint()
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - t0
@@ -317,7 +365,9 @@ def main(cfg: TrainRMConfig) -> dict[str, float]:
     if cache is not None:
         final.update({"prefix_cache/layers": cache.layers, "prefix_cache/texts": len(cache.store),
                       "prefix_cache/hits": cache.hits})
-    logger.log(step, final)
-    model.save(out, extra={"metrics": final})
-    shutil.rmtree(ckpt, ignore_errors=True)
+    if dist.is_main:
+        logger.log(step, final)
+        model.save(out, extra={"metrics": final})
+        shutil.rmtree(ckpt, ignore_errors=True)
+    dist.barrier()
     return final
