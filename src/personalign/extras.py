@@ -51,8 +51,10 @@ def _requirement_name(req: str) -> str:
 
 
 def _from_pyproject(path: Path) -> dict[str, list[str]] | None:
-    import tomllib
-
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10: the installed metadata says the same
+        return None
     try:
         doc = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
