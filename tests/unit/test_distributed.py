@@ -37,18 +37,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(args: list[str], nproc: int, die_at: int | None = None) -> subprocess.CompletedProcess:
+def _run(args: list[str], nproc: int, die_at: int | None = None, accelerate: bool = False
+         ) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
            distributed.TIMEOUT_ENV: "2", "OMP_NUM_THREADS": "1"}
     env.pop(DIE_AT, None)
     if die_at is not None:
         env[DIE_AT] = str(die_at)
-    if nproc == 1:
+    if accelerate:  # the shipped two-CPU-process config
+        config = Path(distributed.__file__).parent / "configs" / "accelerate" / "multi_cpu.yaml"
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+               "--main_process_port", str(_free_port()), str(HERE), *args]
+    elif nproc == 1:
         cmd = [sys.executable, str(HERE), *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(HERE), *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
 
 
 def _ok(proc: subprocess.CompletedProcess) -> None:
@@ -61,7 +66,7 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def _assert_same(a: Path, b: Path, moved_from: Path | None = None) -> float:
+def _assert_same(a: Path, b: Path) -> float:
     """The two files' tensors agree to float tolerance; returns the largest absolute difference."""
     ta, tb = _tensors(a), _tensors(b)
     assert ta.keys() == tb.keys() and ta
@@ -124,6 +129,16 @@ def test_train_expert_two_processes_match_one(tmp_path, tiny_model_dir, algorith
     for a, b in zip(two, one):  # the logged metrics are the global batch's
         for k in ("train/reward_raw", "train/kl", "train/response_length", "train/loss"):
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), k
+
+
+def test_accelerate_launch_with_the_shipped_cpu_config_runs_two_processes(tmp_path, tiny_model_dir):
+    args = _expert_args(tiny_model_dir, tmp_path / "two", "--set", "steps=1")
+    proc = _run(args, nproc=2, accelerate=True)
+    _ok(proc)
+    assert proc.stdout.count('"steps": 1') == 2  # each process returns the run's metrics
+    _ok(_run(_expert_args(tiny_model_dir, tmp_path / "one", "--set", "steps=1"), nproc=1))
+    name = "adapter/adapter_model.safetensors"
+    _assert_same(tmp_path / "two" / name, tmp_path / "one" / name)
 
 
 def test_train_expert_killed_after_checkpoint_resumes_exactly(tmp_path, tiny_model_dir):
