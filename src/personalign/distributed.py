@@ -35,7 +35,7 @@ from personalign.errors import ConfigError
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
-__all__ = ["TIMEOUT_ENV", "Dist", "init"]
+__all__ = ["TIMEOUT_ENV", "Dist", "init", "require_one_process"]
 
 # A process that dies leaves the others waiting in a collective; the launcher ends them, and this
 # timeout ends a collective that still waits (minutes).
@@ -146,3 +146,13 @@ def init(device: str = "auto") -> Dist:
     if state.num_processes <= 1:
         return Dist()
     return Dist(rank=state.process_index, world=state.num_processes, device=str(state.device))
+
+
+def require_one_process(command: str) -> None:
+    """Refuse to run ``command`` under a multi-process launcher: its recipe is not data parallel yet, and
+    several copies would each train the whole run and write the same folder."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        raise ConfigError(f"{command} runs in one process only ({world} were launched); start it without "
+                          "torchrun / accelerate launch (train-expert and train-rm run data parallel, see "
+                          "docs/distributed.md)")

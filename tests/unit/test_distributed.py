@@ -108,6 +108,15 @@ def test_one_process_is_the_identity():
     assert d.all_sum(x) is x and d.gather(x) is x
 
 
+def test_recipes_not_yet_data_parallel_refuse_a_launcher(monkeypatch):
+    from personalign.errors import ConfigError
+
+    distributed.require_one_process("train-pcm")  # one process: runs
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="train-pcm runs in one process only"):
+        distributed.require_one_process("train-pcm")
+
+
 # -- two processes against one -----------------------------------------------------------------------
 
 

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from personalign.config import to_dict
 from personalign.data import build_user_message, format_chat, iter_jsonl
+from personalign.distributed import require_one_process
 from personalign.errors import ConfigError, DataError, ModelError, PreferenceError
 from personalign.reward_model import LoraSpec
 from personalign.runlog import MetricsLogger, prepare_run_dir
@@ -314,6 +315,7 @@ def _summary(rows: list[dict[str, Any]], n_examples: int) -> dict[str, float]:
 
 def main(cfg: TrainMultitaskConfig) -> dict[str, float]:
     plan = validate(cfg)  # before any model loads
+    require_one_process("train-multitask")  # not data parallel yet
     out = prepare_run_dir(cfg.output_dir, cfg)
     logger = MetricsLogger(out)
     if (out / EXPERT_JSON).is_file() and (out / ADAPTER_DIR / "adapter_model.safetensors").is_file():

@@ -78,6 +78,7 @@ from personalign.checkpoint import load_checkpoint, save_checkpoint
 from personalign.config import finite as _finite
 from personalign.config import require as _require
 from personalign.config import to_dict
+from personalign.distributed import require_one_process
 from personalign.errors import ConfigError, PreferenceError
 from personalign.generation import (
     ModelStep,
@@ -346,6 +347,7 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 def main(cfg: TrainPCMConfig) -> dict[str, float]:
     plan = validate(cfg)  # before any model loads
+    require_one_process("train-pcm")  # not data parallel yet
     c, sides = plan.cfg, plan.sides
     done = trained_steps(Path(cfg.output_dir))
     if done is not None and c.steps < done:

@@ -46,6 +46,7 @@ import torch
 
 from personalign.config import to_dict
 from personalign.data import build_user_message, format_chat
+from personalign.distributed import require_one_process
 from personalign.errors import ConfigError, ModelError
 from personalign.generation import batch_seed, eos_token_ids
 from personalign.losses import RunningMeanStd
@@ -233,6 +234,7 @@ def score_samples(combined: Mapping[str, CombinedReward], keys: Sequence[str], p
 
 def main(cfg: TrainPMORLConfig) -> dict[str, float]:
     plan = validate(cfg)  # before any model loads
+    require_one_process("train-pmorl")  # not data parallel yet
     c = plan.cfg
     out = prepare_run_dir(cfg.output_dir, cfg)
     logger = MetricsLogger(out)
