@@ -2,9 +2,9 @@
 
 The stages measured are the ones whose units are independent: a reward model per side, an expert per
 side (each after its side's reward model) and the Pareto sweep's generation files (one per weight).
-Two sides (P2A, P2B) on the embedded model (or ``--model``), sized to take a minute or two per run:
-the shipped config's reward-model recipe for one epoch, 3 RL steps per expert, two Pareto points of
-8 instructions. Rollouts and labels are made once (synthetic responses, labelled by the offline judge)
+Two sides (P2A, P2B) on the embedded model (or ``--model``), sized to take a few minutes per run on
+a shared 2-core machine: the shipped config's reward-model recipe for one epoch on 16 instructions per
+side, 2 RL steps of 2 x 2 samples of 16 tokens per expert, two Pareto points of 4 instructions. Rollouts and labels are made once (synthetic responses, labelled by the offline judge)
 and copied into every run folder, so each run does exactly the fan-out stages.
 
 Each run is ``personalign pipeline`` as a user runs it, in a fresh process and run folder:
@@ -62,13 +62,13 @@ def config(run_dir: Path, model: str | None) -> dict:
     base = read_yaml(resources.files("personalign") / "configs" / "psoups-smollm2.yaml")
     return {
         "run_dir": str(run_dir), "model": model, "sides": ["P2A", "P2B"], "multihead": False,
-        "rollout": {"prompts": "builtin:train", "limit": 24, "samples": 2, "progress": False},
+        "rollout": {"prompts": "builtin:train", "limit": 16, "samples": 2, "progress": False},
         "label": base["label"],
         "reward": {**base["reward"], "epochs": 1, "eval_fraction": 0.25, "progress": False},
         "reward_sides": {"P2B": {"pooling": "mean"}},
-        "expert": {**base["expert"], "steps": 3, "batch_prompts": 2, "group_size": 4, "max_new_tokens": 32,
+        "expert": {**base["expert"], "steps": 2, "batch_prompts": 2, "group_size": 2, "max_new_tokens": 16,
                    "checkpoint_every": 100, "progress": False},
-        "pareto": {"limit": 8, "weights": [0.0, 1.0], "batch_size": 8, "sampling": {"max_new_tokens": 32},
+        "pareto": {"limit": 4, "weights": [0.0, 1.0], "batch_size": 4, "sampling": {"max_new_tokens": 16},
                    "progress": False, "dtype": "float32"},
         "stages": ["label", "reward", "expert", "pareto"],
     }

@@ -337,10 +337,11 @@ def fan_out_generations(cfg: Any, jobs: dict[Path, GenerationJob], items: list[I
     from personalign.executors import Unit
 
     ledger = GenerationSources(run) if run is not None else None
-    units = []
+    units, sources = [], {}
     for path, job in jobs.items():
         if ledger is not None:
-            note = ledger.stale(path, generation_sources(job_spec(cfg, job)))
+            sources[path] = generation_sources(job_spec(cfg, job))
+            note = ledger.stale(path, sources[path])
             if note is not None:
                 print(note, file=sys.stderr)
         if complete_rows(path, items) is None:
@@ -350,7 +351,12 @@ def fan_out_generations(cfg: Any, jobs: dict[Path, GenerationJob], items: list[I
             units.append(Unit(f"generate/{name.removesuffix('.jsonl')}", generate_file,
                               GenerationTask(cfg, job, tuple(items)), "generate"))
     if units:
-        executor.run(units).raise_failures()
+        report = executor.run(units)
+        if ledger is not None:  # the files made now, with today's weights: not stale on the next read
+            for u in units:
+                if u.name in report.results:
+                    ledger.record(u.cfg.job.output, sources[u.cfg.job.output])
+        report.raise_failures()
 
 
 def run_generations(cfg: Any, jobs: dict[Path, GenerationJob], items: list[Instruction], progress: bool,

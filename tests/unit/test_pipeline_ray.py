@@ -142,6 +142,22 @@ def test_fan_out_equals_one_process(tmp_path, tiny_model_dir, local_ray, one_thr
     for side in ("P2A", "P2B"):
         assert when[(f"reward/{side}", "finished")] < when[(f"expert/{side}", "started")]
 
+    # A generation file made with other weights (as after retraining an expert in place) is moved aside
+    # and made again by one Ray task, once: the ledger then records today's weights.
+    ledger = Path(fan.run_dir) / "eval" / "generations" / "sources.json"
+    table = json.loads(ledger.read_text())
+    assert set(table["generations/expert/P2A.jsonl"]) == {"expert/P2A"}
+    table["generations/expert/P2A.jsonl"] = {"expert/P2A": "0" * 64}
+    ledger.write_text(json.dumps(table))
+    before = len(read_log(Path(fan.run_dir) / "executor.jsonl"))
+    pipeline.main(fan)
+    rerun = _ran(Path(fan.run_dir), before)
+    assert rerun["started"] == {"generate/eval/expert/P2A"}
+    folder = Path(fan.run_dir) / "eval" / "generations" / "expert"
+    assert sorted(p.name for p in folder.iterdir()) == ["P2A.jsonl", "P2A.stale-1.jsonl", "P2B.jsonl"]
+    assert _outputs(Path(fan.run_dir))["eval/generations/expert/P2A.jsonl"] == b["eval/generations/expert/P2A.jsonl"]
+    assert json.loads(ledger.read_text())["generations/expert/P2A.jsonl"] != {"expert/P2A": "0" * 64}
+
 
 def test_failing_unit_is_reported_others_finish_and_rerun_does_only_the_rest(tmp_path, tiny_model_dir,
                                                                              local_ray, capsys):

@@ -44,7 +44,7 @@ from typing import Any
 from personalign.adapters import WEIGHTS_FILE
 from personalign.config import from_dict, to_dict
 from personalign.errors import ConfigError
-from personalign.executors import ExecutorConfig, Unit, make_executor
+from personalign.executors import ExecutorConfig, Unit, UnitsFailed, make_executor
 from personalign.preferences import PSOUPS_SIDES, load_space
 from personalign.recipes import label, rollout, train_expert, train_multitask, train_pmorl, train_rm
 from personalign.reward_model import CONFIG, WEIGHTS
@@ -312,15 +312,26 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
         from personalign.recipes import evaluate, pareto
 
         ev, pa = build_evaluation_configs(cfg)
+        failed: dict[str, Any] = {}
         if "eval" in cfg.stages:
-            results = evaluate.main(ev, executor=executor)
-            summary["stages"]["eval"] = {"report": results["files"]["markdown"],
-                                         "win_rate": {m: w["avg"]["value"] for m, w in results["win_rates"].items()}}
+            try:
+                results = evaluate.main(ev, executor=executor)
+                summary["stages"]["eval"] = {"report": results["files"]["markdown"], "win_rate": {
+                    m: w["avg"]["value"] for m, w in results["win_rates"].items()}}
+            except UnitsFailed as exc:  # generation files that failed; the others are written
+                failed.update(exc.failures)
             _write_summary(run, summary)
-        if "pareto" in cfg.stages:
-            result = pareto.main(pa, executor=executor)
-            summary["stages"]["pareto"] = {"report": result["files"]["markdown"],
-                                           "hypervolume": {m: v["hypervolume"] for m, v in result["methods"].items()}}
+        if "pareto" in cfg.stages:  # independent of the evaluation: runs whether or not it failed
+            try:
+                result = pareto.main(pa, executor=executor)
+                summary["stages"]["pareto"] = {"report": result["files"]["markdown"], "hypervolume": {
+                    m: v["hypervolume"] for m, v in result["methods"].items()}}
+            except UnitsFailed as exc:
+                failed.update(exc.failures)
+        if failed:
+            summary["failed"] = {name: f.error for name, f in failed.items()}
+            _write_summary(run, summary)
+            raise UnitsFailed(failed)
     _write_summary(run, summary)
     return summary
 
