@@ -378,12 +378,22 @@ def test_score_batch_scores_a_multihead_models_sides_in_one_pass(tiny):
                 assert r_ref[i, j] == pytest.approx(float(want_ref[i, k]), abs=1e-5)
 
 
-def test_shipped_pcm_config_is_valid(monkeypatch):
-    """The config that reproduces the shipped PCM names the pipeline run's reward model for every side."""
+def test_shipped_pcm_config_is_valid(monkeypatch, tmp_path):
+    """The config that reproduces the shipped PCM names the pipeline run's reward model for every side.
+
+    The run folders keep the reward models' configs, not their weights (runs/REMOVED.md): the folders
+    are rebuilt here as `personalign pipeline` leaves them, with the recorded configs."""
+    import shutil
     from importlib import resources
     from pathlib import Path
 
-    monkeypatch.chdir(Path(__file__).resolve().parents[2])  # its reward models are relative to the repository
+    repo = Path(__file__).resolve().parents[2]
+    for side in ("P1A", "P1B", "P2A", "P2B", "P3A", "P3B"):
+        folder = tmp_path / "runs" / "psoups-smollm2" / "rm" / side
+        folder.mkdir(parents=True)
+        shutil.copy2(repo / "runs" / "psoups-smollm2" / "rm" / side / "reward_config.json", folder)
+        (folder / "reward_model.safetensors").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)  # its reward models are relative to the working folder
     path = resources.files("personalign") / "configs" / "pcm-smollm2.yaml"
     plan = tp.validate(load_config(tp.TrainPCMConfig, str(path)))
     assert plan.sides == ("P1A", "P1B", "P2A", "P2B", "P3A", "P3B")
