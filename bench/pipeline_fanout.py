@@ -10,6 +10,7 @@ and copied into every run folder, so each run does exactly the fan-out stages.
 Each run is ``personalign pipeline`` as a user runs it, in a fresh process and run folder:
 
 - ``local``: no ``--executor``: one process, the units in order, torch on every core;
+- ``local1``: the same with ``personalign --threads 1`` (torch on one thread, as in each Ray task);
 - ``ray1``: ``--executor ray --num-cpus 1``: a local Ray instance with one CPU, each unit asks for 1;
 - ``ray2``: ``--executor ray --num-cpus 2``: two CPUs, two units at a time.
 
@@ -50,8 +51,10 @@ LONG = [
     ("Droplets collide and coalesce inside clouds; once updrafts cannot hold them, they fall, often cooling "
      "the air beneath the storm and producing gusts ahead of it."),
 ]
-CONFIGS = {"local": [], "ray1": ["--executor", "ray", "--num-cpus", "1"],
-           "ray2": ["--executor", "ray", "--num-cpus", "2"]}
+# name -> (options before the command, options of the pipeline command)
+CONFIGS = {"local": ([], []), "local1": (["--threads", "1"], []),
+           "ray1": ([], ["--executor", "ray", "--num-cpus", "1"]),
+           "ray2": ([], ["--executor", "ray", "--num-cpus", "2"])}
 
 
 def config(run_dir: Path, model: str | None) -> dict:
@@ -93,7 +96,8 @@ def one_run(name: str, template: Path, root: Path, model: str | None, rep: int) 
     path = root / f"{name}-{rep}.yaml"
     path.write_text(json.dumps(config(run, model)))
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "personalign", "pipeline", "--config", str(path), *CONFIGS[name]],
+    before, after = CONFIGS[name]
+    proc = subprocess.run([sys.executable, "-m", "personalign", *before, "pipeline", "--config", str(path), *after],
                           check=False, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
@@ -111,9 +115,10 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--model", default=None)
     ap.add_argument("--output", default="bench/pipeline_fanout.json")
+    ap.add_argument("--configs", default="local,ray1,ray2", help="comma-separated, of " + ",".join(CONFIGS))
     args = ap.parse_args()
 
-    names = list(CONFIGS)
+    names = args.configs.split(",")
     with tempfile.TemporaryDirectory(prefix="fanout-") as tmp:
         root = Path(tmp)
         load_before = os.getloadavg()
@@ -144,10 +149,11 @@ def main() -> None:
         "settings": to_dict(from_dict(pipeline.PipelineConfig, config(Path("RUN"), args.model))),
         "runs": runs,
         "median": {n: {"wall_s": med(n, "wall_s"), "fanout_s": med(n, "fanout_s")} for n in names},
-        "ratios": {"ray1/ray2 wall": ratio("ray1", "ray2", "wall_s"), "ray1/ray2 fanout": ratio("ray1", "ray2", "fanout_s"),
-                   "local/ray2 wall": ratio("local", "ray2", "wall_s"),
-                   "local/ray2 fanout": ratio("local", "ray2", "fanout_s"),
-                   "local/ray1 fanout": ratio("local", "ray1", "fanout_s")},
+        # wall time: the whole command, the same work in every configuration. The fan-out span of a local
+        # run covers the training units only (its generation files are not units), so spans compare
+        # between Ray configurations only.
+        "ratios": {f"{a}/{b} {key}": ratio(a, b, f"{key}_s") for a in names for b in names if a < b
+                   for key in (("wall", "fanout") if a.startswith("ray") and b.startswith("ray") else ("wall",))},
     }
     Path(args.output).write_text(json.dumps(doc, indent=2))
     print(json.dumps({"median": doc["median"], "ratios": doc["ratios"], "load": doc["machine"]}, indent=2))
