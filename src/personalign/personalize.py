@@ -225,6 +225,10 @@ def resolve(prefs: str | Preference | Mapping[str, float] | None, options: Metho
             store = profiles if profiles is not None else Profiles()
             prefs = store.get(check_name(prefs.strip()[len("profile:"):])).weights
         pref = prefs if isinstance(prefs, Preference) else space.parse(prefs)
+        if method in (Method.PROMPT, Method.ADAPTER) and not pref.prompt_sides():
+            raise PreferenceError(f"preference {pref.spec()!r} has no side with a positive weight, and method "
+                                  f"{method.value} can only prompt for a side, not away from one; give a "
+                                  "positive weight, or use method soup for negative weights")
     name = canonical_name(model)
     defaults = MethodOptions()
 

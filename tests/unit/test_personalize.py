@@ -240,3 +240,13 @@ def test_generate_answers_under_a_saved_profile(tiny_model_dir, tmp_path):
         run(prefs="profile:cy")
     with pytest.raises(DataError, match="does not exist"):
         run(prefs="profile:ana", db=str(tmp_path / "none.sqlite"))
+
+
+def test_prompting_refuses_a_preference_with_no_positive_weight():
+    """A prompt can ask for a side, not away from one: negative-only weights would leave it empty."""
+    from personalign.errors import PreferenceError
+    from personalign.personalize import MethodOptions, resolve
+
+    with pytest.raises(PreferenceError, match="no side with a positive weight.*method prompt"):
+        resolve({"P2A": -1.0}, MethodOptions(method="prompt"))
+    assert resolve({"P2A": -1.0, "P3A": 0.5}, MethodOptions(method="prompt")).preference.prompt_sides() == ("P3A",)
