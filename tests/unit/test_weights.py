@@ -49,7 +49,7 @@ def test_the_library_wheel_carries_no_weights(tmp_path):
     shutil.copytree(root / "src", tree / "src", ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(root / name, tree / name)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w",
                     str(tmp_path / "wheel"), str(tree)], check=True, capture_output=True)
     (wheel,) = (tmp_path / "wheel").glob("personalign-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
