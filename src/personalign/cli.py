@@ -144,7 +144,8 @@ def generate(
     merge: Annotated[Optional[str], typer.Option("--merge", help="soup: psoups (default: A and B averaged, as the paper), exact (sum of B@A), ties, dare, dare_ties.")] = None,
     merge_rank: Annotated[Optional[int], typer.Option("--merge-rank", help="soup: compress exact/ties/dare merges to this rank by SVD.")] = None,
     density: Annotated[Optional[float], typer.Option("--density", help="soup: fraction kept by ties/dare (default 0.5).")] = None,
-    mix: Annotated[Optional[str], typer.Option("--mix", help="mope: prob (default: mix probabilities), logit (mix logits) or uniform.")] = None,
+    mix: Annotated[Optional[str], typer.Option("--mix", help="mope: prob (default: mix probabilities), logit (mix logits), uniform, or extrapolate (move --strength times the experts' difference from the base model).")] = None,
+    strength: Annotated[Optional[float], typer.Option("--strength", help="soup, and mope with --mix extrapolate: how strongly the preference speaks; 1 (default) = the experts' weighted average, 2 = twice as far from the base model, 0 = the base model.")] = None,
     adapter: Annotated[Optional[Path], typer.Option("--adapter", help="With --method adapter: a trained adapter folder (multitask, P-MORL, RLHF).")] = None,
     pcm: Annotated[Optional[str], typer.Option("--pcm", help="mope: a Preference Control Model folder written by train-pcm (per-token weights), or 'shipped' for the one shipped with the embedded model's experts.")] = None,
     model: ModelOpt = None,
@@ -161,7 +162,8 @@ def generate(
              "instructions": [instruction] if instruction is not None else None, "batch_size": batch_size,
              "sampling.max_new_tokens": max_new_tokens, "sampling.temperature": temperature, "sampling.top_p": top_p,
              "sampling.repetition_penalty": repetition_penalty, "sampling.seed": seed, "experts": experts,
-             "merge": merge, "merge_rank": merge_rank, "merge_density": density, "mix": mix, "adapter": adapter,
+             "merge": merge, "merge_rank": merge_rank, "merge_density": density, "mix": mix, "strength": strength,
+             "adapter": adapter,
              "pcm": pcm, "model": model, "dimensions": dimensions, "device": device, "dtype": dtype}
     cfg = _load(recipe.GenerateConfig, config, given, set_, files=("output",))
     rows = recipe.main(cfg)
@@ -474,6 +476,7 @@ def merge(
     rank: Annotated[Optional[int], typer.Option("--rank", help="exact/ties/dare: compress to this rank by SVD (the error is reported).")] = None,
     density: Annotated[Optional[float], typer.Option("--density", help="ties/dare: fraction of each delta kept (default 0.5).")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="dare: random seed (default 0).")] = None,
+    strength: Annotated[Optional[float], typer.Option("--strength", help="Multiply the merged delta: 1 (default) = the experts' weighted average, 2 = twice as far from the base model.")] = None,
     full_model: Annotated[Optional[bool], typer.Option("--full-model", help="Write the base model with the merge folded into its weights.")] = None,
     model: ModelOpt = None,
     dimensions: DimsOpt = None,
@@ -486,7 +489,7 @@ def merge(
     from personalign.recipes import merge as recipe
 
     given = {"prefs": prefs, "output": output, "experts": experts, "method": method, "rank": rank, "density": density,
-             "seed": seed, "full_model": full_model, "model": model, "dimensions": dimensions, "device": device,
+             "seed": seed, "strength": strength, "full_model": full_model, "model": model, "dimensions": dimensions, "device": device,
              "dtype": dtype}
     report = recipe.main(_load(recipe.MergeConfig, config, given, set_, folders=("output",)))
     typer.echo(json.dumps(report, indent=2))

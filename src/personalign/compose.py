@@ -123,19 +123,23 @@ def _digest_of(path: str, size: int, mtime_ns: int) -> str:
 
 
 def soup_key(weights: dict[str, float], folders: dict[str, Path], method: str, rank: int | None,
-             density: float | None, seed: int | None) -> str:
+             density: float | None, seed: int | None, strength: float = 1.0) -> str:
     """The cache key of a soup: the merge and its options, and each expert's weight and file digest."""
-    key_src = {"method": method, "rank": rank, "density": density, "seed": seed,
-               "experts": [[s, round(w, 8), file_digest(folders[s] / ADAPTER_FILES[1])] for s, w in weights.items()]}
+    key_src: dict[str, Any] = {"method": method, "rank": rank, "density": density, "seed": seed,
+                               "experts": [[s, round(w, 8), file_digest(folders[s] / ADAPTER_FILES[1])]
+                                           for s, w in weights.items()]}
+    if strength != 1:  # (keys of plain soups as before)
+        key_src["strength"] = round(float(strength), 8)
     return hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:20]
 
 
 def soup_adapter(weights: dict[str, float], folders: dict[str, Path], *, method: str = "psoups",
                  rank: int | None = None, density: float | None = None, seed: int | None = None,
-                 preference: str = "", cache: Path | None = None) -> tuple[LoraAdapter, dict[str, Any], Path]:
+                 preference: str = "", cache: Path | None = None,
+                 strength: float = 1.0) -> tuple[LoraAdapter, dict[str, Any], Path]:
     """The merged adapter of the experts ``folders[side]`` under ``weights``, its report and its cache folder.
 
-    Merged in memory; writing it to ``<cache>/soups/<key>/`` is a side effect, so the next request for the
+    ``strength`` multiplies the merged delta (1: the weighted average). Merged in memory; writing it to ``<cache>/soups/<key>/`` is a side effect, so the next request for the
     same soup reads one file instead of merging (a cache that cannot be written is only skipped).
     """
     from personalign.adapters import load_adapter, save_adapter
@@ -143,7 +147,7 @@ def soup_adapter(weights: dict[str, float], folders: dict[str, Path], *, method:
     from personalign.models import cache_root
 
     root = (cache or cache_root()) / "soups"
-    target = root / soup_key(weights, folders, method, rank, density, seed)
+    target = root / soup_key(weights, folders, method, rank, density, seed, strength)
     report_path = target / "merge_report.json"
     if report_path.is_file() and all((target / f).is_file() for f in ADAPTER_FILES):
         return load_adapter(target), json.loads(report_path.read_text()), target
@@ -151,7 +155,7 @@ def soup_adapter(weights: dict[str, float], folders: dict[str, Path], *, method:
     sides = list(weights)
     adapters = [load_adapter(folders[s]) for s in sides]
     merged, report = merge_adapters(adapters, [weights[s] for s in sides], method=method, rank=rank,
-                                    density=density, seed=seed)
+                                    density=density, seed=seed, strength=strength)
     info = {"sides": weights, "method": method, "preference": preference, **report.summary()}
     try:
         root.mkdir(parents=True, exist_ok=True)

@@ -237,9 +237,9 @@ def stack_lora(model: Any, names: Sequence[str]) -> list[_StackedLoRA] | None:
 
     out = []
     for layer in _lora_layers(model):
+        # A layer none of ``names`` adapts is patched too (zero factors): left alone, peft would apply its
+        # active adapter to every row.
         used = [n for n in names if n in layer.lora_A or n in getattr(layer, "lora_embedding_A", {})]
-        if not used:
-            continue
         plain = (isinstance(getattr(layer, "base_layer", None), nn.Linear) and all(n in layer.lora_A for n in used)
                  and not getattr(layer, "merged_adapters", []) and not any(getattr(layer, "lora_bias", {}).get(n)
                                                                           for n in used))

@@ -30,11 +30,13 @@ if TYPE_CHECKING:
     from personalign.personalize import PersonalizedModel
     from personalign.preferences import Preference
 
-MIX_RULES = ("prob", "logit", "uniform")
+MIX_RULES = ("prob", "logit", "uniform", "extrapolate")
 METHOD_FORMS = ("vanilla, prompt, soup-<merge> (merge: psoups, exact, ties, dare, dare_ties), "
                 "expert-<k> (the combination's side of dimension k alone), "
-                "mope-<rule> (rule: prob, logit, uniform), mope-pcm (MoPE weighted by the shipped Preference "
-                "Control Model), adapter:PATH, pcm:PATH (MoPE weighted by a train-pcm folder's PCM)")
+                "mope-<rule> (rule: prob, logit, uniform, extrapolate), mope-pcm (MoPE weighted by the shipped "
+                "Preference Control Model), adapter:PATH, pcm:PATH (MoPE weighted by a train-pcm folder's PCM); "
+                "soups and mope-extrapolate take a strength suffix -x<strength>, e.g. soup-exact-x2")
+_STRENGTH = re.compile(r"^(?P<method>.+)-x(?P<strength>\d+(?:\.\d+)?)$")
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class MethodSpec:
     dimension: int | None = None  # expert-k: k, 1-based in dimension order
     adapter: str | None = None  # adapter:PATH
     pcm: str | None = None  # pcm:PATH, learned MoPE
+    strength: float = 1.0  # soups and mope-extrapolate: the -x<strength> suffix
 
     @property
     def uses_experts(self) -> bool:
@@ -59,12 +62,27 @@ class MethodSpec:
             method=self.kind.value, experts=experts if self.uses_experts else None,
             merge=self.variant if soup else "psoups",
             merge_density=merge_density if soup and self.variant in PRUNING else None,
-            mix=self.variant if mope else "prob", pcm=self.pcm, adapter=self.adapter)
+            mix=self.variant if mope else "prob", pcm=self.pcm, adapter=self.adapter, strength=self.strength)
 
 
 def parse_method(spec: str) -> MethodSpec:
-    """``soup-exact`` -> soup with the exact merge, ``expert-2`` -> the dimension-2 side's expert, ..."""
+    """``soup-exact`` -> soup with the exact merge, ``expert-2`` -> the dimension-2 side's expert,
+    ``soup-exact-x2`` -> the exact soup at strength 2, ..."""
     s = str(spec).strip()
+    found = None if s.startswith(("adapter:", "pcm:")) else _STRENGTH.match(s)
+    if found is not None:
+        from personalign.personalize import strength_suffix
+
+        inner = parse_method(found["method"])
+        strength = float(found["strength"])
+        if not (inner.kind is Method.SOUP or (inner.kind is Method.MOPE and inner.variant == "extrapolate"
+                                              and inner.pcm is None)):
+            raise ConfigError(f"method {spec!r}: a strength suffix -x<strength> goes with soup-<merge> and "
+                              "mope-extrapolate only")
+        if strength == 1 or s != inner.label + strength_suffix(strength):
+            raise ConfigError(f"method {spec!r}: write the strength as {inner.label}{strength_suffix(strength)}"
+                              if strength != 1 else f"method {spec!r}: strength 1 is {inner.label}")
+        return replace(inner, label=s, strength=strength)
     if s.startswith("adapter:"):
         path = s.split(":", 1)[1].strip()
         if not path:

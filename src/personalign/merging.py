@@ -57,7 +57,8 @@ class MergeReport:
     ``svd_error``: per module, relative Frobenius error of the truncated-SVD factorisation (empty when
     nothing was factored). ``deviation``: per module, ``||delta_merged - delta_exact||_F / ||delta_exact||_F``
     where ``delta_exact = sum_i w_i * delta_i``: the cross terms of ``psoups``, the pruning of TIES/DARE,
-    the truncation of a compressed ``exact`` merge (about 1e-7 for an uncompressed one).
+    the truncation of a compressed ``exact`` merge (about 1e-7 for an uncompressed one); at a ``strength``
+    other than 1 the reference is ``strength * delta_exact``.
     """
 
     method: str
@@ -65,10 +66,11 @@ class MergeReport:
     rank: int
     svd_error: Mapping[str, float]
     deviation: Mapping[str, float]
+    strength: float = 1.0
 
     def summary(self) -> dict[str, float]:
         """Largest and mean errors, with slash names as in ``metrics.jsonl``."""
-        out: dict[str, float] = {"merge/rank": float(self.rank)}
+        out: dict[str, float] = {"merge/rank": float(self.rank), "merge/strength": self.strength}
         for name, values in (("svd_error", self.svd_error), ("deviation", self.deviation)):
             if values:
                 out[f"merge/{name}_max"] = max(values.values())
@@ -124,13 +126,16 @@ def merge_adapters(
     density: float | None = None,
     seed: int | None = None,
     majority_sign_method: str = "total",
+    strength: float = 1.0,
 ) -> tuple[LoraAdapter, MergeReport]:
     """Merge LoRA experts of one base model into one adapter, validating everything before any math.
 
     ``weights`` default to ``1/k`` each (the paper's average). ``rank``: target rank of an ``exact``
     merge's SVD compression (none by default) or of the TIES/DARE factorisation (default: the largest
     expert rank, as peft's ``*_svd`` merges). ``density``: fraction of each delta TIES/DARE keep, in
-    (0, 1]. ``seed``: DARE's random pruning (default 0; the global RNG is left untouched).
+    (0, 1]. ``seed``: DARE's random pruning (default 0; the global RNG is left untouched). ``strength``: the
+    merged delta is multiplied by it (every rule is linear in a common scale of its weights, so this is the
+    rule's merge of the weights times ``strength``); 1 is the plain merge, 0 no change to the base.
     """
     if method not in METHODS:
         raise ConfigError(f"unknown merge method {method!r}; use one of {', '.join(METHODS)}")
@@ -140,6 +145,7 @@ def merge_adapters(
     w = _check_weights(weights, len(adapters))
     _check_adapters(adapters, method)
     check_merge_options(method, rank, density, seed, majority_sign_method)
+    strength = _check_strength(strength)
 
     if method == "psoups":
         merged, errors = _psoups(adapters, w), {}
@@ -151,7 +157,10 @@ def merge_adapters(
         k = rank if rank is not None else max(a.r for a in adapters)
         merged, errors = _task_merge(adapters, w, method, density, k, DEFAULT_DARE_SEED if seed is None else seed,
                                      majority_sign_method)
-    report = MergeReport(method, w, merged.r, errors, _deviation(adapters, w, merged))
+    if strength != 1:
+        merged = _scaled(merged, strength)
+    report = MergeReport(method, w, merged.r, errors, _deviation(adapters, tuple(strength * x for x in w), merged),
+                         strength)
     return merged, report
 
 
@@ -228,6 +237,22 @@ def _deviation(adapters: list[LoraAdapter], w: tuple[float, ...], merged: LoraAd
 
 
 # ---------------------------------------------------------------- validation
+
+
+def _check_strength(strength: float) -> float:
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength) \
+            or strength < 0:
+        raise ConfigError(f"strength={strength!r} is invalid: it must be a finite number >= 0 (1 = the plain "
+                          "merge, 0 = the base model)")
+    return float(strength)
+
+
+def _scaled(adapter: LoraAdapter, strength: float) -> LoraAdapter:
+    """``adapter`` with its delta multiplied by ``strength`` (every B scaled; A and the settings kept)."""
+    tensors = {k: (v.float() * strength).to(v.dtype) if k.endswith(_B) else v for k, v in adapter.tensors.items()}
+    return LoraAdapter(tensors=tensors, r=adapter.r, lora_alpha=adapter.lora_alpha,
+                       target_modules=adapter.target_modules, base_model=adapter.base_model,
+                       use_rslora=adapter.use_rslora, config=dict(adapter.config))
 
 
 def _check_weights(weights: Sequence[float] | None, n: int) -> tuple[float, ...]:

@@ -1,7 +1,10 @@
 """Mixing rules for K expert distributions (MoPE and MOD): pure functions of tensors, no model, no decoding.
 
 ``mix_prob`` is MoPE's ``p(y) = sum_k alpha_k p_k(y)``, ``mix_logit`` MOD's ``softmax(sum_k w_k logits_k)``,
-``mix_uniform`` MoPE without a controller; ``mixture_token_logprob`` and ``mixture_sequence_logprob``
+``mix_uniform`` MoPE without a controller, ``mix_extrapolate`` the base model plus ``strength`` times the
+weighted sum of each expert's difference from it (in log-probabilities, as model arithmetic and MOD do:
+``softmax(log p_0 + s * sum_k w_k (log p_k - log p_0))``; strength 0 is the base model, strength 1 with
+weight 1 on one expert is that expert, strength above 1 says more than any expert); ``mixture_token_logprob`` and ``mixture_sequence_logprob``
 re-score recorded tokens under new weights (what REBEL trains the controller with). The experts that
 produce the distributions live in :mod:`personalign.experts`; the decode step that calls these rules
 once per token in :mod:`personalign.mixture`.
@@ -19,6 +22,7 @@ from personalign.errors import ConfigError
 
 __all__ = [
     "MixRule",
+    "mix_extrapolate",
     "mix_logit",
     "mix_logprobs",
     "mix_prob",
@@ -36,13 +40,15 @@ class MixRule(str, enum.Enum):
     PROB = "prob"  # sum_k alpha_k p_k (MoPE; the paper's best)
     LOGIT = "logit"  # softmax(sum_k w_k logits_k) (MOD, Shi et al. 2024)
     UNIFORM = "uniform"  # PROB with alpha = 1/K (MoPE without a trained controller)
+    # base + strength * sum_k w_k (logp_k - logp_base) (model arithmetic; MOD with a base), needs the base
+    EXTRAPOLATE = "extrapolate"
 
     @classmethod
     def parse(cls, value: str) -> MixRule:
         try:
             return cls(value)
         except ValueError:
-            raise ConfigError(f"unknown mixing rule {value!r}; choose one of prob, logit, uniform") from None
+            raise ConfigError(f"unknown mixing rule {value!r}; choose one of {', '.join(r.value for r in cls)}") from None
 
 
 # -- pure mixing rules ------------------------------------------------------------------------------------
@@ -92,19 +98,56 @@ def mix_logit(logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return F.log_softmax((weights.to(logp.dtype)[:, :, None] * logp).sum(1), dim=-1)  # (B, V)
 
 
+def mix_extrapolate(logits: torch.Tensor, base: torch.Tensor, weights: torch.Tensor,
+                    strength: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """log softmax(log p_0 + s * sum_k w_k (log p_k - log p_0)): (B, K, V) expert logits, (B, V) base logits,
+    (B, K) weights (any real numbers; a preference's are normalised to sum 1), ``strength`` a number or (B,)
+    -> (B, V) log-probs.
+
+    With weights summing to 1, strength 1 is the geometric (logit) mixture of the experts; strength 0 the
+    base model; weight 1 on one expert at strength 1 exactly that expert.
+    """
+    _check_k(logits, weights)
+    if tuple(base.shape) != (logits.shape[0], logits.shape[2]):
+        raise ConfigError(f"base logits of shape {tuple(base.shape)} do not match (B, V) = "
+                          f"{(logits.shape[0], logits.shape[2])}")
+    logp = F.log_softmax(logits.float(), dim=-1)  # (B, K, V)
+    base_lp = F.log_softmax(base.float(), dim=-1)  # (B, V)
+    s = torch.as_tensor(strength, dtype=logp.dtype, device=logp.device)
+    s = s[:, None] if s.dim() == 1 else s
+    shift = (weights.to(logp.dtype)[:, :, None] * (logp - base_lp[:, None])).sum(1)  # (B, V)
+    # -inf - -inf (a token both rule out, e.g. masked) is nan; such a token stays impossible.
+    shift = torch.nan_to_num(shift, nan=0.0)
+    return F.log_softmax(base_lp + s * shift, dim=-1)
+
+
 def mix_uniform(logits: torch.Tensor) -> torch.Tensor:
     """Probability mixing with alpha = 1/K: (B, K, V) -> (B, V)."""
     b, k, _ = logits.shape
     return mix_prob(logits, torch.full((b, k), 1.0 / k, device=logits.device))
 
 
-def mix_logprobs(logits: torch.Tensor, weights: torch.Tensor | None, rule: MixRule) -> torch.Tensor:
-    """Apply ``rule`` to (B, K, V) expert logits with (B, K) weights (ignored for uniform) -> (B, V)."""
+def mix_logprobs(logits: torch.Tensor, weights: torch.Tensor | None, rule: MixRule, *,
+                 base: torch.Tensor | None = None, strength: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """Apply ``rule`` to (B, K, V) expert logits with (B, K) weights (ignored for uniform) -> (B, V).
+
+    ``base`` (B, V), the base model's logits, and ``strength`` go with the extrapolate rule only."""
+    if rule is not MixRule.EXTRAPOLATE and (base is not None or not _is_one(strength)):
+        raise ConfigError(f"base logits and strength go with the extrapolate rule, not {rule.value}: a "
+                          "probability or logit mixture cannot go beyond its experts")
     if rule is MixRule.UNIFORM:
         return mix_uniform(logits)
     if weights is None:
         raise ConfigError(f"the {rule.value} mixing rule needs weights; pass a weight provider or use uniform")
+    if rule is MixRule.EXTRAPOLATE:
+        if base is None:
+            raise ConfigError("the extrapolate rule needs the base model's logits")
+        return mix_extrapolate(logits, base, weights, strength)
     return mix_prob(logits, weights) if rule is MixRule.PROB else mix_logit(logits, weights)
+
+
+def _is_one(strength: float | torch.Tensor) -> bool:
+    return bool(torch.as_tensor(strength).eq(1).all())
 
 
 def mixture_token_logprob(expert_logprobs: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ Shapes: B rows, K experts, V vocabulary, L prompt tokens, T response tokens.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from personalign.errors import ConfigError
-from personalign.experts import Experts
+from personalign.experts import BASE_EXPERT, Experts
 from personalign.generation import SamplingConfig, StepContext, decode, penalize_repetition, seeded_generator
 from personalign.mixing import MixRule, mix_logprobs, mixture_sequence_logprob
 
@@ -70,18 +71,34 @@ class MixedGeneration:
         """(B,) log pi(y|x) under the recorded weights, or under new (B, T, K) / (B, K) probability weights."""
         if weights is None:
             return (self.logprobs * self.mask).sum(-1)
-        if self.rule is MixRule.LOGIT:
-            raise ConfigError("re-weighting a logit-rule sample needs full distributions; sample with rule prob")
+        if self.rule in (MixRule.LOGIT, MixRule.EXTRAPOLATE):
+            raise ConfigError(f"re-weighting a {self.rule.value}-rule sample needs full distributions; sample "
+                              "with rule prob")
         return mixture_sequence_logprob(self.expert_logprobs, weights, self.mask)
 
 
 class MixtureStep:
     """The decode loop's step for a token-level mixture of ``experts`` under ``rule``."""
 
-    def __init__(self, experts: Experts, weights: WeightProvider | None, rule: MixRule = MixRule.PROB) -> None:
+    def __init__(self, experts: Experts, weights: WeightProvider | None, rule: MixRule = MixRule.PROB, *,
+                 strength: float = 1.0) -> None:
         if rule is not MixRule.UNIFORM and weights is None:
             raise ConfigError(f"the {rule.value} mixing rule needs a weight provider; pass FixedWeights or use "
                               "uniform")
+        # The extrapolate rule moves away from the base model: the base runs as the last expert
+        # (``__base__``, adapters off) and the provider weights the others.
+        self.base_index: int | None = None
+        if rule is MixRule.EXTRAPOLATE:
+            if not experts.adapters or experts.names[-1] != BASE_EXPERT or BASE_EXPERT in experts.names[:-1]:
+                raise ConfigError(f"the extrapolate rule needs the base model as the last expert: build the "
+                                  f"experts with Experts.from_adapters(model, [...sides, {BASE_EXPERT!r}])")
+            self.base_index = experts.k - 1
+        elif strength != 1:
+            raise ConfigError(f"strength goes with the extrapolate rule, not {rule.value}: a probability or "
+                              "logit mixture cannot go beyond its experts")
+        if not math.isfinite(strength) or strength < 0:
+            raise ConfigError(f"strength must be a finite number >= 0, got {strength!r}")
+        self.strength = float(strength)
         self.experts, self.provider, self.rule = experts, weights, rule
         self.models = experts.models
         self.vocab_size = experts.vocab_size
@@ -92,7 +109,7 @@ class MixtureStep:
         self._records: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def start(self, input_ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor) -> None:
-        b, k = input_ids.shape[0], self.experts.k
+        b, k = input_ids.shape[0], self.k
         # Experts a row's provider never weights are not run (LoRA experts on one base): with 3 of 6 sides
         # per preference, half the rows.
         self._active = None
@@ -101,6 +118,8 @@ class MixtureStep:
             if tuple(active.shape) != (b, k) or bool((~active.any(-1)).any()):
                 raise ConfigError(f"the weight provider's active experts have shape {tuple(active.shape)} or a "
                                   f"row with none; expected ({b}, {k}) with at least one per row")
+            if self.base_index is not None:  # the base always runs
+                active = torch.cat([active, active.new_ones(b, 1)], 1)
             self._active = active
         self._records = []
         self._logits, self._caches = self.experts.forward(input_ids, mask, position_ids, self.experts.new_caches(),
@@ -108,8 +127,11 @@ class MixtureStep:
 
     def scores(self, ctx: StepContext, penalty: float) -> torch.Tensor:
         assert self._logits is not None and ctx.seen is not None
-        b, k = ctx.prompt_ids.shape[0], self.experts.k
-        raw = self._logits[:, :, -1].float()  # (B, K, V)
+        b, k = ctx.prompt_ids.shape[0], self.k
+        raw = self._logits[:, :, -1].float()  # (B, K, V), or (B, K + 1, V) with the base last
+        base = None
+        if self.base_index is not None:
+            raw, base = raw[:, :k], raw[:, k]
         expert_lp = F.log_softmax(raw, dim=-1)
         if self.rule is MixRule.UNIFORM:
             alpha = torch.full((b, k), 1.0 / k, device=raw.device)
@@ -118,14 +140,23 @@ class MixtureStep:
             if tuple(alpha.shape) != (b, k):
                 raise ConfigError(f"the weight provider returned shape {tuple(alpha.shape)}; expected (B, K) = "
                                   f"({b}, {k})")
-            if self._active is not None and bool((alpha[~self._active] != 0).any()):
+            if self._active is not None and bool((alpha[~self._active[:, :k]] != 0).any()):
                 raise ConfigError("the weight provider weighted an expert outside its active experts, "
                                   "which was not run; keep those weights at exactly zero")
-        mixed = mix_logprobs(expert_lp, alpha, self.rule)  # (B, V)
+        extra = {} if base is None else {"base": base, "strength": self.strength}
+        mixed = mix_logprobs(expert_lp, alpha, self.rule, **extra)  # (B, V)
         self._last = (alpha, expert_lp, mixed)
         if penalty == 1:
             return mixed
-        return mix_logprobs(F.log_softmax(penalize_repetition(raw, ctx.seen, penalty), dim=-1), alpha, self.rule)
+        if base is not None:
+            extra["base"] = penalize_repetition(base, ctx.seen, penalty)
+        return mix_logprobs(F.log_softmax(penalize_repetition(raw, ctx.seen, penalty), dim=-1), alpha, self.rule,
+                            **extra)
+
+    @property
+    def k(self) -> int:
+        """The experts the provider weights (the base of the extrapolate rule not counted)."""
+        return self.experts.k - (self.base_index is not None)
 
     def accept(self, tokens: torch.Tensor, ctx: StepContext) -> None:
         assert self._last is not None
@@ -161,10 +192,12 @@ def generate_mixed(
     pad_token_id: int | None = None,
     rule: MixRule = MixRule.PROB,
     sampling: SamplingConfig | None = None,
+    strength: float = 1.0,
 ) -> MixedGeneration:
     """Sample from the token-level mixture of ``experts`` for a left-padded prompt batch (B, L).
 
-    ``sampling`` defaults to ``SamplingConfig()``; its seed drives a private generator.
+    ``sampling`` defaults to ``SamplingConfig()``; its seed drives a private generator. The extrapolate
+    rule (with its ``strength``) needs the base as the last expert (``__base__``).
     """
     sampling = SamplingConfig() if sampling is None else sampling
     eos = [int(e) for e in eos_token_ids]
@@ -172,7 +205,7 @@ def generate_mixed(
         raise ConfigError("no end-of-sequence ids given; generation would never stop")
     pad = eos[0] if pad_token_id is None else int(pad_token_id)
     device = experts.device
-    step = MixtureStep(experts, weights, rule)
+    step = MixtureStep(experts, weights, rule, strength=strength)
     out = decode(step, input_ids.to(device), attention_mask.to(device).long(), sampling, eos=eos, pad=pad,
                  generator=seeded_generator(sampling.seed, device))
     return step.result(out.tokens, out.mask)

@@ -19,7 +19,11 @@ adapter. :func:`personalize` then builds, by method:
 * ``soup`` - the base with the experts merged into one adapter (in memory; cached on disk as a side
   effect) and that merged into its weights;
 * ``mope`` - the experts as adapters of one peft model, mixed token by token with fixed weights, or the
-  PCM's per-token weights.
+  PCM's per-token weights; the extrapolate rule runs the base model too and moves ``strength`` times
+  the experts' weighted difference away from it.
+
+``strength`` (soups, and MoPE's extrapolate rule) scales how strongly the preference speaks: 1 is the
+experts' weighted average, 0 the base model.
 
 Every method gives a :class:`PersonalizedModel` with the same calls: ``generate`` (instructions ->
 responses, in seeded batches), ``complete`` (formatted texts -> token ids, texts and finish reasons,
@@ -57,10 +61,12 @@ __all__ = [
     "PersonalizedModel",
     "build_prompts",
     "chat_text",
+    "check_strength",
     "load_personalized",
     "personalize",
     "plain_text",
     "resolve",
+    "strength_suffix",
 ]
 
 
@@ -106,7 +112,10 @@ class MethodOptions:
     merge_rank: int | None = None  # soup exact/ties/dare: compress to this rank by SVD
     merge_density: float | None = None  # soup ties/dare: fraction kept (default 0.5)
     merge_seed: int | None = None  # soup dare: random pruning seed (default 0)
-    mix: str = "prob"  # mope: prob | logit | uniform
+    mix: str = "prob"  # mope: prob | logit | uniform | extrapolate
+    # soup: the merged delta is strength x the weighted sum of the experts' deltas; mope with mix
+    # extrapolate: base + strength x the weighted sum of each expert's difference from the base
+    strength: float = 1.0
     pcm: str | None = None  # mope: a train-pcm folder, or "shipped"
     adapter: str | None = None  # adapter: a peft adapter folder
     # expert/soup/mope: sides of the preference that have no expert are only prompted (their prompt is in
@@ -137,11 +146,14 @@ class Personalization:
         """The method as recorded in output rows: variants are distinct (``soup-exact``, ``mope-uniform``)."""
         o = self.options
         if self.method is Method.SOUP:
-            return f"soup-{o.merge}"
+            return f"soup-{o.merge}{strength_suffix(o.strength)}"
         if self.method is Method.MOPE:
+            rule = "-extrapolate" if o.mix == "extrapolate" else ""
             if o.pcm == "shipped":
-                return "mope-pcm"
-            return f"mope-pcm-{Path(o.pcm).resolve().name}" if o.pcm else f"mope-{o.mix}"
+                return f"mope-pcm{rule}{strength_suffix(o.strength)}"
+            if o.pcm:
+                return f"mope-pcm-{Path(o.pcm).resolve().name}{rule}{strength_suffix(o.strength)}"
+            return f"mope-{o.mix}{strength_suffix(o.strength)}"
         if self.method is Method.ADAPTER:
             return f"adapter-{Path(o.adapter).resolve().name}"  # type: ignore[arg-type]
         return self.method.value
@@ -160,6 +172,23 @@ class Personalization:
             return ("base", self.model_name)
         return (self.method, self.model_name, self.options, tuple(sorted(self.weights.items())),
                 self.preference.spec() if self.preference is not None else None)
+
+
+def strength_suffix(strength: float) -> str:
+    """``""`` at strength 1, else ``-x<strength>`` (``soup-exact-x2``, ``mope-extrapolate-x1.5``): labels of
+    generation files and table rows, parsed back by :func:`personalign.generations.parse_method`."""
+    return "" if strength == 1 else f"-x{strength:g}"
+
+
+def check_strength(strength: Any) -> float:
+    """A preference strength: a finite number >= 0 (0 is the base model, 1 today's soup)."""
+    import math
+
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength) \
+            or strength < 0:
+        raise ConfigError(f"strength must be a finite number >= 0 (1 = the experts' weighted average, 2 = "
+                          f"twice as strong, 0 = the base model), got {strength!r}")
+    return float(strength)
 
 
 def build_prompts(tokenizer: PreTrainedTokenizerBase, instructions: Sequence[str], preference: Preference | None,
@@ -243,6 +272,10 @@ def resolve(prefs: str | Preference | Mapping[str, float] | None, options: Metho
     if method is not Method.MOPE:
         for opt in ("mix", "pcm"):
             refuse(opt, "method mope")
+    check_strength(o.strength)
+    if method is not Method.SOUP and not (method is Method.MOPE and o.mix == "extrapolate"):
+        refuse("strength", "method soup and method mope with mix 'extrapolate' (a probability or logit "
+                           "mixture cannot go beyond its experts)")
     if not method.uses_experts:
         refuse("experts", "methods expert, soup and mope")
         refuse("prompt_missing", "methods expert, soup and mope")
@@ -256,8 +289,8 @@ def resolve(prefs: str | Preference | Mapping[str, float] | None, options: Metho
         density, seed = merge_defaults(o.merge, o.merge_density, o.merge_seed)
         check_merge_options(o.merge, o.merge_rank, density, seed)
     rule = MixRule.parse(o.mix) if method is Method.MOPE else None
-    if o.pcm is not None and rule is not MixRule.PROB:
-        raise ConfigError("pcm goes with mix 'prob' (the PCM weights a probability mixture)")
+    if o.pcm is not None and rule not in (MixRule.PROB, MixRule.EXTRAPOLATE):
+        raise ConfigError("pcm goes with mix 'prob' (the PCM weights a probability mixture) or 'extrapolate'")
 
     spec: dict[str, Any] = {"merge_density": density, "merge_seed": seed, "mix_rule": rule}
     if method.uses_experts:
@@ -478,7 +511,7 @@ def personalize(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, spec
         adapter, report, _ = compose.soup_adapter(dict(spec.weights), dict(spec.experts), method=o.merge,
                                                   rank=o.merge_rank, density=spec.merge_density,
                                                   seed=spec.merge_seed, preference=spec.preference.spec(),
-                                                  cache=cache)
+                                                  cache=cache, strength=o.strength)
     else:  # expert, adapter
         folder = spec.adapter_dir if m is Method.ADAPTER else next(iter(spec.experts.values()))
         adapter = load_adapter(folder)
@@ -495,7 +528,7 @@ _MIXTURE_SEED_RANGE = 2**31
 def _mixture(spec: Personalization, tokenizer: PreTrainedTokenizerBase, base: PreTrainedModel, eos: list[int],
              device: torch.device) -> PersonalizedModel:
     from personalign.adapters import load_adapter, with_adapters
-    from personalign.experts import Experts
+    from personalign.experts import BASE_EXPERT, Experts
     from personalign.mixing import MixRule
     from personalign.mixture import FixedWeights, MixtureStep
 
@@ -503,6 +536,9 @@ def _mixture(spec: Personalization, tokenizer: PreTrainedTokenizerBase, base: Pr
     assert rule is not None
     peft_model = with_adapters(base, {s: load_adapter(spec.experts[s]) for s in sides})
     experts = Experts.from_adapters(peft_model, sides)
+    # The extrapolate rule also runs the base model (adapters off), as the last expert.
+    stepping = Experts.from_adapters(peft_model, [*sides, BASE_EXPERT]) if rule is MixRule.EXTRAPOLATE else experts
+    strength = spec.options.strength
     if spec.pcm_dir is not None:
         from personalign.pcm import PCMWeights, PreferenceControlModel
 
@@ -510,8 +546,8 @@ def _mixture(spec: Personalization, tokenizer: PreTrainedTokenizerBase, base: Pr
         provider: Any = PCMWeights(pcm, experts, base.get_input_embeddings(), spec.preference)
     else:
         provider = None if rule is MixRule.UNIFORM else FixedWeights([spec.weights[s] for s in sides])
-    return PersonalizedModel(spec, tokenizer, lambda: MixtureStep(experts, provider, rule), eos, device,
-                             _MIXTURE_SEED_RANGE, model=peft_model)
+    return PersonalizedModel(spec, tokenizer, lambda: MixtureStep(stepping, provider, rule, strength=strength),
+                             eos, device, _MIXTURE_SEED_RANGE, model=peft_model)
 
 
 def load_personalized(prefs: str | Preference | Mapping[str, float] | None = None, method: str = "prompt", *,

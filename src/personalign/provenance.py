@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["UNKNOWN", "evaluating_sources", "label_sources_of_dir", "label_sources_of_reward",
-           "label_sources_of_rm", "pair_judges"]
+           "label_sources_of_rm", "pair_judges", "rl_prompts"]
 
 UNKNOWN = "unknown"
 
@@ -131,3 +131,24 @@ def evaluating_sources(judge_name: str, judge: Any = None) -> list[str]:
     if judge_name.startswith("offline"):
         return ["offline"]
     return [str(getattr(judge, "name", judge_name))]
+
+
+def rl_prompts(expert_folder: str | Path) -> tuple[str, list[int]]:
+    """The prompts an expert saw in RL training, from its ``expert.json`` (or its run's ``config.json``):
+    ``(prompt source, sorted indices into it)``. Every index the configured ``steps`` draw is counted, also
+    when the run stopped early (an upper bound, the safe side for choosing held-out prompts)."""
+    from personalign.errors import ConfigError
+    from personalign.rl import step_prompt_indices
+
+    folder = Path(expert_folder)
+    doc = _read_json(folder / "expert.json")
+    cfg = (doc or {}).get("config") or _read_json(folder / "config.json")
+    if not isinstance(cfg, dict) or not all(k in cfg for k in ("prompts", "steps", "batch_prompts", "seed")):
+        raise ConfigError(f"{folder} records no RL training config (expert.json or config.json with prompts, "
+                          "steps, batch_prompts and seed)")
+    from personalign.data import load_prompts
+
+    n = len(load_prompts(cfg["prompts"], limit=cfg.get("limit")))
+    seen = {i for step in range(int(cfg["steps"]))
+            for i in step_prompt_indices(n, int(cfg["batch_prompts"]), step, int(cfg["seed"]))}
+    return str(cfg["prompts"]), sorted(seen)

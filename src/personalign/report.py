@@ -11,6 +11,9 @@ degenerate reply (a looping answer is "informative" to a word counter, an empty 
 * **repetition rate**: the share of word 3-grams that repeat an earlier 3-gram *of the same
   response*, pooled over responses; a looping decoder scores near 1.
 * **mean length** in words, and the share of empty responses.
+* **filler markers** per response, what a judge of style or warmth can be won with instead of content:
+  emoji (pictographs and dingbats), exclamation marks, and stock phrases (a fixed list,
+  :data:`STOCK_PHRASES`: "I'm thrilled", "great question", "I hope this helps", ...).
 * **on-topic similarity**: mean cosine similarity of instruction and response embeddings (the
   embedding model is loaded by the recipe; this module only has the pure cosine).
 
@@ -25,7 +28,8 @@ The results layout every function here reads (written by ``personalign.recipes.e
                         counts: {win, tie, loss}}},
     paired {method: {other: WR}}   method's average win rate minus other's, paired on instructions
     paired_against [labels]        the others shown in the markdown report
-    text {method: {responses, distinct_1, distinct_2, repetition_3, mean_words, empty_share, ontopic}}
+    text {method: {responses, distinct_1, distinct_2, repetition_3, mean_words, empty_share, emoji,
+                   exclamations, stock_phrases, ontopic}}
 
 where WR is ``{"value", "low", "high", "n", "confidence"}`` (a :class:`~personalign.evaluation.WinRate`).
 Plots are drawn on a bare ``Figure`` with the Agg canvas, so no display or pyplot state is involved.
@@ -43,8 +47,10 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "STOCK_PHRASES",
     "cosine_similarities",
     "distinct_n",
+    "filler_markers",
     "markdown_report",
     "mean_length",
     "pareto_markdown",
@@ -97,6 +103,27 @@ def mean_length(texts: Sequence[str]) -> float | None:
     return sum(len(words(t)) for t in texts) / len(texts) if texts else None
 
 
+# Stock openers and closers of chat models: they read as warm or helpful and say nothing about the question.
+STOCK_PHRASES = (
+    "i'm thrilled", "i am thrilled", "i'm excited", "i am excited", "i'm so glad", "i'm glad", "i'm happy to",
+    "i'd be happy to", "i would be happy to", "i'd love to", "great question", "what a great", "what a fantastic",
+    "what a wonderful", "i hope this helps", "hope this helps", "let me know if", "feel free to", "happy to help",
+    "absolutely", "oh, ", "wow", "you're welcome", "no problem", "of course!",
+)
+_EMOJI = re.compile("[\U0001F000-\U0001FAFF\u2600-\u27BF\u2B00-\u2BFF\uFE0F]")
+
+
+def filler_markers(texts: Sequence[str]) -> dict[str, float | None]:
+    """Per response on average: emoji, exclamation marks and :data:`STOCK_PHRASES` occurrences."""
+    if not texts:
+        return {"emoji": None, "exclamations": None, "stock_phrases": None}
+    n = len(texts)
+    low = [t.lower().replace("\u2019", "'") for t in texts]
+    return {"emoji": sum(len(_EMOJI.findall(t)) for t in texts) / n,
+            "exclamations": sum(t.count("!") for t in texts) / n,
+            "stock_phrases": sum(t.count(p) for t in low for p in STOCK_PHRASES) / n}
+
+
 def text_metrics(texts: Sequence[str], groups: Sequence[Sequence[str]] | None = None
                  ) -> dict[str, float | int | None]:
     """The fluency metrics of one method's responses (see the module docstring).
@@ -119,6 +146,7 @@ def text_metrics(texts: Sequence[str], groups: Sequence[Sequence[str]] | None = 
         "repetition_3": repetition_rate(texts, 3),
         "mean_words": mean_length(texts),
         "empty_share": (sum(not words(t) for t in texts) / len(texts)) if texts else None,
+        **filler_markers(texts),
     }
 
 
@@ -231,7 +259,8 @@ def markdown_report(results: Mapping[str, Any]) -> str:
     text = results.get("text", {})
     if text:
         out += ["", "## Fluency and on-topic-ness", ""]
-        header = ["method", "distinct-1", "distinct-2", "repeated 3-grams", "mean words", "empty", "on-topic"]
+        header = ["method", "distinct-1", "distinct-2", "repeated 3-grams", "mean words", "empty", "emoji",
+                  "exclamations", "stock phrases", "on-topic"]
         rows = []
         for m in [ref, *(m for m in text if m != ref)]:
             if m not in text:
@@ -239,6 +268,7 @@ def markdown_report(results: Mapping[str, Any]) -> str:
             t = text[m]
             rows.append([f"{m} (reference)" if m == ref else m, _num(t["distinct_1"]), _num(t["distinct_2"]),
                          _num(t["repetition_3"]), _num(t["mean_words"], 1), _num(t["empty_share"], 2),
+                         _num(t.get("emoji"), 2), _num(t.get("exclamations"), 2), _num(t.get("stock_phrases"), 2),
                          _num(t.get("ontopic"))])
         out += _table(header, rows)
     skipped = results.get("skipped") or {}

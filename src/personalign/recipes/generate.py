@@ -46,7 +46,8 @@ class GenerateConfig:
     merge_rank: int | None = None  # soup exact/ties/dare: compress to this rank
     merge_density: float | None = None  # soup ties/dare (default 0.5)
     merge_seed: int | None = None  # soup dare (default 0)
-    mix: str = "prob"  # mope: prob | logit | uniform
+    mix: str = "prob"  # mope: prob | logit | uniform | extrapolate
+    strength: float = 1.0  # soup, and mope with mix extrapolate: how strongly the preference speaks (1 = average)
     adapter: str | None = None  # adapter: a peft adapter folder (multitask, P-MORL, RLHF policies)
     pcm: str | None = None  # mope: a train-pcm folder (learned per-token weights), or "shipped"
     # expert/soup/mope: sides without an expert are only prompted, not refused (always with prefs_text)
@@ -58,7 +59,7 @@ class GenerateConfig:
         missing = self.prompt_missing or (self.prefs_text is not None and Method.parse(self.method).uses_experts)
         return MethodOptions(method=self.method, experts=self.experts, merge=self.merge, merge_rank=self.merge_rank,
                              merge_density=self.merge_density, merge_seed=self.merge_seed, mix=self.mix,
-                             pcm=self.pcm, adapter=self.adapter, prompt_missing=missing)
+                             strength=self.strength, pcm=self.pcm, adapter=self.adapter, prompt_missing=missing)
 
 
 def request(cfg: GenerateConfig) -> Personalization:

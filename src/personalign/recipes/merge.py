@@ -28,6 +28,7 @@ class MergeConfig:
     rank: int | None = None
     density: float | None = None
     seed: int | None = None
+    strength: float = 1.0  # the merged delta is strength x the weighted average of the experts' deltas
     full_model: bool = False  # write base + merged delta as a standalone model
     model: str | None = None
     dimensions: str | None = None
@@ -38,7 +39,7 @@ class MergeConfig:
 def main(cfg: MergeConfig) -> dict[str, Any]:
     # -- resolve: the preference, its experts and the merge options, checked before anything loads
     spec = resolve(cfg.prefs, MethodOptions(method="soup", experts=cfg.experts, merge=cfg.method, merge_rank=cfg.rank,
-                                            merge_density=cfg.density, merge_seed=cfg.seed),
+                                            merge_density=cfg.density, merge_seed=cfg.seed, strength=cfg.strength),
                    model=cfg.model, dimensions=cfg.dimensions)
     out = Path(cfg.output)
     if out.exists() and any(out.iterdir()):
@@ -58,7 +59,7 @@ def main(cfg: MergeConfig) -> dict[str, Any]:
     else:
         adapter, report, _ = soup_adapter(dict(spec.weights), dict(spec.experts), method=cfg.method, rank=cfg.rank,
                                           density=spec.merge_density, seed=spec.merge_seed,
-                                          preference=spec.preference.spec())
+                                          preference=spec.preference.spec(), strength=cfg.strength)
         save_adapter(adapter, tmp)
     (tmp / "merge_report.json").write_text(json.dumps({**report, "experts": str(spec.experts_dir)}, indent=2))
     if out.exists():

@@ -1,0 +1,239 @@
+"""Preference strength: sweep it, choose a default on held-out training instructions, report it on the
+evaluation set.
+
+    python bench/strength.py select [--n 16] [--family soup|mope|all]   # sweep on held-out builtin:train
+    python bench/strength.py choose                                     # the defaults, from the sweep
+    python bench/strength.py final --family soup|mope [--strength S]    # on builtin:eval (143 x 8)
+    python bench/strength.py report                                     # bench/strength.json + .png
+
+Every stage runs ``personalign eval`` (resumable: a rerun generates and judges only what is missing) with
+the sampling of the recorded evaluation (96 new tokens, temperature 0.7, top-p 0.9, repetition penalty 1.1,
+seed 0), once with the offline judge and once with the independent judge, against preference prompting.
+
+* **select**: instructions of ``builtin:train`` that no shipped expert saw in RL training
+  (:func:`personalign.provenance.rl_prompts`), ``--n`` of them in a seeded order, the eight combinations;
+  soups (psoups and exact) and ``mope-extrapolate`` at strengths 1, 1.5, 2, 3. Run folder
+  ``runs/strength-select``.
+* **choose**: per family, the strength with the highest average criterion win rate (mean of both judges)
+  among those whose on-topic similarity is at least 0.9x prompting's in *every* combination and whose
+  distinct-2 is at least 0.95x prompting's in every combination; ties go to the smaller strength.
+* **final**: the chosen setting on all 143 evaluation instructions in ``runs/eval-psoups-all`` (where
+  prompting, the strength-1 soups and MoPE were generated with the same settings, so only the new files
+  are generated).
+* **report**: per method and combination: win rates by both judges, on-topic similarity, distinct-2,
+  length and filler markers (emoji, exclamations, stock phrases), each also as a ratio to prompting's;
+  and the trade-off plot (win rate against on-topic ratio).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from personalign.compose import shipped_experts_dir
+from personalign.data import load_prompts
+from personalign.provenance import rl_prompts
+from personalign.report import distinct_n, filler_markers, load_embedder, mean_length, ontopic_similarity
+
+ROOT = Path(__file__).resolve().parent.parent
+SELECT = ROOT / "runs" / "strength-select"
+FINAL = ROOT / "runs" / "eval-psoups-all"
+OUT = ROOT / "bench" / "strength.json"
+STRENGTHS = (1.0, 1.5, 2.0, 3.0)
+JUDGES = ("offline", "independent")
+SAMPLING = {"max_new_tokens": 96, "temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.1, "seed": 0}
+MODEL = "smollm2-135m-instruct"
+
+
+def label(family: str, s: float) -> str:
+    base = {"psoups": "soup-psoups", "exact": "soup-exact", "mope": "mope-extrapolate"}[family]
+    return base if s == 1 else f"{base}-x{s:g}"
+
+
+def family_methods(family: str) -> list[str]:
+    fams = {"soup": ("psoups", "exact"), "mope": ("mope",), "all": ("psoups", "exact", "mope")}[family]
+    return [label(f, s) for f in fams for s in STRENGTHS]
+
+
+def held_out(n: int) -> list[dict[str, str]]:
+    """``n`` instructions of builtin:train that no shipped expert trained on, in a seeded order."""
+    experts = shipped_experts_dir(MODEL)
+    seen: set[int] = set()
+    for side in sorted(p.name for p in experts.iterdir() if p.is_dir()):
+        source, idx = rl_prompts(experts / side)
+        assert source == "builtin:train", source
+        seen |= set(idx)
+    items = load_prompts("builtin:train")
+    free = [i for i in range(len(items)) if i not in seen]
+    random.Random(0).shuffle(free)
+    print(f"{len(free)} of {len(items)} training instructions were seen by no expert; using {n}", file=sys.stderr)
+    return [{"id": f"train-{i}", "prompt": items[i].prompt} for i in free[:n]]
+
+
+def run_eval(run: Path, prompts: str, methods: list[str], judge: str) -> dict:
+    cfg = {"run_dir": str(run), "prompts": prompts, "methods": ["prompt", *methods], "judge": judge,
+           "sampling": SAMPLING, "batch_size": 24, "merge_density": 0.5, "seed": 0}
+    if run == FINAL:  # keep the recorded run's settings (its generation identity)
+        recorded = json.loads((run / "config.json").read_text())
+        cfg = {**{k: recorded[k] for k in ("prompts", "batch_size", "merge_density", "seed", "paired_against")},
+               **{k: v for k, v in cfg.items() if k in ("run_dir", "methods", "judge")}, "sampling": recorded["sampling"]}
+        cfg["paired_against"] = [m for m in cfg["paired_against"] if m in cfg["methods"]]
+    run.mkdir(parents=True, exist_ok=True)
+    path = run / f"strength-{judge}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    subprocess.run([sys.executable, "-m", "personalign.cli", "eval", "--config", str(path)], check=True)
+    return json.loads((run / "judgments" / judge / "results.json").read_text())
+
+
+def combo_text_metrics(run: Path, methods: list[str], embedder) -> dict:
+    """Per method and combination: on-topic similarity, distinct-2, mean words, filler markers."""
+    out: dict[str, dict[str, dict]] = {}
+    for m in ["prompt", *methods]:
+        folder = run / "generations" / m
+        if not folder.is_dir():
+            continue
+        out[m] = {}
+        for path in sorted(folder.glob("*.jsonl")):
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            texts = [r["response"] for r in rows]
+            out[m][path.stem] = {"ontopic": ontopic_similarity([r["prompt"] for r in rows], texts, embedder),
+                                 "distinct_2": distinct_n(texts, 2), "mean_words": mean_length(texts),
+                                 **filler_markers(texts), "responses": len(texts)}
+    return out
+
+
+def summarize(run: Path, methods: list[str]) -> dict:
+    """Win rates by both judges and text metrics, per method and combination, with ratios to prompting."""
+    results = {j: json.loads((run / "judgments" / j / "results.json").read_text()) for j in JUDGES
+               if (run / "judgments" / j / "results.json").is_file()}
+    text = combo_text_metrics(run, methods, load_embedder("cpu"))
+    ref = text["prompt"]
+    table = {}
+    for m in methods:
+        if m not in text or any(m not in r["win_rates"] for r in results.values()):
+            continue
+        combos = {}
+        for c, t in text[m].items():
+            combos[c] = {**t, "ontopic_ratio": t["ontopic"] / ref[c]["ontopic"],
+                         "distinct_2_ratio": t["distinct_2"] / ref[c]["distinct_2"],
+                         "words_ratio": t["mean_words"] / ref[c]["mean_words"],
+                         "win_rate": {j: r["win_rates"][m]["by_combination"][c]["avg"]["value"]
+                                      for j, r in results.items()}}
+        table[m] = {"win_rate": {j: r["win_rates"][m]["avg"] for j, r in results.items()},
+                    "by_criterion": {j: {s: v["value"] for s, v in r["win_rates"][m]["by_criterion"].items()}
+                                     for j, r in results.items()},
+                    "paired": {j: r.get("paired", {}).get(m, {}) for j, r in results.items()},
+                    "ontopic_ratio_min": min(v["ontopic_ratio"] for v in combos.values()),
+                    "ontopic_ratio_mean": sum(v["ontopic_ratio"] for v in combos.values()) / len(combos),
+                    "distinct_2_ratio_min": min(v["distinct_2_ratio"] for v in combos.values()),
+                    "words_ratio_mean": sum(v["words_ratio"] for v in combos.values()) / len(combos),
+                    **{k: sum(v[k] for v in combos.values()) / len(combos)
+                       for k in ("emoji", "exclamations", "stock_phrases")},
+                    "combinations": combos}
+    prompt_markers = {k: sum(v[k] for v in ref.values()) / len(ref) for k in ("emoji", "exclamations",
+                                                                                "stock_phrases")}
+    return {"instructions": next(iter(results.values()))["instructions"], "judges": list(results),
+            "prompt": {"ontopic": sum(v["ontopic"] for v in ref.values()) / len(ref), **prompt_markers},
+            "methods": table}
+
+
+def choose(summary: dict) -> dict[str, dict]:
+    """Per family, the strength the module docstring's rule picks, and why the others were not."""
+    picks = {}
+    for family in ("psoups", "exact", "mope"):
+        cands = []
+        for s in STRENGTHS:
+            row = summary["methods"].get(label(family, s))
+            if row is None:
+                continue
+            ok = row["ontopic_ratio_min"] >= 0.9 and row["distinct_2_ratio_min"] >= 0.95
+            score = sum(w["value"] for w in row["win_rate"].values()) / len(row["win_rate"])
+            cands.append({"strength": s, "label": label(family, s), "eligible": ok, "score": score,
+                          "ontopic_ratio_min": row["ontopic_ratio_min"],
+                          "distinct_2_ratio_min": row["distinct_2_ratio_min"]})
+        eligible = [c for c in cands if c["eligible"]]
+        if cands:
+            best = max(eligible or cands, key=lambda c: (c["score"], -c["strength"]))
+            picks[family] = {"chosen": best["strength"], "label": best["label"], "any_eligible": bool(eligible),
+                             "candidates": cands}
+    return picks
+
+
+def plot(summaries: dict[str, dict], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4.2))
+    FigureCanvasAgg(fig)
+    for ax, (stage, summary) in zip(fig.subplots(1, len(summaries), squeeze=False)[0], summaries.items()):
+        for family, marker in (("psoups", "o"), ("exact", "s"), ("mope", "^")):
+            for judge, color in (("offline", "tab:blue"), ("independent", "tab:orange")):
+                pts = [(summary["methods"][label(family, s)]["ontopic_ratio_mean"],
+                        summary["methods"][label(family, s)]["win_rate"][judge]["value"], s)
+                       for s in STRENGTHS if label(family, s) in summary["methods"]
+                       and judge in summary["methods"][label(family, s)]["win_rate"]]
+                if not pts:
+                    continue
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, alpha=0.8,
+                        label=f"{family} ({judge})")
+                for x, y, s in pts:
+                    ax.annotate(f"{s:g}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+        ax.axvline(0.9, color="grey", ls=":", lw=1)
+        ax.axhline(0.5, color="grey", ls=":", lw=1)
+        ax.set_xlabel("on-topic similarity / prompting's (mean over combinations)")
+        ax.set_ylabel("average criterion win rate vs prompting")
+        ax.set_title(f"{stage}: {summary['instructions']} instructions x 8 combinations", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("stage", choices=("select", "choose", "final", "report"))
+    ap.add_argument("--n", type=int, default=16)
+    ap.add_argument("--family", choices=("soup", "mope", "all"), default="all")
+    ap.add_argument("--strength", type=float, help="final: the strength to evaluate (default: the chosen one)")
+    args = ap.parse_args()
+    doc = json.loads(OUT.read_text()) if OUT.is_file() else {}
+    if args.stage == "select":
+        SELECT.mkdir(parents=True, exist_ok=True)
+        prompts = SELECT / "prompts.jsonl"
+        if not prompts.is_file():
+            prompts.write_text("".join(json.dumps(r) + "\n" for r in held_out(args.n)))
+        for judge in JUDGES:
+            run_eval(SELECT, str(prompts), family_methods(args.family), judge)
+        return 0
+    if args.stage == "choose":
+        summary = summarize(SELECT, family_methods("all"))
+        doc.update(select=summary, chosen=choose(summary))
+        OUT.write_text(json.dumps(doc, indent=1))
+        print(json.dumps({f: {k: v for k, v in p.items() if k != "candidates"} for f, p in doc["chosen"].items()}))
+        return 0
+    if args.stage == "final":
+        fams = {"soup": ("psoups", "exact"), "mope": ("mope",), "all": ("psoups", "exact", "mope")}[args.family]
+        methods = []
+        for f in fams:
+            s = args.strength if args.strength is not None else doc["chosen"][f]["chosen"]
+            methods.append(label(f, s))
+        recorded = json.loads((FINAL / "config.json").read_text())["methods"]
+        for judge in JUDGES:  # the recorded methods stay in the report; only the new files are generated
+            run_eval(FINAL, "builtin:eval", list(dict.fromkeys([*recorded[1:], *methods])), judge)
+        return 0
+    labels = [m for m in family_methods("all")]
+    final = summarize(FINAL, [*labels, "mope-uniform", "mope-pcm-pcm-smollm2-t07"])
+    doc["final"] = final
+    OUT.write_text(json.dumps(doc, indent=1))
+    plot({k: doc[k] for k in ("select", "final") if k in doc}, OUT.with_suffix(".png"))
+    print(f"wrote {OUT} and {OUT.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
