@@ -59,7 +59,7 @@ class Profile:
     name: str
     weights: dict[str, float]
     method: str = "prompt"
-    options: dict[str, Any] = field(default_factory=dict)  # merge, mix, pcm
+    options: dict[str, Any] = field(default_factory=dict)  # merge, mix, pcm, strength
 
     def spec(self) -> str:
         """The weights as a preference spec string (``P1A=0.5,P2B=0.8``)."""

@@ -94,9 +94,17 @@ def test_the_playground_in_a_browser(served):
                 page.select_option("#merge", "exact")
                 page.fill("#max-tokens", "8")
                 assert "max_tokens=8" in page.inner_text("#api")
+                assert page.is_visible("#strength")  # soups take a strength
+                page.locator("#strength").fill("2")
+                assert '"strength": 2' in page.inner_text("#api").replace('":', '": ').replace(":  ", ": ")
                 page.click("#ask")
                 page.wait_for_function("document.querySelector('#meta-1').textContent.match(/stop|length/)")
-                assert "soup-exact · P2A=0.6" in page.inner_text("#meta-1")
+                assert "soup-exact-x2 · P2A=0.6" in page.inner_text("#meta-1")
+                page.select_option("#method", "mope")
+                assert not page.is_visible("#strength")  # a probability mixture cannot go beyond its experts
+                page.select_option("#mix", "extrapolate")
+                assert page.is_visible("#strength")
+                page.select_option("#method", "soup")
                 page.check("#compare")
                 page.fill("#prefs-2", "1B,2B,3B")
                 page.click("#ask")
@@ -124,5 +132,6 @@ def test_the_playground_in_a_browser(served):
                 page.wait_for_function("document.querySelector('#profile-out').textContent.startsWith('loaded')")
                 assert "(3 picks)" in page.inner_text("#profile-out")
                 assert page.inner_text("#resolved") == "P1B=1,P2A=1,P3B=1"
+                assert page.input_value("#strength") == "2"  # the profile kept its strength
         finally:
             browser.close()

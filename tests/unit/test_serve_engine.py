@@ -33,6 +33,9 @@ CASES = [
     ("mope", "P1A=0.2,P2B=0.8", {"mix": "logit"}),
     ("mope", "1A,2B,3A", {"mix": "uniform"}),
     ("mope", "1B,2B,3A", {"mix": "prob", "pcm": "default"}),  # the server's PCM
+    ("soup", "1A,2B,3A", {"merge": "exact", "strength": 2.5}),  # preference strength, per row
+    ("mope", "1B,2A,3A", {"mix": "extrapolate", "strength": 2.0}),  # with a base lane
+    ("mope", "P1A=0.3,P2B=0.7", {"mix": "extrapolate"}),
 ]
 
 
@@ -66,7 +69,7 @@ def body(method, prefs, extra, **more):
 
 def entry_point(setup, method, prefs, extra):
     model, tok, experts, pcm, model_dir = setup
-    options = {k: v for k, v in extra.items() if k in ("merge", "mix")}
+    options = {k: v for k, v in extra.items() if k in ("merge", "mix", "strength")}
     if extra.get("pcm"):
         options["pcm"] = str(pcm)
     spec = resolve(prefs, MethodOptions(method=method, experts=None if method in ("vanilla", "prompt") else str(experts),
@@ -223,3 +226,29 @@ def test_without_the_shared_batch_each_request_gets_its_own_merged_model_and_the
         health = merged.get("/health").json()
     assert alone == shared
     assert health["models_built"] == 3 and health["experts_loaded"] == []  # one merged model at a time
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ({"method": "mope", "mix": "prob", "strength": 2}, "strength applies to method soup and to method mope with mix "
+                                                       "'extrapolate', not mope with mix 'prob'"),
+    ({"method": "prompt", "strength": 2}, "strength applies to method soup"),
+    ({"method": "soup", "merge": "exact", "strength": -1}, "strength must be a finite number >= 0"),
+    ({"method": "soup", "merge": "exact", "strength": "strong"}, "strength must be a finite number"),
+])
+def test_a_strength_the_request_cannot_have_is_refused_naming_the_field(client, extra, message):
+    b = body(extra.pop("method"), "1A,2B,3A", {}, pcm="none", **extra)
+    r = client.post("/v1/chat/completions", json=b)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "strength" and message in err["message"]
+
+
+def test_a_profile_keeps_its_strength(client):
+    r = client.put("/v1/profiles/strong", json={"preferences": "1A,2B,3A", "method": "soup", "merge": "exact",
+                                                "strength": 2.5})
+    assert r.status_code == 200, r.text
+    assert r.json()["strength"] == 2.5
+    b = body("soup", "profile:strong", {})
+    del b["method"]  # the profile's method and options
+    strong = answer(client, body("soup", "1A,2B,3A", {"merge": "exact", "strength": 2.5}))
+    assert answer(client, b) == strong != answer(client, body("soup", "1A,2B,3A", {"merge": "exact"}))

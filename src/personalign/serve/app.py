@@ -72,7 +72,7 @@ log = logging.getLogger("personalign.serve")
 
 _COMMON = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "n", "stop",
            "stream", "stream_options", "preferences", "method", "merge", "mix", "pcm", "repetition_penalty",
-           "ignore_eos", "preferences_text", "prompt_missing", "user"}
+           "ignore_eos", "preferences_text", "prompt_missing", "user", "strength"}
 # OpenAI fields we do not implement. A client may send them with their neutral value; any other value
 # is refused, because ignoring it would silently give the client something it did not ask for.
 _NEUTRAL_ONLY = {"frequency_penalty", "presence_penalty", "logit_bias", "logprobs", "top_logprobs",
@@ -109,6 +109,15 @@ def request_options(method: Method, body: Mapping[str, Any], defaults: MethodOpt
         pcm = None if body["pcm"] == "none" else body["pcm"]
     else:  # the server's PCM weights a probability mixture only
         pcm = defaults.pcm if mope and mix == "prob" else None
+    # strength: the request's, else the server's default where it applies (soups, the extrapolate rule)
+    stretches = soup or (mope and mix == "extrapolate")
+    strength = _number(body, "strength", defaults.strength if stretches else 1.0)
+    if strength < 0:
+        raise ApiError(f"strength must be a finite number >= 0, got {_short(strength)}", "strength")
+    if body.get("strength") is not None and not stretches and strength != 1:
+        raise ApiError(f"strength applies to method soup and to method mope with mix 'extrapolate', not "
+                       f"{method.value}{' with mix ' + repr(mix) if mope else ''} (a probability or logit mixture "
+                       "cannot go beyond its experts)", "strength")
     missing = body.get("prompt_missing")
     if missing is not None and not isinstance(missing, bool):
         raise ApiError(f"prompt_missing must be true or false, got {_short(missing)}", "prompt_missing")
@@ -122,6 +131,7 @@ def request_options(method: Method, body: Mapping[str, Any], defaults: MethodOpt
         merge_rank=defaults.merge_rank if soup else None,
         merge_density=defaults.merge_density if soup else None,
         mix=mix,
+        strength=float(strength),
         pcm=pcm if mope or body.get("pcm") is None else body["pcm"],
     )
 
@@ -245,7 +255,8 @@ class _Service:
             profile = self.profile(prefs.strip()[len(PROFILE_PREFIX):])
             prefs = profile.weights
             if body.get("method") is None:  # the profile's method and options, unless the request names a method
-                body = {**{k: v for k, v in profile.options.items() if k in ("merge", "mix", "pcm")}, **body,
+                body = {**{k: v for k, v in profile.options.items() if k in ("merge", "mix", "pcm", "strength")},
+                        **body,
                         "method": profile.method}
         if prefs is not None and not isinstance(prefs, (str, dict)):
             raise ApiError("preferences must be a string such as '1A,2A,3A' or an object of side weights",
@@ -349,8 +360,8 @@ class _Service:
 
     def save_profile(self, name: str, body: Mapping[str, Any]) -> dict[str, Any]:
         """Create or replace a profile from ``preferences`` and optional ``method``, ``merge``, ``mix``, ``pcm``,
-        checked as a request would be."""
-        allowed = {"preferences", "method", "merge", "mix", "pcm"}
+        ``strength``, checked as a request would be."""
+        allowed = {"preferences", "method", "merge", "mix", "pcm", "strength"}
         unknown = sorted(set(body) - allowed)
         if unknown:
             raise ApiError(f"unknown field {unknown[0]!r}; a profile takes {', '.join(sorted(allowed))}", unknown[0])
@@ -363,7 +374,7 @@ class _Service:
             raise ApiError("preferences is required: a spec such as '1A,2B,3A' or an object of side weights",
                            "preferences")
         job = self._parse({"model": self.model_name, **body}, _COMMON, chat=True)  # every check of a request
-        options = {k: body[k] for k in ("merge", "mix", "pcm") if body.get(k) is not None}
+        options = {k: body[k] for k in ("merge", "mix", "pcm", "strength") if body.get(k) is not None}
         assert job.spec.preference is not None
         saved = self.profiles.save(name, job.spec.preference.weight_dict(), job.spec.method.value, options)
         return self.profile_doc(saved)
@@ -629,7 +640,7 @@ class _Service:
             "mix": [r.value for r in MixRule],
             "pcm": (["shipped"] if shipped_pcm else []) + ["none"],
             "per_row": {"soup": ["exact"], "mope": [r.value for r in MixRule]},
-            "defaults": {"method": d.method, "merge": d.merge, "mix": d.mix, "pcm": d.pcm},
+            "defaults": {"method": d.method, "merge": d.merge, "mix": d.mix, "pcm": d.pcm, "strength": d.strength},
             "dimensions": [{"name": dim.name, "sides": [
                 {"id": sid, "name": self.space.sides[sid].name, "aliases": list(self.space.sides[sid].aliases),
                  "prompt": self.space.sides[sid].prompt, "expert": sid in experts} for sid in dim.sides]}
@@ -755,6 +766,9 @@ def check_defaults(defaults: MethodOptions, model_name: str | None = None) -> Me
     density, seed = merge_defaults(defaults.merge, defaults.merge_density, defaults.merge_seed)
     check_merge_options(defaults.merge, defaults.merge_rank, density, seed)
     MixRule.parse(defaults.mix)
+    from personalign.personalize import check_strength
+
+    check_strength(defaults.strength)
     if defaults.adapter is not None:
         raise ConfigError("the server takes no adapter; serve an adapter's merged model with --model instead")
     if model_name is not None:
@@ -1000,6 +1014,7 @@ class ServeConfig:
     experts: str | None = None
     merge: str = "psoups"
     mix: str = "prob"
+    strength: float = 1.0  # default for soups and the extrapolate rule (a request may give its own)
     pcm: str | None = None
     dimensions: str | None = None
     device: str = "auto"
@@ -1018,7 +1033,8 @@ class ServeConfig:
     db: str | None = None  # the profile store; None: profiles.sqlite in the cache folder
 
     def defaults(self) -> MethodOptions:
-        return MethodOptions(method=self.method, experts=self.experts, merge=self.merge, mix=self.mix, pcm=self.pcm)
+        return MethodOptions(method=self.method, experts=self.experts, merge=self.merge, mix=self.mix, pcm=self.pcm,
+                             strength=self.strength)
 
     def limits(self) -> Limits:
         return Limits(max_batch=self.max_batch, max_queue=self.max_queue, max_models=self.max_models,
@@ -1091,6 +1107,6 @@ def run_server(model_name_or_path: str | None = None, host: str = "127.0.0.1", p
 def _option_fields(options: MethodOptions) -> dict[str, Any]:
     if options.merge_rank is not None or options.merge_density is not None or options.merge_seed is not None or \
             options.adapter is not None:
-        raise ConfigError("the server takes merge, mix, pcm and experts defaults only")
+        raise ConfigError("the server takes merge, mix, strength, pcm and experts defaults only")
     return {"method": options.method, "experts": options.experts, "merge": options.merge, "mix": options.mix,
-            "pcm": options.pcm}
+            "pcm": options.pcm, "strength": options.strength}

@@ -129,6 +129,7 @@ class _Choice:
         self.lane_weights: torch.Tensor | None = None  # (lanes, K)
         self.rule: Any = None  # MixRule for a mixture, None for one lane
         self.alpha: torch.Tensor | None = None  # (lanes,) fixed mixture weights
+        self.strength = 1.0  # the extrapolate rule's (its last lane is the base model)
         self.pcm: Any = None  # (pcm, pref (S,), side index (lanes,), prompt_emb (H,), gen_sum (H,))
 
     @property
@@ -257,6 +258,8 @@ class _Shared:
             return False
         if m is Method.SOUP:
             return spec.options.merge == "exact" and spec.options.merge_rank is None
+        if m is Method.MOPE and spec.pcm_dir is not None and spec.options.mix == "extrapolate":
+            return False  # the PCM's lanes here carry no base lane: built as its own model instead
         return m in (Method.EXPERT, Method.MOPE)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor | None,
@@ -311,14 +314,16 @@ class _RowGroup:
         if m in (Method.VANILLA, Method.PROMPT):
             choice.lane_weights = torch.zeros(1, k)
         elif m in (Method.EXPERT, Method.SOUP):  # an expert is merged whole, whatever its weight's sign
-            w = {s: 1.0 for s in spec.weights} if m is Method.EXPERT else dict(spec.weights)
+            w = {s: 1.0 for s in spec.weights} if m is Method.EXPERT else \
+                {s: v * spec.options.strength for s, v in spec.weights.items()}  # exact: linear in strength
             choice.lane_weights = torch.tensor([[w.get(s, 0.0) for s in sh.sides]])
         else:  # MoPE: one lane per expert of the preference, each the base plus that expert
             sides = list(spec.weights)
-            choice.lane_weights = torch.zeros(len(sides), k)
+            rule = spec.mix_rule
+            # the extrapolate rule adds a last lane for the base model (all weights zero)
+            choice.lane_weights = torch.zeros(len(sides) + (rule is MixRule.EXTRAPOLATE), k)
             for i, side in enumerate(sides):
                 choice.lane_weights[i, sh.sides.index(side)] = 1.0
-            rule = spec.mix_rule
             if spec.pcm_dir is not None:
                 from personalign.pcm import preference_vector
 
@@ -330,6 +335,7 @@ class _RowGroup:
                 choice.rule, choice.alpha = MixRule.PROB, torch.full((len(sides),), 1.0 / len(sides))
             else:
                 choice.rule, choice.alpha = rule, torch.tensor([spec.weights[s] for s in sides])
+                choice.strength = spec.options.strength
 
     def admit(self, new: list[tuple[_Choice, str]]) -> None:
         """Run the newcomers' prompts (one forward pass) and append their lanes to the batch."""
@@ -382,7 +388,7 @@ class _RowGroup:
 
     def _scores(self) -> torch.Tensor:
         """(C, V) next-token scores of every row, its repetition penalty applied (mixtures: per expert)."""
-        from personalign.mixing import mix_logprobs
+        from personalign.mixing import MixRule, mix_logprobs
 
         assert self.logits is not None and self.seen is not None
         dev = self.logits.device
@@ -399,6 +405,9 @@ class _RowGroup:
             if c.rule is not None:
                 by_rule[c.rule].append(i)
         for rule, rows in by_rule.items():
+            if rule is MixRule.EXTRAPOLATE:
+                scores[torch.tensor(rows, device=dev)] = self._extrapolated(rows, first, penalty)
+                continue
             kmax = max(self.choices[i].lanes for i in rows)
             # (R, kmax) lanes of each row, padded with its last lane under weight 0
             lane_idx = torch.tensor([[first[i] + min(j, self.choices[i].lanes - 1) for j in range(kmax)]
@@ -409,6 +418,27 @@ class _RowGroup:
             scores[ci] = mix_logprobs(F.log_softmax(penalize_repetition(raw, self.seen[ci], penalty[ci]), dim=-1),
                                       alpha, rule)
         return scores
+
+    def _extrapolated(self, rows: list[int], first: list[int], penalty: torch.Tensor) -> torch.Tensor:
+        """(R, V) scores of extrapolate-rule rows: each row's expert lanes (padded with weight 0) and its last
+        lane, the base model, each with the repetition penalty applied."""
+        from personalign.mixing import mix_extrapolate
+
+        assert self.logits is not None and self.seen is not None
+        dev = self.logits.device
+        kmax = max(self.choices[i].lanes - 1 for i in rows)
+        lane_idx = torch.tensor([[first[i] + min(j, self.choices[i].lanes - 2) for j in range(kmax)]
+                                 for i in rows], device=dev)  # (R, kmax)
+        base_idx = torch.tensor([first[i] + self.choices[i].lanes - 1 for i in rows], device=dev)  # (R,)
+        alpha = torch.zeros(len(rows), kmax, device=dev)
+        for r, i in enumerate(rows):
+            alpha[r, : self.choices[i].lanes - 1] = self.choices[i].alpha.to(dev)
+        ci = torch.tensor(rows, device=dev)
+        seen, pen = self.seen[ci], penalty[ci]
+        experts = penalize_repetition(self.logits[lane_idx], seen, pen)  # (R, kmax, V)
+        base = penalize_repetition(self.logits[base_idx], seen, pen)  # (R, V)
+        strength = torch.tensor([self.choices[i].strength for i in rows], device=dev)
+        return mix_extrapolate(experts, base, alpha, strength)
 
     def _alpha(self, rows: list[int], raw: torch.Tensor, kmax: int) -> torch.Tensor:
         """(R, kmax) mixture weights: each row's fixed ones, or its PCM's for this token."""
