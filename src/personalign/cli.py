@@ -113,6 +113,15 @@ def _load(cls: type, config: Path | None, given: dict[str, Any], sets: list[str]
     return cfg
 
 
+def _print_result(text: str) -> None:
+    """A training command's result on stdout, once: under torchrun / accelerate launch every process runs
+    the command, and only the main one prints."""
+    from personalign.distributed import is_main_process
+
+    if is_main_process():
+        typer.echo(text)
+
+
 def _check_outputs(cfg: Any, files: tuple[str, ...] = (), folders: tuple[str, ...] = ()) -> None:
     from personalign.data import check_writable
 
@@ -295,7 +304,7 @@ def train_rm(
              "sides": ",".join(side) if side else None}
     cfg = _load(recipe.TrainRMConfig, config, given, set_, folders=("output_dir",))
     metrics = recipe.main(cfg)
-    typer.echo(json.dumps({k: v for k, v in metrics.items() if k.startswith("eval/accuracy")}, indent=1))
+    _print_result(json.dumps({k: v for k, v in metrics.items() if k.startswith("eval/accuracy")}, indent=1))
 
 
 @app.command("train-expert")
@@ -314,7 +323,7 @@ def train_expert(
 
     given = {"side": side, "output_dir": output_dir, "reward": reward, "algorithm": algorithm, "model": model}
     cfg = _load(recipe.TrainExpertConfig, config, given, set_, folders=("output_dir",))
-    typer.echo(json.dumps(recipe.main(cfg), indent=1))
+    _print_result(json.dumps(recipe.main(cfg), indent=1))
 
 
 @app.command("train-pcm")
@@ -334,7 +343,7 @@ def train_pcm(
     given = {"output_dir": output_dir, "experts": str(experts) if experts else None, "reward": reward,
              "model": model, "sides": ",".join(side) if side else None}
     cfg = _load(recipe.TrainPCMConfig, config, given, set_, folders=("output_dir",))
-    typer.echo(json.dumps(recipe.main(cfg), indent=1))
+    _print_result(json.dumps(recipe.main(cfg), indent=1))
 
 
 @app.command("train-multitask")
@@ -352,7 +361,7 @@ def train_multitask(
 
     given = {"pairs": pairs, "output_dir": output_dir, "model": model, "sides": ",".join(side) if side else None}
     cfg = _load(recipe.TrainMultitaskConfig, config, given, set_, folders=("output_dir",))
-    typer.echo(json.dumps(recipe.main(cfg), indent=1))
+    _print_result(json.dumps(recipe.main(cfg), indent=1))
 
 
 @app.command("train-pmorl")
@@ -372,7 +381,7 @@ def train_pmorl(
     given = {"output_dir": output_dir, "reward": reward, "algorithm": algorithm, "model": model,
              "sides": ",".join(side) if side else None}
     cfg = _load(recipe.TrainPMORLConfig, config, given, set_, folders=("output_dir",))
-    typer.echo(json.dumps(recipe.main(cfg), indent=1))
+    _print_result(json.dumps(recipe.main(cfg), indent=1))
 
 
 @app.command("eval")

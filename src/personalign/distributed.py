@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -35,7 +35,7 @@ from personalign.errors import ConfigError
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
-__all__ = ["TIMEOUT_ENV", "Dist", "init", "require_one_process"]
+__all__ = ["TIMEOUT_ENV", "Dist", "init", "is_main_process"]
 
 # A process that dies leaves the others waiting in a collective; the launcher ends them, and this
 # timeout ends a collective that still waits (minutes).
@@ -100,6 +100,14 @@ class Dist:
         torch.distributed.all_gather(parts, padded)
         return torch.cat([p[:r] for p, r in zip(parts, rows)])
 
+    def gather_objects(self, items: list[Any]) -> list[Any]:
+        """Every process's ``items`` (picklable: texts, records) concatenated in rank order."""
+        if not self.active:
+            return list(items)
+        parts: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(parts, list(items))
+        return [x for part in parts for x in part]
+
     def sum_grads(self, params: Iterable[torch.nn.Parameter]) -> None:
         """Sum each parameter's gradient over processes, in place (a process whose slice was empty
         contributes zeros). One collective per dtype."""
@@ -148,11 +156,9 @@ def init(device: str = "auto") -> Dist:
     return Dist(rank=state.process_index, world=state.num_processes, device=str(state.device))
 
 
-def require_one_process(command: str) -> None:
-    """Refuse to run ``command`` under a multi-process launcher: its recipe is not data parallel yet, and
-    several copies would each train the whole run and write the same folder."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        raise ConfigError(f"{command} runs in one process only ({world} were launched); start it without "
-                          "torchrun / accelerate launch (train-expert and train-rm run data parallel, see "
-                          "docs/distributed.md)")
+def is_main_process() -> bool:
+    """False in a launcher's processes other than the main one (rank 0), so that a command's result is
+    printed once: the running process group's rank, else the launcher's ``RANK``."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0

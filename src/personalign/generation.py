@@ -447,19 +447,27 @@ def generate_texts(
     first_index: int = 0,
     seed_range: int | None = None,
     on_batch: Callable[[int, list[str]], None] | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> list[str]:
     """Generate a response for each already formatted input text, in batches, each seeded by position.
 
     ``first_index`` is the position of ``texts[0]`` in a larger run (it seeds the batches);
     ``on_batch(start, responses)`` is called after each batch, e.g. to write results durably.
     ``seed_range`` reduces each batch's seed modulo it (token-level mixtures were always seeded within
-    31 bits; kept so that their recorded outputs reproduce).
+    31 bits; kept so that their recorded outputs reproduce). ``seeds``: one per text instead, each row
+    drawing from its own generator, so a text's response does not depend on the other texts of its
+    batch (data-parallel training generates a batch in slices).
     """
+    if seeds is not None and len(seeds) != len(texts):
+        raise ValueError(f"{len(seeds)} seeds for {len(texts)} texts; give one per text")
     pad = pad_token_id(tokenizer, eos)
     outputs: list[str] = []
     for start, chunk in batched(list(texts), batch_size):
         ids, mask = encode_batch(tokenizer, chunk, device)
-        gen = batch_generator(sampling.seed, first_index + start, device, seed_range)
+        if seeds is not None:
+            gen = [seeded_generator(s, device) for s in seeds[start:start + len(chunk)]]
+        else:
+            gen = batch_generator(sampling.seed, first_index + start, device, seed_range)
         out = decode(make_step(), ids, mask, sampling, eos=eos, pad=pad, generator=gen, inference=True)
         tokens = out.tokens.masked_fill(out.mask == 0, pad)
         responses = [r.strip() for r in tokenizer.batch_decode(tokens, skip_special_tokens=True)]

@@ -53,10 +53,14 @@ def _key(text: str) -> str:
 
 
 class ReferenceCache:
-    """``y_ref`` per model input text (instruction + preference prompt), kept in a JSONL file."""
+    """``y_ref`` per model input text (instruction + preference prompt), kept in a JSONL file.
 
-    def __init__(self, path: Path):
+    ``write=False``: kept in memory only (a data-parallel process other than the main one, which
+    writes the file for every process)."""
+
+    def __init__(self, path: Path, write: bool = True):
         self.path = path
+        self.write = write
         self.responses: dict[str, str] = {}
         if path.exists():
             for line in path.read_text(encoding="utf-8").splitlines():
@@ -75,10 +79,12 @@ class ReferenceCache:
         return out
 
     def add(self, texts: list[str], responses: list[str]) -> None:
-        with self.path.open("a", encoding="utf-8") as fh:
-            for t, r in zip(texts, responses):
-                self.responses[_key(t)] = r
-                fh.write(json.dumps({"key": _key(t), "input": t, "response": r}) + "\n")
+        for t, r in zip(texts, responses):
+            self.responses[_key(t)] = r
+        if self.write:
+            with self.path.open("a", encoding="utf-8") as fh:
+                for t, r in zip(texts, responses):
+                    fh.write(json.dumps({"key": _key(t), "input": t, "response": r}) + "\n")
 
     def get(self, text: str) -> str:
         return self.responses[_key(text)]

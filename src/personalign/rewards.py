@@ -275,6 +275,9 @@ class CombinedReward:
     side; the result is ``sum_i w_i * norm_i(r_i) / sum_i |w_i|``. Statistics update on every call
     while ``update`` is True (set it False to score without moving them, e.g. for evaluation).
     ``last_raw`` keeps the latest raw rewards per side for logging.
+
+    A call is :meth:`raw` then :meth:`combine`; data-parallel training calls them apart, scoring its
+    slice of a batch and normalising the gathered batch (the statistics must see every process's rewards).
     """
 
     def __init__(self, rewards: Mapping[str, RewardFunction], weights: Mapping[str, float] | None = None,
@@ -296,13 +299,23 @@ class CombinedReward:
         self.last_raw: dict[str, torch.Tensor] = {}
 
     def __call__(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
-        out = torch.zeros(len(responses))
-        for side, fn in self.rewards.items():
-            raw = as_reward_tensor(fn(prompts, responses), len(responses), f"for side {side}")
-            self.last_raw[side] = raw
+        return self.combine(self.raw(prompts, responses))
+
+    def raw(self, prompts: list[str], responses: list[str]) -> dict[str, torch.Tensor]:
+        """Each side's raw rewards (n,), float32; kept in ``last_raw``."""
+        self.last_raw = {side: as_reward_tensor(fn(prompts, responses), len(responses), f"for side {side}")
+                         for side, fn in self.rewards.items()}
+        return self.last_raw
+
+    def combine(self, raw: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The weighted mean of each side's normalised ``raw`` rewards (n,), the statistics updated
+        first (while ``update``)."""
+        n = len(next(iter(raw.values())))
+        out = torch.zeros(n)
+        for side in self.rewards:
             if self.update:
-                self.stats[side].update(raw)
-            out += self.weights[side] * self.stats[side].normalize(raw).float()
+                self.stats[side].update(raw[side])
+            out += self.weights[side] * self.stats[side].normalize(raw[side]).float()
         return out / self._total
 
     def state_dict(self) -> dict[str, dict[str, float]]:

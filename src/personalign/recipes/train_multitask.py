@@ -2,8 +2,8 @@
 learning, on the judge-chosen responses of every side at once.
 
 config -> main(cfg) -> validate (pairs, sides, fields; before any model loads) -> load base + LoRA ->
-build examples -> train with TRL's ``SFTTrainer`` (resumes from its last checkpoint) -> save the adapter
-and ``expert.json``.
+build examples -> resume -> per step: batch -> loss -> step -> log -> checkpoint -> save the adapter and
+``expert.json``.
 
 Each example is the chosen response of one pair, trained as the answer to the pair's instruction with
 that side's policy prompt appended: ``format_chat(build_user_message(prompt, side.prompt))`` + response
@@ -16,31 +16,49 @@ embedded tokenizer pads with its end-of-sequence token, which the loss must see)
 mid-answer). A chosen response that appears in several pairs of a side and instruction (``label
 pairing=all``) is trained once.
 
-Why TRL: the supervised loop (batching, right padding with -100 labels, AdamW with warm-up and linear
-decay, gradient clipping, checkpoints with optimizer, scheduler and RNG state, resumption mid-epoch)
-is exactly what ``SFTTrainer`` does, so this recipe hands it pre-tokenised ``input_ids`` + ``labels``
-and keeps no loop of its own. Its checkpoints (``checkpoints/checkpoint-N``) use torch's format for the
-optimizer and RNG state; they are deleted once the final adapter (safetensors) is written.
+The loop: every epoch is a seeded shuffle of the examples; an optimizer step takes the next
+``batch_size x grad_accum`` of them, ``grad_accum`` forward passes of ``batch_size``, padded on the
+right by TRL's collator (-100 labels on padding). The loss is the summed cross-entropy of the step's
+response tokens divided by their count over the whole step (the token mean of the step, as
+transformers' trainer normalises accumulated batches); AdamW, transformers' linear schedule with
+warm-up, gradient clipping. torch is reseeded from (seed, step) for each step (LoRA dropout), so a
+step does the same work whether or not the run was interrupted.
 
-Run folder: ``config.json``, ``metrics.jsonl`` (``train/loss``, ``train/lr``, ``train/grad_norm``,
-``train/token_accuracy``, ``train/entropy``, ``train/tokens``, ``train/epoch``, and at the end
-``time/train_seconds``), ``checkpoints/`` while training; at the end ``adapter/`` (a standard peft
-folder) and ``expert.json`` (``kind: multitask``, sides, base model, config, metrics), written last.
+Why a loop of its own rather than TRL's ``SFTTrainer``: under a launcher the trainer's batch is per
+process and accelerate pads an epoch's last batch with repeated examples, so several processes would
+not train the one-process adapter. Here, as in every training recipe (see docs/distributed.md), each
+forward pass of ``batch_size`` examples is cut into contiguous slices, one per process; each process's
+loss is its tokens' share of the step's token mean, and the gradients are summed over processes
+(:class:`personalign.distributed.Dist`), so the step is the one-process step. Only the main process
+writes the run folder.
+
+Run folder: ``config.json``, ``metrics.jsonl`` (every ``log_every`` steps ``train/loss``, ``train/lr``,
+``train/grad_norm``, ``train/token_accuracy`` and ``train/entropy`` over the response tokens,
+``train/tokens`` (input tokens so far), ``train/epoch``; at the end ``time/train_seconds``),
+``checkpoint/`` while training (the LoRA tensors, AdamW's state and the step, in safetensors + JSON);
+at the end ``adapter/`` (a standard peft folder) and ``expert.json`` (``kind: multitask``, sides, base
+model, config, metrics), written last.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import random
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
+from personalign.checkpoint import load_checkpoint, save_checkpoint
 from personalign.config import to_dict
 from personalign.data import build_user_message, format_chat, iter_jsonl
-from personalign.distributed import require_one_process
+from personalign.distributed import init as init_distributed
 from personalign.errors import ConfigError, DataError, ModelError, PreferenceError
+from personalign.generation import batch_seed
 from personalign.reward_model import LoraSpec
 from personalign.runlog import MetricsLogger, prepare_run_dir
 
@@ -51,7 +69,7 @@ if TYPE_CHECKING:
 
 ADAPTER_DIR = "adapter"
 EXPERT_JSON = "expert.json"
-CHECKPOINTS = "checkpoints"
+CHECKPOINT = "checkpoint"
 IGNORE = -100  # the label that the loss skips
 
 
@@ -201,10 +219,8 @@ def build_example(tokenizer: PreTrainedTokenizerBase, instruction: str, side_pro
     return {"input_ids": prompt_ids + response_ids, "labels": [IGNORE] * len(prompt_ids) + response_ids}
 
 
-def build_dataset(plan: Plan, tokenizer: PreTrainedTokenizerBase) -> Any:
-    """The examples as a ``datasets.Dataset`` of ``input_ids`` and ``labels`` (TRL uses them as given)."""
-    from datasets import Dataset
-
+def tokenize_examples(plan: Plan, tokenizer: PreTrainedTokenizerBase) -> list[dict[str, list[int]]]:
+    """Every example's ``input_ids`` and ``labels`` (:func:`build_example`); a bad one names its line."""
     rows = []
     for e in plan.examples:
         try:
@@ -212,90 +228,30 @@ def build_dataset(plan: Plan, tokenizer: PreTrainedTokenizerBase) -> Any:
                                       plan.cfg.max_length))
         except DataError as exc:
             raise DataError(f"{plan.cfg.pairs}:{e.line}: {exc}") from None
-    return Dataset.from_list(rows)
+    return rows
 
 
-# -- TRL glue ------------------------------------------------------------------------------------
-
-# TRL's log keys -> our metric names.
-METRIC_NAMES = {
-    "loss": "train/loss", "learning_rate": "train/lr", "grad_norm": "train/grad_norm", "entropy": "train/entropy",
-    "mean_token_accuracy": "train/token_accuracy", "num_tokens": "train/tokens", "epoch": "train/epoch",
-    "train_runtime": "time/train_seconds", "train_samples_per_second": "time/samples_per_second",
-    "train_steps_per_second": "time/steps_per_second", "train_loss": "train/mean_loss",
-}
-
-
-def _metrics_callback(logger: MetricsLogger) -> Any:
-    from transformers import TrainerCallback
-
-    class MetricsToJsonl(TrainerCallback):
-        """Append each of the trainer's logs to ``metrics.jsonl`` with slash names."""
-
-        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
-                   **kwargs: Any) -> None:
-            row = {METRIC_NAMES[k]: float(v) for k, v in (logs or {}).items()
-                   if k in METRIC_NAMES and isinstance(v, (int, float))}
-            if row:
-                logger.log(state.global_step, row)
-
-    return MetricsToJsonl()
+def steps_per_epoch(cfg: TrainMultitaskConfig, n_examples: int) -> int:
+    """Optimizer steps per pass over the examples (the last one may take fewer)."""
+    return math.ceil(n_examples / (cfg.batch_size * cfg.grad_accum))
 
 
 def total_steps(cfg: TrainMultitaskConfig, n_examples: int) -> int:
-    """Optimizer steps of the run (as the trainer counts them)."""
+    """Optimizer steps of the run: ``max_steps``, or ``epochs`` passes over the examples."""
     if cfg.max_steps is not None:
         return cfg.max_steps
-    per_epoch = max(1, math.ceil(n_examples / cfg.batch_size) // cfg.grad_accum)
-    return per_epoch * cfg.epochs
+    return steps_per_epoch(cfg, n_examples) * cfg.epochs
 
 
-def sft_config(cfg: TrainMultitaskConfig, folder: Path, n_examples: int) -> Any:
-    from trl import SFTConfig
-
-    from personalign.models import resolve_device
-
-    return SFTConfig(
-        output_dir=str(folder),
-        use_cpu=resolve_device(cfg.device).type == "cpu",
-        bf16=cfg.autocast_bf16,
-        gradient_checkpointing=False,  # TRL turns it on by default: ~20% slower, and LoRA on a small model fits
-        per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.lr,
-        lr_scheduler_type="linear",
-        warmup_steps=int(total_steps(cfg, n_examples) * cfg.warmup_fraction),
-        weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.max_grad_norm,
-        num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps if cfg.max_steps is not None else -1,
-        max_length=None,  # build_example already truncated
-        logging_steps=cfg.log_every,
-        save_strategy="steps",
-        save_steps=cfg.checkpoint_every,
-        save_total_limit=1,
-        report_to=[],
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        dataloader_num_workers=0,
-        disable_tqdm=not cfg.progress,
-    )
-
-
-def _checkpoint_step(folder: Path) -> tuple[str | None, int]:
-    """The trainer's last checkpoint folder and its step (None, 0 when there is none)."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    if not folder.is_dir():
-        return None, 0
-    last = get_last_checkpoint(str(folder))
-    if last is None:
-        return None, 0
-    try:
-        step = int(json.loads((Path(last) / "trainer_state.json").read_text())["global_step"])
-    except (OSError, KeyError, ValueError, json.JSONDecodeError):
-        raise ModelError(f"checkpoint {last} is unreadable; delete {folder} to start over") from None
-    return last, step
+def step_examples(cfg: TrainMultitaskConfig, n_examples: int, step: int) -> list[int]:
+    """The examples of optimizer step ``step``: the next ``batch_size x grad_accum`` of its epoch's seeded
+    shuffle, so any step's examples are known without replaying the earlier ones (resumption)."""
+    per_epoch = steps_per_epoch(cfg, n_examples)
+    epoch, k = divmod(step, per_epoch)
+    order = list(range(n_examples))
+    random.Random(batch_seed(cfg.seed, epoch)).shuffle(order)
+    per_step = cfg.batch_size * cfg.grad_accum
+    return order[k * per_step:(k + 1) * per_step]
 
 
 def _summary(rows: list[dict[str, Any]], n_examples: int) -> dict[str, float]:
@@ -315,39 +271,137 @@ def _summary(rows: list[dict[str, Any]], n_examples: int) -> dict[str, float]:
 
 def main(cfg: TrainMultitaskConfig) -> dict[str, float]:
     plan = validate(cfg)  # before any model loads
-    require_one_process("train-multitask")  # not data parallel yet
-    out = prepare_run_dir(cfg.output_dir, cfg)
+    dist = init_distributed(cfg.device)  # one process unless a launcher started several
+    if dist.is_main:
+        prepare_run_dir(cfg.output_dir, cfg)
+    dist.barrier()
+    out = Path(cfg.output_dir)
     logger = MetricsLogger(out)
     if (out / EXPERT_JSON).is_file() and (out / ADAPTER_DIR / "adapter_model.safetensors").is_file():
         return json.loads((out / EXPERT_JSON).read_text()).get("metrics", {})
 
     # -- model: the base with a fresh LoRA adapter, as the experts are built
-    from personalign.models import load_model, quiet_transformers
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from transformers import get_linear_schedule_with_warmup
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from personalign.models import load_model
     from personalign.reward_model import base_fingerprint
     from personalign.rl import build_policy, save_adapter
 
-    base, tok = load_model(cfg.model, device=cfg.device, dtype="float32")  # float32 master weights
+    base, tok = load_model(cfg.model, device=dist.resolve_device(cfg.device), dtype="float32")  # float32 master
     fingerprint = base_fingerprint(base)
     model = build_policy(base, cfg.lora, cfg.seed)
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    dist.broadcast(params)  # equal on every process from the start (they are seeded alike)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-    # -- examples
-    dataset = build_dataset(plan, tok)
+    # -- examples, and what each one's loss covers: its labels after the first (a token predicts the next)
+    examples = tokenize_examples(plan, tok)
+    targets = [sum(1 for x in ex["labels"][1:] if x != IGNORE) for ex in examples]
+    collate = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id)
+    total = total_steps(cfg, len(examples))
+    per_epoch = steps_per_epoch(cfg, len(examples))
+    # transformers' linear schedule with warm-up, as a function of the step (nothing to checkpoint)
+    schedule = get_linear_schedule_with_warmup(opt, int(total * cfg.warmup_fraction), total).lr_lambdas[0]
 
-    # -- resume: the trainer's last checkpoint; metrics logged after it are redone
-    ckpt_dir = out / CHECKPOINTS
-    last, done = _checkpoint_step(ckpt_dir)
-    logger.truncate(done)
+    # -- resume: the last checkpoint; metrics logged after it are redone
+    ckpt = out / CHECKPOINT
+    step, tokens_seen = 0, 0
+    restored = load_checkpoint(ckpt, opt)
+    if restored is not None:
+        state, progress = restored
+        result = set_peft_model_state_dict(model, state)
+        if getattr(result, "unexpected_keys", []):
+            raise ModelError(f"checkpoint {ckpt} holds LoRA tensors of another adapter; delete it to start over")
+        step, tokens_seen = int(progress["step"]), int(progress["tokens"])
+    if dist.is_main:
+        logger.truncate(step)
 
-    # -- train
-    from trl import SFTTrainer
+    bar = None
+    if cfg.progress and dist.is_main:
+        from tqdm.auto import tqdm
 
-    with quiet_transformers(progress=cfg.progress):
-        trainer = SFTTrainer(model=model, args=sft_config(cfg, ckpt_dir, len(dataset)), train_dataset=dataset,
-                             processing_class=tok, callbacks=[_metrics_callback(logger)])
-        trainer.train(resume_from_checkpoint=last)
+        bar = tqdm(total=total, initial=step, desc=f"train-multitask {len(plan.sides)} sides", unit="step")
+    t0 = time.perf_counter()
+    first_step, examples_done = step, 0
+    window = torch.zeros(4, dtype=torch.float64)  # summed since the last log: loss, correct, entropy, tokens
+    window_steps = 0
+    model.train()
+    while step < total:
+        # -- batch: the step's examples (every process's), then this process's slice of each forward pass
+        chosen = step_examples(cfg, len(examples), step)
+        examples_done += len(chosen)
+        count = max(1, sum(targets[i] for i in chosen))  # the step's loss tokens, over every process
+        lr = cfg.lr * schedule(step)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        torch.manual_seed(batch_seed(cfg.seed, step))  # LoRA dropout: the same draws on a rerun of the step
+        opt.zero_grad(set_to_none=True)
+        sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, correct, entropy, targets, input tokens
+        for start in range(0, len(chosen), cfg.batch_size):
+            micro = chosen[start:start + cfg.batch_size]
+            a, b = dist.shard(len(micro))
+            if b == a:  # fewer examples than processes in this pass: this one adds zero gradients
+                continue
+            batch = {k: v.to(device) for k, v in collate([examples[i] for i in micro[a:b]]).items()}
+            labels = batch["labels"][:, 1:]  # (B, L - 1): position j predicts token j + 1
+            valid = labels != IGNORE
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.autocast_bf16):
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = logits[:, :-1][valid].float()  # (n, V) at the response tokens
+            target = labels[valid]
+            # -- loss: this process's summed cross-entropy over the step's token count (its share of the mean)
+            loss = torch.nn.functional.cross_entropy(logits, target, reduction="sum")
+            (loss / count).backward()
+            with torch.no_grad():
+                logp = logits.log_softmax(-1)
+                sums += torch.stack([loss.detach().double(), (logits.argmax(-1) == target).sum().double(),
+                                     -(logp.exp() * logp).sum().double(), torch.tensor(float(len(target)), device=device),
+                                     batch["attention_mask"].sum().double()])
+        # -- step: gradients summed over processes, then every process clips and steps alike
+        dist.sum_grads(params)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+        opt.step()
+        step += 1
+        sums = dist.all_sum(sums).cpu()
+        tokens_seen += int(sums[4])
+        window += torch.stack([sums[0] / count, sums[1], sums[2], sums[3]])
+        window_steps += 1
+
+        # -- log: means over the steps since the last log (of this session)
+        if step % cfg.log_every == 0 or step == total:
+            if dist.is_main:
+                logger.log(step, {"train/loss": float(window[0] / window_steps), "train/lr": lr,
+                                  "train/grad_norm": grad_norm,
+                                  "train/token_accuracy": float(window[1] / window[3].clamp(min=1)),
+                                  "train/entropy": float(window[2] / window[3].clamp(min=1)),
+                                  "train/tokens": tokens_seen, "train/epoch": step / per_epoch})
+            window.zero_()
+            window_steps = 0
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(sums[0] / count):.3f}")
+
+        # -- checkpoint
+        if step % cfg.checkpoint_every == 0 and step < total:
+            if dist.is_main:
+                save_checkpoint(ckpt, get_peft_model_state_dict(model), opt, {"step": step, "tokens": tokens_seen})
+            dist.barrier()
+    if bar is not None:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    if dist.is_main and step > first_step:
+        logger.log(step, {"time/train_seconds": seconds, "time/samples_per_second": examples_done / seconds,
+                          "time/steps_per_second": (step - first_step) / seconds})
 
     # -- save: a standard peft adapter folder, then expert.json last
-    final = _summary(logger.read(), len(dataset))
+    dist.barrier()  # every metrics line is written
+    final = _summary(logger.read(), len(examples))
+    if not dist.is_main:
+        dist.barrier()
+        return final
     save_adapter(model, out / ADAPTER_DIR)
     doc = {
         "kind": "multitask",
@@ -359,5 +413,6 @@ def main(cfg: TrainMultitaskConfig) -> dict[str, float]:
         "metrics": final,
     }
     (out / EXPERT_JSON).write_text(json.dumps(doc, indent=2))
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    shutil.rmtree(ckpt, ignore_errors=True)
+    dist.barrier()
     return final

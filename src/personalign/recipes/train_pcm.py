@@ -41,8 +41,9 @@ step -> log -> checkpoint; at the end ``pcm.safetensors`` + ``pcm.json``.
   a pull toward the user's mix (uniform for a hard combination) where the rewards carry no signal.
   Off by default, as in the paper.
 
-Determinism and resumption: a step's instructions, preferences, sampling seed and minibatch order all
-derive from (seed, step); every ``checkpoint_every`` steps the checkpoint holds the PCM, AdamW's state
+Determinism and resumption: a step's instructions, preferences, sampling seeds and minibatch order all
+derive from (seed, step), and every response and reference is drawn from its own generator, seeded by
+its index in the step's batch (so the samples do not depend on how the batch is split); every ``checkpoint_every`` steps the checkpoint holds the PCM, AdamW's state
 and the step, and running the same command again resumes from it (metrics lines after it are dropped
 and redone). The learning rate is constant, so the run's length is not part of its identity: a finished
 run keeps its checkpoint, and running it again with a larger ``steps`` extends it exactly as if it had
@@ -58,7 +59,15 @@ written last. Metrics per step: ``train/loss``, ``train/rebel_loss``, ``train/pr
 weight of the side over the tokens of responses whose preference includes it), ``train/log_ratio``
 (mean |D(y)| after the update), ``train/response_length``, ``train/lr``, ``time/step_seconds``.
 
-Why one file of 540 lines: one workflow, its validation and the long description above; the pieces
+Data parallel (under ``torchrun`` or ``accelerate launch``, see docs/distributed.md): each process
+takes a contiguous slice of the step's pairs (``batch_prompts`` is the global count) and generates,
+scores and records its rows; the step's missing references (and the calibration replies) are split the
+same way and gathered. Each process's REBEL loss is its share of the minibatch's mean (its pairs over
+the minibatch's), the prior term its share of the token mean, and the gradients are summed, so every
+process steps to the one-process PCM. Metrics are the whole batch's; only the main process writes the
+run folder (``references.jsonl`` included).
+
+Why one file of 600 lines: one workflow, its validation and the long description above; the pieces
 it calls are in :mod:`personalign.rebel`, :mod:`personalign.pcm` and :mod:`personalign.mixture`.
 """
 
@@ -78,16 +87,19 @@ from personalign.checkpoint import load_checkpoint, save_checkpoint
 from personalign.config import finite as _finite
 from personalign.config import require as _require
 from personalign.config import to_dict
-from personalign.distributed import require_one_process
+from personalign.distributed import Dist
+from personalign.distributed import init as init_distributed
 from personalign.errors import ConfigError, PreferenceError
 from personalign.generation import (
     ModelStep,
     SamplingConfig,
     batch_seed,
+    decode,
     encode_batch,
     eos_token_ids,
     generate_texts,
     pad_token_id,
+    seeded_generator,
 )
 from personalign.losses import rebel_loss
 from personalign.pcm import (
@@ -282,7 +294,8 @@ def ref_sampling(cfg: TrainPCMConfig, seed: int) -> SamplingConfig:
                           top_p=cfg.ref_top_p, repetition_penalty=cfg.ref_repetition_penalty, seed=seed)
 
 
-def calibrate_scales(plan: Plan, model: Any, tok: Any, rewards: SideRewards, out: Path) -> dict[str, float]:
+def calibrate_scales(plan: Plan, model: Any, tok: Any, rewards: SideRewards, out: Path,
+                     dist: Dist | None = None) -> dict[str, float]:
     """Each side's scale, measured once and kept in ``scales.json`` (a resumed run reads it back).
 
     For ``calibrate_scales`` instructions per combination, the preference-prompted base (the reference
@@ -291,9 +304,11 @@ def calibrate_scales(plan: Plan, model: Any, tok: Any, rewards: SideRewards, out
     side can put them ten units apart, a style side one): unscaled, the widest side decides nearly every
     pair's utility ordering and the PCM learns to serve it alone. Scaled, a typical gap moves every side's
     ``sigmoid`` alike. ``reward_scales`` still overrides a side, and a side that stays unmeasured keeps its
-    default scale.
+    default scale. Each reply is drawn from its own generator (seeded by its index); with ``dist`` each
+    process answers and scores its slice of the inputs, and the main process writes ``scales.json``.
     """
     c = plan.cfg
+    dist = dist or Dist()
     path = out / SCALES
     if path.is_file():
         saved = json.loads(path.read_text())
@@ -307,19 +322,26 @@ def calibrate_scales(plan: Plan, model: Any, tok: Any, rewards: SideRewards, out
                 texts.append(build_prompts(tok, [x], combo, Method.MOPE)[0])
                 instr.append(x)
                 prefs.append(preference_vector(combo, plan.sides))
-        doubled = [t for t in texts for _ in range(2)]
+        a, b = dist.shard(len(texts))  # this process's inputs; the two replies of an input stay together
+        doubled = [t for t in texts[a:b] for _ in range(2)]
         eos = eos_token_ids(model, tok)
+        device = next(model.parameters()).device
         with model.disable_adapter():
             replies = generate_texts(lambda: ModelStep(model), tok, doubled, ref_sampling(c, c.seed + 7919),
-                                     eos=eos, device=next(model.parameters()).device, batch_size=c.ref_batch_size)
-        pref = torch.stack(prefs)
-        raw, raw_other = score_batch(rewards, plan.sides, instr, replies[0::2], replies[1::2], pref)
+                                     eos=eos, device=device, batch_size=c.ref_batch_size,
+                                     seeds=[batch_seed(c.seed + 7919, i) for i in range(2 * a, 2 * b)])
+        pref = torch.stack(prefs[a:b]) if b > a else torch.zeros(0, len(plan.sides))
+        raw, raw_other = score_batch(rewards, plan.sides, instr[a:b], replies[0::2], replies[1::2], pref)
+        if dist.active:  # (len(texts), S) each
+            raw, raw_other = dist.gather(raw.to(device)).cpu(), dist.gather(raw_other.to(device)).cpu()
         spread = calibration_spread(raw, raw_other)
         measured = {s: float(v) for s, v in zip(plan.sides, spread.tolist()) if math.isfinite(v) and v > 0}
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"scales": measured, "instructions_per_combination": c.calibrate_scales,
-                                   "inputs": len(texts)}, indent=2))
-        tmp.replace(path)
+        if dist.is_main:
+            tmp = path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps({"scales": measured, "instructions_per_combination": c.calibrate_scales,
+                                       "inputs": len(texts)}, indent=2))
+            tmp.replace(path)
+        dist.barrier()
     scales = dict(plan.scales)
     overridden = {plan.space.resolve(k) for k in c.reward_scales}
     scales.update({s: v for s, v in measured.items() if s not in overridden})
@@ -347,24 +369,31 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 def main(cfg: TrainPCMConfig) -> dict[str, float]:
     plan = validate(cfg)  # before any model loads
-    require_one_process("train-pcm")  # not data parallel yet
     c, sides = plan.cfg, plan.sides
+    dist = init_distributed(c.device)  # one process unless a launcher started several
+    if c.batch_prompts < dist.world:
+        raise ConfigError(f"batch_prompts is {c.batch_prompts}, fewer than the {dist.world} processes: each "
+                          f"process needs at least one pair per step (batch_prompts={dist.world} or more)")
     done = trained_steps(Path(cfg.output_dir))
     if done is not None and c.steps < done:
         raise ConfigError(f"{cfg.output_dir} holds a PCM trained for {done} steps; steps={c.steps} would not "
                           f"shorten it: give steps >= {done} (more extends the run) or another output folder")
-    out = prepare_run_dir(cfg.output_dir, cfg, resumable=frozenset({"steps"}))  # constant lr: a run extends
+    if dist.is_main:
+        prepare_run_dir(cfg.output_dir, cfg, resumable=frozenset({"steps"}))  # constant lr: a run extends
+    dist.barrier()
+    out = Path(cfg.output_dir)
     logger = MetricsLogger(out)
     if done is not None and c.steps == done:
         return json.loads((out / PCM_CONFIG).read_text()).get("metrics", {})
+    device_name = dist.resolve_device(c.device)
 
     # -- models: the experts (frozen adapters on one base), the rewards, a fresh PCM
     from personalign.mixing import MixRule
-    from personalign.mixture import generate_mixed
+    from personalign.mixture import MixtureStep
     from personalign.models import load_model
     from personalign.reward_model import base_fingerprint
 
-    base, tok = load_model(c.model, device=c.device, dtype=c.dtype)
+    base, tok = load_model(c.model, device=device_name, dtype=c.dtype)
     fingerprint = base_fingerprint(base)
     embeddings = base.get_input_embeddings().weight.detach()  # (V, H), read by the PCM's features
     experts = _load_experts(base, plan)
@@ -374,14 +403,16 @@ def main(cfg: TrainPCMConfig) -> dict[str, float]:
     device = experts.device
     eos = eos_token_ids(base, tok)
     pad = pad_token_id(tok, eos)
-    rewards = SideRewards(plan.rewards, c.device, c.dtype)
-    scale_of = calibrate_scales(plan, peft_model, tok, rewards, out) if c.calibrate_scales else plan.scales
+    rewards = SideRewards(plan.rewards, device_name, c.dtype)
+    scale_of = calibrate_scales(plan, peft_model, tok, rewards, out, dist) if c.calibrate_scales else plan.scales
     scales = torch.tensor([scale_of[s] for s in sides])  # (S,)
 
     torch.manual_seed(c.seed)
     pcm = PreferenceControlModel(PCMConfig(sides, int(embeddings.shape[1]), c.context, c.hidden, c.proj),
                                  base=fingerprint).to(device)
-    opt = torch.optim.AdamW(pcm.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+    params = list(pcm.parameters())
+    dist.broadcast(params)  # equal on every process from the start (they are seeded alike)
+    opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
     index = torch.arange(len(sides), device=device)  # expert k is side k
 
     # -- resume
@@ -398,22 +429,24 @@ def main(cfg: TrainPCMConfig) -> dict[str, float]:
     elif done is not None:
         raise ConfigError(f"{out} holds a PCM trained for {done} steps but no checkpoint/ to extend it from; "
                           "train in another output folder")
-    logger.truncate(step)
-    refs = ReferenceCache(out / REFERENCES)
+    if dist.is_main:
+        logger.truncate(step)
+    refs = ReferenceCache(out / REFERENCES, write=dist.is_main)
 
     bar = None
-    if c.progress:
+    if c.progress and dist.is_main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=c.steps, initial=step, desc=f"train-pcm ({len(sides)} sides)", unit="step")
 
-    n_pairs = c.batch_prompts
+    n_pairs = c.batch_prompts  # over every process
     mb = c.minibatch_pairs or n_pairs
+    first, stop = dist.shard(n_pairs)  # this process's pairs of each step: rows 2 * first .. 2 * stop
     while step < c.steps:
         t0 = time.perf_counter()
         seed = batch_seed(c.seed, step)
 
-        # -- preferences and inputs: pair i is rows 2i (y) and 2i + 1 (y')
+        # -- preferences and inputs (the whole batch's): pair i is rows 2i (y) and 2i + 1 (y')
         rng = random.Random(seed)
         prompt_ids = step_prompt_indices(len(plan.instructions), n_pairs, step, c.seed)
         prefs = [sample_preference(plan.space, sides, plan.combinations, rng, c.weighted_fraction,
@@ -421,118 +454,150 @@ def main(cfg: TrainPCMConfig) -> dict[str, float]:
         instr = [plan.instructions[i].prompt for i in prompt_ids]
         texts = [build_prompts(tok, [x], p, Method.MOPE)[0] for x, p in zip(instr, prefs)]
         pref_pairs = torch.stack([preference_vector(p, sides) for p in prefs])  # (P, S)
-        pref_rows = pref_pairs.repeat_interleave(2, 0)  # (2P, S)
+        pref_rows = pref_pairs[first:stop].repeat_interleave(2, 0)  # (2p, S): this process's rows
 
-        # -- references: the preference-prompted base model, once per input text
+        # -- references: the preference-prompted base model, once per input text; the j-th of the step's
+        # missing ones seeded by 2P + j (past the rollout rows), split over the processes and gathered
         todo = refs.missing(texts)
         if todo:
+            a, b = dist.shard(len(todo))
             with peft_model.disable_adapter():
-                made = generate_texts(lambda: ModelStep(peft_model), tok, todo, ref_sampling(c, seed % (2**31)),
-                                      eos=eos, device=device, batch_size=c.ref_batch_size)
-            refs.add(todo, made)
-        y_ref = [refs.get(t) for t in texts]
+                made = generate_texts(lambda: ModelStep(peft_model), tok, todo[a:b], ref_sampling(c, seed % (2**31)),
+                                      eos=eos, device=device, batch_size=c.ref_batch_size,
+                                      seeds=[batch_seed(seed, 2 * n_pairs + j) for j in range(a, b)])
+            refs.add(todo, dist.gather_objects(made))
+        y_ref = [refs.get(t) for t in texts[first:stop]]
 
-        # -- rollout: two samples per pair from the current mixture, features recorded
-        rows_text = [t for t in texts for _ in range(2)]
-        ids, prompt_mask = encode_batch(tok, rows_text)
+        # -- rollout: two samples per pair from the current mixture, features recorded; each row drawn
+        # from its own generator, seeded by its index in the step's batch
+        rows_text = [t for t in texts[first:stop] for _ in range(2)]
+        ids, prompt_mask = encode_batch(tok, rows_text, device)
         provider = PCMWeights(pcm, experts, embeddings, pref_rows, record=True)
         sampling = SamplingConfig(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
                                   repetition_penalty=1.0, seed=seed % (2**31))
+        generators = [seeded_generator(batch_seed(seed, 2 * first + j), device) for j in range(len(rows_text))]
         pcm.eval()
-        gen = generate_mixed(experts, ids, prompt_mask, provider,
-                             eos_token_ids=eos, pad_token_id=pad, rule=MixRule.PROB, sampling=sampling)
-        inputs = provider.recorded(2 * n_pairs)
-        mask = gen.mask.float()  # (2P, T)
+        mixture = MixtureStep(experts, provider, MixRule.PROB)
+        decoded = decode(mixture, ids, prompt_mask, sampling, eos=eos, pad=pad, generator=generators)
+        gen = mixture.result(decoded.tokens, decoded.mask)
+        inputs = provider.recorded(len(rows_text))
+        mask = gen.mask.float()  # (2p, T)
         responses = decode_responses(tok, gen.tokens, gen.mask, eos)
 
         # -- score and utility
-        row_instr = [x for x in instr for _ in range(2)]
+        row_instr = [x for x in instr[first:stop] for _ in range(2)]
         row_ref = [y for y in y_ref for _ in range(2)]
         raw, raw_ref = score_batch(rewards, sides, row_instr, responses, row_ref, pref_rows)
-        utility = preference_utility(raw, raw_ref, pref_rows, scales).to(device)  # (2P,)
+        utility = preference_utility(raw, raw_ref, pref_rows, scales).to(device)  # (2p,)
         with torch.no_grad():
-            old_logp = gen.sequence_logprob(gen.weights)  # (2P,) pi_old: the weights used when sampling
+            old_logp = gen.sequence_logprob(gen.weights)  # (2p,) pi_old: the weights used when sampling
 
-        # -- loss and step: REBEL over pairs, the PCM's parameters only
+        # -- loss and step: REBEL over pairs, the PCM's parameters only; minibatches drawn over the whole
+        # batch, each process's loss its share of the minibatch's (the REBEL mean over pairs, the prior's
+        # token mean), the gradients summed over processes
         pcm.train()
         g = torch.Generator().manual_seed(seed)
         sums = {"loss": 0.0, "rebel_loss": 0.0, "prior_kl": 0.0}
         updates = 0
         for _ in range(c.epochs):
-            for sel in torch.randperm(n_pairs, generator=g).split(mb):
+            for global_sel in torch.randperm(n_pairs, generator=g).split(mb):
+                sel = global_sel[(global_sel >= first) & (global_sel < stop)] - first
                 rows = torch.stack([2 * sel, 2 * sel + 1], 1).flatten().to(device)  # y, y' of each pair
-                logp, alpha = pcm_sequence_logprob(pcm, inputs.select(rows), gen.expert_logprobs[rows], index,
-                                                   mask[rows])
-                rl = rebel_loss(logp[0::2], old_logp[rows][0::2], logp[1::2], old_logp[rows][1::2],
-                                utility[rows][0::2], utility[rows][1::2], c.eta)
-                prior = inputs.pref[rows].to(alpha.device)
-                if c.prior_coef > 0:
-                    kl = weight_kl(alpha, prior, mask[rows])
-                    loss = rl + c.prior_coef * kl
-                else:
-                    with torch.no_grad():
-                        kl = weight_kl(alpha, prior, mask[rows])
-                    loss = rl
+                pair_share = len(sel) / len(global_sel)
+                tokens = mask[rows].sum()
+                token_share = tokens / dist.all_sum(tokens).clamp_min(1) if dist.active else 1.0
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(pcm.parameters(), c.max_grad_norm)
+                if len(sel) > 0:
+                    logp, alpha = pcm_sequence_logprob(pcm, inputs.select(rows), gen.expert_logprobs[rows], index,
+                                                       mask[rows])
+                    rl = rebel_loss(logp[0::2], old_logp[rows][0::2], logp[1::2], old_logp[rows][1::2],
+                                    utility[rows][0::2], utility[rows][1::2], c.eta)
+                    prior = inputs.pref[rows].to(alpha.device)
+                    if c.prior_coef > 0:
+                        kl = weight_kl(alpha, prior, mask[rows])
+                        loss = rl * pair_share + c.prior_coef * kl * token_share
+                    else:
+                        with torch.no_grad():
+                            kl = weight_kl(alpha, prior, mask[rows])
+                        loss = rl * pair_share
+                    loss.backward()
+                    parts = torch.stack([rl.detach() * pair_share, kl.detach() * token_share])
+                else:  # none of this process's pairs in the minibatch: it adds zero gradients
+                    parts = torch.zeros(2, device=device)
+                dist.sum_grads(params)
+                torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
                 opt.step()
-                sums["loss"] += loss.item()
-                sums["rebel_loss"] += rl.item()
-                sums["prior_kl"] += kl.item()
+                rl_value, kl_value = (float(x) for x in dist.all_sum(parts))  # the minibatch's, every process's
+                sums["loss"] += rl_value + c.prior_coef * kl_value if c.prior_coef > 0 else rl_value
+                sums["rebel_loss"] += rl_value
+                sums["prior_kl"] += kl_value
                 updates += 1
         step += 1
 
-        # -- log: weights as sampled, log-ratio after the update
+        # -- log: weights as sampled, log-ratio after the update; per-row sums gathered, so that the
+        # numbers are the whole batch's
         with torch.no_grad():
             new_logp, _ = pcm_sequence_logprob(pcm, inputs, gen.expert_logprobs, index, mask)
-            w = gen.weights  # (2P, T, S)
-            active = (pref_rows > 0).to(device)
-            tok_mask = mask[..., None]
-            ent = -(torch.xlogy(w, w)).sum(-1)  # (2P, T)
-            shift = (w - pref_rows.to(device)[:, None]).abs().sum(-1)  # (2P, T)
-            n_tok = mask.sum().clamp_min(1)
+            w = gen.weights  # (2p, T, S)
+            pref_d = pref_rows.to(device)
+            ent = -(torch.xlogy(w, w)).sum(-1)  # (2p, T)
+            shift = (w - pref_d[:, None]).abs().sum(-1)  # (2p, T)
             diff = torch.where(torch.isnan(raw), 0.0, raw - raw_ref)
-            wins = ((diff > 0).float() + 0.5 * (diff == 0).float()) * (pref_rows > 0)
+            wins = ((diff > 0).float() + 0.5 * (diff == 0).float()) * (pref_rows > 0)  # (2p, S)
+            per_row = torch.cat([
+                torch.stack([utility, (new_logp - old_logp).abs(), mask.sum(1), (ent * mask).sum(1),
+                             (shift * mask).sum(1), wins.sum(1).to(device)], 1),
+                (w * mask[..., None]).sum(1),  # (2p, S) each side's weight summed over the row's tokens
+                raw.to(device),  # (2p, S) raw rewards, NaN on inactive sides
+            ], 1)
+            every = dist.gather(per_row)  # (2P, 6 + 2S)
+        every_pref = pref_pairs.repeat_interleave(2, 0).to(device)  # (2P, S)
+        active = every_pref > 0
+        u, length = every[:, 0], every[:, 2]
+        n_tok = length.sum().clamp_min(1)
         seconds = time.perf_counter() - t0
-        u_pairs = utility.view(-1, 2)
         metrics: dict[str, float] = {
             **{f"train/{k}": v / updates for k, v in sums.items()},
-            "train/utility": float(utility.mean()),
-            "train/utility_gap": float((u_pairs[:, 0] - u_pairs[:, 1]).abs().mean()),
-            "train/win_vs_ref": float(wins.sum() / (pref_rows > 0).sum()),
-            "train/weight_entropy": float((ent * mask).sum() / n_tok),
-            "train/weight_shift": float((shift * mask).sum() / n_tok),
-            "train/log_ratio": float((new_logp - old_logp).abs().mean()),
-            "train/response_length": float(mask.sum(1).mean()),
+            "train/utility": float(u.mean()),
+            "train/utility_gap": float((u[0::2] - u[1::2]).abs().mean()),
+            "train/win_vs_ref": float(every[:, 5].sum() / active.sum()),
+            "train/weight_entropy": float(every[:, 3].sum() / n_tok),
+            "train/weight_shift": float(every[:, 4].sum() / n_tok),
+            "train/log_ratio": float(every[:, 1].mean()),
+            "train/response_length": float(length.mean()),
             "train/lr": c.lr,
             "time/step_seconds": seconds,
         }
+        s_count = len(sides)
         for j, side in enumerate(sides):
             on = active[:, j]
             if bool(on.any()):
-                m = tok_mask[on]
-                side_w = (w[on][..., j:j + 1] * m).sum() / m.sum().clamp_min(1)
-                metrics[f"train/weight/{side}"] = float(side_w)
-                metrics[f"train/reward/{side}"] = float(raw[on.cpu(), j].mean())
-        logger.log(step, metrics)
+                metrics[f"train/weight/{side}"] = float(every[on, 6 + j].sum() / length[on].sum().clamp_min(1))
+                metrics[f"train/reward/{side}"] = float(every[on, 6 + s_count + j].mean())
+        if dist.is_main:
+            logger.log(step, metrics)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(utility=f"{metrics['train/utility']:.3f}", loss=f"{metrics['train/loss']:.4f}")
 
         # -- checkpoint
         if step % c.checkpoint_every == 0 and step < c.steps:
-            save_checkpoint(ckpt, pcm.state_dict(), opt, {"step": step})
+            if dist.is_main:
+                save_checkpoint(ckpt, pcm.state_dict(), opt, {"step": step})
+            dist.barrier()
     if bar is not None:
         bar.close()
 
     # -- save: the checkpoint (kept, so a rerun with more steps extends the run), pcm.safetensors, then
     # pcm.json (last)
-    save_checkpoint(ckpt, pcm.state_dict(), opt, {"step": step})
+    dist.barrier()  # every metrics line is written
     final = _summary(logger.read())
-    pcm.save(out, extra={"experts": str(plan.experts_dir),
-                         "rewards": {s: str(plan.rewards[s]) for s in sides},
-                         "scales": scale_of, "config": to_dict(c), "steps": step, "metrics": final})
+    if dist.is_main:
+        save_checkpoint(ckpt, pcm.state_dict(), opt, {"step": step})
+        pcm.save(out, extra={"experts": str(plan.experts_dir),
+                             "rewards": {s: str(plan.rewards[s]) for s in sides},
+                             "scales": scale_of, "config": to_dict(c), "steps": step, "metrics": final})
+    dist.barrier()
     return final
 
 

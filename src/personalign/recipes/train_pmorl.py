@@ -24,8 +24,16 @@ all, loaded once) and ``rewards`` for per-side overrides (``rewards.P1A=rm:runs/
 Algorithms, hyper-parameters, defaults, validation, rollouts, log-probabilities, the KL reference
 (the adapter disabled) and determinism are train-expert's, shared through :mod:`personalign.rl`: the RL
 fields (:class:`~personalign.rl.RLSettings`) are repeated here with the same defaults and checked by
-:func:`~personalign.rl.check_settings`, and the same rollout and update run. Resumption is exact: the checkpoint holds the LoRA (and value
-head), the optimizer, the RNG, the per-side and the overall reward statistics and the KL coefficient.
+:func:`~personalign.rl.check_settings`, and the same rollout and update run; each sample is drawn
+from its own generator, seeded by (seed, step, its index in the step's batch). Resumption is exact:
+the checkpoint holds the LoRA (and value head), the optimizer, the RNG, the per-side and the overall
+reward statistics and the KL coefficient.
+
+Data parallel (under ``torchrun`` or ``accelerate launch``, see docs/distributed.md): as train-expert,
+each process takes a contiguous slice of the step's prompts (whole groups) and scores its samples'
+raw rewards; the raw rewards are gathered, and every process normalises the whole batch in the
+one-process order (:func:`score_samples`), so the shared per-side statistics see every sample. The
+update sums the gradients over processes; only the main process writes the run folder.
 
 Run folder: as train-expert's; ``expert.json`` has ``kind: pmorl``, the sides, the combinations and
 each side's reward. Metrics: train-expert's, with ``train/reward_raw`` the mean over samples of their
@@ -40,13 +48,15 @@ import random
 import shutil
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from personalign.config import to_dict
 from personalign.data import build_user_message, format_chat
-from personalign.distributed import require_one_process
+from personalign.distributed import Dist
+from personalign.distributed import init as init_distributed
 from personalign.errors import ConfigError, ModelError
 from personalign.generation import batch_seed, eos_token_ids
 from personalign.losses import RunningMeanStd
@@ -209,23 +219,38 @@ class Scores:
 
 
 def score_samples(combined: Mapping[str, CombinedReward], keys: Sequence[str], prompts: Sequence[str],
-                  responses: Sequence[str]) -> Scores:
+                  responses: Sequence[str], dist: Dist | None = None, first: int = 0) -> Scores:
     """Score sample i on the combination ``keys[i]``: ITS sides' rewards of (prompts[i], responses[i]).
 
     ``prompts`` are the instructions without preference prompt (reward models add their side's own
-    wording); the responses are what the policy wrote. Combinations are scored in order of first
+    wording); the responses are what the policy wrote. Combinations are normalised in order of first
     appearance, which fixes the order the shared per-side statistics update in.
+
+    Data parallel: ``keys`` is the whole batch's, ``prompts`` and ``responses`` this process's samples
+    ``first ..``; each process computes its samples' raw rewards, they are gathered, and every process
+    normalises the whole batch as one process would. The returned scores are the whole batch's.
     """
+    dist = dist or Dist()
     n = len(responses)
-    out, raw = torch.zeros(n), torch.zeros(n)
+    mine = list(keys[first:first + n])
+    sides = list(dict.fromkeys(s for key in dict.fromkeys(keys) for s in combined[key].rewards))
+    col = {s: j for j, s in enumerate(sides)}
+    raw_local = torch.full((n, len(sides)), float("nan"))  # (n, S): NaN on sides outside the combination
+    for key in dict.fromkeys(mine):
+        idx = [i for i, k in enumerate(mine) if k == key]
+        for side, values in combined[key].raw([prompts[i] for i in idx], [responses[i] for i in idx]).items():
+            raw_local[idx, col[side]] = values
+    every = dist.gather(raw_local.to(dist.device or "cpu")).cpu() if dist.active else raw_local  # (N, S)
+    out, raw = torch.zeros(len(keys)), torch.zeros(len(keys))
     raw_by_side: dict[str, list[torch.Tensor]] = {}
     for key in dict.fromkeys(keys):
         idx = [i for i, k in enumerate(keys) if k == key]
         fn = combined[key]
-        out[idx] = fn([prompts[i] for i in idx], [responses[i] for i in idx])
-        raw[idx] = torch.stack(list(fn.last_raw.values())).mean(0)
-        for side, values in fn.last_raw.items():
-            raw_by_side.setdefault(side, []).append(values)
+        values = {s: every[idx, col[s]] for s in fn.rewards}
+        out[idx] = fn.combine(values)
+        raw[idx] = torch.stack(list(values.values())).mean(0)
+        for side, v in values.items():
+            raw_by_side.setdefault(side, []).append(v)
     return Scores(out, raw, {s: torch.cat(v) for s, v in raw_by_side.items()})
 
 
@@ -234,24 +259,31 @@ def score_samples(combined: Mapping[str, CombinedReward], keys: Sequence[str], p
 
 def main(cfg: TrainPMORLConfig) -> dict[str, float]:
     plan = validate(cfg)  # before any model loads
-    require_one_process("train-pmorl")  # not data parallel yet
     c = plan.cfg
-    out = prepare_run_dir(cfg.output_dir, cfg)
+    dist = init_distributed(c.device)  # one process unless a launcher started several
+    if c.batch_prompts < dist.world:
+        raise ConfigError(f"batch_prompts is {c.batch_prompts}, fewer than the {dist.world} processes: each "
+                          f"process needs at least one prompt per step (batch_prompts={dist.world} or more)")
+    if dist.is_main:
+        prepare_run_dir(cfg.output_dir, cfg)
+    dist.barrier()
+    out = Path(cfg.output_dir)
     logger = MetricsLogger(out)
     if (out / EXPERT_JSON).is_file() and (out / ADAPTER_DIR / "adapter_model.safetensors").is_file():
         return json.loads((out / EXPERT_JSON).read_text()).get("metrics", {})
+    device_name = dist.resolve_device(c.device)
 
     # -- model: the policy is the base with a LoRA adapter; the reference is the same with it disabled
     from personalign.models import load_model
     from personalign.reward_model import base_fingerprint
 
-    base, tok = load_model(c.model, device=c.device, dtype=c.dtype)
+    base, tok = load_model(c.model, device=device_name, dtype=c.dtype)
     fingerprint = base_fingerprint(base)
     model = build_policy(base, c.lora, c.seed)
     device = next(model.parameters()).device
-    rl = RLState(model, c)
+    rl = RLState(model, c, dist)
     combined, side_stats = combination_rewards(plan.combinations,
-                                               side_rewards(plan.rewards, device=c.device, dtype=c.dtype))
+                                               side_rewards(plan.rewards, device=device_name, dtype=c.dtype))
     keys = [p.spec() for p in plan.combinations]
     eos = eos_token_ids(base, tok)
 
@@ -263,60 +295,70 @@ def main(cfg: TrainPMORLConfig) -> dict[str, float]:
             raise ModelError(f"checkpoint {ckpt} holds reward statistics of other sides; delete it to start over")
         for s, st in side_stats.items():
             st.load_state_dict(progress["side_stats"][s])
-    logger.truncate(step)
+    if dist.is_main:
+        logger.truncate(step)
 
     bar = None
-    if c.progress:
+    if c.progress and dist.is_main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=c.steps, initial=step, unit="step",
                    desc=f"train-pmorl {len(keys)} combinations ({c.algorithm})")
 
     g = c.group_size
-    n = c.batch_prompts * g
+    n = c.batch_prompts * g  # samples per step, over every process
+    first_prompt, stop_prompt = dist.shard(c.batch_prompts)  # this process's prompts of each step
+    first = first_prompt * g  # index of this process's first sample in the step's batch
     guard = KLGuard(rl, c.kl_stop)
     stopped: dict[str, Any] | None = None
     while step < c.steps:
         t0 = time.perf_counter()
         guard.before()
-        torch.manual_seed(batch_seed(c.seed, step))
+        step_seed = batch_seed(c.seed, step)
+        torch.manual_seed(step_seed)
         prompt_ids = step_prompt_indices(len(plan.instructions), c.batch_prompts, step, c.seed)
         combo_ids = step_combinations(len(keys), c.batch_prompts, step, c.seed)
-        idx = [i for i in prompt_ids for _ in range(g)]  # a prompt's samples are consecutive (groups)
-        cidx = [k for k in combo_ids for _ in range(g)]  # ... and share its combination
+        step_keys = [keys[k] for k in combo_ids for _ in range(g)]  # every sample's combination, the whole batch
+        idx = [i for i in prompt_ids[first_prompt:stop_prompt] for _ in range(g)]  # groups are consecutive
+        cidx = [k for k in combo_ids[first_prompt:stop_prompt] for _ in range(g)]  # ... and share a combination
         instructions = [plan.instructions[i].prompt for i in idx]
 
-        # -- rollout: each prompt with its combination's preference prompt, the adapter enabled
+        # -- rollout: each prompt with its combination's preference prompt, the adapter enabled; each
+        # sample seeded by its index in the step's batch, so the samples do not depend on the split
         texts = [format_chat(tok, build_user_message(x, plan.combinations[k].prompt()))
                  for x, k in zip(instructions, cidx)]
         model.eval()
         ro = rollout(model, tok, texts, eos, max_new_tokens=c.max_new_tokens, temperature=c.temperature,
-                        top_p=c.top_p, autocast=c.autocast_bf16)
+                     top_p=c.top_p, autocast=c.autocast_bf16,
+                     seeds=[batch_seed(step_seed, first + j) for j in range(len(idx))])
 
-        # -- score: each RESPONSE on its own combination's sides, then the running normalisation
-        scores = score_samples(combined, [keys[k] for k in cidx], instructions, ro.texts)
-        score = scores.combined.to(device) - c.missing_eos_penalty * (~ro.finished).float()
+        # -- score: each RESPONSE on its own combination's sides, then the running normalisation (of the
+        # whole batch, in every process)
+        scores = score_samples(combined, step_keys, instructions, ro.texts, dist, first)
+        mine = scores.combined[first:first + len(idx)]
+        score = mine.to(device) - c.missing_eos_penalty * (~ro.finished).float()
         score_n = rl.normalize(score)  # (N,)
 
         # -- reference log-probs -> KL penalty -> advantages -> loss -> step
-        update = rl_update(rl, ro, score_n, c)
+        update = rl_update(rl, ro, score_n, c, first, n)
         step += 1
 
-        # -- log
+        # -- log: the global batch's numbers
         seconds = time.perf_counter() - t0
         metrics = {
             "train/reward_raw": float(scores.raw.mean()),
             "train/reward_combined": float(scores.combined.mean()),
-            "train/reward": float(score_n.mean()),
+            "train/reward": float(dist.gather(score_n).mean()),
             **update,
-            "train/response_length": float(ro.mask.sum(1).mean()),
-            "train/truncated": float((~ro.finished).float().mean()),
+            "train/response_length": float(dist.gather(ro.mask.sum(1)).mean()),
+            "train/truncated": float(dist.gather((~ro.finished).float()).mean()),
             "train/lr": c.lr,
             **{f"train/reward_raw/{s}": float(v.mean()) for s, v in sorted(scores.raw_by_side.items())},
             "time/step_seconds": seconds,
             "time/samples_per_second": n / seconds,
         }
-        logger.log(step, metrics)
+        if dist.is_main:
+            logger.log(step, metrics)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['train/reward_combined']:.3f}", kl=f"{metrics['train/kl']:.3f}")
@@ -333,8 +375,11 @@ def main(cfg: TrainPMORLConfig) -> dict[str, float]:
         bar.close()
 
     # -- save: a standard peft adapter folder, the value head (ppo), then expert.json last
+    dist.barrier()  # every metrics line is written
     final = stopped_summary(logger.read(), stopped)
     rl.save(out)
+    if not dist.is_main:
+        return final
     doc = {
         "kind": "pmorl",
         "sides": list(plan.sides),
