@@ -5,7 +5,9 @@ side (each after its side's reward model) and the Pareto sweep's generation file
 Two sides (P2A, P2B) on the embedded model (or ``--model``), sized to take a few minutes per run on
 a shared 2-core machine: the shipped config's reward-model recipe for one epoch on 16 instructions per
 side, 2 RL steps of 2 x 2 samples of 16 tokens per expert, two Pareto points of 4 instructions. Rollouts and labels are made once (synthetic responses, labelled by the offline judge)
-and copied into every run folder, so each run does exactly the fan-out stages.
+and copied into every run folder, so each run does exactly the fan-out stages. The script uses the
+package's public API and its command line only (``personalign pipeline`` in a subprocess, its files read
+as a user reads them).
 
 Each run is ``personalign pipeline`` as a user runs it, in a fresh process and run folder:
 
@@ -36,9 +38,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from personalign.config import from_dict, to_dict
-from personalign.executors import read_log
-from personalign.recipes import pipeline, rollout
+import yaml
+
+from personalign import load_prompts, parse_preference
 
 SHORT = ["Rain is water.", "It is wet.", "Clouds drop water.", "Water falls from clouds."]
 LONG = [
@@ -60,9 +62,7 @@ CONFIGS = {"local": ([], []), "local1": (["--threads", "1"], []),
 def config(run_dir: Path, model: str | None) -> dict:
     from importlib import resources
 
-    from personalign.config import read_yaml
-
-    base = read_yaml(resources.files("personalign") / "configs" / "psoups-smollm2.yaml")
+    base = yaml.safe_load((resources.files("personalign") / "configs" / "psoups-smollm2.yaml").read_text())
     return {
         "run_dir": str(run_dir), "model": model, "sides": ["P2A", "P2B"], "multihead": False,
         "rollout": {"prompts": "builtin:train", "limit": 16, "samples": 2, "progress": False},
@@ -77,15 +77,33 @@ def config(run_dir: Path, model: str | None) -> dict:
     }
 
 
+def pipeline(before: list[str], path: Path, after: list[str]) -> subprocess.CompletedProcess:
+    """``personalign [before] pipeline --config PATH [after]`` in a fresh process."""
+    return subprocess.run([sys.executable, "-m", "personalign", *before, "pipeline", "--config", str(path), *after],
+                          check=False, capture_output=True, text=True)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
 def prepare(template: Path, model: str | None) -> None:
-    """Rollouts (synthetic) and labels, once."""
-    cfg = from_dict(pipeline.PipelineConfig, {**config(template, model), "stages": ["label"]})
-    roll, _, _ = pipeline.build_stage_configs(cfg)
+    """Rollouts (synthetic, in the order and format ``personalign rollout`` writes them) and labels, once."""
+    cfg = {**config(template, model), "stages": ["label"]}
+    roll = cfg["rollout"]
+    rows = [{"id": it.id, "prompt": it.prompt, "side": side, "sample": k,
+             "policy_prompt": parse_preference(side).prompt()}
+            for side in cfg["sides"] for it in load_prompts(roll["prompts"], limit=roll["limit"])
+            for k in range(roll["samples"])]
     rows = [{**r, "response": (SHORT if r["sample"] == 0 else LONG)[i % 4], "model": "synthetic"}
-            for i, r in enumerate(rollout.plan(roll))]
+            for i, r in enumerate(rows)]
     template.mkdir(parents=True, exist_ok=True)
-    Path(roll.output).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    pipeline.main(cfg)
+    (template / "rollouts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = template.with_suffix(".yaml")
+    path.write_text(json.dumps(cfg))
+    proc = pipeline([], path, [])
+    if proc.returncode != 0:
+        raise SystemExit(f"labelling failed:\n{proc.stderr[-4000:]}")
 
 
 def one_run(name: str, template: Path, root: Path, model: str | None, rep: int) -> dict:
@@ -97,17 +115,17 @@ def one_run(name: str, template: Path, root: Path, model: str | None, rep: int) 
     path.write_text(json.dumps(config(run, model)))
     t0 = time.perf_counter()
     before, after = CONFIGS[name]
-    proc = subprocess.run([sys.executable, "-m", "personalign", *before, "pipeline", "--config", str(path), *after],
-                          check=False, capture_output=True, text=True)
+    proc = pipeline(before, path, after)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed:\n{proc.stderr[-4000:]}")
-    log = read_log(run / "executor.jsonl")
+    log = read_jsonl(run / "executor.jsonl")
     starts = [e["time"] for e in log if e["event"] == "started"]
     ends = [e["time"] for e in log if e["event"] == "finished"]
     units = {e["unit"]: e.get("seconds") for e in log if e["event"] == "finished"}
+    settings = {**json.loads((run / "pipeline.json").read_text()), "run_dir": "RUN"}  # the resolved config
     return {"config": name, "rep": rep, "wall_s": round(wall, 1), "fanout_s": round(max(ends) - min(starts), 1),
-            "units": len(units), "unit_seconds": units}
+            "units": len(units), "unit_seconds": units, "settings": settings}
 
 
 def main() -> None:
@@ -128,7 +146,7 @@ def main() -> None:
             order = names if rep % 2 == 0 else names[::-1]
             for name in order:
                 r = one_run(name, root / "template", root, args.model, rep)
-                print(json.dumps({k: v for k, v in r.items() if k != "unit_seconds"}), flush=True)
+                print(json.dumps({k: v for k, v in r.items() if k not in ("unit_seconds", "settings")}), flush=True)
                 runs.append(r)
         load_after = os.getloadavg()
 
@@ -146,8 +164,8 @@ def main() -> None:
                     "loadavg_before": [round(x, 2) for x in load_before],
                     "loadavg_after": [round(x, 2) for x in load_after]},
         "command": "python " + " ".join(sys.argv),
-        "settings": to_dict(from_dict(pipeline.PipelineConfig, config(Path("RUN"), args.model))),
-        "runs": runs,
+        "settings": runs[0]["settings"],
+        "runs": [{k: v for k, v in r.items() if k != "settings"} for r in runs],
         "median": {n: {"wall_s": med(n, "wall_s"), "fanout_s": med(n, "fanout_s")} for n in names},
         # wall time: the whole command, the same work in every configuration. The fan-out span of a local
         # run covers the training units only (its generation files are not units), so spans compare
