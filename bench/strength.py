@@ -12,8 +12,8 @@ seed 0), once with the offline judge and once with the independent judge, agains
 
 * **select**: instructions of ``builtin:train`` that no shipped expert saw in RL training
   (:func:`personalign.provenance.rl_prompts`), ``--n`` of them in a seeded order, the eight combinations;
-  soups (psoups and exact) and ``mope-extrapolate`` at strengths 1, 1.5, 2, 3. Run folder
-  ``runs/strength-select``.
+  the exact soup and ``mope-extrapolate`` at strengths 1, 1.5, 2, 3, and the psoups soup at strength 1 for
+  reference. Run folder ``runs/strength-select``.
 * **choose**: per family, the strength with the highest average criterion win rate (mean of both judges)
   among those whose on-topic similarity is at least 0.9x prompting's in *every* combination and whose
   distinct-2 is at least 0.95x prompting's in every combination; ties go to the smaller strength.
@@ -57,8 +57,11 @@ def label(family: str, s: float) -> str:
 
 
 def family_methods(family: str) -> list[str]:
-    fams = {"soup": ("psoups", "exact"), "mope": ("mope",), "all": ("psoups", "exact", "mope")}[family]
-    return [label(f, s) for f in fams for s in STRENGTHS]
+    """The swept methods: the exact soup and the extrapolate rule at every strength; the paper's psoups soup
+    at strength 1 (the shipped default) for reference (the chosen strength is checked on it in ``final``)."""
+    soups = ["soup-psoups", *(label("exact", s) for s in STRENGTHS)]
+    mope = [label("mope", s) for s in STRENGTHS]
+    return {"soup": soups, "mope": mope, "all": soups + mope}[family]
 
 
 def held_out(n: int) -> list[dict[str, str]]:
@@ -146,7 +149,7 @@ def summarize(run: Path, methods: list[str]) -> dict:
 def choose(summary: dict) -> dict[str, dict]:
     """Per family, the strength the module docstring's rule picks, and why the others were not."""
     picks = {}
-    for family in ("psoups", "exact", "mope"):
+    for family in ("exact", "mope"):
         cands = []
         for s in STRENGTHS:
             row = summary["methods"].get(label(family, s))
@@ -217,16 +220,18 @@ def main() -> int:
         print(json.dumps({f: {k: v for k, v in p.items() if k != "candidates"} for f, p in doc["chosen"].items()}))
         return 0
     if args.stage == "final":
-        fams = {"soup": ("psoups", "exact"), "mope": ("mope",), "all": ("psoups", "exact", "mope")}[args.family]
         methods = []
-        for f in fams:
-            s = args.strength if args.strength is not None else doc["chosen"][f]["chosen"]
-            methods.append(label(f, s))
+        if args.family in ("soup", "all"):  # the chosen strength on both soups
+            s = args.strength if args.strength is not None else doc["chosen"]["exact"]["chosen"]
+            methods += [label("psoups", s), label("exact", s)]
+        if args.family in ("mope", "all"):
+            s = args.strength if args.strength is not None else doc["chosen"]["mope"]["chosen"]
+            methods.append(label("mope", s))
         recorded = json.loads((FINAL / "config.json").read_text())["methods"]
         for judge in JUDGES:  # the recorded methods stay in the report; only the new files are generated
             run_eval(FINAL, "builtin:eval", list(dict.fromkeys([*recorded[1:], *methods])), judge)
         return 0
-    labels = [m for m in family_methods("all")]
+    labels = [*family_methods("all"), *(label("psoups", s) for s in STRENGTHS[1:])]
     final = summarize(FINAL, [*labels, "mope-uniform", "mope-pcm-pcm-smollm2-t07"])
     doc["final"] = final
     OUT.write_text(json.dumps(doc, indent=1))

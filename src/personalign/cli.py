@@ -232,8 +232,15 @@ def _judge_fields(kind: str | None, base_url: str | None, judge_model: str | Non
         check_writable(cache, "--judge-cache")
         if cache.exists():
             read_text(cache, "--judge-cache")
-    given = {"kind": kind, "base_url": base_url, "model": judge_model, "labels": labels, "cache": cache}
+    given = {**_judge_kind(kind), "base_url": base_url, "model": judge_model, "labels": labels, "cache": cache}
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in given.items() if v is not None}
+
+
+def _judge_kind(kind: str | None) -> dict[str, Any]:
+    """``--judge``'s value as JudgeConfig fields: a kind, or a user's ``module:function`` (a function judge)."""
+    if kind is not None and ":" in kind:
+        return {"kind": "function", "function": kind}
+    return {"kind": kind}
 
 
 @app.command()
@@ -242,7 +249,7 @@ def judge(
     side: Annotated[Optional[str], typer.Option("--side", help="The side whose criterion decides, e.g. P2A or concise.")] = None,
     input: Annotated[Optional[Path], typer.Option("--input", "-i", help="JSONL with prompt, a and b.")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write here (default: standard output).")] = None,
-    judge: Annotated[Optional[str], typer.Option("--judge", help="offline (default), llm (an OpenAI-compatible endpoint) or human (a labels file).")] = None,
+    judge: Annotated[Optional[str], typer.Option("--judge", help="offline (default), llm (an OpenAI-compatible endpoint), human (a labels file) or module:function (your own scoring function).")] = None,
     base_url: BaseUrlOpt = None,
     judge_model: JudgeModelOpt = None,
     labels: LabelsOpt = None,
@@ -265,7 +272,7 @@ def judge(
 def label(
     rollouts: Annotated[Optional[Path], typer.Option("--rollouts", "-i", help="JSONL written by `personalign rollout`.")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Pairs JSONL to write (stats beside it).")] = None,
-    judge: Annotated[Optional[list[str]], typer.Option("--judge", help="Judge kind (default offline); repeat to run several and report their agreement (the first decides).")] = None,
+    judge: Annotated[Optional[list[str]], typer.Option("--judge", help="Judge kind (default offline), or module:function (your own scoring function); repeat to run several and report their agreement (the first decides).")] = None,
     combine: Annotated[Optional[str], typer.Option("--combine", help="first (default: the first judge decides) or unanimous.")] = None,
     sides: Annotated[Optional[str], typer.Option("--sides", help="Only these sides (comma-separated).")] = None,
     base_url: BaseUrlOpt = None,
@@ -280,7 +287,8 @@ def label(
     from personalign.recipes import label as recipe
 
     shared = _judge_fields(None, base_url, judge_model, labels, judge_cache)
-    judges = [{"kind": k, **shared} for k in judge] if judge else ([{"kind": "offline", **shared}] if shared else None)
+    judges = [{**shared, **_judge_kind(k)} for k in judge] if judge else \
+        ([{"kind": "offline", **shared}] if shared else None)
     given = {"rollouts": rollouts, "output": output, "judges": judges, "combine": combine, "sides": sides,
              "dimensions": dimensions}
     stats = recipe.main(_load(recipe.LabelConfig, config, given, set_, files=("output",)))
@@ -391,7 +399,7 @@ def eval_(
     run_dir: Annotated[Optional[Path], typer.Option("--run-dir", "-o", help="Run folder: generations, verdicts and the report (a rerun resumes).")] = None,
     model: ModelOpt = None,
     experts: Annotated[Optional[Path], typer.Option("--experts", help="Folder of <SIDE>/ expert adapters (default: the experts shipped for the model).")] = None,
-    judge: Annotated[Optional[str], typer.Option("--judge", help="offline (default), llm, human or rm:FOLDER (trained reward models).")] = None,
+    judge: Annotated[Optional[str], typer.Option("--judge", help="offline (default), independent, llm, human, rm:FOLDER (trained reward models) or module:function (your own scoring function).")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first N instructions.")] = None,
     single_sides: Annotated[Optional[bool], typer.Option("--single-sides", help="Each side alone (each expert against the base with that side's prompt) instead of the combinations.")] = None,
     set_: SetOpt = None,
@@ -539,7 +547,8 @@ def serve(
     method: Annotated[Optional[str], typer.Option("--method", help="Default method when a request names none: prompt (default), vanilla, expert, soup or mope.")] = None,
     experts: Annotated[Optional[Path], typer.Option("--experts", help="Folder of <SIDE>/ expert adapters (default: the experts shipped for the model).")] = None,
     merge: Annotated[Optional[str], typer.Option("--merge", help="Default merge for soups: psoups (default), exact, ties, dare, dare_ties.")] = None,
-    mix: Annotated[Optional[str], typer.Option("--mix", help="Default mixing rule for mope: prob (default), logit or uniform.")] = None,
+    mix: Annotated[Optional[str], typer.Option("--mix", help="Default mixing rule for mope: prob (default), logit, uniform or extrapolate.")] = None,
+    strength: Annotated[Optional[float], typer.Option("--strength", help="Default preference strength for soups and --mix extrapolate (1 = the experts' average); a request may set its own.")] = None,
     pcm: Annotated[Optional[str], typer.Option("--pcm", help="Default for mope: a train-pcm folder or 'shipped' (requests may say pcm: none).")] = None,
     max_models: Annotated[Optional[int], typer.Option("--max-models", help="Merged soups (psoups, ties, dare) kept built, default 4; each is a copy of the base model.")] = None,
     db: Annotated[Optional[Path], typer.Option("--db", help="Profile store, an SQLite file (default: profiles.sqlite in the cache folder).")] = None,
@@ -557,7 +566,7 @@ def serve(
     given = {"model": model, "host": host, "port": port, "max_batch": max_batch, "max_queue": max_queue,
              "request_timeout": request_timeout, "api_key": api_key, "max_body_bytes": max_body_bytes,
              "max_prompt_tokens": max_prompt_tokens, "method": method, "experts": experts, "merge": merge,
-             "mix": mix, "pcm": pcm, "max_models": max_models, "max_model_mb": max_model_mb, "continuous": continuous, "db": db,
+             "mix": mix, "strength": strength, "pcm": pcm, "max_models": max_models, "max_model_mb": max_model_mb, "continuous": continuous, "db": db,
              "dimensions": dimensions, "device": device, "dtype": dtype}
     run_server(config=_load(ServeConfig, config, given, set_, files=("db",)))
 

@@ -48,6 +48,7 @@ __all__ = [
     "RewardSpec",
     "as_reward_tensor",
     "callable_reward",
+    "import_callable",
     "offline_reward",
     "parse_reward_spec",
     "reward_from_spec",
@@ -149,20 +150,38 @@ def reward_model_reward(folder: str | Path, side: str, base: PreTrainedModel | N
 
 
 class CallableReward:
-    """A user's ``module:function``, with its output checked on every call."""
+    """A user's ``module:function``, with its output checked on every call. A function that also takes the
+    side (a judge's contract, :mod:`personalign.judges.function`) is called with ``side``."""
 
-    def __init__(self, fn: Callable[..., Any], name: str):
+    def __init__(self, fn: Callable[..., Any], name: str, side: str | None = None):
+        from personalign.judges.function import function_sides, takes_side
+
         self.fn = fn
         self.name = name
+        self.side = side if takes_side(fn) else None
+        if takes_side(fn) and side is None:
+            raise ConfigError(f"reward {name!r} takes the side it scores; give the side (--side)")
+        declared = function_sides(fn)
+        if self.side is not None and declared is not None and self.side not in declared:
+            raise ConfigError(f"reward {name!r} scores side(s) {', '.join(declared)}, not {self.side}")
 
     def __call__(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
-        return as_reward_tensor(self.fn(list(prompts), list(responses)), len(responses), self.name)
+        args = (list(prompts), list(responses)) + ((self.side,) if self.side is not None else ())
+        return as_reward_tensor(self.fn(*args), len(responses), self.name)
 
     def __repr__(self) -> str:
         return f"CallableReward({self.name!r})"
 
 
-def _import_callable(target: str) -> Callable[..., Any]:
+def import_callable(target: str, what: str = "reward") -> Callable[..., Any]:
+    """Import ``module:function`` (a reward or a judge), or a one-line error naming what is wrong."""
+    if not _CALLABLE.match(target):
+        raise ConfigError(f"{what} {target!r} is not of the form module:function")
+    return _import_callable(target, what)
+
+
+def _import_callable(target: str, what: str = "reward") -> Callable[..., Any]:
+    help_text = SPEC_HELP if what == "reward" else "name a module on PYTHONPATH or in the current folder"
     module_name, _, attr = target.partition(":")
     # Console scripts do not put the current folder on sys.path; a user's rewards.py there should import.
     if os.getcwd() not in sys.path and "" not in sys.path:
@@ -170,24 +189,25 @@ def _import_callable(target: str) -> Callable[..., Any]:
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigError(f"reward {target!r}: cannot import module {module_name!r} ({exc}); put it on "
-                          f"PYTHONPATH or {SPEC_HELP}") from None
+        raise ConfigError(f"{what} {target!r}: cannot import module {module_name!r} ({exc}); put it on "
+                          f"PYTHONPATH or {help_text}") from None
+    except Exception as exc:  # noqa: BLE001 - the user's module failed while importing: say so in one line
+        raise ConfigError(f"{what} {target!r}: importing {module_name!r} failed: {type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise ConfigError(f"reward {target!r}: {module_name} has no attribute {attr!r}; name a function "
+            raise ConfigError(f"{what} {target!r}: {module_name} has no attribute {attr!r}; name a function "
                               f"defined there as module:function")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise ConfigError(f"reward {target!r} is a {type(obj).__name__}, not callable; it must be a function "
-                          "(prompts: list[str], responses: list[str]) -> one float per response")
+        raise ConfigError(f"{what} {target!r} is a {type(obj).__name__}, not callable; it must be a function "
+                          "(prompts: list[str], responses: list[str][, side: str]) -> one float per response")
     return obj
 
 
-def callable_reward(target: str) -> CallableReward:
-    """Import ``module:function`` as a reward function."""
-    if not _CALLABLE.match(target):
-        raise ConfigError(f"reward {target!r} is not of the form module:function")
-    return CallableReward(_import_callable(target), target)
+def callable_reward(target: str, side: str | None = None) -> CallableReward:
+    """Import ``module:function`` as a reward function (for ``side``, when the function takes one)."""
+    return CallableReward(import_callable(target), target, side)
 
 
 # -- specs -----------------------------------------------------------------------------------------
@@ -246,7 +266,9 @@ def parse_reward_spec(spec: str, side: str | None = None) -> RewardSpec:
                               f"reward model trained for {side}")
         return RewardSpec("rm", str(folder))
     if _CALLABLE.match(spec):
-        _import_callable(spec)
+        fn = _import_callable(spec)
+        if side is not None:
+            CallableReward(fn, spec, side)  # checks the sides the function declares
         return RewardSpec("callable", spec)
     raise ConfigError(f"reward {spec!r} is not a known reward: {SPEC_HELP} (no file or folder {spec!r} "
                       "exists)")
@@ -261,7 +283,7 @@ def reward_from_spec(spec: str | RewardSpec, side: str, base: PreTrainedModel | 
         return offline_reward(side)
     if parsed.kind == "rm":
         return reward_model_reward(parsed.target, side, base, tokenizer, device=device, dtype=dtype)
-    return callable_reward(parsed.target)
+    return callable_reward(parsed.target, side)
 
 
 # -- combination (P-MORL) --------------------------------------------------------------------------

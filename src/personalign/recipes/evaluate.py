@@ -150,14 +150,17 @@ class EvalConfig:
 
 
 def judge_kind(spec: str) -> str:
-    """``offline``, ``independent``, ``llm``, ``human`` or ``rm`` (for ``rm:FOLDER``)."""
+    """``offline``, ``independent``, ``llm``, ``human``, ``rm`` (for ``rm:FOLDER``) or ``function`` (for a
+    user's ``module:function``)."""
     if spec in ("offline", "independent", "llm", "human"):
         return spec
     if spec.startswith("rm:") and spec[3:].strip():
         return "rm"
-    raise ConfigError(f"unknown judge {spec!r}; use offline, independent, llm, human or rm:FOLDER "
-                      "(reward models written by "
-                      "personalign train-rm or pipeline)")
+    if ":" in spec:
+        return "function"
+    raise ConfigError(f"unknown judge {spec!r}; use offline, independent, llm, human, rm:FOLDER "
+                      "(reward models written by personalign train-rm or pipeline) or module:function (your own "
+                      "scoring function)")
 
 
 def build_eval_judge(cfg: EvalConfig, space: PreferenceSpace, sides: list[str]) -> tuple[PairwiseJudge, str]:
@@ -186,6 +189,14 @@ def build_eval_judge(cfg: EvalConfig, space: PreferenceSpace, sides: list[str]) 
             raise ConfigError(f"the independent judge cannot measure side(s) {', '.join(unsupported)} "
                               f"(it measures {', '.join(INDEPENDENT_SIDES)}); use judge: llm or human")
         return IndependentJudge(device=cfg.device), "independent"
+    if kind == "function":
+        from personalign.judges.function import FunctionJudge
+
+        judge = FunctionJudge(cfg.judge, cfg.judge_options.margins)
+        for side in sides:
+            judge.check_side(side)
+        tag = _digest(json.dumps([cfg.judge, cfg.judge_options.margins], sort_keys=True))
+        return judge, f"fn-{_slug(cfg.judge)}-{tag}"
     if kind == "rm":
         from personalign.judges.reward_model import RewardModelJudge
 

@@ -1,0 +1,249 @@
+"""A user's own dimension: a module:function judge through label, judge, train-rm, train-expert and eval;
+four-way soups and K=4 mixtures keep the invariances of three.
+
+The dimension and its judge are the shipped example (examples/structure), imported as a user would.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from personalign.cli import app
+from personalign.config import from_dict
+from personalign.errors import ConfigError, DataError
+from personalign.judges import FunctionJudge, JudgeConfig, UnsupportedSideError, build_judge
+from personalign.preferences import load_space
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "examples" / "structure"
+DIMS = str(EXAMPLE / "dimensions.yaml")
+JUDGE = "structure_judge:score"
+SIDES = ["P1A", "P1B", "P2A", "P2B", "P3A", "P3B", "P4A", "P4B"]
+LIST = "Tips:\n- sleep well\n- eat greens\n- walk daily"
+PROSE = "Sleep well every night. Eat greens with each meal. Walk daily, because it helps."
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def _example_on_path(monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLE))
+    yield
+    sys.modules.pop("structure_judge", None)
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+# -- the judge -------------------------------------------------------------------------------------------
+
+
+def test_the_function_judge_decides_by_the_score_difference_and_refuses_other_sides():
+    judge = build_judge(JudgeConfig(kind="function", function=JUDGE))
+    assert isinstance(judge, FunctionJudge) and judge.name == JUDGE
+    assert judge.judge_many([("q", LIST, PROSE), ("q", PROSE, LIST), ("q", LIST, LIST)], "P4A") == ["a", "b", "tie"]
+    assert judge.judge_many([("q", LIST, PROSE)], "P4B") == ["b"]
+    with pytest.raises(UnsupportedSideError, match="cannot measure side 'P2A'"):
+        judge.judge_many([("q", LIST, PROSE)], "P2A")
+    wide = FunctionJudge(JUDGE, margins={"P4A": 5.0})  # a margin larger than any difference: ties
+    assert wide.judge_many([("q", LIST, PROSE)], "P4A") == ["tie"]
+
+
+def _module(tmp_path, monkeypatch, body):
+    (tmp_path / "userjudge.py").write_text(body)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("userjudge", None)
+    return "userjudge:f"
+
+
+@pytest.mark.parametrize(("body", "error", "message"), [
+    ("def f(prompts, responses, side):\n    return [1.0]\n", DataError, "returned 1 scores for 2 responses"),
+    ("def f(prompts, responses, side):\n    return [float('nan')] * len(responses)\n", DataError, "finite"),
+    ("def f(prompts, responses, side):\n    return 'ab'\n", DataError, "returned 2 scores|not one number"),
+])
+def test_a_function_that_breaks_the_contract_is_named_in_one_line(tmp_path, monkeypatch, body, error, message):
+    judge = FunctionJudge(_module(tmp_path, monkeypatch, body))
+    with pytest.raises(error, match=message):
+        judge.judge_many([("q", "a", "b")], "P4A")
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("nosuchmodule_xyz:score", "cannot import module 'nosuchmodule_xyz'"),
+    ("structure_judge:nosuch", "has no attribute 'nosuch'"),
+    ("structure_judge:EMPTY", "is a float, not callable"),
+    ("structure_judge:layout", "must take (prompts, responses, side)"),
+    ("not a function", "not of the form module:function"),
+])
+def test_a_malformed_judge_is_one_line_before_any_model_loads(spec, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        build_judge(JudgeConfig(kind="function", function=spec))
+    with pytest.raises(ConfigError, match="needs function"):
+        JudgeConfig(kind="function")
+
+
+def test_the_commands_refuse_a_malformed_judge_before_loading_a_model(tmp_path, monkeypatch):
+    import personalign.models
+
+    monkeypatch.setattr(personalign.models, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    rollouts = _write(tmp_path / "r.jsonl", [{"prompt": "q", "side": "P4A", "response": LIST, "policy_prompt": ""}] * 2)
+    pairs = _write(tmp_path / "p.jsonl", [{"prompt": "q", "a": LIST, "b": PROSE}])
+    for args in (["label", "-i", str(rollouts), "-o", str(tmp_path / "o.jsonl"), "--judge", "nosuchmod_q:f"],
+                 ["judge", "--side", "P4A", "-i", str(pairs), "--judge", "nosuchmod_q:f"],
+                 ["eval", "-o", str(tmp_path / "run"), "--judge", "nosuchmod_q:f", "--set", "methods=[vanilla]"],
+                 ["train-expert", "--side", "P4A", "--reward", "nosuchmod_q:f", "-o", str(tmp_path / "x")]):
+        result = runner.invoke(app, [*args, "--dimensions", DIMS] if args[0] in ("label", "judge") else
+                               [*args, "--set", f"dimensions={DIMS}"])
+        assert result.exit_code == 2, (args, result.output)
+        assert "cannot import module 'nosuchmod_q'" in result.output and "Traceback" not in result.output
+    # a reward that declares its sides refuses another side before any model loads
+    result = runner.invoke(app, ["train-expert", "--side", "P2A", "--reward", JUDGE, "-o", str(tmp_path / "y")])
+    assert result.exit_code == 2 and "scores side(s) P4A, P4B, not P2A" in result.output
+
+
+# -- through every command, on the tiny model ------------------------------------------------------------
+
+
+def test_label_judge_train_rm_train_expert_with_the_users_judge(tmp_path, tiny_model_dir):
+    from personalign.recipes import label, train_expert, train_rm
+    from personalign.recipes import judge as judge_recipe
+
+    # rollouts: lists and prose for the bulleted side, two samples per instruction
+    rows = []
+    for i in range(12):
+        q = f"Give advice number {i}."
+        rows += [{"prompt": q, "side": "P4A", "response": f"Advice {i}:\n- rest\n- drink water\n- walk {i}",
+                  "policy_prompt": ""},
+                 {"prompt": q, "side": "P4A", "response": f"Rest, drink water and walk {i} times. It helps.",
+                  "policy_prompt": ""}]
+    rollouts = _write(tmp_path / "rollouts.jsonl", rows)
+    stats = label.main(from_dict(label.LabelConfig, {
+        "rollouts": str(rollouts), "output": str(tmp_path / "pairs.jsonl"), "dimensions": DIMS,
+        "judges": [{"kind": "function", "function": JUDGE}]}))
+    pairs = [json.loads(x) for x in (tmp_path / "pairs.jsonl").read_text().splitlines()]
+    assert stats["sides"]["P4A"]["kept"] == 12 and all("\n- " in p["chosen"] for p in pairs)
+    assert {p["judge"] for p in pairs} == {JUDGE}  # the label source, for provenance
+
+    verdicts = judge_recipe.main(from_dict(judge_recipe.JudgeFileConfig, {
+        "side": "bulleted", "input": str(_write(tmp_path / "ab.jsonl", [{"prompt": "q", "a": PROSE, "b": LIST}])),
+        "dimensions": DIMS, "judge": {"kind": "function", "function": JUDGE}}))
+    assert verdicts[0]["verdict"] == "b" and verdicts[0]["judge"] == JUDGE
+
+    rm = train_rm.main(train_rm.TrainRMConfig(
+        pairs=str(tmp_path / "pairs.jsonl"), output_dir=str(tmp_path / "rm"), model=str(tiny_model_dir),
+        dimensions=DIMS, lr=5e-3, epochs=3, batch_size=4, progress=False, device="cpu", autocast_bf16=False))
+    assert rm["eval/accuracy"] >= 0.5 and json.loads((tmp_path / "rm" / "reward_config.json").read_text())[
+        "sides"] == ["P4A"]
+
+    result = train_expert.main(train_expert.TrainExpertConfig(
+        side="P4A", output_dir=str(tmp_path / "expert"), model=str(tiny_model_dir), dimensions=DIMS,
+        reward=JUDGE, steps=2, batch_prompts=2, group_size=2, max_new_tokens=6, progress=False, device="cpu",
+        limit=8))
+    metrics = [json.loads(x) for x in (tmp_path / "expert" / "metrics.jsonl").read_text().splitlines()]
+    assert result["steps"] == 2 and all("train/reward_raw" in m for m in metrics if "train/loss" in m)
+    expert_doc = json.loads((tmp_path / "expert" / "expert.json").read_text())
+    assert expert_doc["side"] == "P4A" and expert_doc["reward"] == JUDGE
+
+
+def test_eval_with_the_users_judge_over_four_dimensions(tmp_path, tiny_model_dir, monkeypatch):
+    from conftest import save_side_experts
+
+    from personalign.recipes import evaluate
+
+    class Embedder:
+        def encode(self, texts, **kw):
+            return np.array([[len(t) + 1.0, t.count("e") + 1.0] for t in texts])
+
+    monkeypatch.setattr(evaluate, "load_embedder", lambda device="auto": Embedder())
+    experts = save_side_experts(tiny_model_dir, tmp_path / "experts", SIDES)
+    prompts = _write(tmp_path / "prompts.jsonl", [{"prompt": "Explain rain."}])
+    base = {"run_dir": str(tmp_path / "run"), "model": str(tiny_model_dir), "experts": str(experts),
+            "dimensions": DIMS, "prompts": str(prompts), "methods": ["soup-exact", "mope-prob"],
+            "batch_size": 2, "device": "cpu", "dtype": "float32", "progress": False, "bootstrap_resamples": 50,
+            "sampling": {"max_new_tokens": 3}}
+    # every combination of four dimensions has a criterion this judge cannot measure: refused up front
+    with pytest.raises(UnsupportedSideError, match="cannot measure side 'P1A'"):
+        evaluate.main(from_dict(evaluate.EvalConfig, {**base, "judge": JUDGE}))
+    assert not (tmp_path / "run" / "generations").exists()
+    # a judge of every side (the structure judge for P4, length otherwise) over the 16 combinations
+    (tmp_path / "anyside.py").write_text(
+        "import structure_judge\n"
+        "def score(prompts, responses, side):\n"
+        "    if side in ('P4A', 'P4B'):\n"
+        "        return structure_judge.score(prompts, responses, side)\n"
+        "    sign = -1 if side in ('P2A', 'P1A') else 1\n"
+        "    return [sign * len(r) for r in responses]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    results = evaluate.main(from_dict(evaluate.EvalConfig, {**base, "judge": "anyside:score"}))
+    assert len(results["combinations"]) == 16 and results["judge"].startswith("fn-anyside_score-")
+    for m in ("soup-exact", "mope-prob"):
+        assert set(results["win_rates"][m]["by_criterion"]) == set(SIDES)
+        assert sum(results["win_rates"][m]["counts"].values()) == 16 * 4  # combinations x criteria
+    assert results["judge_sources"] == ["anyside:score"]
+
+
+# -- four-way composition keeps the invariances ------------------------------------------------------------
+
+
+def test_the_space_with_a_fourth_dimension_has_sixteen_combinations():
+    space = load_space(DIMS)
+    combos = space.combinations()
+    assert len(combos) == 16 and all(len(c.sides) == 4 for c in combos)
+    assert space.parse("1A,2B,3A,bulleted").sides == ("P1A", "P2B", "P3A", "P4A")
+
+
+def test_four_way_merges_are_exact_and_one_expert_at_weight_one_is_that_expert():
+    from personalign.adapters import LoraAdapter, module_delta
+    from personalign.merging import merge_adapters
+
+    def adapter(seed, a=None):
+        g = torch.Generator().manual_seed(seed)
+        t = {"base_model.model.l.q_proj.lora_A.weight": a if a is not None else torch.randn(4, 10, generator=g),
+             "base_model.model.l.q_proj.lora_B.weight": torch.randn(6, 4, generator=g)}
+        return LoraAdapter(tensors=t, r=4, lora_alpha=8, target_modules=["q_proj"], base_model="tiny")
+
+    four = [adapter(i) for i in range(4)]
+    m = "base_model.model.l.q_proj"
+    w = [0.4, 0.3, 0.2, 0.1]
+    exact, _ = merge_adapters(four, w, "exact")
+    torch.testing.assert_close(module_delta(exact, m), sum(wi * module_delta(a, m) for wi, a in zip(w, four)))
+    for i in range(4):
+        one, _ = merge_adapters(four, [1.0 if j == i else 0.0 for j in range(4)], "psoups")
+        torch.testing.assert_close(module_delta(one, m), module_delta(four[i], m))
+    shared = [adapter(i, a=four[0].tensors[m + ".lora_A.weight"]) for i in range(4)]  # equal A: psoups is exact
+    ps, _ = merge_adapters(shared, w, "psoups")
+    ex, _ = merge_adapters(shared, w, "exact")
+    torch.testing.assert_close(module_delta(ps, m), module_delta(ex, m))
+
+
+def test_a_k4_mixture_with_all_weight_on_one_expert_is_that_expert(tiny, tiny_model_dir, tmp_path):
+    from conftest import save_side_experts
+
+    from personalign.generation import SamplingConfig
+    from personalign.personalize import MethodOptions, personalize, resolve
+
+    model, tok = tiny
+    experts = save_side_experts(tiny_model_dir, tmp_path / "experts", ["P1A", "P2B", "P3A", "P4A"])
+    greedy = SamplingConfig(max_new_tokens=6, temperature=0, repetition_penalty=1.0)
+    q = ["Explain rain.", "Name three rivers."]
+
+    def run(prefs, method, **o):
+        spec = resolve(prefs, MethodOptions(method=method, experts=str(experts), **o), model=str(tiny_model_dir),
+                       dimensions=DIMS)
+        return personalize(model, tok, spec).generate(q, greedy), spec
+
+    alone, _ = run("P4A", "expert")
+    for mix in ("prob", "logit", "extrapolate"):
+        # every expert of the four in the batch, weight only on P4A (the others exactly zero)
+        mixed, spec = run("P1A=0,P2B=0,P3A=0,P4A=1", "mope", mix=mix)
+        assert mixed == alone, mix
+    four, spec = run("1A,2B,3A,4A", "mope")
+    assert list(spec.weights) == ["P1A", "P2B", "P3A", "P4A"] and four != alone
