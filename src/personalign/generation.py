@@ -352,6 +352,7 @@ class Decoded:
 def decode_steps(step: Step, input_ids: torch.Tensor, mask: torch.Tensor, sampling: SamplingConfig, *,
                  eos: Sequence[int], pad: int, generator: torch.Generator | Sequence[torch.Generator] | None,
                  stop: Callable[[torch.Tensor], torch.Tensor] | None = None, inference: bool = False,
+                 all_done: Callable[[bool], bool] | None = None,
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield ``(tokens, valid, finished)`` (each (B,)) after every step of decoding a left-padded batch.
 
@@ -360,6 +361,8 @@ def decode_steps(step: Step, input_ids: torch.Tensor, mask: torch.Tensor, sampli
     gradients, under ``torch.inference_mode`` with ``inference`` (faster; for text only: its tensors
     cannot enter autograd later, as RL rollouts and recorded mixtures do), and with the thin-input
     linear kernels; the caller's own grad mode is untouched while the generator is suspended.
+    ``all_done(done) -> bool``: whether every process's rows are finished, for processes that must run
+    the model in lockstep (FSDP); the loop ends only then, the finished rows padding meanwhile.
     """
     from personalign.kernels import fast_decode
 
@@ -402,7 +405,10 @@ def decode_steps(step: Step, input_ids: torch.Tensor, mask: torch.Tensor, sampli
                 if stop is not None:
                     finished = finished | (stop(generated) & valid)
             yield nxt, valid, finished
-            if bool(finished.all()) or t == sampling.max_new_tokens - 1:
+            done = bool(finished.all())
+            if all_done is not None:
+                done = all_done(done)
+            if done or t == sampling.max_new_tokens - 1:
                 return
             with grad_off():
                 mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
@@ -412,12 +418,13 @@ def decode_steps(step: Step, input_ids: torch.Tensor, mask: torch.Tensor, sampli
 
 def decode(step: Step, input_ids: torch.Tensor, mask: torch.Tensor, sampling: SamplingConfig, *,
            eos: Sequence[int], pad: int, generator: torch.Generator | Sequence[torch.Generator] | None,
-           stop: Callable[[torch.Tensor], torch.Tensor] | None = None, inference: bool = False) -> Decoded:
+           stop: Callable[[torch.Tensor], torch.Tensor] | None = None, inference: bool = False,
+           all_done: Callable[[bool], bool] | None = None) -> Decoded:
     """Decode a left-padded (B, L) batch to the end; see :func:`decode_steps`."""
     toks, valid = [], []
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool)
     for nxt, ok, finished in decode_steps(step, input_ids, mask, sampling, eos=eos, pad=pad, generator=generator,
-                                          stop=stop, inference=inference):
+                                          stop=stop, inference=inference, all_done=all_done):
         toks.append(nxt)
         valid.append(ok)
     reasons = ["stop" if bool(f) else "length" for f in finished.tolist()]

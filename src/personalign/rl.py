@@ -201,13 +201,14 @@ class Rollout:
 def rollout(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], eos_ids: list[int],
             *, max_new_tokens: int, temperature: float, top_p: float = 1.0,
             autocast: bool = False, generator: torch.Generator | None = None,
-            seeds: list[int] | None = None) -> Rollout:
+            seeds: list[int] | None = None, all_done: Any = None) -> Rollout:
     """Sample one response per input text (no repetition penalty), stopping at any of ``eos_ids``.
 
     ``seeds``: one per text, each row drawing from its own generator, so a sample does not depend on
     which other texts share its batch (the recipes seed each sample by its index in the global batch,
     and any number of processes then draws the same samples). Otherwise ``generator``, or with None
-    torch's global generator.
+    torch's global generator. ``all_done``: decoding in lockstep with other processes (FSDP, see
+    :func:`personalign.generation.decode_steps`).
     """
     from personalign.generation import ModelStep, SamplingConfig, decode, encode_batch, pad_token_id
 
@@ -221,7 +222,7 @@ def rollout(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: l
                               repetition_penalty=1.0)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         out = decode(ModelStep(model), ids, prompt_mask, sampling, eos=eos_ids,
-                     pad=pad_token_id(tokenizer, eos_ids), generator=generator)
+                     pad=pad_token_id(tokenizer, eos_ids), generator=generator, all_done=all_done)
     response = out.tokens  # (B, T) pad after a row's end-of-sequence
     mask = response_mask(response, eos_ids)
     finished = torch.isin(response, torch.tensor(eos_ids, device=device)).any(1)
@@ -318,7 +319,10 @@ class RLState:
     def trainable_state(self) -> dict[str, torch.Tensor]:
         from peft import get_peft_model_state_dict
 
-        state = {f"lora.{k}": v for k, v in get_peft_model_state_dict(self.model).items()}
+        # LoRA tensors only: the base weights of an adapted output layer never change (and under FSDP
+        # they are sharded)
+        lora = get_peft_model_state_dict(self.model, save_embedding_layers=False)
+        state = {f"lora.{k}": v for k, v in lora.items()}
         if self.value_head is not None:
             state.update({f"value_head.{k}": v for k, v in self.value_head.state_dict().items()})
         return state
@@ -483,6 +487,8 @@ def rl_update(state: RLState, ro: Rollout, score_n: torch.Tensor, c: RLSettings,
             # this process's share of the minibatch's token mean: its tokens over every process's
             tokens = mask[sel].sum()
             weight = tokens / dist.all_sum(tokens).clamp(min=1) if dist.active else 1.0
+            if len(sel) == 0 and dist.fsdp is not None:  # lockstep: a pass on one sample, with weight 0
+                sel = torch.zeros(1, dtype=torch.long, device=device)
             opt.zero_grad(set_to_none=True)
             if len(sel) > 0:
                 if not single:

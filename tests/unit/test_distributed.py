@@ -2,9 +2,13 @@
 train-pmorl) started by torchrun as two CPU processes (gloo) on the same global batch gives the
 one-process weights, and a two-process run killed after a checkpoint resumes to them.
 
+Under FSDP (the shipped accelerate config, two CPU processes), train-rm and train-expert shard the
+frozen base weights and still give the one-process weights.
+
 The runs go through the real CLI: this file is also the launched script (``__main__`` below), which
 runs ``personalign.cli`` and, with ``PERSONALIGN_TEST_DIE_AT=N``, kills rank 1 in its N-th optimizer
-step (as a killed machine would), after the checkpoint of the step before.
+step (as a killed machine would), after the checkpoint of the step before. Each process reports how
+much of the frozen weights it holds after :meth:`Dist.shard_frozen` (``shards: rank R holds X of Y``).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -42,17 +47,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(args: list[str], nproc: int, die_at: int | None = None, accelerate: bool = False
+def _run(args: list[str], nproc: int, die_at: int | None = None, accelerate: bool = False, config: str = "multi_cpu"
          ) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
            distributed.TIMEOUT_ENV: "2", "OMP_NUM_THREADS": "1"}
     env.pop(DIE_AT, None)
     if die_at is not None:
         env[DIE_AT] = str(die_at)
-    if accelerate:  # the shipped two-CPU-process config
-        config = Path(distributed.__file__).parent / "configs" / "accelerate" / "multi_cpu.yaml"
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-               "--main_process_port", str(_free_port()), str(HERE), *args]
+    if accelerate:  # a shipped config (multi_cpu: two CPU processes; fsdp: two processes, device=cpu)
+        path = Path(distributed.__file__).parent / "configs" / "accelerate" / f"{config}.yaml"
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(path),
+               "--num_processes", str(nproc), "--main_process_port", str(_free_port()), str(HERE), *args]
     elif nproc == 1:
         cmd = [sys.executable, str(HERE), *args]
     else:
@@ -338,6 +343,113 @@ def test_train_pmorl_two_processes_match_one(tmp_path, tiny_model_dir):
                 assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), k
 
 
+# -- FSDP: the frozen base weights sharded over two CPU processes (the shipped fsdp.yaml) ----------------
+
+
+def _shards(proc: subprocess.CompletedProcess) -> dict[int, tuple[int, int]]:
+    """rank -> (frozen elements it holds, frozen elements of the model), from the processes' reports."""
+    found = re.findall(r"shards: rank (\d) holds (\d+) of (\d+)", proc.stdout + proc.stderr)
+    return {int(r): (int(x), int(y)) for r, x, y in found}
+
+
+def _assert_sharded(proc: subprocess.CompletedProcess) -> None:
+    shards = _shards(proc)
+    assert set(shards) == {0, 1}, proc.stderr[-2000:]
+    (held0, total), (held1, total1) = shards[0], shards[1]
+    assert total == total1 and held0 + held1 == total and 0 < held0 < total and 0 < held1 < total
+
+
+def test_train_rm_fsdp_two_processes_match_one(tmp_path, tiny_model_dir):
+    """One pair per batch: every step one process has no pair and runs one with weight 0; evaluation
+    slices of 3 and 2 pairs in batches of 2 take 2 and 1 passes, the second process runs an extra one."""
+    pairs = _pairs(tmp_path / "pairs.jsonl")
+    args = _rm_args(tiny_model_dir, pairs, tmp_path / "two") + ["--set", "batch_size=1", "--set", "epochs=1"]
+    proc = _run(args, nproc=2, accelerate=True, config="fsdp")
+    _ok(proc)
+    _assert_sharded(proc)
+    _ok(_run(_rm_args(tiny_model_dir, pairs, tmp_path / "one") + ["--set", "batch_size=1", "--set", "epochs=1"],
+             nproc=1))
+    diff = _assert_same(tmp_path / "two" / "reward_model.safetensors", tmp_path / "one" / "reward_model.safetensors")
+    print(f"reward model, FSDP: max abs difference {diff:.2e}")
+    two, one = _rows(tmp_path / "two"), _rows(tmp_path / "one")
+    assert [r["step"] for r in two] == [r["step"] for r in one]
+    for a, b in zip(two, one):
+        for k in ("train/loss", "eval/accuracy", "eval/loss"):
+            if k in b:
+                assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), k
+
+
+def test_train_expert_fsdp_two_processes_match_one(tmp_path, tiny_model_dir):
+    """ppo with minibatches of one sample: each minibatch is one process's, the other runs a pass with
+    weight 0; the LoRA on the output layer too (its base weight is sharded, the adapter whole)."""
+    extra = ["--algorithm", "ppo", "--set", "ppo_epochs=2", "--set", "minibatch_size=1", "--set", "kl_coef=0.5"]
+    proc = _run(_expert_args(tiny_model_dir, tmp_path / "two", *extra), nproc=2, accelerate=True, config="fsdp")
+    _ok(proc)
+    _assert_sharded(proc)
+    _ok(_run(_expert_args(tiny_model_dir, tmp_path / "one", *extra), nproc=1))
+    for name in ("adapter/adapter_model.safetensors", "value_head.safetensors"):
+        diff = _assert_same(tmp_path / "two" / name, tmp_path / "one" / name)
+        print(f"ppo {name}, FSDP: max abs difference {diff:.2e}")
+
+
+def test_decoding_in_lockstep_runs_until_every_process_is_done():
+    """A process whose rows all end at the first token keeps stepping while ``all_done`` says another
+    process is still decoding (FSDP runs sharded layers in every process at every step)."""
+    from personalign.generation import SamplingConfig, decode
+
+    class EndsAtOnce:  # scores that always pick end-of-sequence (id 0)
+        models = ()  # nothing for the thin-input kernels to patch
+        vocab_size = 3
+
+        def start(self, input_ids, mask, position_ids):
+            self.forwards = 1
+
+        def scores(self, ctx, penalty):
+            return torch.tensor([[5.0, 0.0, 0.0]]).expand(ctx.prompt_ids.shape[0], -1)
+
+        def accept(self, tokens, ctx):
+            pass
+
+        def advance(self, tokens, mask, position_ids):
+            self.forwards += 1
+
+    others = iter([False, False, True])  # the other process finishes after three steps
+    step = EndsAtOnce()
+    out = decode(step, torch.ones(2, 2, dtype=torch.long), torch.ones(2, 2, dtype=torch.long),
+                 SamplingConfig(max_new_tokens=8, temperature=0), eos=[0], pad=0, generator=None,
+                 all_done=lambda done: done and next(others))
+    assert step.forwards == 3 and out.tokens.shape == (2, 3)
+    assert out.mask.tolist() == [[1, 0, 0], [1, 0, 0]]  # the rows ended at their first token
+    alone = EndsAtOnce()
+    decode(alone, torch.ones(2, 2, dtype=torch.long), torch.ones(2, 2, dtype=torch.long),
+           SamplingConfig(max_new_tokens=8, temperature=0), eos=[0], pad=0, generator=None)
+    assert alone.forwards == 1
+
+
+def test_fsdp_settings_are_honoured_or_refused_in_one_line():
+    from personalign.errors import ConfigError
+
+    ok = {"FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "false", "FSDP_AUTO_WRAP_POLICY": "NO_WRAP",
+          "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT", "FSDP_TRANSFORMER_CLS_TO_WRAP": "LlamaDecoderLayer"}
+    s = distributed.fsdp_settings(ok)
+    assert not s.reshard_after_forward and not s.wrap and s.layer_classes == ("LlamaDecoderLayer",)
+    assert distributed.fsdp_settings({"FSDP_VERSION": "2"}) == distributed.FSDPSettings()
+    for key, value, match in [("FSDP_VERSION", "1", "fsdp_version is 1"),
+                              ("FSDP_OFFLOAD_PARAMS", "true", "fsdp_offload_params is 'true'"),
+                              ("FSDP_AUTO_WRAP_POLICY", "SIZE_BASED_WRAP", "fsdp_auto_wrap_policy"),
+                              ("FSDP_STATE_DICT_TYPE", "SHARDED_STATE_DICT", "fsdp_state_dict_type")]:
+        with pytest.raises(ConfigError, match=match):
+            distributed.fsdp_settings({**ok, key: value})
+    fsdp = distributed.Dist(rank=0, world=2, device="cpu", fsdp=distributed.FSDPSettings())
+    with pytest.raises(ConfigError, match="train-pcm does not run under FSDP"):
+        distributed.require_unsharded(fsdp, "train-pcm")
+    distributed.require_unsharded(distributed.Dist(), "train-pcm")
+    # Every process runs as many passes as the largest slice needs: 5 items over 2 processes in batches of 2
+    assert [distributed.Dist(rank=r, world=2).lockstep_batches(5, 2) for r in (0, 1)] == [2, 1]
+    assert [distributed.Dist(rank=r, world=2, fsdp=distributed.FSDPSettings()).lockstep_batches(5, 2)
+            for r in (0, 1)] == [2, 2]
+
+
 if __name__ == "__main__":  # the launched script: the CLI, optionally dying in an optimizer step
     if os.environ.get(DIE_AT) and os.environ.get("RANK", "0") == "1":
         die_at, calls, real_step = int(os.environ[DIE_AT]), [0], torch.optim.AdamW.step
@@ -349,6 +461,17 @@ if __name__ == "__main__":  # the launched script: the CLI, optionally dying in 
             return real_step(self, *a, **k)
 
         torch.optim.AdamW.step = dying_step
+    real_shard = distributed.Dist.shard_frozen
+
+    def reporting_shard(self, base, *a, **k):
+        real_shard(self, base, *a, **k)
+        from torch.distributed.tensor import DTensor
+
+        frozen = [p for p in base.parameters() if isinstance(p, DTensor)]
+        held = sum(p.to_local().numel() for p in frozen)
+        print(f"shards: rank {self.rank} holds {held} of {sum(p.numel() for p in frozen)}", file=sys.stderr)
+
+    distributed.Dist.shard_frozen = reporting_shard
     from personalign.cli import main
 
     main(sys.argv[1:])

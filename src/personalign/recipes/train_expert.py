@@ -35,9 +35,12 @@ Data parallel (under ``torchrun`` or ``accelerate launch``, see docs/distributed
 takes a contiguous slice of the step's prompts (whole groups), samples and scores them, and the
 update sums the gradients over processes (:func:`rl_update`), so the step is the one-process step
 on the same global batch (``batch_prompts`` is the global count) and the same samples are drawn.
-Only the main process writes the run folder. Every ``checkpoint_every`` steps the checkpoint holds the
-LoRA and value-head tensors, the AdamW state, the RNG, the reward statistics, the KL coefficient and
-the step; running the same command again resumes from it, dropping metrics lines written after it.
+Only the main process writes the run folder. Under FSDP (an accelerate FSDP config) the frozen base
+weights are sharded over the processes; every process then decodes until every process's samples are
+finished, and runs a pass with weight 0 on a minibatch that holds none of its samples. Every
+``checkpoint_every`` steps the checkpoint holds the LoRA and value-head tensors, the AdamW state,
+the RNG, the reward statistics, the KL coefficient and the step; running the same command again
+resumes from it, dropping metrics lines written after it.
 
 Run folder: ``config.json``, ``metrics.jsonl``, ``checkpoint/`` while training; at the end
 ``adapter/`` (a standard peft folder: ``adapter_config.json`` + ``adapter_model.safetensors``),
@@ -199,9 +202,11 @@ def main(cfg: TrainExpertConfig) -> dict[str, float]:
     from personalign.reward_model import base_fingerprint
     from personalign.rewards import reward_from_spec
 
-    base, tok = load_model(c.model, device=device_name, dtype=c.dtype)
+    load_device, load_dtype = dist.load_place(c.device, c.dtype)
+    base, tok = load_model(c.model, device=load_device, dtype=load_dtype)
     fingerprint = base_fingerprint(base)
     model = build_policy(base, c.lora, c.seed)
+    dist.shard_frozen(model)  # FSDP only: the base weights sharded over the processes, the LoRA whole
     device = next(model.parameters()).device
     rl = RLState(model, c, dist)
     reward_fn = reward_from_spec(plan.reward, side, device=device_name, dtype=c.dtype)
@@ -241,7 +246,7 @@ def main(cfg: TrainExpertConfig) -> dict[str, float]:
         model.eval()
         ro = rollout(model, tok, [policy_texts[i] for i in idx], eos, max_new_tokens=c.max_new_tokens,
                      temperature=c.temperature, top_p=c.top_p, autocast=c.autocast_bf16,
-                     seeds=[batch_seed(step_seed, first + j) for j in range(len(idx))])
+                     seeds=[batch_seed(step_seed, first + j) for j in range(len(idx))], all_done=dist.all_done)
         mask = ro.mask  # (N, T)
 
         # -- score: the reward function on the decoded text, normalised by running statistics

@@ -57,6 +57,7 @@ from personalign.checkpoint import load_checkpoint, save_checkpoint
 from personalign.config import to_dict
 from personalign.data import build_user_message, format_chat, iter_jsonl
 from personalign.distributed import init as init_distributed
+from personalign.distributed import require_unsharded
 from personalign.errors import ConfigError, DataError, ModelError, PreferenceError
 from personalign.generation import batch_seed
 from personalign.reward_model import LoraSpec
@@ -272,6 +273,7 @@ def _summary(rows: list[dict[str, Any]], n_examples: int) -> dict[str, float]:
 def main(cfg: TrainMultitaskConfig) -> dict[str, float]:
     plan = validate(cfg)  # before any model loads
     dist = init_distributed(cfg.device)  # one process unless a launcher started several
+    require_unsharded(dist, "train-multitask")  # FSDP: train-rm and train-expert only
     if dist.is_main:
         prepare_run_dir(cfg.output_dir, cfg)
     dist.barrier()

@@ -87,7 +87,7 @@ from personalign.checkpoint import load_checkpoint, save_checkpoint
 from personalign.config import finite as _finite
 from personalign.config import require as _require
 from personalign.config import to_dict
-from personalign.distributed import Dist
+from personalign.distributed import Dist, require_unsharded
 from personalign.distributed import init as init_distributed
 from personalign.errors import ConfigError, PreferenceError
 from personalign.generation import (
@@ -371,6 +371,7 @@ def main(cfg: TrainPCMConfig) -> dict[str, float]:
     plan = validate(cfg)  # before any model loads
     c, sides = plan.cfg, plan.sides
     dist = init_distributed(c.device)  # one process unless a launcher started several
+    require_unsharded(dist, "train-pcm")  # FSDP: train-rm and train-expert only
     if c.batch_prompts < dist.world:
         raise ConfigError(f"batch_prompts is {c.batch_prompts}, fewer than the {dist.world} processes: each "
                           f"process needs at least one pair per step (batch_prompts={dist.world} or more)")

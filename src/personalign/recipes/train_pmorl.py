@@ -55,7 +55,7 @@ import torch
 
 from personalign.config import to_dict
 from personalign.data import build_user_message, format_chat
-from personalign.distributed import Dist
+from personalign.distributed import Dist, require_unsharded
 from personalign.distributed import init as init_distributed
 from personalign.errors import ConfigError, ModelError
 from personalign.generation import batch_seed, eos_token_ids
@@ -261,6 +261,7 @@ def main(cfg: TrainPMORLConfig) -> dict[str, float]:
     plan = validate(cfg)  # before any model loads
     c = plan.cfg
     dist = init_distributed(c.device)  # one process unless a launcher started several
+    require_unsharded(dist, "train-pmorl")  # FSDP: train-rm and train-expert only
     if c.batch_prompts < dist.world:
         raise ConfigError(f"batch_prompts is {c.batch_prompts}, fewer than the {dist.world} processes: each "
                           f"process needs at least one prompt per step (batch_prompts={dist.world} or more)")

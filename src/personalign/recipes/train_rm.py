@@ -10,7 +10,10 @@ Data parallel (under ``torchrun`` or ``accelerate launch``, see docs/distributed
 takes a contiguous slice of every batch of pairs (``batch_size`` is the global count), its loss is
 its share of the batch's mean, the gradients are summed over processes, and the probe features and
 evaluation pairs are split the same way and gathered, so the model equals the one-process model.
-Only the main process writes the run folder.
+Only the main process writes the run folder. Under FSDP (an accelerate FSDP config) the frozen base
+weights are sharded over the processes and every process runs the same passes (one with weight 0 when
+a batch has no pair for it); ``prefix_cache`` with ``lora.top_layers`` is refused there, since each
+process would skip the cached layers for its own texts.
 
 Run folder: ``config.json``, ``data.json`` (the pairs it trains on: counts per side and a digest, so a
 model is never silently reused, or resumed, on pairs that have since changed), ``metrics.jsonl`` (``train/loss``, ``train/accuracy``, ``eval/loss``,
@@ -158,17 +161,20 @@ def fit_probe_heads(model: RewardModel, rows: list[dict[str, Any]], batch_size: 
     a, b = dist.shard(len(rows))
     mine = rows[a:b]
     local: list[torch.Tensor] = []
-    starts = range(0, len(mine), batch_size)
+    batches = range(dist.lockstep_batches(len(rows), batch_size))
     if progress:
         from tqdm.auto import tqdm
 
-        starts = tqdm(starts, desc="probe features", unit="batch")
-    for i in starts:
-        batch = mine[i:i + batch_size]
+        batches = tqdm(batches, desc="probe features", unit="batch")
+    for k in batches:
+        batch = mine[k * batch_size:(k + 1) * batch_size]
+        extra = not batch  # FSDP's lockstep: a pass on another pair, its features discarded
+        batch = batch or rows[:1]
         texts = [model.format(r["prompt"], r["chosen"], r["side"]) for r in batch] + \
                 [model.format(r["prompt"], r["rejected"], r["side"]) for r in batch]
         feats = (cache.features(texts) if cache is not None else model.features(**model.encode(texts))).float()
-        local.append(feats[: len(batch)] - feats[len(batch):])  # (b, H)
+        if not extra:
+            local.append(feats[: len(batch)] - feats[len(batch):])  # (b, H)
     model.train(was)
     width = model.head.weight.shape[1]
     device = model.head.weight.device
@@ -202,10 +208,11 @@ def evaluate(model: RewardModel, rows: list[dict[str, Any]], batch_size: int, au
     model.eval()
     a, b = dist.shard(len(rows))
     scores = [torch.zeros(0, 2, device=model.head.weight.device)]
-    for i in range(a, b, batch_size):
-        batch = rows[i:min(i + batch_size, b)]
-        _, c, r = _pair_losses(model, batch, autocast, cache)
-        scores.append(torch.stack([c, r], 1))
+    for k in range(dist.lockstep_batches(len(rows), batch_size)):
+        batch = rows[a + k * batch_size:min(a + (k + 1) * batch_size, b)]
+        _, c, r = _pair_losses(model, batch or rows[:1], autocast, cache)  # FSDP's lockstep: a discarded pass
+        if batch:
+            scores.append(torch.stack([c, r], 1))
     every = dist.gather(torch.cat(scores))  # (len(rows), 2): chosen, rejected
     by_side: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
     for j, row in enumerate(rows):
@@ -258,6 +265,9 @@ def main(cfg: TrainRMConfig) -> dict[str, float]:
         raise DataError("no training pairs left after the split")
 
     dist = init_distributed(cfg.device)  # one process unless a launcher started several
+    if dist.fsdp is not None and cfg.prefix_cache and cfg.lora.top_layers is not None:
+        raise ConfigError("prefix_cache with lora.top_layers skips the frozen layers for texts each process has "
+                          "seen, which FSDP's lockstep layers cannot; set prefix_cache=false under FSDP")
     if dist.is_main:
         prepare_run_dir(cfg.output_dir, cfg)
     dist.barrier()
@@ -275,11 +285,17 @@ def main(cfg: TrainRMConfig) -> dict[str, float]:
     from personalign.models import load_model
 
     torch.manual_seed(cfg.seed)
-    base, tok = load_model(cfg.model, device=dist.resolve_device(cfg.device), dtype="float32")
+    load_device, _ = dist.load_place(cfg.device, "float32")
+    base, tok = load_model(cfg.model, device=load_device, dtype="float32")
     model = RewardModel(base, tok, sides, cfg.lora, cfg.max_length,
                         side_prompts={s: space.sides[s].prompt if s in space.sides else "" for s in sides},
                         side_prompt_in_input=cfg.side_prompt_in_input, readout_layer=cfg.readout_layer,
                         pooling=cfg.pooling)
+    if dist.fsdp is not None:  # the frozen weights sharded: the decoder runs, the output layer never does
+        output = base.get_output_embeddings()
+        unused = [output] if output is not None and output.weight is not base.get_input_embeddings().weight else []
+        dist.shard_frozen(base, root=model.backbone.get_base_model(), extra=unused)
+        model.head.to(dist.resolve_device(cfg.device))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     dist.broadcast(params)  # equal on every process from the start (they are seeded alike)
@@ -330,12 +346,12 @@ def main(cfg: TrainRMConfig) -> dict[str, float]:
             for group in opt.param_groups:
                 group["lr"] = lr
             opt.zero_grad(set_to_none=True)
-            if b > a:
-                loss, c, r = _pair_losses(model, batch[a:b], autocast, cache)
+            if b > a or dist.fsdp is not None:  # FSDP's lockstep: no pair here still runs one, weight 0
+                loss, c, r = _pair_losses(model, batch[a:b] or batch[:1], autocast, cache)
                 if dist.active:  # this process's share of the batch's mean
                     loss = loss * ((b - a) / len(batch))
                 loss.backward()
-                loss = loss.detach()
+                loss, c, r = loss.detach(), c[:b - a], r[:b - a]
             else:  # fewer pairs than processes in this batch: this one adds zero gradients
                 loss = torch.zeros((), device=model.head.weight.device)
                 c = r = loss.new_zeros(0)
