@@ -74,7 +74,7 @@ def generate(
     """Answer one instruction (returns a string) or several (returns a list) under a preference.
 
     ``method`` and ``options`` (``experts``, ``merge``, ``merge_rank``, ``merge_density``, ``merge_seed``,
-    ``mix``, ``pcm``, ``adapter``) are those of ``personalign generate``; ``model`` is left unchanged
+    ``mix``, ``strength``, ``pcm``, ``adapter``) are those of ``personalign generate``; ``model`` is left unchanged
     (methods that change weights work on a copy). To answer many calls under one preference, build the
     model once with :func:`personalize` instead.
     """

@@ -209,7 +209,7 @@ def test_judge_config_margins_reach_the_offline_judge():
     judge = build_judge(JudgeConfig(margins={"3A": 1e9}))
     assert judge.margins["P3A"] == 1e9 and judge.margins["P3B"] == OfflineJudge().margins["P3B"]
     assert judge.judge(row["prompt"], row["intended"], row["other"], "P3A") == "tie"
-    with pytest.raises(ConfigError, match="offline judge only"):
+    with pytest.raises(ConfigError, match="offline and function judges only"):
         JudgeConfig(kind="llm", base_url="http://127.0.0.1:1/v1", model="m", margins={"P3A": 1.0})
 
 

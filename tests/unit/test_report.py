@@ -78,7 +78,8 @@ def _results():
         }
 
     text = {"distinct_1": 0.5, "distinct_2": 0.75, "repetition_3": 0.1, "mean_words": 12.0,
-            "empty_share": 0.0, "ontopic": None, "responses": 8}
+            "empty_share": 0.0, "emoji": 0.25, "exclamations": 1.5, "stock_phrases": 0.5, "ontopic": None,
+            "responses": 8}
     return {
         "reference": "prompt", "judge": "offline", "instructions": 4, "confidence": 0.95,
         "combinations": combos, "criteria": criteria, "methods": ["soup-psoups", "vanilla"],
@@ -99,7 +100,7 @@ def test_markdown_has_the_papers_layout():
     assert "| method | P1A | P1B | P2A | P3A | avg |" in lines
     assert "| soup-psoups | 3 | 2 | 1 |" in lines
     text_rows = [line for line in lines if line.startswith("| prompt (reference)")]
-    assert text_rows == ["| prompt (reference) | 0.500 | 0.750 | 0.100 | 12.0 | 0.00 | – |"]
+    assert text_rows == ["| prompt (reference) | 0.500 | 0.750 | 0.100 | 12.0 | 0.00 | 0.25 | 1.50 | 0.50 | – |"]
     assert "skipped `mope-logit`: no expert for side(s) P1B" in md
     assert "judged in both orders" in md
     assert "Paired differences" not in md  # no paired results: no section
@@ -140,3 +141,10 @@ def test_pareto_report(tmp_path):
     assert "| soup-psoups | 5.0000 | 2 |" in md and "| 0 | -5.000 | 3.000 | yes |" in md
     with open(files["plot"], "rb") as fh:
         assert fh.read(8) == PNG
+
+
+def test_filler_markers_count_emoji_exclamations_and_stock_phrases_per_response():
+    texts = ["I\u2019m thrilled to help! \U0001F60A\U0001F680 Absolutely!", "Rain is water.", ""]
+    assert report.filler_markers(texts) == {"emoji": 2 / 3, "exclamations": 2 / 3, "stock_phrases": 2 / 3}
+    assert report.filler_markers([]) == {"emoji": None, "exclamations": None, "stock_phrases": None}
+    assert report.text_metrics(["Wow! Great question!"])["stock_phrases"] == 2.0
