@@ -69,6 +69,11 @@ READERS = {  # command line with {} where the bad file goes
     "judge --labels": ["judge", "--side", "P1A", "--input", "{pairs}", "--judge", "human", "--labels", "{}"],
     "judge --judge-cache": ["judge", "--side", "P1A", "--input", "{pairs}", "--judge", "llm", "--base-url",
                             "http://127.0.0.1:9/v1", "--judge-model", "m", "--judge-cache", "{}"],
+    "judge --set judge.cache": ["judge", "--side", "P1A", "--input", "{pairs}", "--judge", "llm", "--base-url",
+                                "http://127.0.0.1:9/v1", "--judge-model", "m", "--set", "judge.cache={}"],
+    "eval --set judge_options.cache": ["eval", "-o", "{out}/run", "--judge", "llm", "--set", "methods=[vanilla]",
+                                       "--set", "judge_options.base_url=http://127.0.0.1:9/v1",
+                                       "--set", "judge_options.model=m", "--set", "judge_options.cache={}"],
     "label --rollouts": ["label", "--rollouts", "{}", "-o", "{out}/p.jsonl"],
     "train-rm --pairs": ["train-rm", "--pairs", "{}", "-o", "{out}/rm", "--side", "P1A"],
     "train-multitask --pairs": ["train-multitask", "--pairs", "{}", "-o", "{out}/mt"],
@@ -315,3 +320,8 @@ def test_serve_refuses_a_profile_store_that_is_not_a_database(tmp_path, tiny_mod
     db = tmp_path / "p.sqlite"
     db.write_bytes(bytes(range(256)) * 8)
     assert "not a usable profile database" in _one_line(run("serve", "--model", str(tiny_model_dir), "--db", str(db)))
+
+
+def test_a_profile_store_that_is_a_directory_is_named_so(tmp_path, no_model):
+    line = _one_line(run("generate", "--prefs", "profile:ana", "--db", str(tmp_path), "Hi"))
+    assert f"profile store {tmp_path} is a directory" in line

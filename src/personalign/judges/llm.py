@@ -94,14 +94,25 @@ class _Cache:
         self.path = Path(path) if path is not None else None
         self._answers: dict[str, str] = {}
         self._lock = threading.Lock()
-        if self.path is None or not self.path.exists():
+        if self.path is None:
+            return
+        from personalign.data import check_writable
+
+        # A cache that cannot be appended to would lose the answers it was meant to keep: refuse it now.
+        check_writable(self.path, "judge cache", error=ConfigError)
+        if not self.path.exists():
             return
         data = self.path.read_bytes()
         if data and not data.endswith(b"\n"):  # a line torn by an interruption: that question is asked again
             data = data[: data.rfind(b"\n") + 1]
             with self.path.open("r+b") as fh:
                 fh.truncate(len(data))
-        for lineno, line in enumerate(data.decode("utf-8").splitlines(), 1):
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise DataError(f"judge cache {self.path} is not UTF-8 text (a binary file?); use another cache "
+                            "path") from None
+        for lineno, line in enumerate(text.splitlines(), 1):
             try:
                 row = json.loads(line)
                 self._answers[row["key"]] = row["answer"]

@@ -68,6 +68,9 @@ def request(cfg: GenerateConfig) -> Personalization:
     if cfg.db is not None:
         from personalign.profiles import Profiles
 
+        if Path(cfg.db).is_dir():
+            raise DataError(f"profile store {cfg.db} is a directory; give the SQLite file (default: profiles.sqlite "
+                            "in the cache folder)")
         if not Path(cfg.db).is_file():
             raise DataError(f"profile store {cfg.db} does not exist; save a profile there first (personalign serve "
                             "--db, or personalign.profiles.Profiles)")
