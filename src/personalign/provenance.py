@@ -125,6 +125,10 @@ def label_sources_of_dir(folder: str | Path, meta_name: str) -> list[str]:
 def evaluating_sources(judge_name: str, judge: Any = None) -> list[str]:
     """What an evaluating judge *is*, as label sources: a reward-model judge is the judges its models
     learned from; any other judge is itself (``offline``, ``independent``, ``llm:<model>``, ``human``)."""
+    parts = getattr(judge, "judges", None)
+    if callable(parts):  # a judge routing sides to several judges: each of them
+        return _sorted(s for j in parts() for s in evaluating_sources(
+            "rm-" if getattr(j, "folder", None) is not None else str(getattr(j, "name", "")), j))
     folder = getattr(judge, "folder", None)
     if judge_name.startswith("rm-") and folder is not None:
         return _sorted(s for f in set(judge.sources.values()) for s in label_sources_of_rm(f))

@@ -173,21 +173,24 @@ def test_eval_with_the_users_judge_over_four_dimensions(tmp_path, tiny_model_dir
     with pytest.raises(UnsupportedSideError, match="cannot measure side 'P1A'"):
         evaluate.main(from_dict(evaluate.EvalConfig, {**base, "judge": JUDGE}))
     assert not (tmp_path / "run" / "generations").exists()
-    # a judge of every side (the structure judge for P4, length otherwise) over the 16 combinations
-    (tmp_path / "anyside.py").write_text(
-        "import structure_judge\n"
-        "def score(prompts, responses, side):\n"
-        "    if side in ('P4A', 'P4B'):\n"
-        "        return structure_judge.score(prompts, responses, side)\n"
-        "    sign = -1 if side in ('P2A', 'P1A') else 1\n"
-        "    return [sign * len(r) for r in responses]\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    results = evaluate.main(from_dict(evaluate.EvalConfig, {**base, "judge": "anyside:score"}))
-    assert len(results["combinations"]) == 16 and results["judge"].startswith("fn-anyside_score-")
+    # the built-in sides keep the offline judge, the new dimension goes to its own, over the 16 combinations
+    routed = {"P4A": JUDGE, "prose": JUDGE}
+    results = evaluate.main(from_dict(evaluate.EvalConfig, {**base, "side_judges": routed}))
+    assert len(results["combinations"]) == 16
+    assert re.fullmatch(r"offline\+P4A-fn-structure_judge_score-\w+\+P4B-fn-structure_judge_score-\w+",
+                        results["judge"]), results["judge"]
     for m in ("soup-exact", "mope-prob"):
         assert set(results["win_rates"][m]["by_criterion"]) == set(SIDES)
         assert sum(results["win_rates"][m]["counts"].values()) == 16 * 4  # combinations x criteria
-    assert results["judge_sources"] == ["anyside:score"]
+    verdicts = {}
+    folder = tmp_path / "run" / "judgments" / results["judge"] / "soup-exact"
+    for path in folder.glob("*.jsonl"):
+        for row in map(json.loads, path.read_text().splitlines()):
+            verdicts[row["side"]] = row
+    assert set(verdicts) == set(SIDES)
+    assert results["judge_sources"] == ["offline", JUDGE]
+    with pytest.raises(ConfigError, match="unknown judge 'nosuch'"):
+        from_dict(evaluate.EvalConfig, {**base, "side_judges": {"P4A": "nosuch"}})
 
 
 # -- four-way composition keeps the invariances ------------------------------------------------------------

@@ -13,7 +13,7 @@ from typing import Literal, Protocol, runtime_checkable
 
 from personalign.errors import DataError, PreferenceError
 
-__all__ = ["PairwiseJudge", "UnsupportedSideError", "Verdict", "flip_verdict"]
+__all__ = ["PairwiseJudge", "RoutedJudge", "UnsupportedSideError", "Verdict", "flip_verdict"]
 
 Verdict = Literal["a", "b", "tie"]
 
@@ -46,6 +46,30 @@ class PairwiseJudge(Protocol):
     def judge_many(self, items: Sequence[tuple[str, str, str]], side: str) -> list[Verdict]:
         """Judge ``(prompt, a, b)`` triples on one side; judges with a batched backend override this."""
         return [self.judge(prompt, a, b, side) for prompt, a, b in items]
+
+
+class RoutedJudge(PairwiseJudge):
+    """``default`` for every side but those of ``by_side``, which go to their own judge (a user's dimension
+    judged by its own function while the built-in sides keep theirs)."""
+
+    def __init__(self, default: PairwiseJudge, by_side: dict[str, PairwiseJudge]) -> None:
+        self.default, self.by_side = default, dict(by_side)
+        self.name = "+".join([default.name, *(f"{s}:{j.name}" for s, j in sorted(self.by_side.items()))])
+
+    def judges(self) -> list[PairwiseJudge]:
+        return [self.default, *dict.fromkeys(self.by_side.values())]
+
+    def judge(self, prompt: str, a: str, b: str, side: str) -> Verdict:
+        return self.by_side.get(side, self.default).judge(prompt, a, b, side)
+
+    def judge_many(self, items: Sequence[tuple[str, str, str]], side: str) -> list[Verdict]:
+        return self.by_side.get(side, self.default).judge_many(items, side)
+
+    def close(self) -> None:
+        for j in self.judges():
+            close = getattr(j, "close", None)
+            if callable(close):
+                close()
 
 
 def flip_verdict(verdict: Verdict) -> Verdict:

@@ -112,6 +112,9 @@ class EvalConfig:
     # offline | independent | llm | human | rm:FOLDER (reward models: higher reward wins). ``independent``
     # shares no signal with the offline judge that labelled the shipped experts' training data.
     judge: str = "offline"
+    # Sides judged by another judge than ``judge`` (side -> a judge of the same forms), e.g. a user's
+    # dimension by its own module:function while the built-in sides keep the offline judge.
+    side_judges: dict[str, str] = field(default_factory=dict)
     judge_options: JudgeConfig = field(default_factory=JudgeConfig)  # llm and human settings
     rm_margin: float = 0.1  # rm judge: reward gaps below this tie (BT probability within 0.475-0.525)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)  # its seed is set from `seed`
@@ -144,6 +147,8 @@ class EvalConfig:
         if not self.methods:
             raise ConfigError(f"methods is empty; list some of: {METHOD_FORMS}")
         judge_kind(self.judge)
+        for spec in self.side_judges.values():
+            judge_kind(spec)
 
 
 # ---------------------------------------------------------------- judges
@@ -164,9 +169,29 @@ def judge_kind(spec: str) -> str:
 
 
 def build_eval_judge(cfg: EvalConfig, space: PreferenceSpace, sides: list[str]) -> tuple[PairwiseJudge, str]:
-    """The configured judge and its folder name, checked against the sides it must measure."""
+    """The configured judge and its folder name, checked against the sides it must measure; with
+    ``side_judges``, a judge that sends those sides to theirs (folder ``<judge>+<side judge>...``)."""
+    from personalign.judges.base import RoutedJudge
+
+    routed: dict[str, str] = {}
+    for side, spec in cfg.side_judges.items():
+        routed[space.resolve(side)] = spec
+    main_sides = [s for s in sides if s not in routed]
+    judge, name = _build_one(cfg, cfg.judge, space, main_sides)
+    if not routed:
+        return judge, name
+    parts = {spec: _build_one(cfg, spec, space, [s for s in sides if routed.get(s) == spec])
+             for spec in dict.fromkeys(routed.values())}
+    by_side = {side: parts[spec][0] for side, spec in routed.items()}
+    folder = "+".join([name, *(f"{space.resolve(s)}-{parts[spec][1]}" for s, spec in sorted(routed.items()))])
+    return RoutedJudge(judge, by_side), folder
+
+
+def _build_one(cfg: EvalConfig, spec: str, space: PreferenceSpace, sides: list[str]) -> tuple[PairwiseJudge, str]:
+    """One judge of ``spec`` (offline, independent, llm, human, rm:FOLDER, module:function) and its folder name."""
     from personalign.judges import SUPPORTED_SIDES, build_judge
 
+    cfg = replace(cfg, judge=spec)
     kind = judge_kind(cfg.judge)
     if cfg.judge_options.kind not in ("offline", kind):
         raise ConfigError(f"judge_options.kind={cfg.judge_options.kind!r} contradicts judge={cfg.judge!r}; "
