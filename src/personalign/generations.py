@@ -62,7 +62,9 @@ class MethodSpec:
             method=self.kind.value, experts=experts if self.uses_experts else None,
             merge=self.variant if soup else "psoups",
             merge_density=merge_density if soup and self.variant in PRUNING else None,
-            mix=self.variant if mope else "prob", pcm=self.pcm, adapter=self.adapter, strength=self.strength)
+            mix=self.variant if mope else "prob", pcm=self.pcm, adapter=self.adapter,
+            # labels name their strength: soup-exact is strength 1 whatever the measured default
+            strength=self.strength if soup or (mope and self.variant == "extrapolate") else None)
 
 
 def parse_method(spec: str) -> MethodSpec:

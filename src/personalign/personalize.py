@@ -37,6 +37,7 @@ in their own modules.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -61,7 +62,9 @@ __all__ = [
     "PersonalizedModel",
     "build_prompts",
     "chat_text",
+    "DEFAULT_STRENGTH",
     "check_strength",
+    "default_strength",
     "load_personalized",
     "personalize",
     "plain_text",
@@ -114,8 +117,9 @@ class MethodOptions:
     merge_seed: int | None = None  # soup dare: random pruning seed (default 0)
     mix: str = "prob"  # mope: prob | logit | uniform | extrapolate
     # soup: the merged delta is strength x the weighted sum of the experts' deltas; mope with mix
-    # extrapolate: base + strength x the weighted sum of each expert's difference from the base
-    strength: float = 1.0
+    # extrapolate: base + strength x the weighted sum of each expert's difference from the base. None: the
+    # measured default of the method (DEFAULT_STRENGTH); :func:`resolve` fills it in.
+    strength: float | None = None
     pcm: str | None = None  # mope: a train-pcm folder, or "shipped"
     adapter: str | None = None  # adapter: a peft adapter folder
     # expert/soup/mope: sides of the preference that have no expert are only prompted (their prompt is in
@@ -172,6 +176,20 @@ class Personalization:
             return ("base", self.model_name)
         return (self.method, self.model_name, self.options, tuple(sorted(self.weights.items())),
                 self.preference.spec() if self.preference is not None else None)
+
+
+# The preference strength used when a request gives none, per method that takes one: measured by
+# bench/strength.py (bench/RESULTS.md, "Preference strength"), chosen on training instructions no expert saw.
+DEFAULT_STRENGTH = {"soup": 1.0, "extrapolate": 1.0}
+
+
+def default_strength(method: Method, mix: str | None = None) -> float | None:
+    """The measured default strength of a method, or None where the method takes no strength."""
+    if method is Method.SOUP:
+        return DEFAULT_STRENGTH["soup"]
+    if method is Method.MOPE and mix == "extrapolate":
+        return DEFAULT_STRENGTH["extrapolate"]
+    return None
 
 
 def strength_suffix(strength: float) -> str:
@@ -272,10 +290,12 @@ def resolve(prefs: str | Preference | Mapping[str, float] | None, options: Metho
     if method is not Method.MOPE:
         for opt in ("mix", "pcm"):
             refuse(opt, "method mope")
-    check_strength(o.strength)
-    if method is not Method.SOUP and not (method is Method.MOPE and o.mix == "extrapolate"):
+    measured = default_strength(method, o.mix)
+    if measured is None:
         refuse("strength", "method soup and method mope with mix 'extrapolate' (a probability or logit "
                            "mixture cannot go beyond its experts)")
+    o = dataclasses.replace(o, strength=(check_strength(o.strength) if o.strength is not None else measured)
+                            if measured is not None else 1.0)
     if not method.uses_experts:
         refuse("experts", "methods expert, soup and mope")
         refuse("prompt_missing", "methods expert, soup and mope")

@@ -231,3 +231,20 @@ def test_mope_extrapolate_at_strength_one_on_one_side_is_that_expert(tiny, tiny_
     strong = personalize(model, tok, _spec(tiny_model_dir, experts, "1A,2A", "mope", mix="extrapolate",
                                            strength=3.0))
     assert strong.label == "mope-extrapolate-x3" and len(strong.generate(q, GREEDY)) == 2
+
+
+def test_a_request_without_a_strength_gets_the_measured_default_and_labels_say_which(tiny_model_dir, experts,
+                                                                                       monkeypatch):
+    import personalign.personalize as p
+    from personalign.generations import parse_method
+
+    monkeypatch.setitem(p.DEFAULT_STRENGTH, "soup", 2.0)
+    monkeypatch.setitem(p.DEFAULT_STRENGTH, "extrapolate", 1.5)
+    soup = _spec(tiny_model_dir, experts, "1A,2A", "soup")
+    assert soup.options.strength == 2.0 and soup.label == "soup-psoups-x2"
+    assert _spec(tiny_model_dir, experts, "1A,2A", "soup", strength=1.0).label == "soup-psoups"
+    assert _spec(tiny_model_dir, experts, "1A,2A", "mope", mix="extrapolate").label == "mope-extrapolate-x1.5"
+    assert _spec(tiny_model_dir, experts, "1A,2A", "mope").options.strength == 1.0  # prob: none to take
+    # an evaluation's method labels name their strength, whatever the default: soup-psoups is strength 1
+    m = parse_method("soup-psoups")
+    assert resolve("1A,2A", m.options(str(experts), None), model=str(tiny_model_dir)).label == "soup-psoups"

@@ -47,7 +47,9 @@ class GenerateConfig:
     merge_density: float | None = None  # soup ties/dare (default 0.5)
     merge_seed: int | None = None  # soup dare (default 0)
     mix: str = "prob"  # mope: prob | logit | uniform | extrapolate
-    strength: float = 1.0  # soup, and mope with mix extrapolate: how strongly the preference speaks (1 = average)
+    # soup, and mope with mix extrapolate: how strongly the preference speaks (1 = the experts' average); None:
+    # the measured default (personalign.personalize.DEFAULT_STRENGTH)
+    strength: float | None = None
     adapter: str | None = None  # adapter: a peft adapter folder (multitask, P-MORL, RLHF policies)
     pcm: str | None = None  # mope: a train-pcm folder (learned per-token weights), or "shipped"
     # expert/soup/mope: sides without an expert are only prompted, not refused (always with prefs_text)

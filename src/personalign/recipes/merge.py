@@ -28,7 +28,8 @@ class MergeConfig:
     rank: int | None = None
     density: float | None = None
     seed: int | None = None
-    strength: float = 1.0  # the merged delta is strength x the weighted average of the experts' deltas
+    # the merged delta is strength x the weighted average of the experts' deltas; None: the measured default
+    strength: float | None = None
     full_model: bool = False  # write base + merged delta as a standalone model
     model: str | None = None
     dimensions: str | None = None
@@ -59,7 +60,7 @@ def main(cfg: MergeConfig) -> dict[str, Any]:
     else:
         adapter, report, _ = soup_adapter(dict(spec.weights), dict(spec.experts), method=cfg.method, rank=cfg.rank,
                                           density=spec.merge_density, seed=spec.merge_seed,
-                                          preference=spec.preference.spec(), strength=cfg.strength)
+                                          preference=spec.preference.spec(), strength=spec.options.strength)
         save_adapter(adapter, tmp)
     (tmp / "merge_report.json").write_text(json.dumps({**report, "experts": str(spec.experts_dir)}, indent=2))
     if out.exists():

@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any
 from personalign.errors import ConfigError, PersonalignError, PreferenceError
 from personalign.extras import install_hint
 from personalign.generation import SamplingConfig
-from personalign.personalize import Method, MethodOptions, chat_text, plain_text, resolve
+from personalign.personalize import DEFAULT_STRENGTH, Method, MethodOptions, chat_text, plain_text, resolve
 from personalign.profiles import PROFILE_PREFIX, Profiles, check_name
 from personalign.preferences import PreferenceSpace, default_space
 from personalign.serve.batching import ApiError, Models
@@ -111,8 +111,8 @@ def request_options(method: Method, body: Mapping[str, Any], defaults: MethodOpt
         pcm = defaults.pcm if mope and mix == "prob" else None
     # strength: the request's, else the server's default where it applies (soups, the extrapolate rule)
     stretches = soup or (mope and mix == "extrapolate")
-    strength = _number(body, "strength", defaults.strength if stretches else 1.0)
-    if strength < 0:
+    strength = _number(body, "strength", defaults.strength if stretches else None)
+    if strength is not None and strength < 0:
         raise ApiError(f"strength must be a finite number >= 0, got {_short(strength)}", "strength")
     if body.get("strength") is not None and not stretches and strength != 1:
         raise ApiError(f"strength applies to method soup and to method mope with mix 'extrapolate', not "
@@ -131,7 +131,7 @@ def request_options(method: Method, body: Mapping[str, Any], defaults: MethodOpt
         merge_rank=defaults.merge_rank if soup else None,
         merge_density=defaults.merge_density if soup else None,
         mix=mix,
-        strength=float(strength),
+        strength=float(strength) if stretches and strength is not None else None,  # None: the measured default
         pcm=pcm if mope or body.get("pcm") is None else body["pcm"],
     )
 
@@ -641,6 +641,8 @@ class _Service:
             "pcm": (["shipped"] if shipped_pcm else []) + ["none"],
             "per_row": {"soup": ["exact"], "mope": [r.value for r in MixRule]},
             "defaults": {"method": d.method, "merge": d.merge, "mix": d.mix, "pcm": d.pcm, "strength": d.strength},
+            # the measured defaults a request without a strength gets (d.strength, when set, overrides them)
+            "default_strength": dict(DEFAULT_STRENGTH),
             "dimensions": [{"name": dim.name, "sides": [
                 {"id": sid, "name": self.space.sides[sid].name, "aliases": list(self.space.sides[sid].aliases),
                  "prompt": self.space.sides[sid].prompt, "expert": sid in experts} for sid in dim.sides]}
@@ -768,7 +770,8 @@ def check_defaults(defaults: MethodOptions, model_name: str | None = None) -> Me
     MixRule.parse(defaults.mix)
     from personalign.personalize import check_strength
 
-    check_strength(defaults.strength)
+    if defaults.strength is not None:
+        check_strength(defaults.strength)
     if defaults.adapter is not None:
         raise ConfigError("the server takes no adapter; serve an adapter's merged model with --model instead")
     if model_name is not None:
@@ -1014,7 +1017,8 @@ class ServeConfig:
     experts: str | None = None
     merge: str = "psoups"
     mix: str = "prob"
-    strength: float = 1.0  # default for soups and the extrapolate rule (a request may give its own)
+    # default for soups and the extrapolate rule (a request may give its own); None: the measured default
+    strength: float | None = None
     pcm: str | None = None
     dimensions: str | None = None
     device: str = "auto"
