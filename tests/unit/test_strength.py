@@ -235,11 +235,11 @@ def test_mope_extrapolate_at_strength_one_on_one_side_is_that_expert(tiny, tiny_
 
 def test_a_request_without_a_strength_gets_the_measured_default_and_labels_say_which(tiny_model_dir, experts,
                                                                                        monkeypatch):
-    import personalign.personalize as p
     from personalign.generations import parse_method
+    from personalign.personalize import DEFAULT_STRENGTH
 
-    monkeypatch.setitem(p.DEFAULT_STRENGTH, "soup", 2.0)
-    monkeypatch.setitem(p.DEFAULT_STRENGTH, "extrapolate", 1.5)
+    monkeypatch.setitem(DEFAULT_STRENGTH, "soup", 2.0)
+    monkeypatch.setitem(DEFAULT_STRENGTH, "extrapolate", 1.5)
     soup = _spec(tiny_model_dir, experts, "1A,2A", "soup")
     assert soup.options.strength == 2.0 and soup.label == "soup-psoups-x2"
     assert _spec(tiny_model_dir, experts, "1A,2A", "soup", strength=1.0).label == "soup-psoups"
