@@ -117,6 +117,7 @@ def seed_final() -> None:
                 shutil.copytree(RECORDED / "judgments" / judge / m, FINAL / "judgments" / judge / m)
     for judge in JUDGES:
         if (RECORDED / "judgments" / judge / "validation.json").is_file():
+            (FINAL / "judgments" / judge).mkdir(parents=True, exist_ok=True)
             shutil.copy2(RECORDED / "judgments" / judge / "validation.json", FINAL / "judgments" / judge)
 
 

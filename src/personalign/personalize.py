@@ -55,6 +55,7 @@ if TYPE_CHECKING:
     from personalign.preferences import Preference, PreferenceSpace
 
 __all__ = [
+    "DEFAULT_STRENGTH",
     "Completion",
     "Method",
     "MethodOptions",
@@ -62,7 +63,6 @@ __all__ = [
     "PersonalizedModel",
     "build_prompts",
     "chat_text",
-    "DEFAULT_STRENGTH",
     "check_strength",
     "default_strength",
     "load_personalized",

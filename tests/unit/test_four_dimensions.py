@@ -113,8 +113,8 @@ def test_the_commands_refuse_a_malformed_judge_before_loading_a_model(tmp_path, 
 
 
 def test_label_judge_train_rm_train_expert_with_the_users_judge(tmp_path, tiny_model_dir):
-    from personalign.recipes import label, train_expert, train_rm
     from personalign.recipes import judge as judge_recipe
+    from personalign.recipes import label, train_expert, train_rm
 
     # rollouts: lists and prose for the bulleted side, two samples per instruction
     rows = []
