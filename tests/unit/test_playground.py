@@ -6,7 +6,6 @@ picks) comes back after a server restart. Also the elicitation calls themselves,
 from __future__ import annotations
 
 import json
-
 import os
 import shutil
 
