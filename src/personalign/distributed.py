@@ -121,6 +121,13 @@ class Dist:
             return device
         return self.device
 
+    def require_per_process(self, n: int, name: str, unit: str = "prompt") -> None:
+        """Refuse a per-step count ``name`` = ``n`` smaller than the number of processes: every process needs
+        at least one ``unit`` per step."""
+        if n < self.world:
+            raise ConfigError(f"{name} is {n}, fewer than the {self.world} processes: each process needs at "
+                              f"least one {unit} per step ({name}={self.world} or more)")
+
     def shard(self, n: int) -> tuple[int, int]:
         """``[start, stop)``: this process's contiguous slice of ``n`` items (sizes differ by at most one,
         the first processes take the extra ones). The slices in rank order are the items in order."""

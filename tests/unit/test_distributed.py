@@ -475,3 +475,13 @@ if __name__ == "__main__":  # the launched script: the CLI, optionally dying in 
     from personalign.cli import main
 
     main(sys.argv[1:])
+
+
+def test_a_step_smaller_than_the_processes_is_refused_in_one_line():
+    from personalign.errors import ConfigError
+    from personalign.distributed import Dist
+
+    Dist(rank=0, world=2).require_per_process(2, "batch_prompts")  # one each: fine
+    with pytest.raises(ConfigError, match=r"batch_prompts is 1, fewer than the 2 processes: each process needs at "
+                                          r"least one pair per step \(batch_prompts=2 or more\)"):
+        Dist(rank=1, world=2).require_per_process(1, "batch_prompts", "pair")

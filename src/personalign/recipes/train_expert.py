@@ -70,7 +70,6 @@ import torch
 
 from personalign.config import to_dict
 from personalign.distributed import init as init_distributed
-from personalign.errors import ConfigError
 from personalign.generation import batch_seed, eos_token_ids
 from personalign.personalize import Method, build_prompts
 from personalign.reward_model import LoraSpec
@@ -185,9 +184,7 @@ def main(cfg: TrainExpertConfig) -> dict[str, float]:
     plan = validate(cfg)  # before any model loads
     c, side = plan.cfg, plan.side
     dist = init_distributed(c.device)  # one process unless a launcher started several
-    if c.batch_prompts < dist.world:
-        raise ConfigError(f"batch_prompts is {c.batch_prompts}, fewer than the {dist.world} processes: each "
-                          f"process needs at least one prompt per step (batch_prompts={dist.world} or more)")
+    dist.require_per_process(c.batch_prompts, "batch_prompts", "prompt")
     if dist.is_main:
         prepare_run_dir(cfg.output_dir, cfg)
     dist.barrier()

@@ -372,9 +372,7 @@ def main(cfg: TrainPCMConfig) -> dict[str, float]:
     c, sides = plan.cfg, plan.sides
     dist = init_distributed(c.device)  # one process unless a launcher started several
     require_unsharded(dist, "train-pcm")  # FSDP: train-rm and train-expert only
-    if c.batch_prompts < dist.world:
-        raise ConfigError(f"batch_prompts is {c.batch_prompts}, fewer than the {dist.world} processes: each "
-                          f"process needs at least one pair per step (batch_prompts={dist.world} or more)")
+    dist.require_per_process(c.batch_prompts, "batch_prompts", "pair")
     done = trained_steps(Path(cfg.output_dir))
     if done is not None and c.steps < done:
         raise ConfigError(f"{cfg.output_dir} holds a PCM trained for {done} steps; steps={c.steps} would not "

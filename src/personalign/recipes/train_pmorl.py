@@ -262,9 +262,7 @@ def main(cfg: TrainPMORLConfig) -> dict[str, float]:
     c = plan.cfg
     dist = init_distributed(c.device)  # one process unless a launcher started several
     require_unsharded(dist, "train-pmorl")  # FSDP: train-rm and train-expert only
-    if c.batch_prompts < dist.world:
-        raise ConfigError(f"batch_prompts is {c.batch_prompts}, fewer than the {dist.world} processes: each "
-                          f"process needs at least one prompt per step (batch_prompts={dist.world} or more)")
+    dist.require_per_process(c.batch_prompts, "batch_prompts", "prompt")
     if dist.is_main:
         prepare_run_dir(cfg.output_dir, cfg)
     dist.barrier()
