@@ -37,6 +37,7 @@ def _example_on_path(monkeypatch):
     monkeypatch.syspath_prepend(str(EXAMPLE))
     yield
     sys.modules.pop("structure_judge", None)
+    sys.modules.pop("markdown_judge", None)
 
 
 def _write(path, rows):
@@ -45,6 +46,28 @@ def _write(path, rows):
 
 
 # -- the judge -------------------------------------------------------------------------------------------
+
+
+def test_the_evaluation_judge_reads_markdown_and_differs_from_the_labelling_judge_where_it_should():
+    import markdown_judge
+    import structure_judge
+
+    both = (markdown_judge.score, structure_judge.score)
+    for fn in both:  # clear cases: both judges agree
+        a, p = fn(["q", "q"], [LIST, PROSE], "P4A")
+        assert a > p
+        a, p = fn(["q", "q"], [LIST, PROSE], "P4B")
+        assert p > a
+        assert fn(["q"], [""], "P4A") == fn(["q"], [" "], "P4B") == [-10.0]
+    # a "\u2022" line is a list item to the labelling judge, a paragraph to CommonMark
+    dots = "Tips:\n\u2022 sleep well\n\u2022 eat greens\n\u2022 walk daily"
+    assert structure_judge.score(["q"], [dots], "P4A")[0] > 0.5
+    assert markdown_judge.score(["q"], [dots], "P4A") == [0.0]
+    # words, not lines: one long paragraph over one short bullet is mostly prose to this judge
+    mixed = "A long paragraph of many words that explains the whole idea in full sentences here.\n\n- short"
+    assert markdown_judge.score(["q"], [mixed], "P4A")[0] < 0.2 + 0.05
+    assert markdown_judge.score(["q"], ["# Title\n\n" + PROSE], "P4B")[0] == pytest.approx(0.75)
+    assert markdown_judge.score.sides == ("P4A", "P4B")
 
 
 def test_the_function_judge_decides_by_the_score_difference_and_refuses_other_sides():

@@ -278,6 +278,7 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
         summary["stages"]["rollout"] = {"seconds": time.perf_counter() - t0}
 
     if "label" in cfg.stages:
+        t0 = time.perf_counter()
         pairs = Path(lab.output)
         stats_path = pairs.with_name(pairs.name + ".stats.json")
         fresh = (pairs.exists() and stats_path.exists()
@@ -287,7 +288,7 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
         same = stats.get("labelling") == label.labelling(lab)
         if not (same and _complete(Path(roll.output), len(rollout.plan(roll)))):
             stats = label.main(lab)
-        summary["stages"]["label"] = stats
+        summary["stages"]["label"] = {**stats, "seconds": time.perf_counter() - t0}
 
     # -- reward models, experts, baselines: independent units, in this process or as Ray tasks --------
     executor = make_executor(cfg.executor, log=run / "executor.jsonl")
