@@ -1,0 +1,177 @@
+"""What adding a preference dimension costs: P-Soups (the new sides only) against multitask and P-MORL.
+
+The Personalized Soups claim: a new dimension costs the experts of its own two sides, trained
+independently and composed with the existing ones, while multitask and P-MORL must be retrained over
+every combination (2^d of them for d binary dimensions). This script puts numbers on it for the
+structure dimension (``examples/structure``) added to the three built-in ones, on this machine.
+
+- **P-Soups, measured in full**: the wall time of the structure run (``--new``, made by
+  ``personalign pipeline --config examples/structure/pipeline.yaml``): rollouts, labels, a reward model
+  and an RL expert per new side, from its ``summary.json`` and ``executor.jsonl``.
+- **Multitask and P-MORL, measured on short runs and extrapolated**: each retrained as its shipped
+  recipe (``--old``'s ``baselines/*/config.json``) over all eight sides (16 combinations), run for a few
+  steps in a fresh folder; the seconds per step (median after a warm-up step) times the steps the full
+  recipe would take. P-MORL's shipped recipe gives 120 steps of 4 prompts to 8 combinations; over 16
+  combinations the same steps give each half the training, so both 120 and 240 steps are reported.
+  Multitask's is one epoch over the chosen responses of every side's pairs (the old and the new).
+- In the same run, alternating the order over repetitions: a short run of the new side's expert recipe
+  (its per-step cost against the full run's), and P-MORL over the old six sides (what the 8-combination
+  recipe costs per step today).
+
+Both alternatives also need the new sides' rollouts and labels (multitask trains on the pairs) and
+their reward models (P-MORL's reward): those are the same measured seconds as P-Soups', listed apart.
+
+    python bench/dimension_cost.py [--old runs/psoups-smollm2] [--new runs/structure-smollm2]
+        [--dimensions examples/structure/dimensions.yaml] [--steps 3] [--reps 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def cli(command: str, config: dict, root: Path, name: str, env: dict) -> float:
+    """``personalign COMMAND --config FILE`` in a fresh process; its wall time."""
+    path = root / f"{name}.yaml"
+    path.write_text(json.dumps(config))  # JSON is YAML
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "personalign", command, "--config", str(path)],
+                          check=False, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{proc.stderr[-4000:]}")
+    return time.perf_counter() - t0
+
+
+def step_seconds(metrics: Path) -> list[float]:
+    """Seconds of each step after the first, from the wall-clock ``time`` of consecutive metric rows."""
+    rows = [r for r in read_jsonl(metrics) if "time" in r and "step" in r]
+    return [b["time"] - a["time"] for a, b in zip(rows, rows[1:]) if b["step"] == a["step"] + 1]
+
+
+def measured_new(new: Path) -> dict:
+    """The structure run's wall time per stage: P-Soups' cost of the new dimension, in full."""
+    summary = json.loads((new / "summary.json").read_text())
+    log = read_jsonl(new / "executor.jsonl")
+    units = {e["unit"]: e["seconds"] for e in log if e["event"] == "finished"}
+    label = summary["stages"].get("label", {}).get("seconds")
+    if label is None:  # runs made before the label stage timed itself: rollouts' last write -> first unit
+        first_unit = min(e["time"] for e in log if e["event"] == "started")
+        label = first_unit - (new / "rollouts.jsonl").stat().st_mtime
+    return {"rollout": summary["stages"]["rollout"]["seconds"], "label": label,
+            **{name: secs for name, secs in sorted(units.items())}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--old", default="runs/psoups-smollm2")
+    ap.add_argument("--new", default="runs/structure-smollm2")
+    ap.add_argument("--dimensions", default="examples/structure/dimensions.yaml")
+    ap.add_argument("--judge-path", default="examples/structure", help="Where the new dimension's judge lives.")
+    ap.add_argument("--steps", type=int, default=3, help="Timed steps of each short run (after one warm-up).")
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--output", default="bench/dimension_cost.json")
+    args = ap.parse_args()
+
+    old, new = Path(args.old), Path(args.new)
+    new_sides = json.loads((new / "pipeline.json").read_text())["sides"]
+    mt = json.loads((old / "baselines/multitask/config.json").read_text())
+    pm = json.loads((old / "baselines/pmorl/config.json").read_text())
+    ex = json.loads((new / "experts" / new_sides[0] / "config.json").read_text())
+    old_sides = pm["sides"]
+    sides = old_sides + new_sides
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [args.judge_path, os.environ.get("PYTHONPATH")]))}
+    n = args.steps + 1
+
+    with tempfile.TemporaryDirectory(prefix="dimcost-") as tmp:
+        root = Path(tmp)
+        pairs = root / "pairs.jsonl"  # every side's pairs: what a multitask retrain trains on
+        pairs.write_text((old / "pairs.jsonl").read_text() + (new / "pairs.jsonl").read_text())
+        rewards = {**pm["rewards"], **{s: f"rm:{new / 'rm' / s}" for s in new_sides}}
+        configs = {
+            "multitask16": ("train-multitask", {**mt, "pairs": str(pairs), "sides": sides,
+                                                "dimensions": args.dimensions, "max_steps": 5 * n,
+                                                "log_every": 1, "checkpoint_every": 10_000, "progress": False}),
+            "pmorl16": ("train-pmorl", {**pm, "sides": sides, "rewards": rewards, "dimensions": args.dimensions,
+                                        "steps": n, "checkpoint_every": 10_000, "progress": False}),
+            "pmorl8": ("train-pmorl", {**pm, "steps": n, "checkpoint_every": 10_000, "progress": False}),
+            "expert": ("train-expert", {**ex, "steps": n, "checkpoint_every": 10_000, "progress": False}),
+        }
+        load_before = os.getloadavg()
+        runs = []
+        for rep in range(args.reps):
+            names = list(configs) if rep % 2 == 0 else list(configs)[::-1]
+            for name in names:
+                command, cfg = configs[name]
+                out = root / f"{name}-{rep}"
+                wall = cli(command, {**cfg, "output_dir": str(out)}, root, f"{name}-{rep}", env)
+                secs = step_seconds(out / "metrics.jsonl")
+                final = json.loads((out / "expert.json").read_text()).get("metrics", {}) \
+                    if (out / "expert.json").is_file() else {}
+                r = {"config": name, "rep": rep, "wall_s": round(wall, 1), "step_s": [round(s, 3) for s in secs],
+                     "median_step_s": round(statistics.median(secs), 3),
+                     "examples": final.get("data/examples")}
+                print(json.dumps(r), flush=True)
+                runs.append(r)
+        load_after = os.getloadavg()
+
+    def per_step(name: str) -> float:
+        return statistics.median(r["median_step_s"] for r in runs if r["config"] == name)
+
+    psoups = measured_new(new)
+    shared = {k: v for k, v in psoups.items() if k in ("rollout", "label") or k.startswith("reward/")}
+    experts = {k: v for k, v in psoups.items() if k.startswith("expert/")}
+    examples = next(r["examples"] for r in runs if r["config"] == "multitask16" and r["examples"])
+    mt_steps = mt["epochs"] * math.ceil(examples / mt["batch_size"]) if mt.get("max_steps") is None \
+        else mt["max_steps"]
+    combos_old, combos_new = 2 ** (len(old_sides) // 2), 2 ** (len(sides) // 2)
+    pm_steps = {"same steps": pm["steps"], "same per combination": pm["steps"] * combos_new // combos_old}
+    shared_s = sum(shared.values())
+    table = {
+        "P-Soups (new sides' experts, measured)": {"retrain_s": sum(experts.values()), "shared_s": shared_s,
+                                                   "how": "measured: " + ", ".join(experts)},
+        "multitask (retrained on every side, extrapolated)": {
+            "retrain_s": mt_steps * per_step("multitask16"), "shared_s": shared["rollout"] + shared["label"],
+            "how": f"{mt_steps} steps ({examples} examples, batch {mt['batch_size']}) x "
+                   f"{per_step('multitask16'):.2f} s"},
+        **{f"P-MORL (16 combinations, {k}, extrapolated)": {
+            "retrain_s": steps * per_step("pmorl16"), "shared_s": shared_s,
+            "how": f"{steps} steps x {per_step('pmorl16'):.1f} s"} for k, steps in pm_steps.items()},
+    }
+    doc = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "loadavg_before": [round(x, 2) for x in load_before],
+                    "loadavg_after": [round(x, 2) for x in load_after]},
+        "command": "python " + " ".join(sys.argv),
+        "old": str(old), "new": str(new), "new_sides": new_sides,
+        "combinations": {"before": combos_old, "after": combos_new},
+        "psoups_measured_s": {k: round(v, 1) for k, v in psoups.items()},
+        "per_step_s": {name: per_step(name) for name in configs},
+        "expert_full_per_step_s": statistics.median(step_seconds(new / "experts" / new_sides[0] / "metrics.jsonl")),
+        "runs": runs,
+        "cost": {k: {**v, "total_s": round(v["retrain_s"] + v["shared_s"], 1),
+                     "retrain_s": round(v["retrain_s"], 1), "shared_s": round(v["shared_s"], 1)}
+                 for k, v in table.items()},
+    }
+    Path(args.output).write_text(json.dumps(doc, indent=2))
+    print(json.dumps({k: doc[k] for k in ("psoups_measured_s", "per_step_s", "expert_full_per_step_s", "cost")},
+                     indent=2))
+
+
+if __name__ == "__main__":
+    main()
