@@ -423,13 +423,15 @@ def pareto(
     method: Annotated[Optional[list[str]], typer.Option("--method", help="Composition method(s) to sweep: soup-psoups (default), soup-exact, mope-prob, mope-logit.")] = None,
     model: ModelOpt = None,
     experts: Annotated[Optional[Path], typer.Option("--experts", help="Folder of <SIDE>/ expert adapters.")] = None,
+    dimensions: DimsOpt = None,
+    scorer: Annotated[Optional[str], typer.Option("--scorer", help="What scores each side: offline (default; the built-in sides) or module:function for your own sides.")] = None,
     set_: SetOpt = None,
 ) -> None:
     """Sweep the weight between two opposite sides; report the Pareto front and its hypervolume."""
     from personalign.recipes import pareto as recipe
 
     given = {"run_dir": run_dir, "sides": sides, "methods": ",".join(method) if method else None,
-             "model": model, "experts": experts}
+             "model": model, "experts": experts, "dimensions": dimensions, "scorer": scorer}
     cfg = _load(recipe.ParetoConfig, config, given, set_, folders=("run_dir",))
     result = recipe.main(cfg)
     typer.echo(Path(result["files"]["markdown"]).read_text())

@@ -362,6 +362,10 @@ def _write_atomic(path: Path, text: str) -> None:
 #     methods {method: {points: [{weight, x, y, n}], front: [indices], hypervolume}}
 
 
+def _scorer_words(scorer: str) -> str:
+    return "the offline judge's side scores" if scorer == "offline" else f"the scores of `{scorer}`"
+
+
 def pareto_markdown(result: Mapping[str, Any]) -> str:
     """One table per sweep: each weight's two mean side scores, front membership, and the hypervolume."""
     sx, sy = result["sides"]
@@ -369,7 +373,8 @@ def pareto_markdown(result: Mapping[str, Any]) -> str:
     out = [
         f"# Pareto sweep: {sx} ({result['names'][0]}) vs {sy} ({result['names'][1]})",
         "",
-        (f"Scores: the offline judge's side scores, averaged over {result['instructions']} instructions. "
+        (f"Scores: {_scorer_words(result.get('scorer', 'offline'))}, averaged over {result['instructions']} "
+         "instructions. "
         f"Hypervolume reference point ({rx:.3f}, {ry:.3f}); compare hypervolumes only at the same point."),
         "",
         "| method | hypervolume | front size |",

@@ -273,3 +273,35 @@ def test_a_k4_mixture_with_all_weight_on_one_expert_is_that_expert(tiny, tiny_mo
         assert mixed == alone, mix
     four, spec = run("1A,2B,3A,4A", "mope")
     assert list(spec.weights) == ["P1A", "P2B", "P3A", "P4A"] and four != alone
+
+
+def test_the_pareto_sweep_scores_the_new_dimension_with_the_users_function(tmp_path, tiny_model_dir):
+    from conftest import save_side_experts
+
+    from personalign.recipes import pareto
+
+    experts = save_side_experts(tiny_model_dir, tmp_path / "experts", SIDES)
+    prompts = _write(tmp_path / "prompts.jsonl", [{"prompt": "Explain rain."}, {"prompt": "Name a colour."}])
+    base = {"run_dir": str(tmp_path / "pareto"), "model": str(tiny_model_dir), "experts": str(experts),
+            "dimensions": DIMS, "prompts": str(prompts), "sides": ["bulleted", "prose"], "weights": [0, 1],
+            "fixed": ["P1A"], "batch_size": 2, "device": "cpu", "dtype": "float32", "progress": False,
+            "sampling": {"max_new_tokens": 4}}
+    # the offline judge cannot score the new sides: refused before any model loads, naming the way out
+    with pytest.raises(ConfigError, match="cannot score side.*P4A.*module:function"):
+        pareto.validate(from_dict(pareto.ParetoConfig, base))
+    with pytest.raises(ConfigError, match="neither offline nor module:function"):
+        from_dict(pareto.ParetoConfig, {**base, "scorer": "structure"})
+    with pytest.raises(UnsupportedSideError):  # a function that declares other sides refuses these
+        pareto.validate(from_dict(pareto.ParetoConfig, {**base, "sides": ["P1A", "P1B"], "fixed": [],
+                                                        "scorer": JUDGE}))
+    result = pareto.main(from_dict(pareto.ParetoConfig, {**base, "scorer": JUDGE}))
+    assert result["sides"] == ["P4A", "P4B"] and result["scorer"] == JUDGE
+    import structure_judge
+
+    rows = [json.loads(x) for x in (tmp_path / "pareto/generations/soup-psoups/w1.jsonl").read_text().splitlines()]
+    texts = [r["response"] for r in rows]
+    point = result["methods"]["soup-psoups"]["points"][1]
+    assert point["weight"] == 1 and rows[0]["prefs"] == "P1A=1,P4A=1,P4B=0"
+    assert point["x"] == pytest.approx(np.mean(structure_judge.score(["q"] * len(texts), texts, "P4A")))
+    assert point["y"] == pytest.approx(np.mean(structure_judge.score(["q"] * len(texts), texts, "P4B")))
+    assert "structure_judge:score" in (tmp_path / "pareto" / "pareto.md").read_text()

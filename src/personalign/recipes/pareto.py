@@ -8,8 +8,10 @@ sides in ``fixed`` keep weight 1. Soups merge the experts with these weights, Mo
 next-token distributions with them (``mope-uniform`` ignores weights and is refused). The prompt is
 the dominant side's, as for any weighted preference (:meth:`Preference.prompt_sides`).
 
-Each point is measured by the offline judge's :func:`~personalign.judges.side_score` for both sides,
-averaged over instructions, so both axes are "more of this side" and the front maximises both.
+Each point is measured by ``scorer`` for both sides, averaged over instructions, so both axes are "more
+of this side" and the front maximises both: the offline judge's :func:`~personalign.judges.side_score`
+(default; the six built-in sides), or a user's scoring function ``module:function`` (the contract of
+:mod:`personalign.judges.function`) for sides the offline judge does not know, e.g. a fourth dimension.
 
 Hypervolume needs a reference point that every point dominates. By default it is, per axis, the
 smallest score minus ``margin`` times the axis' span (``margin`` times ``max(|min|, 1)`` when all
@@ -51,7 +53,7 @@ from personalign.preferences import Preference, PreferenceSpace, load_space
 @dataclass(frozen=True)
 class ParetoConfig:
     run_dir: str
-    sides: tuple[str, ...] = ("P2A", "P2B")  # x axis, y axis: two sides the offline judge measures
+    sides: tuple[str, ...] = ("P2A", "P2B")  # x axis, y axis: two sides the scorer measures
     methods: tuple[str, ...] = ("soup-psoups",)  # soup-<merge>, mope-prob or mope-logit
     weights: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)  # weight on the first side, in [0, 1]
     fixed: tuple[str, ...] = ()  # other sides held at weight 1, e.g. P1A,P3A
@@ -64,6 +66,8 @@ class ParetoConfig:
     batch_size: int = 8
     merge_density: float = 0.5
     seed: int = 0
+    # What scores each side: offline (the built-in sides) or module:function (one float per response)
+    scorer: str = "offline"
     margin: float = 0.1  # hypervolume reference point: per-axis minimum minus margin x span
     reference_point: tuple[float, ...] = ()  # (x, y) to compare hypervolumes across reports
     device: str = "auto"
@@ -91,6 +95,9 @@ class ParetoConfig:
             raise ConfigError("sampling.seed is set from the top-level seed; set seed instead")
         if not self.methods:
             raise ConfigError("methods is empty; give soup-<merge>, mope-prob or mope-logit")
+        if self.scorer != "offline" and ":" not in self.scorer:
+            raise ConfigError(f"scorer {self.scorer!r} is neither offline nor module:function (a scoring "
+                              "function of (prompts, responses, side) -> one float per response)")
 
 
 def hypervolume_reference(points: Sequence[Sequence[float]], margin: float = 0.1) -> tuple[float, float]:
@@ -118,6 +125,7 @@ class ParetoPlan:
     space: PreferenceSpace
     items: list[Instruction]
     sides: tuple[str, str]
+    scorer: Scorer
     methods: list[MethodSpec]
     files: dict[tuple[str, float], Path]
     jobs: dict[Path, GenerationJob]
@@ -131,10 +139,15 @@ def validate(cfg: ParetoConfig) -> ParetoPlan:
     sx, sy = (space.resolve(s) for s in cfg.sides)
     if sx == sy:
         raise ConfigError(f"sides names {sx} twice; sweep between two different sides, e.g. P2A,P2B")
-    unmeasured = [s for s in (sx, sy) if s not in SUPPORTED_SIDES]
-    if unmeasured:
-        raise ConfigError(f"the offline judge cannot score side(s) {', '.join(unmeasured)}; sweep two of "
-                          f"{', '.join(SUPPORTED_SIDES)}")
+    scorer = make_scorer(cfg.scorer)
+    if cfg.scorer == "offline":
+        unmeasured = [s for s in (sx, sy) if s not in SUPPORTED_SIDES]
+        if unmeasured:
+            raise ConfigError(f"the offline judge cannot score side(s) {', '.join(unmeasured)}; sweep two of "
+                              f"{', '.join(SUPPORTED_SIDES)}, or set scorer to a module:function that scores them")
+    else:
+        for s in (sx, sy):
+            scorer.judge.check_side(s)  # a function that declares its sides refuses the others here
     fixed = [space.resolve(s) for s in cfg.fixed]
     swept_dims = {space.dimension_of(sx), space.dimension_of(sy)}
     clash = [s for s in fixed if s in (sx, sy) or space.dimension_of(s) in swept_dims]
@@ -169,14 +182,38 @@ def validate(cfg: ParetoConfig) -> ParetoPlan:
             path = run / "generations" / m.label / f"w{w:g}.jsonl"
             files[(m.label, w)] = path
             jobs[path] = job_for(cfg, m, pref.spec(), path)
-    return ParetoPlan(space, items, (sx, sy), methods, files, jobs)
+    return ParetoPlan(space, items, (sx, sy), scorer, methods, files, jobs)
 
 
-def measure(side: str, prompts: Sequence[str], responses: Sequence[str]) -> float:
-    """Mean offline side score of the responses."""
-    from personalign.judges import side_score
+@dataclass(frozen=True)
+class Scorer:
+    """Scores responses on a side: the offline judge's side score, or a user's checked function."""
 
-    return sum(side_score(side, p, r) for p, r in zip(prompts, responses)) / len(responses)
+    name: str
+    judge: Any = None  # a FunctionJudge for module:function
+
+    def mean(self, side: str, prompts: Sequence[str], responses: Sequence[str]) -> float:
+        if self.judge is not None:
+            values = self.judge.score(prompts, responses, side)
+        else:
+            from personalign.judges import side_score
+
+            values = [side_score(side, p, r) for p, r in zip(prompts, responses)]
+        return sum(values) / len(values)
+
+
+def make_scorer(spec: str) -> Scorer:
+    """``offline`` or ``module:function`` (imported now: a malformed one is an error before any model loads)."""
+    if spec == "offline":
+        return Scorer("offline")
+    from personalign.judges import FunctionJudge
+
+    return Scorer(spec, FunctionJudge(spec))
+
+
+def measure(side: str, prompts: Sequence[str], responses: Sequence[str], scorer: Scorer | None = None) -> float:
+    """Mean score of the responses on ``side``, by ``scorer`` (default: the offline judge)."""
+    return (scorer or Scorer("offline")).mean(side, prompts, responses)
 
 
 def main(cfg: ParetoConfig, executor: Any = None) -> dict[str, Any]:
@@ -202,8 +239,8 @@ def main(cfg: ParetoConfig, executor: Any = None) -> dict[str, Any]:
         points[m.label] = []
         for w in cfg.weights:
             texts = responses[plan.files[(m.label, w)]]
-            points[m.label].append({"weight": w, "x": measure(sx, prompts, texts),
-                                    "y": measure(sy, prompts, texts), "n": len(texts)})
+            points[m.label].append({"weight": w, "x": measure(sx, prompts, texts, plan.scorer),
+                                    "y": measure(sy, prompts, texts, plan.scorer), "n": len(texts)})
 
     # -- front and hypervolume (one reference point for every method) ------------------------------
     every = [(p["x"], p["y"]) for pts in points.values() for p in pts]
@@ -220,6 +257,7 @@ def main(cfg: ParetoConfig, executor: Any = None) -> dict[str, Any]:
     result: dict[str, Any] = {
         "sides": [sx, sy], "names": [plan.space.sides[sx].name, plan.space.sides[sy].name],
         "fixed": [plan.space.resolve(s) for s in cfg.fixed], "instructions": len(plan.items),
+        "scorer": plan.scorer.name,
         "margin": cfg.margin, "reference_point": list(ref), "methods": sweeps,
     }
     result["files"] = write_pareto_report(run, result)
