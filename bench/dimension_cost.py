@@ -28,6 +28,7 @@ their reward models (P-MORL's reward): those are the same measured seconds as P-
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -60,7 +61,7 @@ def cli(command: str, config: dict, root: Path, name: str, env: dict) -> float:
 def step_seconds(metrics: Path) -> list[float]:
     """Seconds of each step after the first, from the wall-clock ``time`` of consecutive metric rows."""
     rows = [r for r in read_jsonl(metrics) if "time" in r and "step" in r]
-    return [b["time"] - a["time"] for a, b in zip(rows, rows[1:]) if b["step"] == a["step"] + 1]
+    return [b["time"] - a["time"] for a, b in itertools.pairwise(rows) if b["step"] == a["step"] + 1]
 
 
 def measured_new(new: Path) -> dict:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -23,7 +22,7 @@ from pathlib import Path
 
 from personalign import load_prompts
 from personalign.compose import shipped_experts_dir
-from personalign.provenance import rl_prompts
+from personalign.provenance import unseen_prompts
 
 MODEL = "smollm2-135m-instruct"
 SETTINGS = ["--set", "sampling.max_new_tokens=96", "--set", "sampling.temperature=0.7", "--set", "sampling.top_p=0.9",
@@ -32,20 +31,10 @@ SETTINGS = ["--set", "sampling.max_new_tokens=96", "--set", "sampling.temperatur
 
 def held_out(n: int) -> list[dict[str, str]]:
     """``n`` instructions of builtin:train that no shipped expert trained on, in a seeded order."""
-    experts = shipped_experts_dir(MODEL)
-    seen: set[int] = set()
-    for side in sorted(p.name for p in experts.iterdir() if p.is_dir()):
-        source, idx = rl_prompts(experts / side)
-        if source != "builtin:train":
-            raise SystemExit(f"expert {side} trained on {source}, not builtin:train")
-        seen |= set(idx)
-    items = load_prompts("builtin:train")
-    free = [i for i in range(len(items)) if i not in seen]
-    random.Random(0).shuffle(free)
-    if n > len(free):
-        raise SystemExit(f"only {len(free)} training instructions are unseen by every expert; ask for fewer")
-    print(f"{len(free)} of {len(items)} training instructions were seen by no expert; using {n}", file=sys.stderr)
-    return [{"id": f"train-{i}", "prompt": items[i].prompt} for i in free[:n]]
+    source, idx = unseen_prompts(shipped_experts_dir(MODEL), n, seed=0)
+    items = load_prompts(source)
+    print(f"{n} instructions of {source} that no shipped expert saw", file=sys.stderr)
+    return [{"id": f"train-{i}", "prompt": items[i].prompt} for i in idx]
 
 
 def main() -> None:

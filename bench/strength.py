@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -41,7 +40,7 @@ import yaml
 
 from personalign.compose import shipped_experts_dir
 from personalign.data import load_prompts
-from personalign.provenance import rl_prompts
+from personalign.provenance import unseen_prompts
 from personalign.report import distinct_n, filler_markers, load_embedder, mean_length, ontopic_similarity
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,17 +72,10 @@ def family_methods(family: str) -> list[str]:
 
 def held_out(n: int) -> list[dict[str, str]]:
     """``n`` instructions of builtin:train that no shipped expert trained on, in a seeded order."""
-    experts = shipped_experts_dir(MODEL)
-    seen: set[int] = set()
-    for side in sorted(p.name for p in experts.iterdir() if p.is_dir()):
-        source, idx = rl_prompts(experts / side)
-        assert source == "builtin:train", source
-        seen |= set(idx)
-    items = load_prompts("builtin:train")
-    free = [i for i in range(len(items)) if i not in seen]
-    random.Random(0).shuffle(free)
-    print(f"{len(free)} of {len(items)} training instructions were seen by no expert; using {n}", file=sys.stderr)
-    return [{"id": f"train-{i}", "prompt": items[i].prompt} for i in free[:n]]
+    source, idx = unseen_prompts(shipped_experts_dir(MODEL), n, seed=0)
+    items = load_prompts(source)
+    print(f"{n} instructions of {source} that no shipped expert saw", file=sys.stderr)
+    return [{"id": f"train-{i}", "prompt": items[i].prompt} for i in idx]
 
 
 def run_eval(run: Path, prompts: str, methods: list[str], judge: str) -> dict:

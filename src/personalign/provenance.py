@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["UNKNOWN", "evaluating_sources", "label_sources_of_dir", "label_sources_of_reward",
-           "label_sources_of_rm", "pair_judges", "rl_prompts"]
+           "label_sources_of_rm", "pair_judges", "rl_prompts", "unseen_prompts"]
 
 UNKNOWN = "unknown"
 
@@ -156,3 +156,32 @@ def rl_prompts(expert_folder: str | Path) -> tuple[str, list[int]]:
     seen = {i for step in range(int(cfg["steps"]))
             for i in step_prompt_indices(n, int(cfg["batch_prompts"]), step, int(cfg["seed"]))}
     return str(cfg["prompts"]), sorted(seen)
+
+
+def unseen_prompts(experts_dir: str | Path, n: int, seed: int = 0) -> tuple[str, list[int]]:
+    """``n`` instructions that no expert in ``experts_dir`` (its ``<SIDE>/`` folders) saw in RL, from the
+    source they all trained on, in an order shuffled by ``seed``: ``(source, indices into it)``. Held-out
+    prompts for choosing settings without touching the evaluation set."""
+    import random
+
+    from personalign.data import load_prompts
+    from personalign.errors import ConfigError
+
+    folders = sorted(p for p in Path(experts_dir).iterdir() if p.is_dir())
+    if not folders:
+        raise ConfigError(f"{experts_dir} holds no expert folders")
+    sources, seen = set(), set()
+    for folder in folders:
+        source, idx = rl_prompts(folder)
+        sources.add(source)
+        seen |= set(idx)
+    if len(sources) != 1:
+        raise ConfigError(f"the experts in {experts_dir} trained on different prompt sources "
+                          f"({', '.join(sorted(sources))}); held-out prompts need one source")
+    source = sources.pop()
+    free = [i for i in range(len(load_prompts(source))) if i not in seen]
+    random.Random(seed).shuffle(free)
+    if n > len(free):
+        raise ConfigError(f"only {len(free)} instructions of {source} are unseen by every expert in "
+                          f"{experts_dir}; ask for at most that many")
+    return source, free[:n]

@@ -333,3 +333,33 @@ def test_strong_reward_is_learned(tmp_path, tiny_model_dir):
     last = sum(r["train/reward_raw"] for r in rows[-5:]) / 5
     assert last > 2 * first and last > 0.25, (first, last)
     assert result["train/reward_raw_last"] > result["train/reward_raw_first"]
+
+
+def test_rl_prompts_and_unseen_prompts_read_what_each_expert_trained_on(tmp_path):
+    from personalign.errors import ConfigError
+    from personalign.provenance import rl_prompts, unseen_prompts
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"q{i}"}) + "\n" for i in range(10)))
+    experts = tmp_path / "experts"
+    for side, (steps, seed) in {"P1A": (1, 0), "P1B": (2, 5)}.items():
+        (experts / side).mkdir(parents=True)
+        (experts / side / "config.json").write_text(json.dumps(
+            {"prompts": str(prompts), "steps": steps, "batch_prompts": 2, "seed": seed}))
+    seen = set()
+    for side, (steps, seed) in {"P1A": (1, 0), "P1B": (2, 5)}.items():
+        source, idx = rl_prompts(experts / side)
+        want = sorted({i for s in range(steps) for i in rl.step_prompt_indices(10, 2, s, seed)})
+        assert source == str(prompts) and idx == want
+        seen |= set(want)
+    free = sorted(set(range(10)) - seen)
+    source, idx = unseen_prompts(experts, len(free), seed=0)
+    assert source == str(prompts) and sorted(idx) == free  # every unseen one, none seen
+    assert unseen_prompts(experts, 2, seed=0)[1] == idx[:2]  # a prefix of one seeded order
+    assert unseen_prompts(experts, len(free), seed=1)[1] != idx
+    with pytest.raises(ConfigError, match=f"only {len(free)} instructions"):
+        unseen_prompts(experts, len(free) + 1)
+    (experts / "P1B" / "config.json").write_text(json.dumps(
+        {"prompts": "builtin:train", "steps": 1, "batch_prompts": 2, "seed": 0}))
+    with pytest.raises(ConfigError, match="different prompt sources"):
+        unseen_prompts(experts, 1)
