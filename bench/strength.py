@@ -11,7 +11,7 @@ the sampling of the recorded evaluation (96 new tokens, temperature 0.7, top-p 0
 seed 0), once with the offline judge and once with the independent judge, against preference prompting.
 
 * **select**: instructions of ``builtin:train`` that no shipped expert saw in RL training
-  (:func:`personalign.provenance.rl_prompts`), ``--n`` of them in a seeded order, the eight combinations;
+  (:func:`personalign.provenance.unseen_prompts`), ``--n`` of them in a seeded order, the eight combinations;
   the exact soup and ``mope-extrapolate`` at strengths 1, 1.5, 2, 3, and the psoups soup at strength 1 for
   reference. Run folder ``runs/strength-select``.
 * **choose**: per family, the strength with the highest average criterion win rate (mean of both judges)
