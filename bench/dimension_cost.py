@@ -14,6 +14,11 @@ structure dimension (``examples/structure``) added to the three built-in ones, o
   recipe would take. P-MORL's shipped recipe gives 120 steps of 4 prompts to 8 combinations; over 16
   combinations the same steps give each half the training, so both 120 and 240 steps are reported.
   Multitask's is one epoch over the chosen responses of every side's pairs (the old and the new).
+- **MoPE's learned controller, measured on a short run and extrapolated**: mixing K=4 experts needs no
+  training (``mope-uniform``, ``mope-prob``), but the Preference Control Model takes the preference as
+  input and must be retrained to know the new sides: the shipped PCM's recipe (``--pcm``'s
+  ``config.json``) over the eight experts (``--experts``, the six and the new two), its setup (model,
+  reference answers, reward scales: the short run's wall time less its timed steps) plus its steps.
 - In the same run, alternating the order over repetitions: a short run of the new side's expert recipe
   (its per-step cost against the full run's), and P-MORL over the old six sides (what the 8-combination
   recipe costs per step today).
@@ -22,7 +27,8 @@ Both alternatives also need the new sides' rollouts and labels (multitask trains
 their reward models (P-MORL's reward): those are the same measured seconds as P-Soups', listed apart.
 
     python bench/dimension_cost.py [--old runs/psoups-smollm2] [--new runs/structure-smollm2]
-        [--dimensions examples/structure/dimensions.yaml] [--steps 3] [--reps 2]
+        [--dimensions examples/structure/dimensions.yaml] [--pcm runs/pcm-smollm2-t07]
+        [--experts runs/experts-structure] [--steps 3] [--reps 2]
 """
 
 from __future__ import annotations
@@ -83,6 +89,8 @@ def main() -> None:
     ap.add_argument("--new", default="runs/structure-smollm2")
     ap.add_argument("--dimensions", default="examples/structure/dimensions.yaml")
     ap.add_argument("--judge-path", default="examples/structure", help="Where the new dimension's judge lives.")
+    ap.add_argument("--pcm", default="runs/pcm-smollm2-t07", help="A train-pcm run whose recipe is retrained.")
+    ap.add_argument("--experts", default="runs/experts-structure", help="The six old experts and the new ones.")
     ap.add_argument("--steps", type=int, default=3, help="Timed steps of each short run (after one warm-up).")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--output", default="bench/dimension_cost.json")
@@ -93,6 +101,7 @@ def main() -> None:
     mt = json.loads((old / "baselines/multitask/config.json").read_text())
     pm = json.loads((old / "baselines/pmorl/config.json").read_text())
     ex = json.loads((new / "experts" / new_sides[0] / "config.json").read_text())
+    pc = json.loads((Path(args.pcm) / "config.json").read_text())
     old_sides = pm["sides"]
     sides = old_sides + new_sides
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [args.judge_path, os.environ.get("PYTHONPATH")]))}
@@ -111,6 +120,9 @@ def main() -> None:
                                         "steps": n, "checkpoint_every": 10_000, "progress": False}),
             "pmorl8": ("train-pmorl", {**pm, "steps": n, "checkpoint_every": 10_000, "progress": False}),
             "expert": ("train-expert", {**ex, "steps": n, "checkpoint_every": 10_000, "progress": False}),
+            "pcm16": ("train-pcm", {**pc, "sides": sides, "rewards": rewards, "dimensions": args.dimensions,
+                                    "experts": args.experts, "steps": n, "checkpoint_every": 10_000,
+                                    "progress": False}),
         }
         load_before = os.getloadavg()
         runs = []
@@ -123,8 +135,11 @@ def main() -> None:
                 secs = step_seconds(out / "metrics.jsonl")
                 final = json.loads((out / "expert.json").read_text()).get("metrics", {}) \
                     if (out / "expert.json").is_file() else {}
+                steps_logged = len(secs) + 1
                 r = {"config": name, "rep": rep, "wall_s": round(wall, 1), "step_s": [round(s, 3) for s in secs],
                      "median_step_s": round(statistics.median(secs), 3),
+                     # everything but the steps after the first: process start, model, references, step 1
+                     "setup_s": round(wall - sum(secs), 1), "steps": steps_logged,
                      "examples": final.get("data/examples")}
                 print(json.dumps(r), flush=True)
                 runs.append(r)
@@ -132,6 +147,9 @@ def main() -> None:
 
     def per_step(name: str) -> float:
         return statistics.median(r["median_step_s"] for r in runs if r["config"] == name)
+
+    def setup(name: str) -> float:
+        return statistics.median(r["setup_s"] for r in runs if r["config"] == name)
 
     psoups = measured_new(new)
     shared = {k: v for k, v in psoups.items() if k in ("rollout", "label") or k.startswith("reward/")}
@@ -146,12 +164,19 @@ def main() -> None:
         "P-Soups (new sides' experts, measured)": {"retrain_s": sum(experts.values()), "shared_s": shared_s,
                                                    "how": "measured: " + ", ".join(experts)},
         "multitask (retrained on every side, extrapolated)": {
-            "retrain_s": mt_steps * per_step("multitask16"), "shared_s": shared["rollout"] + shared["label"],
-            "how": f"{mt_steps} steps ({examples} examples, batch {mt['batch_size']}) x "
-                   f"{per_step('multitask16'):.2f} s"},
+            "retrain_s": setup("multitask16") + (mt_steps - 1) * per_step("multitask16"),
+            "shared_s": shared["rollout"] + shared["label"],
+            "how": f"setup {setup('multitask16'):.0f} s + {mt_steps - 1} steps ({examples} examples, batch "
+                   f"{mt['batch_size']}) x {per_step('multitask16'):.2f} s"},
         **{f"P-MORL (16 combinations, {k}, extrapolated)": {
-            "retrain_s": steps * per_step("pmorl16"), "shared_s": shared_s,
-            "how": f"{steps} steps x {per_step('pmorl16'):.1f} s"} for k, steps in pm_steps.items()},
+            "retrain_s": setup("pmorl16") + (steps - 1) * per_step("pmorl16"), "shared_s": shared_s,
+            "how": f"setup {setup('pmorl16'):.0f} s + {steps - 1} steps x {per_step('pmorl16'):.1f} s"}
+            for k, steps in pm_steps.items()},
+        "MoPE's controller (retrained for K=4, extrapolated)": {
+            "retrain_s": sum(experts.values()) + setup("pcm16") + (pc["steps"] - 1) * per_step("pcm16"),
+            "shared_s": shared_s,
+            "how": f"the new experts (measured) + setup {setup('pcm16'):.0f} s + {pc['steps'] - 1} steps x "
+                   f"{per_step('pcm16'):.1f} s"},
     }
     doc = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
