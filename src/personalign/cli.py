@@ -664,6 +664,14 @@ def env() -> None:
         state = "converted" if (folder / MANIFEST).exists() else "not converted yet (first use converts it)"
         typer.echo(f"model        {name}: {state} at {folder}")
         typer.echo(f"             source {src}")
+        from personalign.compose import expert_folders, shipped_experts_dir
+        from personalign.weights import shipped_folder
+
+        experts = shipped_experts_dir(name)
+        sides = ", ".join(expert_folders(experts)) if experts is not None else ""
+        typer.echo(f"experts      {f'{experts} ({sides})' if experts is not None else 'none shipped'}")
+        pcm = shipped_folder(name, "pcm")
+        typer.echo(f"pcm          {pcm if pcm is not None and pcm.is_dir() else 'none shipped'}")
 
 
 def main(argv: list[str] | None = None) -> None:

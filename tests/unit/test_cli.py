@@ -163,6 +163,22 @@ def test_env_reports_cache(tmp_path, monkeypatch):
     assert "transformers" in res.output and "not converted yet" in res.output
 
 
+def test_env_says_where_the_shipped_experts_and_pcm_are(tmp_path, monkeypatch):
+    import personalign.weights
+
+    adapter = tmp_path / "experts" / "P2A" / "adapter"
+    adapter.mkdir(parents=True)
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        (adapter / f).write_text("{}")
+    monkeypatch.setattr(personalign.weights, "shipped_folder",
+                        lambda model, kind: tmp_path / kind if kind == "experts" else None)
+    out = run("env").output
+    assert f"experts      {tmp_path / 'experts'} (P2A)" in out and "pcm          none shipped" in out
+    monkeypatch.setattr(personalign.weights, "shipped_folder", lambda model, kind: None)
+    out = run("env").output
+    assert "experts      none shipped" in out
+
+
 def test_shipped_configs_are_found_by_name_for_every_recipe(tmp_path):
     line = _error_line(run("train-pcm", "--config", str(tmp_path / "none.yaml")))
     assert "config" in line and "does not exist (shipped configs:" in line and "pcm-smollm2.yaml" in line
