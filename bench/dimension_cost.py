@@ -111,14 +111,18 @@ def main() -> None:
         root = Path(tmp)
         pairs = root / "pairs.jsonl"  # every side's pairs: what a multitask retrain trains on
         pairs.write_text((old / "pairs.jsonl").read_text() + (new / "pairs.jsonl").read_text())
-        rewards = {**pm["rewards"], **{s: f"rm:{new / 'rm' / s}" for s in new_sides}}
+        # an old side whose reward model's weights are gone (pruned run folders) is rewarded by the offline
+        # judge instead: cheaper than a reward model's forward pass, so its per-step cost is a lower bound
+        old_rewards = {s: r if not r.startswith("rm:") or (Path(r[3:]) / "reward_model.safetensors").is_file()
+                       else "offline" for s, r in pm["rewards"].items()}
+        rewards = {**old_rewards, **{s: f"rm:{new / 'rm' / s}" for s in new_sides}}
         configs = {
             "multitask16": ("train-multitask", {**mt, "pairs": str(pairs), "sides": sides,
                                                 "dimensions": args.dimensions, "max_steps": 5 * n,
                                                 "log_every": 1, "checkpoint_every": 10_000, "progress": False}),
             "pmorl16": ("train-pmorl", {**pm, "sides": sides, "rewards": rewards, "dimensions": args.dimensions,
                                         "steps": n, "checkpoint_every": 10_000, "progress": False}),
-            "pmorl8": ("train-pmorl", {**pm, "steps": n, "checkpoint_every": 10_000, "progress": False}),
+            "pmorl8": ("train-pmorl", {**pm, "rewards": old_rewards, "steps": n, "checkpoint_every": 10_000, "progress": False}),
             "expert": ("train-expert", {**ex, "steps": n, "checkpoint_every": 10_000, "progress": False}),
             "pcm16": ("train-pcm", {**pc, "sides": sides, "rewards": rewards, "dimensions": args.dimensions,
                                     "experts": args.experts, "steps": n, "checkpoint_every": 10_000,
@@ -184,7 +188,7 @@ def main() -> None:
                     "loadavg_before": [round(x, 2) for x in load_before],
                     "loadavg_after": [round(x, 2) for x in load_after]},
         "command": "python " + " ".join(sys.argv),
-        "old": str(old), "new": str(new), "new_sides": new_sides,
+        "old": str(old), "new": str(new), "new_sides": new_sides, "rewards": rewards,
         "combinations": {"before": combos_old, "after": combos_new},
         "psoups_measured_s": {k: round(v, 1) for k, v in psoups.items()},
         "per_step_s": {name: per_step(name) for name in configs},
