@@ -211,11 +211,6 @@ def make_scorer(spec: str) -> Scorer:
     return Scorer(spec, FunctionJudge(spec))
 
 
-def measure(side: str, prompts: Sequence[str], responses: Sequence[str], scorer: Scorer | None = None) -> float:
-    """Mean score of the responses on ``side``, by ``scorer`` (default: the offline judge)."""
-    return (scorer or Scorer("offline")).mean(side, prompts, responses)
-
-
 def main(cfg: ParetoConfig, executor: Any = None) -> dict[str, Any]:
     """Sweep, measure, and write pareto.json/md/png; return the result
     (``report.pareto_markdown``'s layout). ``executor`` (:mod:`personalign.executors`): a Ray executor
@@ -239,8 +234,8 @@ def main(cfg: ParetoConfig, executor: Any = None) -> dict[str, Any]:
         points[m.label] = []
         for w in cfg.weights:
             texts = responses[plan.files[(m.label, w)]]
-            points[m.label].append({"weight": w, "x": measure(sx, prompts, texts, plan.scorer),
-                                    "y": measure(sy, prompts, texts, plan.scorer), "n": len(texts)})
+            points[m.label].append({"weight": w, "x": plan.scorer.mean(sx, prompts, texts),
+                                    "y": plan.scorer.mean(sy, prompts, texts), "n": len(texts)})
 
     # -- front and hypervolume (one reference point for every method) ------------------------------
     every = [(p["x"], p["y"]) for pts in points.values() for p in pts]
