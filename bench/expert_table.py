@@ -19,7 +19,7 @@ from pathlib import Path
 from personalign.data import read_jsonl
 from personalign.evaluation import combine_orders, outcome
 from personalign.judges.base import pair_key
-from personalign.report import load_embedder, ontopic_similarity, text_metrics
+from personalign.report import cut_to_lengths, load_embedder, ontopic_similarity, text_metrics
 
 
 def counts(verdict_file: Path, keys: set[str]) -> dict[str, int]:
@@ -59,8 +59,7 @@ def main() -> None:
                           "ontopic": ontopic_similarity([r["prompt"] for r in lines], texts, embedder)}
         # Shorter answers share fewer words with the question: the base's answers cut to the expert's
         # length (per instruction, in words) tell a length effect from a drift off topic.
-        cut = [" ".join(b["response"].split()[:max(1, len(e["response"].split()))])
-               for b, e in zip(gens["prompt"], gens["expert"])]
+        cut = cut_to_lengths([b["response"] for b in gens["prompt"]], [e["response"] for e in gens["expert"]])
         metrics["prompt"]["ontopic_cut_to_expert_length"] = ontopic_similarity(
             [r["prompt"] for r in gens["prompt"]], cut, embedder)
         doc = json.loads((experts / side / "expert.json").read_text())

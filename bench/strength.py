@@ -24,7 +24,8 @@ seed 0), once with the offline judge and once with the independent judge, agains
   strength-1 psoups soup beside it, seeded with prompting's generation files from the recorded evaluation
   ``runs/eval-psoups-all`` (same settings, checked by its generation identity).
 * **report**: per method and combination: win rates by both judges, on-topic similarity, distinct-2,
-  length and filler markers (emoji, exclamations, stock phrases), each also as a ratio to prompting's;
+  length and filler markers (emoji, exclamations, stock phrases), each also as a ratio to prompting's,
+  and the on-topic ratio to prompting's answers cut to the method's length (length-controlled);
   and the trade-off plot (win rate against on-topic ratio).
 """
 
@@ -41,7 +42,14 @@ import yaml
 from personalign.compose import shipped_experts_dir
 from personalign.data import load_prompts
 from personalign.provenance import unseen_prompts
-from personalign.report import distinct_n, filler_markers, load_embedder, mean_length, ontopic_similarity
+from personalign.report import (
+    cut_to_lengths,
+    distinct_n,
+    filler_markers,
+    load_embedder,
+    mean_length,
+    ontopic_similarity,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 SELECT = ROOT / "runs" / "strength-select"
@@ -114,7 +122,12 @@ def seed_final() -> None:
 
 
 def combo_text_metrics(run: Path, methods: list[str], embedder) -> dict:
-    """Per method and combination: on-topic similarity, distinct-2, mean words, filler markers."""
+    """Per method and combination: on-topic similarity, distinct-2, mean words, filler markers, and the
+    on-topic similarity of prompting's answers cut to the method's length per instruction
+    (``ontopic_prompt_cut``: how much of a drop is length alone)."""
+    def read(path: Path) -> list[dict]:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
     out: dict[str, dict[str, dict]] = {}
     for m in ["prompt", *methods]:
         folder = run / "generations" / m
@@ -122,11 +135,16 @@ def combo_text_metrics(run: Path, methods: list[str], embedder) -> dict:
             continue
         out[m] = {}
         for path in sorted(folder.glob("*.jsonl")):
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            rows = read(path)
             texts = [r["response"] for r in rows]
             out[m][path.stem] = {"ontopic": ontopic_similarity([r["prompt"] for r in rows], texts, embedder),
                                  "distinct_2": distinct_n(texts, 2), "mean_words": mean_length(texts),
                                  **filler_markers(texts), "responses": len(texts)}
+            if m != "prompt":
+                ref = {r["id"]: r for r in read(run / "generations" / "prompt" / path.name)}
+                cut = cut_to_lengths([ref[r["id"]]["response"] for r in rows], texts)
+                out[m][path.stem]["ontopic_prompt_cut"] = ontopic_similarity([r["prompt"] for r in rows], cut,
+                                                                             embedder)
     return out
 
 
@@ -143,6 +161,7 @@ def summarize(run: Path, methods: list[str]) -> dict:
         combos = {}
         for c, t in text[m].items():
             combos[c] = {**t, "ontopic_ratio": t["ontopic"] / ref[c]["ontopic"],
+                         "ontopic_ratio_length_controlled": t["ontopic"] / t["ontopic_prompt_cut"],
                          "distinct_2_ratio": t["distinct_2"] / ref[c]["distinct_2"],
                          "words_ratio": t["mean_words"] / ref[c]["mean_words"],
                          "win_rate": {j: r["win_rates"][m]["by_combination"][c]["avg"]["value"]
@@ -153,6 +172,8 @@ def summarize(run: Path, methods: list[str]) -> dict:
                     "paired": {j: r.get("paired", {}).get(m, {}) for j, r in results.items()},
                     "ontopic_ratio_min": min(v["ontopic_ratio"] for v in combos.values()),
                     "ontopic_ratio_mean": sum(v["ontopic_ratio"] for v in combos.values()) / len(combos),
+                    "ontopic_ratio_length_controlled_min": min(v["ontopic_ratio_length_controlled"]
+                                                               for v in combos.values()),
                     "distinct_2_ratio_min": min(v["distinct_2_ratio"] for v in combos.values()),
                     "distinct_2_ratio_mean": sum(v["distinct_2_ratio"] for v in combos.values()) / len(combos),
                     "words_ratio_mean": sum(v["words_ratio"] for v in combos.values()) / len(combos),

@@ -49,6 +49,7 @@ import numpy as np
 __all__ = [
     "STOCK_PHRASES",
     "cosine_similarities",
+    "cut_to_lengths",
     "distinct_n",
     "filler_markers",
     "markdown_report",
@@ -437,6 +438,17 @@ def load_embedder(device: str = "auto") -> Any:
     from sentence_transformers import SentenceTransformer
 
     return SentenceTransformer(str(get_model_path()), device=None if device == "auto" else device)
+
+
+def cut_to_lengths(references: Sequence[str], responses: Sequence[str]) -> list[str]:
+    """Each reference cut to its response's length in whitespace words (at least one word).
+
+    Shorter answers share fewer words with the question, so on-topic similarity falls with length alone;
+    the on-topic similarity of a reference cut this way tells a length effect from a drift off topic.
+    """
+    if len(references) != len(responses):
+        raise ValueError(f"{len(references)} references for {len(responses)} responses")
+    return [" ".join(ref.split()[: max(1, len(r.split()))]) for ref, r in zip(references, responses)]
 
 
 def ontopic_similarity(prompts: list[str], responses: list[str], embedder: Any) -> float:

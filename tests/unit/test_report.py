@@ -54,6 +54,13 @@ def test_length_and_empty_share():
     assert report.text_metrics([])["empty_share"] is None
 
 
+def test_cut_to_lengths_cuts_each_reference_to_its_responses_word_count():
+    refs = ["one two three four", "a b c", "keep all of it"]
+    assert report.cut_to_lengths(refs, ["x y", "", "p q r s t u"]) == ["one two", "a", "keep all of it"]
+    with pytest.raises(ValueError, match="2 references for 1 responses"):
+        report.cut_to_lengths(refs[:2], ["x"])
+
+
 def test_cosine_similarities_rowwise_with_zero_rows():
     x = np.array([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]])
     y = np.array([[2.0, 0.0], [-1.0, -1.0], [1.0, 0.0]])
