@@ -40,7 +40,7 @@ from pathlib import Path
 import yaml
 
 from personalign.compose import shipped_experts_dir
-from personalign.data import load_prompts
+from personalign.data import load_prompts, read_jsonl
 from personalign.provenance import unseen_prompts
 from personalign.report import (
     cut_to_lengths,
@@ -125,24 +125,23 @@ def combo_text_metrics(run: Path, methods: list[str], embedder) -> dict:
     """Per method and combination: on-topic similarity, distinct-2, mean words, filler markers, and the
     on-topic similarity of prompting's answers cut to the method's length per instruction
     (``ontopic_prompt_cut``: how much of a drop is length alone)."""
-    def read(path: Path) -> list[dict]:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
     out: dict[str, dict[str, dict]] = {}
+    prompting: dict[str, dict[str, str]] = {}  # combination -> instruction id -> prompting's answer
     for m in ["prompt", *methods]:
         folder = run / "generations" / m
         if not folder.is_dir():
             continue
         out[m] = {}
         for path in sorted(folder.glob("*.jsonl")):
-            rows = read(path)
+            rows = read_jsonl(path)
             texts = [r["response"] for r in rows]
             out[m][path.stem] = {"ontopic": ontopic_similarity([r["prompt"] for r in rows], texts, embedder),
                                  "distinct_2": distinct_n(texts, 2), "mean_words": mean_length(texts),
                                  **filler_markers(texts), "responses": len(texts)}
-            if m != "prompt":
-                ref = {r["id"]: r for r in read(run / "generations" / "prompt" / path.name)}
-                cut = cut_to_lengths([ref[r["id"]]["response"] for r in rows], texts)
+            if m == "prompt":
+                prompting[path.stem] = {r["id"]: r["response"] for r in rows}
+            else:
+                cut = cut_to_lengths([prompting[path.stem][r["id"]] for r in rows], texts)
                 out[m][path.stem]["ontopic_prompt_cut"] = ontopic_similarity([r["prompt"] for r in rows], cut,
                                                                              embedder)
     return out
