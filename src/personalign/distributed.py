@@ -33,6 +33,7 @@ One process (no launcher) gets ``Dist()``: every method is then the identity and
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
 from dataclasses import dataclass
@@ -277,7 +278,15 @@ def init(device: str = "auto") -> Dist:
                           "(configs/accelerate/fsdp.yaml) or torchrun (see docs/distributed.md)")
     if state.num_processes <= 1:
         return Dist()
+    atexit.register(_close)
     return Dist(rank=state.process_index, world=state.num_processes, device=str(state.device), fsdp=fsdp)
+
+
+def _close() -> None:
+    """End the process group before the interpreter exits: gloo's threads still running at exit abort
+    the process ("terminate called without an active exception") after its work is done."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def require_unsharded(dist: Dist, command: str) -> None:
