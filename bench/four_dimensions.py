@@ -6,7 +6,10 @@ twice: by the judges that labelled the experts' training data (the offline judge
 ``markdown_judge:score``). Per method and judge set: the average criterion win rate against preference
 prompting, the new dimension's criteria, and each old criterion next to the three-way evaluation's
 interval for the same method and judge (``--three-way``, the recorded eight-combination run), with
-whether it falls inside. Nothing is generated or judged here.
+whether it falls inside. A four-way method at a preference strength (``soup-exact-x1.33333``) is set
+against the same rule at strength 1 in the three-way run: at strength 4/3 each of four experts carries
+a third, as each of three does there, so the old experts are merged exactly as in the three-way soup and
+only the new expert is added. Nothing is generated or judged here.
 
     python bench/four_dimensions.py [--four-way runs/eval-structure] [--three-way runs/eval-psoups-all]
 """
@@ -15,15 +18,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
+
+from personalign.data import read_jsonl
+from personalign.evaluation import pair_outcome, paired_difference_ci
 
 OLD = ("P1A", "P1B", "P2A", "P2B", "P3A", "P3B")
 
 
+def three_way_label(method: str) -> str:
+    """The three-way method a four-way one is compared with: the same rule at strength 1."""
+    return re.sub(r"-x[0-9.e+-]+$", "", method)
+
+
 def judge_sets(run: Path) -> dict[str, dict]:
-    """``labelled`` / ``independent`` -> the results of that judge set in ``run``."""
+    """``labelled`` / ``independent`` -> the results of that judge set in ``run`` (``_folder``: where its
+    judgments are)."""
     out = {}
     for folder in sorted((run / "judgments").iterdir()):
         res = folder / "results.json"
@@ -34,8 +48,34 @@ def judge_sets(run: Path) -> dict[str, dict]:
         if kind in out:
             raise SystemExit(f"{run} holds two {kind} judge sets ({out[kind]['judge']}, {doc['judge']}); "
                              "keep one of each")
-        out[kind] = doc
+        out[kind] = {**doc, "_folder": folder}
     return out
+
+
+def outcomes(folder: Path, method: str) -> dict[str, dict[str, dict[str, str]]]:
+    """``[combination][side][instruction id]`` -> the method's outcome against the reference (both orders)."""
+    out: dict[str, dict[str, dict[str, str]]] = {}
+    for path in sorted((folder / method).glob("*.jsonl")):
+        for row in read_jsonl(path):
+            out.setdefault(path.stem, {}).setdefault(row["side"], {})[row["id"]] = \
+                pair_outcome(row["method_first"], row["method_second"])
+    return out
+
+
+def same_instructions(four: dict, three: dict, side: str) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """Columns for a paired difference on one old criterion, on the instructions both runs judged: each
+    four-way combination with ``side`` (old sides + a new side) against the three-way combination of its
+    old sides, which is repeated once per new side so that both tables have the same columns."""
+    mine: dict[str, list[str]] = {}
+    theirs: dict[str, list[str]] = {}
+    for combo, cols in four.items():
+        old = "+".join(s for s in combo.split("+") if s in OLD)
+        if side not in cols or side not in three.get(old, {}):
+            continue
+        ids = sorted(set(cols[side]) & set(three[old][side]))
+        mine[f"{combo}/{side}"] = [cols[side][i] for i in ids]
+        theirs[f"{combo}/{side}"] = [three[old][side][i] for i in ids]
+    return mine, theirs
 
 
 def pct(w: dict) -> str:
@@ -62,16 +102,24 @@ def main() -> None:
             row = doc["methods"].setdefault(method, {})
             new = {s: c for s, c in w["by_criterion"].items() if s not in OLD}
             old = {}
+            label3 = three_way_label(method)
+            mine_all = outcomes(res["_folder"], method)
+            theirs_all = outcomes(ref3["_folder"], label3) if ref3 is not None else {}
             for s in OLD:
                 if s not in w["by_criterion"]:
                     continue
-                three_w = (ref3 or {}).get("win_rates", {}).get(method, {}).get("by_criterion", {}).get(s)
+                three_w = (ref3 or {}).get("win_rates", {}).get(label3, {}).get("by_criterion", {}).get(s)
+                mine, theirs = same_instructions(mine_all, theirs_all, s)
                 old[s] = {"four_way": w["by_criterion"][s], "three_way": three_w,
                           "inside": None if three_w is None else
-                          three_w["low"] <= w["by_criterion"][s]["value"] <= three_w["high"]}
+                          three_w["low"] <= w["by_criterion"][s]["value"] <= three_w["high"],
+                          # four-way minus three-way on the same instructions and old sides, paired
+                          "paired_same_instructions": asdict(paired_difference_ci(mine, theirs)) if mine else None}
             row[kind] = {"instructions": res["instructions"], "avg": w["avg"], "new": new, "old": old,
-                         "three_way_avg": (ref3 or {}).get("win_rates", {}).get(method, {}).get("avg")}
-    Path(args.output).write_text(json.dumps(doc, indent=2))
+                         "three_way_method": three_way_label(method),
+                         "three_way_avg": (ref3 or {}).get("win_rates", {}).get(three_way_label(method), {})
+                         .get("avg")}
+    Path(args.output).write_text(json.dumps(doc, indent=2, default=str))
 
     for kind in ("labelled", "independent"):
         print(f"\n### {kind}: {doc['judges'][kind]}\n")
@@ -90,6 +138,19 @@ def main() -> None:
                 if checked else "no three-way result"
             print(f"| {method} | {pct(r['avg'])} | " + " | ".join(pct(r["new"][s]) if s in r["new"] else "—"
                                                               for s in ("P4A", "P4B")) + f" | {note} |")
+        print(f"\n{kind}: each old criterion, four-way minus three-way (same rule at strength 1) on the same "
+              "instructions, paired (points)\n")
+        print("| method | " + " | ".join(OLD) + " |\n|---|" + "---|" * len(OLD))
+        for method, row in doc["methods"].items():
+            r = row.get(kind)
+            if r is None or all(o["paired_same_instructions"] is None for o in r["old"].values()):
+                continue
+            cells = []
+            for s in OLD:
+                d = r["old"].get(s, {}).get("paired_same_instructions")
+                cells.append("—" if d is None else
+                             f"{100 * d['value']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]")
+            print(f"| {method} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
