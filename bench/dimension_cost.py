@@ -7,7 +7,9 @@ structure dimension (``examples/structure``) added to the three built-in ones, o
 
 - **P-Soups, measured in full**: the wall time of the structure run (``--new``, made by
   ``personalign pipeline --config examples/structure/pipeline.yaml``): rollouts, labels, a reward model
-  and an RL expert per new side, from its ``summary.json`` and ``executor.jsonl``.
+  and an RL expert per new side, from its ``summary.json`` and ``executor.jsonl``. Also extrapolated from
+  a short run of the same expert recipe in this run, like the alternatives, for a like-for-like row (the
+  full run's steps were slower than the short run's: ``expert_full_per_step_s`` against ``per_step_s``).
 - **Multitask and P-MORL, measured on short runs and extrapolated**: each retrained as its shipped
   recipe (``--old``'s ``baselines/*/config.json``) over all eight sides (16 combinations), run for a few
   steps in a fresh folder; the seconds per step (median after a warm-up step) times the steps the full
@@ -28,7 +30,7 @@ their reward models (P-MORL's reward): those are the same measured seconds as P-
 
     python bench/dimension_cost.py [--old runs/psoups-smollm2] [--new runs/structure-smollm2]
         [--dimensions examples/structure/dimensions.yaml] [--pcm runs/pcm-smollm2-t07]
-        [--experts runs/experts-structure] [--steps 3] [--reps 2]
+        [--experts runs/experts-structure] [--steps 3] [--reps 2] [--reuse bench/dimension_cost.json]
 """
 
 from __future__ import annotations
@@ -70,17 +72,28 @@ def step_seconds(metrics: Path) -> list[float]:
     return [b["time"] - a["time"] for a, b in itertools.pairwise(rows) if b["step"] == a["step"] + 1]
 
 
-def measured_new(new: Path) -> dict:
-    """The structure run's wall time per stage: P-Soups' cost of the new dimension, in full."""
+def measured_new(new: Path, root: Path, env: dict) -> tuple[dict, str]:
+    """The structure run's wall time per stage: P-Soups' cost of the new dimension, in full; and where the
+    label stage's time comes from. A run made before the label stage timed itself is labelled again here,
+    with its own label settings on its own rollouts, and that is timed (file times are no record: a
+    checkout rewrites them)."""
     summary = json.loads((new / "summary.json").read_text())
     log = read_jsonl(new / "executor.jsonl")
     units = {e["unit"]: e["seconds"] for e in log if e["event"] == "finished"}
     label = summary["stages"].get("label", {}).get("seconds")
-    if label is None:  # runs made before the label stage timed itself: rollouts' last write -> first unit
-        first_unit = min(e["time"] for e in log if e["event"] == "started")
-        label = first_unit - (new / "rollouts.jsonl").stat().st_mtime
+    source = "the run's summary.json"
+    if label is None:
+        settings = summary["stages"]["label"]["labelling"]
+        cfg = {"rollouts": str(new / "rollouts.jsonl"), "output": str(root / "relabelled.jsonl"),
+               **{k: settings[k] for k in ("judges", "combine", "pairing", "sides", "dimensions")}}
+        label = cli("label", cfg, root, "relabel", env)
+        kept = {s: v["kept"] for s, v in json.loads((root / "relabelled.jsonl.stats.json").read_text())["sides"].items()}
+        want = {s: v["kept"] for s, v in summary["stages"]["label"]["sides"].items()}
+        if kept != want:
+            raise SystemExit(f"labelling {new}'s rollouts again kept {kept} pairs, the run kept {want}")
+        source = "labelled again in this run (same rollouts, judge and settings; same pairs kept)"
     return {"rollout": summary["stages"]["rollout"]["seconds"], "label": label,
-            **{name: secs for name, secs in sorted(units.items())}}
+            **{name: secs for name, secs in sorted(units.items())}}, source
 
 
 def main() -> None:
@@ -94,6 +107,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="Timed steps of each short run (after one warm-up).")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--output", default="bench/dimension_cost.json")
+    ap.add_argument("--reuse", help="A previous output whose timed short runs are used instead of running them "
+                                    "again (the cost table is computed anew; the file records this).")
     args = ap.parse_args()
 
     old, new = Path(args.old), Path(args.new)
@@ -130,7 +145,13 @@ def main() -> None:
         }
         load_before = os.getloadavg()
         runs = []
-        for rep in range(args.reps):
+        reused = json.loads(Path(args.reuse).read_text()) if args.reuse else None
+        if reused is not None:  # the timed runs of an earlier invocation; the table is computed again
+            runs = reused["runs"]
+            load_before, load_after = reused["machine"]["loadavg_before"], reused["machine"]["loadavg_after"]
+            if {r["config"] for r in runs} != set(configs):
+                raise SystemExit(f"{args.reuse} times {sorted({r['config'] for r in runs})}, not {sorted(configs)}")
+        for rep in range(args.reps if reused is None else 0):
             names = list(configs) if rep % 2 == 0 else list(configs)[::-1]
             for name in names:
                 command, cfg = configs[name]
@@ -147,7 +168,8 @@ def main() -> None:
                      "examples": final.get("data/examples")}
                 print(json.dumps(r), flush=True)
                 runs.append(r)
-        load_after = os.getloadavg()
+        if reused is None:
+            load_after = os.getloadavg()
 
     def per_step(name: str) -> float:
         return statistics.median(r["median_step_s"] for r in runs if r["config"] == name)
@@ -155,7 +177,8 @@ def main() -> None:
     def setup(name: str) -> float:
         return statistics.median(r["setup_s"] for r in runs if r["config"] == name)
 
-    psoups = measured_new(new)
+    with tempfile.TemporaryDirectory(prefix="dimcost-label-") as tmp:
+        psoups, label_source = measured_new(new, Path(tmp), env)
     shared = {k: v for k, v in psoups.items() if k in ("rollout", "label") or k.startswith("reward/")}
     experts = {k: v for k, v in psoups.items() if k.startswith("expert/")}
     examples = next(r["examples"] for r in runs if r["config"] == "multitask16" and r["examples"])
@@ -167,6 +190,12 @@ def main() -> None:
     table = {
         "P-Soups (new sides' experts, measured)": {"retrain_s": sum(experts.values()), "shared_s": shared_s,
                                                    "how": "measured: " + ", ".join(experts)},
+        # the same short-run measurement as the alternatives below, so that the comparison is like for like
+        "P-Soups (new sides' experts, extrapolated)": {
+            "retrain_s": len(experts) * (setup("expert") + (ex["steps"] - 1) * per_step("expert")),
+            "shared_s": shared_s,
+            "how": f"{len(experts)} x (setup {setup('expert'):.0f} s + {ex['steps'] - 1} steps x "
+                   f"{per_step('expert'):.1f} s)"},
         "multitask (retrained on every side, extrapolated)": {
             "retrain_s": setup("multitask16") + (mt_steps - 1) * per_step("multitask16"),
             "shared_s": shared["rollout"] + shared["label"],
@@ -188,9 +217,11 @@ def main() -> None:
                     "loadavg_before": [round(x, 2) for x in load_before],
                     "loadavg_after": [round(x, 2) for x in load_after]},
         "command": "python " + " ".join(sys.argv),
+        **({"runs_timed_by": reused["command"], "runs_timed_on": reused["date"]} if reused is not None else {}),
         "old": str(old), "new": str(new), "new_sides": new_sides, "rewards": rewards,
         "combinations": {"before": combos_old, "after": combos_new},
         "psoups_measured_s": {k: round(v, 1) for k, v in psoups.items()},
+        "label_seconds_from": label_source,
         "per_step_s": {name: per_step(name) for name in configs},
         "expert_full_per_step_s": statistics.median(step_seconds(new / "experts" / new_sides[0] / "metrics.jsonl")),
         "runs": runs,
