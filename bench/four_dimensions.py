@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from dataclasses import asdict
 from datetime import datetime, timezone
@@ -26,13 +25,15 @@ from pathlib import Path
 
 from personalign.data import read_jsonl
 from personalign.evaluation import pair_outcome, paired_difference_ci
+from personalign.generations import parse_method
+from personalign.personalize import strength_suffix
 
 OLD = ("P1A", "P1B", "P2A", "P2B", "P3A", "P3B")
 
 
 def three_way_label(method: str) -> str:
     """The three-way method a four-way one is compared with: the same rule at strength 1."""
-    return re.sub(r"-x[0-9.e+-]+$", "", method)
+    return method.removesuffix(strength_suffix(parse_method(method).strength))
 
 
 def judge_sets(run: Path) -> dict[str, dict]:
@@ -116,10 +117,9 @@ def main() -> None:
                           # four-way minus three-way on the same instructions and old sides, paired
                           "paired_same_instructions": asdict(paired_difference_ci(mine, theirs)) if mine else None}
             row[kind] = {"instructions": res["instructions"], "avg": w["avg"], "new": new, "old": old,
-                         "three_way_method": three_way_label(method),
-                         "three_way_avg": (ref3 or {}).get("win_rates", {}).get(three_way_label(method), {})
-                         .get("avg")}
-    Path(args.output).write_text(json.dumps(doc, indent=2, default=str))
+                         "three_way_method": label3,
+                         "three_way_avg": (ref3 or {}).get("win_rates", {}).get(label3, {}).get("avg")}
+    Path(args.output).write_text(json.dumps(doc, indent=2))
 
     for kind in ("labelled", "independent"):
         print(f"\n### {kind}: {doc['judges'][kind]}\n")
