@@ -21,9 +21,11 @@ seed 0), once with the offline judge and once with the independent judge, agains
   ``any_eligible: false``: a stronger setting that fails the gate is never chosen for its win rate. (The
   rule first gated on the mean of the per-combination ratios, and the mean hid the concise combinations:
   it chose 3, whose minimum was 0.53-0.60.)
-* **final**: the chosen setting on all 143 evaluation instructions in ``runs/eval-strength``, with the
-  strength-1 psoups soup beside it, seeded with prompting's generation files from the recorded evaluation
-  ``runs/eval-psoups-all`` (same settings, checked by its generation identity).
+* **final**: the chosen setting (or ``--strength``) on all 143 evaluation instructions in
+  ``runs/eval-strength``, seeded with prompting's generation files from the recorded evaluation
+  ``runs/eval-psoups-all`` (same settings, checked by its generation identity). Once the strength-1 exact
+  soup is evaluated there (``--family soup --strength 1``), every method is also paired against it on the
+  same instructions.
 * **report**: per method and combination: win rates by both judges, on-topic similarity, distinct-2,
   length and filler markers (emoji, exclamations, stock phrases), each also as a ratio to prompting's,
   and the on-topic ratio to prompting's answers cut to the method's length (length-controlled);
@@ -94,7 +96,7 @@ def run_eval(run: Path, prompts: str, methods: list[str], judge: str) -> dict:
         recorded = json.loads((RECORDED / "config.json").read_text())
         cfg = {**{k: recorded[k] for k in ("prompts", "batch_size", "merge_density", "seed")},
                **{k: v for k, v in cfg.items() if k in ("run_dir", "methods", "judge")}, "sampling": recorded["sampling"],
-               "paired_against": []}
+               "paired_against": [m for m in ("soup-exact",) if m in methods]}  # the strength-1 soup
     run.mkdir(parents=True, exist_ok=True)
     path = run / f"strength-{judge}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
