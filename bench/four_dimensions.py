@@ -23,10 +23,10 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
-from personalign.data import read_jsonl
-from personalign.evaluation import pair_outcome, paired_difference_ci
+from personalign.evaluation import paired_difference_ci
 from personalign.generations import parse_method
 from personalign.personalize import strength_suffix
+from personalign.recipes.evaluate import recorded_outcomes
 
 OLD = ("P1A", "P1B", "P2A", "P2B", "P3A", "P3B")
 
@@ -50,16 +50,6 @@ def judge_sets(run: Path) -> dict[str, dict]:
             raise SystemExit(f"{run} holds two {kind} judge sets ({out[kind]['judge']}, {doc['judge']}); "
                              "keep one of each")
         out[kind] = {**doc, "_folder": folder}
-    return out
-
-
-def outcomes(folder: Path, method: str) -> dict[str, dict[str, dict[str, str]]]:
-    """``[combination][side][instruction id]`` -> the method's outcome against the reference (both orders)."""
-    out: dict[str, dict[str, dict[str, str]]] = {}
-    for path in sorted((folder / method).glob("*.jsonl")):
-        for row in read_jsonl(path):
-            out.setdefault(path.stem, {}).setdefault(row["side"], {})[row["id"]] = \
-                pair_outcome(row["method_first"], row["method_second"])
     return out
 
 
@@ -104,8 +94,9 @@ def main() -> None:
             new = {s: c for s, c in w["by_criterion"].items() if s not in OLD}
             old = {}
             label3 = three_way_label(method)
-            mine_all = outcomes(res["_folder"], method)
-            theirs_all = outcomes(ref3["_folder"], label3) if ref3 is not None else {}
+            mine_all = recorded_outcomes(res["_folder"], method)
+            theirs_all = (recorded_outcomes(ref3["_folder"], label3)  # the three-way run may lack this rule
+                          if ref3 is not None and (ref3["_folder"] / label3).is_dir() else {})
             for s in OLD:
                 if s not in w["by_criterion"]:
                     continue

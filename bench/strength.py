@@ -29,7 +29,8 @@ seed 0), once with the offline judge and once with the independent judge, agains
 * **report**: per method and combination: win rates by both judges, on-topic similarity, distinct-2,
   length and filler markers (emoji, exclamations, stock phrases), each also as a ratio to prompting's,
   and the on-topic ratio to prompting's answers cut to the method's length (length-controlled);
-  and the trade-off plot (win rate against on-topic ratio).
+  each final method paired on instructions against the recorded strength-1 exact soup (float32 experts;
+  ``paired_to_recorded_soup_exact``); and the trade-off plot (win rate against on-topic ratio).
 """
 
 from __future__ import annotations
@@ -38,13 +39,16 @@ import argparse
 import json
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import yaml
 
 from personalign.compose import shipped_experts_dir
 from personalign.data import load_prompts, read_jsonl
+from personalign.evaluation import paired_difference_ci
 from personalign.provenance import unseen_prompts
+from personalign.recipes.evaluate import recorded_outcomes
 from personalign.report import (
     cut_to_lengths,
     distinct_n,
@@ -189,6 +193,30 @@ def summarize(run: Path, methods: list[str]) -> dict:
             "methods": table}
 
 
+def paired_to_recorded(methods: list[str], against: str = "soup-exact") -> dict[str, dict]:
+    """Per method of the final run and judge: its average criterion win rate minus that of ``against`` in
+    the recorded evaluation (the strength-1 soup, made with the float32 experts), paired on instructions.
+    Both runs judged the same 143 instructions against the same prompting answers (seeded from it)."""
+    out: dict[str, dict] = {}
+    for judge in JUDGES:
+        theirs = RECORDED / "judgments" / judge
+        if not (theirs / against).is_dir():
+            continue
+        other = recorded_outcomes(theirs, against)
+        for m in methods:
+            if not (FINAL / "judgments" / judge / m).is_dir():
+                continue
+            mine = recorded_outcomes(FINAL / "judgments" / judge, m)
+            a, b = {}, {}
+            for combo, cols in mine.items():
+                for side, ids in cols.items():
+                    common = sorted(set(ids) & set(other.get(combo, {}).get(side, {})))
+                    a[f"{combo}/{side}"] = [ids[i] for i in common]
+                    b[f"{combo}/{side}"] = [other[combo][side][i] for i in common]
+            out.setdefault(m, {})[judge] = asdict(paired_difference_ci(a, b))
+    return out
+
+
 def choose(summary: dict) -> dict[str, dict]:
     """Per family, the strength the module docstring's rule picks, and why the others were not."""
     picks = {}
@@ -285,6 +313,7 @@ def main() -> int:
         return 0
     labels = [*family_methods("all"), *(label("psoups", s) for s in STRENGTHS[1:])]
     final = summarize(FINAL, [*labels, "mope-uniform"])
+    final["paired_to_recorded_soup_exact"] = paired_to_recorded(list(final["methods"]))
     doc["final"] = final
     OUT.write_text(json.dumps(doc, indent=1))
     plot({k: doc[k] for k in ("select", "final") if k in doc}, OUT.with_suffix(".png"))
