@@ -13,13 +13,20 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+from dataclasses import asdict
 from datetime import date
 from pathlib import Path
 
 from personalign.data import read_jsonl
-from personalign.evaluation import combine_orders, outcome
+from personalign.evaluation import combine_orders, mean_difference_ci, outcome
 from personalign.judges.base import pair_key
-from personalign.report import cut_to_lengths, load_embedder, ontopic_similarity, text_metrics
+from personalign.report import (
+    cut_to_lengths,
+    load_embedder,
+    ontopic_similarities,
+    ontopic_similarity,
+    text_metrics,
+)
 
 
 def counts(verdict_file: Path, keys: set[str]) -> dict[str, int]:
@@ -52,11 +59,15 @@ def main() -> None:
     rows = {}
     for side, wr in by_side.items():
         gens = {m: read_jsonl(run / "generations" / m / f"{side}.jsonl") for m in ("prompt", "expert")}
-        metrics = {}
+        metrics, sims = {}, {}
         for m, lines in gens.items():
             texts = [str(r.get("response") or "") for r in lines]
-            metrics[m] = {**text_metrics(texts),
-                          "ontopic": ontopic_similarity([r["prompt"] for r in lines], texts, embedder)}
+            sims[m] = ontopic_similarities([r["prompt"] for r in lines], texts, embedder)
+            metrics[m] = {**text_metrics(texts), "ontopic": float(sims[m].mean())}
+        if [r["id"] for r in gens["prompt"]] != [r["id"] for r in gens["expert"]]:
+            raise SystemExit(f"{run}: the expert's and the base's {side} answers are not on the same instructions")
+        # "On-topic not worse than the base's", measured: expert minus base per instruction, bootstrapped.
+        ontopic_diff = asdict(mean_difference_ci(sims["expert"], sims["prompt"]))
         # Shorter answers share fewer words with the question: the base's answers cut to the expert's
         # length (per instruction, in words) tell a length effect from a drift off topic.
         cut = cut_to_lengths([b["response"] for b in gens["prompt"]], [e["response"] for e in gens["expert"]])
@@ -68,6 +79,7 @@ def main() -> None:
         rows[side] = {"win_rate": wr["avg"], "counts": counts(run / "judgments" / judge / "expert-1" / f"{side}.jsonl",
                                                               keys),
                       "expert": metrics["expert"], "prompted_base": metrics["prompt"],
+                      "ontopic_expert_minus_base": ontopic_diff,
                       "kl_last10": kl_last(experts / side / "metrics.jsonl"),
                       "train_seconds": doc["metrics"].get("time/train_seconds"),
                       "reward_first": doc["metrics"].get("train/reward_raw_first"),
@@ -77,13 +89,15 @@ def main() -> None:
     Path(args.output).write_text(json.dumps(record, indent=2))
 
     print("| side | win rate [95% CI] | W / T / L | words (base) | on-topic (base; base cut to expert length) "
-          "| distinct-2 (base) | repeated 3-grams (base) | KL last 10 | train s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| on-topic, expert - base [95% CI] | distinct-2 (base) | repeated 3-grams (base) | KL last 10 | train s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for side, r in rows.items():
         w, c, e, b = r["win_rate"], r["counts"], r["expert"], r["prompted_base"]
+        d = r["ontopic_expert_minus_base"]
         print(f"| {side} | {100 * w['value']:.1f}% [{100 * w['low']:.1f}, {100 * w['high']:.1f}] "
               f"| {c['win']} / {c['tie']} / {c['loss']} | {e['mean_words']:.0f} ({b['mean_words']:.0f}) "
               f"| {e['ontopic']:.3f} ({b['ontopic']:.3f}; {b['ontopic_cut_to_expert_length']:.3f}) "
+              f"| {d['value']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] "
               f"| {e['distinct_2']:.3f} ({b['distinct_2']:.3f}) | {e['repetition_3']:.3f} ({b['repetition_3']:.3f}) "
               f"| {r['kl_last10']:.2f} | {r['train_seconds']:.0f} |")
 

@@ -451,14 +451,14 @@ def cut_to_lengths(references: Sequence[str], responses: Sequence[str]) -> list[
     return [" ".join(ref.split()[: max(1, len(r.split()))]) for ref, r in zip(references, responses)]
 
 
-def ontopic_similarity(prompts: list[str], responses: list[str], embedder: Any) -> float:
-    """Mean cosine similarity of each instruction with its response."""
-    import numpy as np
-
-    from personalign.report import cosine_similarities
-
+def ontopic_similarities(prompts: list[str], responses: list[str], embedder: Any) -> np.ndarray:
+    """Cosine similarity of each instruction with its response (sentence embeddings), one per pair."""
     texts = list(dict.fromkeys([*prompts, *responses]))
     vecs = np.asarray(embedder.encode(texts, batch_size=64, show_progress_bar=False))
     index = {t: i for i, t in enumerate(texts)}
-    sims = cosine_similarities(vecs[[index[p] for p in prompts]], vecs[[index[r] for r in responses]])
-    return float(sims.mean())
+    return cosine_similarities(vecs[[index[p] for p in prompts]], vecs[[index[r] for r in responses]])
+
+
+def ontopic_similarity(prompts: list[str], responses: list[str], embedder: Any) -> float:
+    """Mean cosine similarity of each instruction with its response."""
+    return float(ontopic_similarities(prompts, responses, embedder).mean())

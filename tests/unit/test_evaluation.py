@@ -10,6 +10,7 @@ from personalign.errors import ConfigError, DataError
 from personalign.evaluation import (
     combine_orders,
     hypervolume_2d,
+    mean_difference_ci,
     mean_win_rate_ci,
     outcome,
     paired_difference_ci,
@@ -163,6 +164,23 @@ def test_paired_difference_refusals():
         paired_difference_ci({"P1A": ["win", "tie"]}, {"P1A": ["win"]})
     with pytest.raises(DataError, match="no columns"):
         paired_difference_ci({}, {})
+
+
+def test_mean_difference_hand_computed():
+    d = mean_difference_ci([0.5, 0.7, 0.9], [0.4, 0.6, 0.8])  # 0.1 on every instruction
+    assert (round(d.value, 12), round(d.low, 12), round(d.high, 12), d.n) == (0.1, 0.1, 0.1, 3)
+    spread = mean_difference_ci([1.0, 0.0] * 10, [0.5] * 20)  # +0.5 and -0.5: the mean 0, inside the interval
+    assert spread.value == 0 and spread.low < 0 < spread.high
+    assert mean_difference_ci([0.4, 0.6], [0.5, 0.7]).value == pytest.approx(-0.1)
+
+
+def test_mean_difference_refusals():
+    with pytest.raises(DataError, match="equal, non-empty lists"):
+        mean_difference_ci([0.5, 0.6], [0.5])
+    with pytest.raises(DataError, match="equal, non-empty lists"):
+        mean_difference_ci([], [])
+    with pytest.raises(DataError, match="not a finite number"):
+        mean_difference_ci([0.5, float("nan")], [0.5, 0.5])
 
 
 # ---------------------------------------------------------------- Pareto metrics

@@ -69,6 +69,19 @@ def test_cosine_similarities_rowwise_with_zero_rows():
         report.cosine_similarities(x, y[:2])
 
 
+
+def test_ontopic_similarities_per_pair_and_their_mean():
+    vecs = {"q1": [1.0, 0.0], "on": [2.0, 0.0], "q2": [0.0, 1.0], "off": [1.0, 0.0]}
+
+    class Embedder:  # a fixed vector per text: the question and the answer on topic point the same way
+        def encode(self, texts, **kw):
+            return np.asarray([vecs[t] for t in texts])
+
+    sims = report.ontopic_similarities(["q1", "q2"], ["on", "off"], Embedder())
+    assert sims == pytest.approx([1.0, 0.0])
+    assert report.ontopic_similarity(["q1", "q2"], ["on", "off"], Embedder()) == pytest.approx(0.5)
+
+
 def _wr(v, lo, hi, n=4):
     return {"value": v, "low": lo, "high": hi, "n": n, "confidence": 0.95}
 
