@@ -26,7 +26,7 @@ from pathlib import Path
 from personalign.evaluation import paired_difference_ci
 from personalign.generations import parse_method
 from personalign.personalize import strength_suffix
-from personalign.recipes.evaluate import recorded_outcomes
+from personalign.report import recorded_outcomes
 
 OLD = ("P1A", "P1B", "P2A", "P2B", "P3A", "P3B")
 

@@ -48,7 +48,6 @@ from personalign.compose import shipped_experts_dir
 from personalign.data import load_prompts, read_jsonl
 from personalign.evaluation import paired_difference_ci
 from personalign.provenance import unseen_prompts
-from personalign.recipes.evaluate import recorded_outcomes
 from personalign.report import (
     cut_to_lengths,
     distinct_n,
@@ -56,6 +55,7 @@ from personalign.report import (
     load_embedder,
     mean_length,
     ontopic_similarity,
+    recorded_outcomes,
 )
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -46,6 +46,10 @@ from typing import Any
 
 import numpy as np
 
+from personalign.data import read_jsonl
+from personalign.errors import DataError
+from personalign.evaluation import pair_outcome
+
 __all__ = [
     "STOCK_PHRASES",
     "cosine_similarities",
@@ -430,6 +434,22 @@ def write_pareto_report(folder: str | Path, result: Mapping[str, Any]) -> dict[s
 
 
 # -- on-topic similarity ----------------------------------------------------------------------------
+
+
+def recorded_outcomes(judge_dir: str | Path, method: str) -> dict[str, dict[str, dict[str, str]]]:
+    """``[combination][side][instruction id]`` -> ``method``'s outcome against the reference, read from the
+    verdict files a run's judge folder holds (``judgments/<judge>/<method>/<combination>.jsonl``). A rerun
+    appends, so the last verdict for an instruction wins. For comparisons across runs that judged the same
+    instructions with the same reference (:func:`personalign.evaluation.paired_difference_ci`)."""
+    folder = Path(judge_dir) / method
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no verdicts of {method} in {judge_dir}")
+    out: dict[str, dict[str, dict[str, str]]] = {}
+    for path in sorted(folder.glob("*.jsonl")):
+        for row in read_jsonl(path):
+            out.setdefault(path.stem, {}).setdefault(row["side"], {})[row["id"]] = pair_outcome(
+                row["method_first"], row["method_second"])
+    return out
 
 
 def load_embedder(device: str = "auto") -> Any:

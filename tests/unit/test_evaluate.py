@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from personalign import generations
+from personalign import generations, report
 from personalign.config import from_dict
 from personalign.errors import ConfigError, PersonalignError
 from personalign.evaluation import score_method
@@ -314,13 +314,13 @@ def test_eval_end_to_end_resumes_and_rejudges_only_with_a_new_judge(tmp_path, ti
     assert first["paired_against"] == ["soup-psoups"] and set(first["paired"]["vanilla"]) == {
         "soup-psoups", "expert-1"}
     gap = first["paired"]["vanilla"]["soup-psoups"]
-    recorded = evaluate.recorded_outcomes(run / "judgments" / "offline", "soup-psoups")
+    recorded = report.recorded_outcomes(run / "judgments" / "offline", "soup-psoups")
     assert set(recorded) == {"P1A+P2A+P3A", "P1B+P2A+P3A"} and len(recorded["P1A+P2A+P3A"]["P1A"]) == 3
     again_scored = score_method({c: {s: list(ids.values()) for s, ids in cols.items()}
                                  for c, cols in recorded.items()})
     assert again_scored["avg"]["value"] == pytest.approx(first["win_rates"]["soup-psoups"]["avg"]["value"])
     with pytest.raises(PersonalignError, match="no verdicts of mope-uniform"):
-        evaluate.recorded_outcomes(run / "judgments" / "offline", "mope-uniform")
+        report.recorded_outcomes(run / "judgments" / "offline", "mope-uniform")
     assert gap["value"] == pytest.approx(_winrates(first)["vanilla"] - _winrates(first)["soup-psoups"])
     assert "## Paired differences" in md and "− soup-psoups [95% CI]" in md
 

@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from personalign.config import to_dict
-from personalign.data import Instruction, JsonlWriter, load_prompts, read_completed, read_jsonl
+from personalign.data import Instruction, JsonlWriter, load_prompts, read_completed
 from personalign.errors import ConfigError, DataError
 from personalign.evaluation import pair_outcome, paired_differences, score_method
 from personalign.generation import SamplingConfig
@@ -504,22 +504,6 @@ def judge_phase(plan: EvalPlan, responses: dict[Path, list[str]], progress: bool
         if bar is not None:
             bar.close()
     return outcomes
-
-
-def recorded_outcomes(judge_dir: str | Path, method: str) -> dict[str, dict[str, dict[str, str]]]:
-    """``[combination][side][instruction id]`` -> ``method``'s outcome against the reference, read from the
-    verdict files a run's judge folder holds (``judgments/<judge>/<method>/<combination>.jsonl``). A rerun
-    appends, so the last verdict for an instruction wins. For comparisons across runs that judged the same
-    instructions with the same reference (:func:`personalign.evaluation.paired_difference_ci`)."""
-    folder = Path(judge_dir) / method
-    if not folder.is_dir():
-        raise DataError(f"{folder}: no verdicts of {method} in {judge_dir}")
-    out: dict[str, dict[str, dict[str, str]]] = {}
-    for path in sorted(folder.glob("*.jsonl")):
-        for row in read_jsonl(path):
-            out.setdefault(path.stem, {}).setdefault(row["side"], {})[row["id"]] = pair_outcome(
-                row["method_first"], row["method_second"])
-    return out
 
 
 def text_phase(plan: EvalPlan, responses: dict[Path, list[str]], cfg: EvalConfig
