@@ -53,7 +53,9 @@ def test_elicitation_calls(served):
             assert "estimate" in doc, doc
             seen.append(doc["estimate"]["std"])
         assert doc["estimate"]["picks"] == 3 and doc["estimate"]["sliders"] != [0.0, 0.0, 0.0]
-        assert sum(seen[-1]) < 3.0  # the prior's spread is 1 per slider; picks narrow it
+        # the prior's spread is 1 per slider and picks only add precision, so no spread exceeds it; how much it
+        # narrows depends on how different the two answers were (test_elicit measures it: the server rounds)
+        assert all(0.0 < s <= 1.0 for std in seen for s in std), seen
         assert len(c.get("/v1/profiles/ana").json()) and c.get("/v1/profiles/ana").json()["picks"] == 3
         bad = c.post(f"/v1/elicit/{sid}/picks", json={"choice": "left"})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "choice"
