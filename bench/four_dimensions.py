@@ -9,9 +9,13 @@ interval for the same method and judge (``--three-way``, the recorded eight-comb
 whether it falls inside. A four-way method at a preference strength (``soup-exact-x1.33333``) is set
 against the same rule at strength 1 in the three-way run: at strength 4/3 each of four experts carries
 a third, as each of three does there, so the old experts are merged exactly as in the three-way soup and
-only the new expert is added. Nothing is generated or judged here.
+only the new expert is added. With ``--previous``, another four-way run of the same combinations (the
+same settings, other new experts) is compared method by method on the instructions both judged: this
+run's win rate minus the previous run's, paired, on the average criterion and on each criterion. Nothing
+is generated or judged here.
 
     python bench/four_dimensions.py [--four-way runs/eval-structure] [--three-way runs/eval-psoups-all]
+        [--previous RUN] [--output bench/four_dimensions.json]
 """
 
 from __future__ import annotations
@@ -69,6 +73,28 @@ def same_instructions(four: dict, three: dict, side: str) -> tuple[dict[str, lis
     return mine, theirs
 
 
+def against_previous(mine_all: dict, prev_all: dict) -> dict[str, dict]:
+    """This run's outcomes minus a previous four-way run's, paired by instruction: ``avg`` over every
+    criterion both judged, then each criterion alone."""
+    cols: dict[str, tuple[list[str], list[str]]] = {}
+    for combo, by_side in mine_all.items():
+        for side, outcomes in by_side.items():
+            prev = prev_all.get(combo, {}).get(side)
+            if prev is None:
+                continue
+            ids = sorted(set(outcomes) & set(prev))
+            cols[f"{combo}/{side}"] = ([outcomes[i] for i in ids], [prev[i] for i in ids])
+    out = {}
+    if cols:
+        out["avg"] = asdict(paired_difference_ci({k: a for k, (a, _) in cols.items()},
+                                                 {k: b for k, (_, b) in cols.items()}))
+    for side in sorted({k.rsplit("/", 1)[1] for k in cols}):
+        keep = {k: v for k, v in cols.items() if k.endswith("/" + side)}
+        out[side] = asdict(paired_difference_ci({k: a for k, (a, _) in keep.items()},
+                                                {k: b for k, (_, b) in keep.items()}))
+    return out
+
+
 def pct(w: dict) -> str:
     return f"{100 * w['value']:.1f} [{100 * w['low']:.1f}, {100 * w['high']:.1f}]"
 
@@ -77,16 +103,23 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--four-way", default="runs/eval-structure")
     ap.add_argument("--three-way", default="runs/eval-psoups-all")
+    ap.add_argument("--previous", default=None, help="another four-way run to compare with, paired")
     ap.add_argument("--output", default="bench/four_dimensions.json")
     args = ap.parse_args()
     four, three = judge_sets(Path(args.four_way)), judge_sets(Path(args.three_way))
     missing = {"labelled", "independent"} - set(four)
     if missing:
         raise SystemExit(f"{args.four_way} has no {', '.join(sorted(missing))} judge set yet; run both evals")
+    previous = judge_sets(Path(args.previous)) if args.previous else {}
+    for kind, res in previous.items():
+        if kind in four and res["judge"] != four[kind]["judge"]:
+            raise SystemExit(f"{args.previous} was judged by {res['judge']}, {args.four_way} by "
+                             f"{four[kind]['judge']}: a paired difference needs the same judges")
     doc: dict = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                  "command": "python " + " ".join(sys.argv), "four_way": args.four_way, "three_way": args.three_way,
                  "judges": {k: v["judge"] for k, v in four.items()},
-                 "three_way_judges": {k: v["judge"] for k, v in three.items()}, "methods": {}}
+                 "three_way_judges": {k: v["judge"] for k, v in three.items()}, "previous": args.previous,
+                 "methods": {}}
     for kind, res in four.items():
         ref3 = three.get(kind) if kind == "independent" else three.get("labelled")
         for method, w in res["win_rates"].items():
@@ -110,6 +143,9 @@ def main() -> None:
             row[kind] = {"instructions": res["instructions"], "avg": w["avg"], "new": new, "old": old,
                          "three_way_method": label3,
                          "three_way_avg": (ref3 or {}).get("win_rates", {}).get(label3, {}).get("avg")}
+            prev = previous.get(kind)
+            if prev is not None and (prev["_folder"] / method).is_dir():
+                row[kind]["against_previous"] = against_previous(mine_all, recorded_outcomes(prev["_folder"], method))
     Path(args.output).write_text(json.dumps(doc, indent=2))
 
     for kind in ("labelled", "independent"):
@@ -142,6 +178,16 @@ def main() -> None:
                 cells.append("—" if d is None else
                              f"{100 * d['value']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]")
             print(f"| {method} | " + " | ".join(cells) + " |")
+        rows = {m: row[kind]["against_previous"] for m, row in doc["methods"].items()
+                if kind in row and row[kind].get("against_previous")}
+        if rows:
+            names = ["avg"] + sorted({s for r in rows.values() for s in r} - {"avg"})
+            print(f"\n{kind}: this run minus {args.previous}, same method, same instructions, paired (points)\n")
+            print("| method | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
+            for method, r in rows.items():
+                print(f"| {method} | " + " | ".join(
+                    "—" if s not in r else f"{100 * r[s]['value']:+.1f} [{100 * r[s]['low']:+.1f}, "
+                    f"{100 * r[s]['high']:+.1f}]" for s in names) + " |")
 
 
 if __name__ == "__main__":
