@@ -11,8 +11,13 @@ against the same rule at strength 1 in the three-way run: at strength 4/3 each o
 a third, as each of three does there, so the old experts are merged exactly as in the three-way soup and
 only the new expert is added. With ``--previous``, another four-way run of the same combinations (the
 same settings, other new experts) is compared method by method on the instructions both judged: this
-run's win rate minus the previous run's, paired, on the average criterion and on each criterion. Nothing
-is generated or judged here.
+run's win rate minus the previous run's, paired, on the average criterion and on each criterion.
+
+A win rate is measured against a reference, and the four-way reference (preference prompting with four
+sides in the prompt) is not the three-way one. ``reference_shift`` separates the two: per old criterion,
+the offline judge's score for that side (``personalign.judges.offline.side_score``), averaged over the
+answers of the combinations with that side on the instructions both runs hold, for preference prompting
+and each method in both runs. Nothing is generated or judged here.
 
     python bench/four_dimensions.py [--four-way runs/eval-structure] [--three-way runs/eval-psoups-all]
         [--previous RUN] [--output bench/four_dimensions.json]
@@ -95,6 +100,43 @@ def against_previous(mine_all: dict, prev_all: dict) -> dict[str, dict]:
     return out
 
 
+def mean_side_scores(run: Path, method: str, ids: set[str]) -> dict[str, float]:
+    """Old side -> the offline judge's score for it, averaged over ``method``'s answers in ``run`` of the
+    combinations with that side, on the instructions ``ids``."""
+    from personalign.judges.offline import side_score
+    from personalign.data import read_jsonl
+
+    scores: dict[str, list[float]] = {}
+    for path in sorted((run / "generations" / method).glob("*.jsonl")):
+        for row in read_jsonl(path):
+            if row["id"] not in ids:
+                continue
+            for side in path.stem.split("+"):
+                if side in OLD:
+                    scores.setdefault(side, []).append(side_score(side, row["prompt"], row["response"]))
+    return {side: sum(v) / len(v) for side, v in sorted(scores.items())}
+
+
+def reference_shift(four_run: Path, three_run: Path, methods: list[str]) -> dict[str, dict]:
+    """Per four-way method (and preference prompting): its mean side scores and the same rule's at
+    strength 1 in the three-way run, on the instructions both runs generated for."""
+    from personalign.data import read_jsonl
+
+    def ids_of(run: Path) -> set[str]:
+        return {row["id"] for path in (run / "generations" / "prompt").glob("*.jsonl") for row in read_jsonl(path)}
+
+    ids = ids_of(four_run) & ids_of(three_run)
+    out = {}
+    for method in ["prompt", *methods]:
+        label3 = three_way_label(method)
+        if not (four_run / "generations" / method).is_dir() or not (three_run / "generations" / label3).is_dir():
+            continue
+        out[method] = {"four_way": mean_side_scores(four_run, method, ids),
+                       "three_way": mean_side_scores(three_run, label3, ids), "three_way_method": label3,
+                       "instructions": len(ids)}
+    return out
+
+
 def pct(w: dict) -> str:
     return f"{100 * w['value']:.1f} [{100 * w['low']:.1f}, {100 * w['high']:.1f}]"
 
@@ -146,6 +188,7 @@ def main() -> None:
             prev = previous.get(kind)
             if prev is not None and (prev["_folder"] / method).is_dir():
                 row[kind]["against_previous"] = against_previous(mine_all, recorded_outcomes(prev["_folder"], method))
+    doc["reference_shift"] = reference_shift(Path(args.four_way), Path(args.three_way), list(doc["methods"]))
     Path(args.output).write_text(json.dumps(doc, indent=2))
 
     for kind in ("labelled", "independent"):
@@ -188,6 +231,23 @@ def main() -> None:
                 print(f"| {method} | " + " | ".join(
                     "—" if s not in r else f"{100 * r[s]['value']:+.1f} [{100 * r[s]['low']:+.1f}, "
                     f"{100 * r[s]['high']:+.1f}]" for s in names) + " |")
+    shift = doc["reference_shift"]
+    if "prompt" in shift:
+        print("\nthe offline judge's side score, mean per answer (three-way -> four-way); the margin is the "
+              "method's minus preference prompting's\n")
+        print("| method | " + " | ".join(OLD) + " |\n|---|" + "---|" * len(OLD))
+        ref = shift["prompt"]
+        for method, r in shift.items():
+            cells = []
+            for s in OLD:
+                if s not in r["four_way"] or s not in r["three_way"]:
+                    cells.append("—")
+                elif method == "prompt":
+                    cells.append(f"{r['three_way'][s]:+.3f} -> {r['four_way'][s]:+.3f}")
+                else:
+                    cells.append(f"margin {r['three_way'][s] - ref['three_way'][s]:+.3f} -> "
+                                 f"{r['four_way'][s] - ref['four_way'][s]:+.3f}")
+            print(f"| {method} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
