@@ -32,6 +32,7 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
+from personalign.data import read_jsonl
 from personalign.evaluation import paired_difference_ci
 from personalign.generations import parse_method
 from personalign.personalize import strength_suffix
@@ -89,14 +90,13 @@ def against_previous(mine_all: dict, prev_all: dict) -> dict[str, dict]:
                 continue
             ids = sorted(set(outcomes) & set(prev))
             cols[f"{combo}/{side}"] = ([outcomes[i] for i in ids], [prev[i] for i in ids])
-    out = {}
-    if cols:
-        out["avg"] = asdict(paired_difference_ci({k: a for k, (a, _) in cols.items()},
-                                                 {k: b for k, (_, b) in cols.items()}))
+
+    def paired(keep: dict[str, tuple[list[str], list[str]]]) -> dict:
+        return asdict(paired_difference_ci({k: a for k, (a, _) in keep.items()}, {k: b for k, (_, b) in keep.items()}))
+
+    out = {"avg": paired(cols)} if cols else {}
     for side in sorted({k.rsplit("/", 1)[1] for k in cols}):
-        keep = {k: v for k, v in cols.items() if k.endswith("/" + side)}
-        out[side] = asdict(paired_difference_ci({k: a for k, (a, _) in keep.items()},
-                                                {k: b for k, (_, b) in keep.items()}))
+        out[side] = paired({k: v for k, v in cols.items() if k.endswith("/" + side)})
     return out
 
 
@@ -104,7 +104,6 @@ def mean_side_scores(run: Path, method: str, ids: set[str]) -> dict[str, float]:
     """Old side -> the offline judge's score for it, averaged over ``method``'s answers in ``run`` of the
     combinations with that side, on the instructions ``ids``."""
     from personalign.judges.offline import side_score
-    from personalign.data import read_jsonl
 
     scores: dict[str, list[float]] = {}
     for path in sorted((run / "generations" / method).glob("*.jsonl")):
@@ -119,21 +118,27 @@ def mean_side_scores(run: Path, method: str, ids: set[str]) -> dict[str, float]:
 
 def reference_shift(four_run: Path, three_run: Path, methods: list[str]) -> dict[str, dict]:
     """Per four-way method (and preference prompting): its mean side scores and the same rule's at
-    strength 1 in the three-way run, on the instructions both runs generated for."""
-    from personalign.data import read_jsonl
+    strength 1 in the three-way run, on the instructions both runs generated for (each run's method
+    scored once, however many four-way methods share its three-way rule)."""
 
     def ids_of(run: Path) -> set[str]:
         return {row["id"] for path in (run / "generations" / "prompt").glob("*.jsonl") for row in read_jsonl(path)}
 
     ids = ids_of(four_run) & ids_of(three_run)
+    scored: dict[tuple[Path, str], dict[str, float]] = {}
+
+    def scores(run: Path, method: str) -> dict[str, float]:
+        if (run, method) not in scored:
+            scored[run, method] = mean_side_scores(run, method, ids)
+        return scored[run, method]
+
     out = {}
     for method in ["prompt", *methods]:
         label3 = three_way_label(method)
         if not (four_run / "generations" / method).is_dir() or not (three_run / "generations" / label3).is_dir():
             continue
-        out[method] = {"four_way": mean_side_scores(four_run, method, ids),
-                       "three_way": mean_side_scores(three_run, label3, ids), "three_way_method": label3,
-                       "instructions": len(ids)}
+        out[method] = {"four_way": scores(four_run, method), "three_way": scores(three_run, label3),
+                       "three_way_method": label3, "instructions": len(ids)}
     return out
 
 
