@@ -4,7 +4,9 @@ and ``personalign generate --output`` writes the same files (:func:`write_answer
 
 Method labels name files and table rows: ``vanilla``, ``prompt``, ``soup-<merge>``, ``mope-<rule>``,
 ``mope-pcm`` (the shipped PCM), ``expert-<k>`` (the combination's dimension-k side alone),
-``adapter:PATH`` and ``pcm:PATH``; :func:`parse_method` turns each into the entry point's
+``adapter:PATH`` and ``pcm:PATH``; soups and mixtures take ``-w<key>=<weight>`` (a side's weight in the
+combination: ``soup-exact-w4=2`` weighs the dimension-4 side twice the others) and ``-x<strength>``
+suffixes. :func:`parse_method` turns each into the entry point's
 :class:`~personalign.personalize.MethodOptions`, which checks everything (:func:`~personalign.personalize.resolve`).
 """
 
@@ -35,8 +37,11 @@ METHOD_FORMS = ("vanilla, prompt, soup-<merge> (merge: psoups, exact, ties, dare
                 "expert-<k> (the combination's side of dimension k alone), "
                 "mope-<rule> (rule: prob, logit, uniform, extrapolate), mope-pcm (MoPE weighted by the shipped "
                 "Preference Control Model), adapter:PATH, pcm:PATH (MoPE weighted by a train-pcm folder's PCM); "
-                "soups and mope-extrapolate take a strength suffix -x<strength>, e.g. soup-exact-x2")
+                "soups and mope-extrapolate take a strength suffix -x<strength>, e.g. soup-exact-x2; soups and "
+                "mope-prob, -logit and -extrapolate take side weights -w<key>=<weight>[+<key>=<weight>] before it, "
+                "key a dimension number or a side, e.g. soup-exact-w4=2 or soup-exact-wP2A=0.5-x2")
 _STRENGTH = re.compile(r"^(?P<method>.+)-x(?P<strength>\d+(?:\.\d+)?)$")
+_WEIGHTS = re.compile(r"^(?P<method>.+?)-w(?P<weights>[A-Za-z0-9_]+=[^+=]+(?:\+[A-Za-z0-9_]+=[^+=]+)*)$")
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,7 @@ class MethodSpec:
     adapter: str | None = None  # adapter:PATH
     pcm: str | None = None  # pcm:PATH, learned MoPE
     strength: float = 1.0  # soups and mope-extrapolate: the -x<strength> suffix
+    side_weights: tuple[tuple[str, float], ...] = ()  # the -w suffix: (dimension number or side, weight)
 
     @property
     def uses_experts(self) -> bool:
@@ -85,6 +91,32 @@ def parse_method(spec: str) -> MethodSpec:
             raise ConfigError(f"method {spec!r}: write the strength as {inner.label}{strength_suffix(strength)}"
                               if strength != 1 else f"method {spec!r}: strength 1 is {inner.label}")
         return replace(inner, label=s, strength=strength)
+    weighted = None if s.startswith(("adapter:", "pcm:")) else _WEIGHTS.match(s)
+    if weighted is not None:
+        inner = parse_method(weighted["method"])
+        if not (inner.kind in (Method.SOUP, Method.MOPE) and inner.variant != "uniform" and inner.pcm is None):
+            raise ConfigError(f"method {spec!r}: side weights -w<key>=<weight> go with soup-<merge>, mope-prob, "
+                              "mope-logit and mope-extrapolate only")
+        if inner.strength != 1:
+            raise ConfigError(f"method {spec!r}: write the side weights before the strength, as in "
+                              "soup-exact-w4=2-x1.5")
+        pairs: list[tuple[str, float]] = []
+        for token in weighted["weights"].split("+"):
+            key, _, text = token.partition("=")
+            try:
+                w = float(text)
+            except ValueError:
+                w = float("nan")
+            if not (w > 0 and w < float("inf")) or w == 1:
+                raise ConfigError(f"method {spec!r}: the weight in {token!r} must be a positive number other "
+                                  "than 1 (every side weighs 1 unless the suffix names it)")
+            if any(k.lower() == key.lower() for k, _ in pairs):
+                raise ConfigError(f"method {spec!r} weighs {key!r} twice")
+            pairs.append((key, w))
+        canonical = inner.label + "-w" + "+".join(f"{k}={w:g}" for k, w in pairs)
+        if s != canonical:
+            raise ConfigError(f"method {spec!r}: write it as {canonical}")
+        return replace(inner, label=s, side_weights=tuple(pairs))
     if s.startswith("adapter:"):
         path = s.split(":", 1)[1].strip()
         if not path:
@@ -122,7 +154,36 @@ def method_prefs(m: MethodSpec, combo: Preference) -> str | None:
             raise ConfigError(f"method {m.label} needs a combination with at least {m.dimension} sides; "
                               f"{combo.spec()} has {len(sides)}")
         return sides[m.dimension - 1]  # type: ignore[operator]
+    if m.side_weights:
+        return weighted_combination(m, combo)
     return combo.spec()
+
+
+def weighted_combination(m: MethodSpec, combo: Preference) -> str:
+    """``combo`` with ``m``'s side weights: every side weight 1 but those its ``-w`` suffix names, by
+    dimension number or by side. A key the preference space does not know is refused."""
+    space = combo.space
+    dims = list(space.dimensions)
+    weights = dict.fromkeys(combo.sides, 1.0)
+    named: dict[str, str] = {}
+    for key, w in m.side_weights:
+        if key.isdigit():
+            if not 1 <= int(key) <= len(dims):
+                raise ConfigError(f"method {m.label}: there is no dimension {key}; the preference space has "
+                                  f"{len(dims)}")
+            hit = [s for s in combo.sides if space.dimension_of(s) == dims[int(key) - 1]]
+        else:
+            try:
+                side = space.resolve(key)
+            except PersonalignError as exc:
+                raise ConfigError(f"method {m.label}: {exc}") from None
+            hit = [side] if side in weights else []
+        for s in hit:
+            if s in named:
+                raise ConfigError(f"method {m.label} weighs side {s} twice, as {named[s]!r} and {key!r}")
+            named[s] = key
+            weights[s] = w
+    return ",".join(f"{s}={w:g}" for s, w in weights.items())
 
 
 def combo_label(combo: Preference) -> str:

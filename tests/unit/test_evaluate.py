@@ -135,6 +135,24 @@ def test_method_specs():
             evaluate.parse_method(bad)
     combo = evaluate.load_space().parse("1B,2A,3A")
     assert evaluate.method_prefs(evaluate.parse_method("expert-1"), combo) == "P1B"
+    # side weights: by dimension number or by side, before the strength; sides not named weigh 1
+    weighted = evaluate.parse_method("soup-exact-w3=2+P1B=0.5-x1.5")
+    assert (weighted.label, weighted.kind, weighted.variant, weighted.strength, weighted.side_weights) == (
+        "soup-exact-w3=2+P1B=0.5-x1.5", Method.SOUP, "exact", 1.5, (("3", 2.0), ("P1B", 0.5)))
+    assert evaluate.method_prefs(weighted, combo) == "P1B=0.5,P2A=1,P3A=2"
+    assert evaluate.method_prefs(evaluate.parse_method("mope-prob-wconcise=3"), combo) == "P1B=1,P2A=3,P3A=1"
+    assert evaluate.method_prefs(evaluate.parse_method("mope-prob-wP2B=3"), combo) == "P1B=1,P2A=1,P3A=1"
+    for bad, match in [("soup-exact-x2-w1=2", "before the strength"), ("mope-uniform-w1=2", "go with soup"),
+                       ("expert-1-w1=2", "go with soup"), ("soup-exact-w1=1", "other than 1"),
+                       ("soup-exact-w1=0", "positive"), ("soup-exact-w1=-2", "positive"),
+                       ("soup-exact-w1=nan", "positive"), ("soup-exact-w1=2+1=3", "twice"),
+                       ("soup-exact-w1=2.50", "write it as soup-exact-w1=2.5")]:
+        with pytest.raises(ConfigError, match=match):
+            evaluate.parse_method(bad)
+    for bad, match in [("soup-exact-w4=2", "no dimension 4"), ("soup-exact-wfoo=2", "unknown preference side"),
+                       ("soup-exact-w2=2+concise=3", "weighs side P2A twice")]:
+        with pytest.raises(ConfigError, match=match):
+            evaluate.method_prefs(evaluate.parse_method(bad), combo)
     assert evaluate.method_prefs(evaluate.parse_method("vanilla"), combo) is None
     assert evaluate.combo_label(combo) == "P1B+P2A+P3A"
 
@@ -217,6 +235,24 @@ def test_generation_files_are_shared_where_the_method_ignores_the_combination(tm
     assert plan.jobs[run / "vanilla" / "all.jsonl"].prefs is None
     assert plan.reference.label == "prompt" and [m.label for m in plan.methods] == ["vanilla", "soup-psoups",
                                                                                     "expert-1"]
+
+
+def test_side_weights_generate_their_own_files_with_the_weighted_preference(tmp_path):
+    experts = _fake_experts(tmp_path / "experts", ("P1A", "P1B", "P2A", "P3A"))
+    cfg = _cfg(tmp_path, "m", experts, methods=["prompt", "soup-exact", "soup-exact-w1=2-x1.5", "mope-prob-w3=0.5"])
+    plan = evaluate.validate(cfg, judge=AlwaysA())
+    run = tmp_path / "run" / "generations"
+    job = plan.jobs[run / "soup-exact-w1=2-x1.5" / "P1B+P2A+P3A.jsonl"]
+    assert job.prefs == "P1B=2,P2A=1,P3A=1" and job.options.strength == 1.5 and job.options.merge == "exact"
+    spec = generations.job_spec(cfg, job)
+    assert spec.preference.normalized() == pytest.approx({"P1B": 0.5, "P2A": 0.25, "P3A": 0.25})
+    assert spec.preference.prompt_sides() == ("P1B", "P2A", "P3A")  # the same preference prompt as the combination
+    assert plan.jobs[run / "mope-prob-w3=0.5" / "P1A+P2A+P3A.jsonl"].prefs == "P1A=1,P2A=1,P3A=0.5"
+    assert plan.jobs[run / "soup-exact" / "P1A+P2A+P3A.jsonl"].prefs == "P1A,P2A,P3A"
+    # judged on the combination's criteria, as every method
+    assert {m.label for m in plan.methods} == {"soup-exact", "soup-exact-w1=2-x1.5", "mope-prob-w3=0.5"}
+    with pytest.raises(ConfigError, match="no dimension 7"):
+        evaluate.validate(_cfg(tmp_path, "m", experts, methods=["prompt", "soup-exact-w7=2"]), judge=AlwaysA())
 
 
 # ---------------------------------------------------------------- win rates by hand
@@ -438,6 +474,7 @@ def test_pareto_validation_and_reference_point(tmp_path):
     assert pareto.hypervolume_reference([(3, -4), (3, -2)], 0.5) == pytest.approx((1.5, -5.0))
     for bad, match in [({"weights": [0, 1.5]}, "outside"), ({"sides": ["P2A"]}, "two sides"),
                        ({"methods": ["mope-uniform"]}, "does not take weights"),
+                       ({"methods": ["soup-exact-w1=2"]}, "carries side weights"),
                        ({"sides": ["P2A", "P3C"]}, "cannot score"), ({"fixed": ["P2A"]}, "swept dimension")]:
         with pytest.raises(PersonalignError, match=match):
             base = {"run_dir": str(tmp_path), "experts": str(tmp_path)}

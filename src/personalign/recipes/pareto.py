@@ -164,6 +164,9 @@ def validate(cfg: ParetoConfig) -> ParetoPlan:
         if m.kind not in (Method.SOUP, Method.MOPE) or m.variant == "uniform":
             raise ConfigError(f"method {m.label} does not take weights; "
                               "sweep soup-<merge>, mope-prob or mope-logit")
+        if m.side_weights:
+            raise ConfigError(f"method {m.label} carries side weights, and the sweep sets the weights; "
+                              "write it without its -w suffix")
         if any(o.label == m.label for o in methods):
             raise ConfigError(f"methods lists {m.label} twice")
         methods.append(m)
