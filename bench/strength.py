@@ -1,7 +1,7 @@
 """Preference strength: sweep it, choose a default on held-out training instructions, report it on the
 evaluation set.
 
-    python bench/strength.py select [--n 16] [--family soup|mope|all]   # sweep on held-out builtin:train
+    python bench/strength.py select [--n 16] [--family soup|mope|all] [--extra LABELS]  # held-out builtin:train
     python bench/strength.py choose                                     # the defaults, from the sweep
     python bench/strength.py final --family soup|mope [--strength S]    # on builtin:eval (143 x 8)
     python bench/strength.py report                                     # bench/strength.json + .png
@@ -13,7 +13,8 @@ seed 0), once with the offline judge and once with the independent judge, agains
 * **select**: instructions of ``builtin:train`` that no shipped expert saw in RL training
   (:func:`personalign.provenance.unseen_prompts`), ``--n`` of them in a seeded order, the eight combinations;
   the exact soup and ``mope-extrapolate`` at strengths 1, 1.5, 2, 3, and the psoups soup at strength 1 for
-  reference. Run folder ``runs/strength-select``.
+  reference. Run folder ``runs/strength-select``. ``--extra`` adds method labels to the sweep, e.g. side
+  weights with a strength (``soup-exact-wP2A=0.5-x2``): they are candidates of their family in ``choose``.
 * **choose**: per family, the strength with the highest average criterion win rate (mean of both judges)
   among those that meet the issue's per-combination targets on the held-out instructions: on-topic
   similarity at least 0.9x prompting's and distinct-2 at least 0.95x in *every* combination. Ties go to
@@ -21,7 +22,7 @@ seed 0), once with the offline judge and once with the independent judge, agains
   ``any_eligible: false``: a stronger setting that fails the gate is never chosen for its win rate. (The
   rule first gated on the mean of the per-combination ratios, and the mean hid the concise combinations:
   it chose 3, whose minimum was 0.53-0.60.)
-* **final**: the chosen setting (or ``--strength``) on all 143 evaluation instructions in
+* **final**: the chosen setting (or ``--strength``, or the labels of ``--extra``) on all 143 evaluation instructions in
   ``runs/eval-strength``, seeded with prompting's generation files from the recorded evaluation
   ``runs/eval-psoups-all`` (same settings, checked by its generation identity). Once the strength-1 exact
   soup is evaluated there (``--family soup --strength 1``), every method is also paired against it on the
@@ -47,6 +48,7 @@ import yaml
 from personalign.compose import shipped_experts_dir
 from personalign.data import load_prompts, read_jsonl
 from personalign.evaluation import paired_difference_ci
+from personalign.generations import parse_method
 from personalign.provenance import unseen_prompts
 from personalign.report import (
     cut_to_lengths,
@@ -83,6 +85,25 @@ def family_methods(family: str) -> list[str]:
     soups = [label("exact", s) for s in STRENGTHS]
     mope = [label("mope", s) for s in STRENGTHS]
     return {"soup": soups, "mope": mope, "all": soups + mope}[family]
+
+
+def family_of(method: str) -> str | None:
+    """``exact`` for exact soups, ``mope`` for the extrapolate rule (any strength or side weights), else None."""
+    m = parse_method(method)
+    if m.kind.value == "soup" and m.variant == "exact":
+        return "exact"
+    if m.kind.value == "mope" and m.variant == "extrapolate" and m.pcm is None:
+        return "mope"
+    return None
+
+
+def extras(text: str | None) -> list[str]:
+    """``--extra``: comma-separated method labels, each checked (a bad label is refused before any run)."""
+    labels = [t.strip() for t in (text or "").split(",") if t.strip()]
+    for t in labels:
+        if family_of(t) is None:
+            raise SystemExit(f"--extra {t}: only exact soups and mope-extrapolate are swept here")
+    return labels
 
 
 def held_out(n: int) -> list[dict[str, str]]:
@@ -222,20 +243,21 @@ def choose(summary: dict) -> dict[str, dict]:
     picks = {}
     for family in ("exact", "mope"):
         cands = []
-        for s in STRENGTHS:
-            row = summary["methods"].get(label(family, s))
-            if row is None:
+        for name, row in summary["methods"].items():
+            if family_of(name) != family:
                 continue
+            m = parse_method(name)
             ok = row["ontopic_ratio_min"] >= 0.9 and row["distinct_2_ratio_min"] >= 0.95
             score = sum(w["value"] for w in row["win_rate"].values()) / len(row["win_rate"])
-            cands.append({"strength": s, "label": label(family, s), "eligible": ok, "score": score,
+            cands.append({"strength": m.strength, "label": name, "side_weights": dict(m.side_weights),
+                          "eligible": ok, "score": score,
                           "ontopic_ratio_mean": row["ontopic_ratio_mean"],
                           "ontopic_ratio_min": row["ontopic_ratio_min"],
                           "distinct_2_ratio_min": row["distinct_2_ratio_min"]})
         eligible = [c for c in cands if c["eligible"]]
         if cands:
             best = (max(eligible, key=lambda c: (c["score"], -c["strength"])) if eligible
-                    else next((c for c in cands if c["strength"] == 1.0), None))
+                    else next((c for c in cands if c["label"] == label(family, 1.0)), None))
             if best is None:
                 raise SystemExit(f"choose: no {family} strength meets the gate and strength 1 was not swept")
             picks[family] = {"chosen": best["strength"], "label": best["label"], "any_eligible": bool(eligible),
@@ -262,6 +284,15 @@ def plot(summaries: dict[str, dict], path: Path) -> None:
                         label=f"{family} ({judge})")
                 for x, y, s in pts:
                     ax.annotate(f"{s:g}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+        standard = {label(f, s) for f in ("psoups", "exact", "mope") for s in STRENGTHS}
+        for name, row in summary["methods"].items():  # the --extra settings: one point each
+            if name in standard or not family_of(name):
+                continue
+            for judge, color in (("offline", "tab:blue"), ("independent", "tab:orange")):
+                if judge in row["win_rate"]:
+                    x, y = row["ontopic_ratio_mean"], row["win_rate"][judge]["value"]
+                    ax.plot([x], [y], marker="*", ms=9, color=color, ls="none")
+                    ax.annotate(name, (x, y), textcoords="offset points", xytext=(3, -9), fontsize=6)
         ax.axvline(0.9, color="grey", ls=":", lw=1)
         ax.axhline(0.5, color="grey", ls=":", lw=1)
         ax.set_xlabel("on-topic similarity / prompting's (mean over combinations)")
@@ -279,8 +310,10 @@ def main() -> int:
     ap.add_argument("--family", choices=("soup", "mope", "all"), default="all")
     ap.add_argument("--strength", type=float, help="final: the strength to evaluate (default: the chosen one)")
     ap.add_argument("--soups", default="exact", help="final: the soup rules to evaluate, e.g. exact,psoups")
+    ap.add_argument("--extra", help="select, final: more method labels, comma-separated, e.g. soup-exact-wP2A=0.5-x2")
     args = ap.parse_args()
     doc = json.loads(OUT.read_text()) if OUT.is_file() else {}
+    more = extras(args.extra)
     if args.stage == "select":
         SELECT.mkdir(parents=True, exist_ok=True)
         prompts = SELECT / "prompts.jsonl"
@@ -289,11 +322,15 @@ def main() -> int:
             rows = held_out(args.n)
             assert [json.loads(x) for x in have] == rows[: len(have)]
             prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        for judge in JUDGES:
-            run_eval(SELECT, str(prompts), family_methods(args.family), judge)
+        swept = [*family_methods(args.family), *more]
+        done = [p.name for p in (SELECT / "generations").iterdir() if p.is_dir() and p.name != "prompt"
+                and family_of(p.name)] if (SELECT / "generations").is_dir() else []
+        for judge in JUDGES:  # the methods swept before stay in the tables; only new files are generated
+            run_eval(SELECT, str(prompts), list(dict.fromkeys([*swept, *sorted(done)])), judge)
         return 0
     if args.stage == "choose":
-        summary = summarize(SELECT, family_methods("all"))
+        swept = [p.name for p in sorted((SELECT / "generations").iterdir()) if p.is_dir() and p.name != "prompt"]
+        summary = summarize(SELECT, [m for m in dict.fromkeys([*family_methods("all"), *swept]) if family_of(m)])
         doc.update(select=summary, chosen=choose(summary))
         OUT.write_text(json.dumps(doc, indent=1))
         print(json.dumps({f: {k: v for k, v in p.items() if k != "candidates"} for f, p in doc["chosen"].items()}))
@@ -306,13 +343,15 @@ def main() -> int:
         if args.family in ("mope", "all"):
             s = args.strength if args.strength is not None else doc["chosen"]["mope"]["chosen"]
             methods.append(label("mope", s))
+        methods += more
         seed_final()
         done = [p.name for p in (FINAL / "generations").iterdir() if p.is_dir() and p.name != "prompt"]
         for judge in JUDGES:  # the methods evaluated before stay in the report; only new files are generated
             run_eval(FINAL, "builtin:eval", list(dict.fromkeys([*methods, *sorted(done)])), judge)
         return 0
-    labels = [*family_methods("all"), *(label("psoups", s) for s in STRENGTHS[1:])]
-    final = summarize(FINAL, [*labels, "mope-uniform"])
+    labels = [*family_methods("all"), *(label("psoups", s) for s in STRENGTHS[1:]), "mope-uniform"]
+    made = [p.name for p in sorted((FINAL / "generations").iterdir()) if p.is_dir() and p.name != "prompt"]
+    final = summarize(FINAL, list(dict.fromkeys([*labels, *made])))
     final["paired_to_recorded_soup_exact"] = paired_to_recorded(list(final["methods"]))
     doc["final"] = final
     OUT.write_text(json.dumps(doc, indent=1))
