@@ -292,7 +292,8 @@ def plot(summaries: dict[str, dict], path: Path) -> None:
                 if judge in row["win_rate"]:
                     x, y = row["ontopic_ratio_mean"], row["win_rate"][judge]["value"]
                     ax.plot([x], [y], marker="*", ms=9, color=color, ls="none")
-                    ax.annotate(name, (x, y), textcoords="offset points", xytext=(3, -9), fontsize=6)
+                    if judge == "offline":  # one label per setting
+                        ax.annotate(name, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=6)
         ax.axvline(0.9, color="grey", ls=":", lw=1)
         ax.axhline(0.5, color="grey", ls=":", lw=1)
         ax.set_xlabel("on-topic similarity / prompting's (mean over combinations)")
