@@ -220,3 +220,18 @@ def test_appended_preference_prompt_does_not_count_as_the_question():
     with_pref = f"{question} {default_space().sides['P2A'].prompt}"
     for response in ("The capital of France is Paris.", "Concise and to the point: Paris."):
         assert side_score("P2A", with_pref, response) == side_score("P2A", question, response)
+
+
+def test_question_coverage_is_the_share_of_the_question_named():
+    from personalign.judges.offline import question_coverage
+    from personalign.preferences import BUILTIN_SIDES
+
+    q = "Explain how green plants make sugar from sunlight."  # content: explain, green, plant, sugar, sunlight
+    prompted = q + " " + BUILTIN_SIDES[2].prompt  # the appended preference prompt is not the question
+    got = question_coverage([q, q, q, prompted, "How?"],
+                            ["Plants use sunlight to make sugar.", "I love my dog!", "", "Green plants, sugar.",
+                             "Yes."])
+    # plant(s), sunlight, sugar of five; nothing; nothing; green, plant, sugar; a question with no content word
+    assert got == pytest.approx([3 / 5, 0.0, 0.0, 3 / 5, 0.0])
+    with pytest.raises(ValueError, match="2 prompts for 1 responses"):
+        question_coverage([q, q], ["x"])

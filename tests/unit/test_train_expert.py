@@ -290,6 +290,8 @@ def test_kl_stop_keeps_the_last_policy_within_the_limit(tmp_path, tiny_model_dir
     ({"algorithm": "dpo"}, "algorithm must be one of rloo, grpo, ppo"),
     ({"kl_estimator": "k9"}, "kl_estimator must be one of k1, k3"),
     ({"kl_stop": 0.0}, "kl_stop must be a positive number"),
+    ({"ontopic_coef": -1.0}, "ontopic_coef must be a finite number >= 0"),
+    ({"ontopic_coef": float("nan")}, "ontopic_coef must be a finite number >= 0"),
     ({"temperature": 0.0}, "temperature must be in"),
     ({"minibatch_size": 99}, "minibatch_size must be between 1 and"),
     ({"lora": LoraSpec(r=4, dropout=1.5)}, r"lora.dropout must be in \[0, 1\)"),
@@ -305,6 +307,25 @@ def test_bad_input_fails_before_any_model_loads(tmp_path, tiny_model_dir, monkey
     with pytest.raises(PersonalignError, match=match):
         te.main(_cfg(tmp_path, tiny_model_dir, **change))
     assert not (tmp_path / "run").exists()
+
+
+def test_ontopic_coef_adds_coverage_to_the_normalised_score(tmp_path, tiny_model_dir, monkeypatch):
+    """The same seeded step with ontopic_coef 0 and 2: the update sees the normalised score plus 2 x each
+    sample's question coverage, and the coverage is logged either way."""
+    fixed = [0.5, 0.0, 1.0, 0.25]
+    monkeypatch.setattr(te, "question_coverage", lambda prompts, texts: fixed[: len(texts)])
+    seen = []
+    real = te.rl_update
+
+    def spy(rl_state, ro, score_n, *a, **k):
+        seen.append(score_n.detach().clone())
+        return real(rl_state, ro, score_n, *a, **k)
+
+    monkeypatch.setattr(te, "rl_update", spy)
+    for name, coef in (("plain", 0.0), ("ontopic", 2.0)):
+        te.main(_cfg(tmp_path, tiny_model_dir, name=name, steps=1, ontopic_coef=coef))
+        assert _rows(tmp_path / name)[0]["train/coverage"] == pytest.approx(sum(fixed) / 4)
+    assert torch.allclose(seen[1], seen[0] + 2.0 * torch.tensor(fixed, dtype=seen[0].dtype))
 
 
 def test_config_loads_from_overrides():

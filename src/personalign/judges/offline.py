@@ -72,6 +72,7 @@ __all__ = [
     "TextFeatures",
     "analyze",
     "expertise_level",
+    "question_coverage",
     "side_score",
 ]
 
@@ -289,6 +290,20 @@ def _prompt_content(prompt: str) -> set[str]:
     for side in BUILTIN_SIDES:
         prompt = prompt.replace(side.prompt, " ")
     return set(_content_words(analyze(prompt).words))
+
+
+def question_coverage(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+    """Per answer, the share of its question's content words (stopwords dropped, plurals folded, the
+    built-in preference prompts removed) that the answer uses: 1 when it names everything asked about,
+    0 when it names none of it or the question has no content word. A lexical measure of staying on the
+    question, with no model; the concise side's score rewards the same coverage."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts for {len(responses)} responses")
+    out = []
+    for prompt, response in zip(prompts, responses):
+        asked = _prompt_content(prompt)
+        out.append(len(asked & set(_content_words(analyze(response).words))) / len(asked) if asked else 0.0)
+    return out
 
 
 # -- side scores ------------------------------------------------------------------------------

@@ -51,7 +51,9 @@ Metrics per step: ``train/reward_raw`` (mean reward-function output), ``train/re
 normalised score), ``train/reward_total`` (normalised score minus the KL penalty: the objective),
 ``train/kl`` (mean over samples of the summed per-token KL), ``train/kl_coef``, ``train/loss``,
 ``train/policy_loss``, ``train/value_loss`` (ppo), ``train/clipfrac``, ``train/entropy`` (mean
-per-token entropy of the sampling distribution), ``train/response_length`` (tokens, end-of-sequence
+per-token entropy of the sampling distribution), ``train/coverage`` (mean share of the question's content
+words the samples use, :func:`personalign.judges.offline.question_coverage`: a drift monitor, and with
+``ontopic_coef`` > 0 part of the score), ``train/response_length`` (tokens, end-of-sequence
 included), ``train/truncated`` (share of samples that hit ``max_new_tokens``), ``train/lr``,
 ``time/step_seconds``, ``time/samples_per_second``.
 """
@@ -59,6 +61,7 @@ included), ``train/truncated`` (share of samples that hit ``max_new_tokens``), `
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 import time
@@ -70,7 +73,9 @@ import torch
 
 from personalign.config import to_dict
 from personalign.distributed import init as init_distributed
+from personalign.errors import ConfigError
 from personalign.generation import batch_seed, eos_token_ids
+from personalign.judges.offline import question_coverage
 from personalign.personalize import Method, build_prompts
 from personalign.reward_model import LoraSpec
 from personalign.rl import (
@@ -136,6 +141,10 @@ class TrainExpertConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     missing_eos_penalty: float = 0.0  # subtracted from the score of samples cut at max_new_tokens
+    # Added to each sample's normalised score times its question coverage (0-1, the share of the
+    # question's content words it uses): a pull back to the question, in reward standard deviations.
+    # 0 (default): coverage is only logged.
+    ontopic_coef: float = 0.0
     seed: int = 0
     checkpoint_every: int = 20
     device: str = "auto"
@@ -170,6 +179,9 @@ def validate(cfg: TrainExpertConfig) -> Plan:
 
     c = resolve_defaults(cfg)
     check_settings(c)
+    if not (isinstance(c.ontopic_coef, (int, float)) and math.isfinite(c.ontopic_coef) and c.ontopic_coef >= 0):
+        raise ConfigError(f"ontopic_coef must be a finite number >= 0 (0: coverage only logged), "
+                          f"got {c.ontopic_coef!r}")
     resolve_dtype(c.dtype, resolve_device(c.device))  # raises ModelError naming the value
 
     space = load_space(c.dimensions)
@@ -250,6 +262,10 @@ def main(cfg: TrainExpertConfig) -> dict[str, float]:
         raw = reward_fn([plan.instructions[i].prompt for i in idx], ro.texts).to(device)  # (N,)
         score = raw - c.missing_eos_penalty * (~ro.finished).float()
         score_n = rl.normalize(score)  # (N,)
+        coverage = torch.tensor(question_coverage([plan.instructions[i].prompt for i in idx], ro.texts),
+                                dtype=score_n.dtype, device=device)  # (N,)
+        if c.ontopic_coef:
+            score_n = score_n + c.ontopic_coef * coverage
 
         # -- reference log-probs -> KL penalty -> advantages -> loss -> step
         update = rl_update(rl, ro, score_n, c, first, n)
@@ -260,6 +276,7 @@ def main(cfg: TrainExpertConfig) -> dict[str, float]:
         metrics = {
             "train/reward_raw": float(dist.gather(raw).mean()),
             "train/reward": float(dist.gather(score_n).mean()),
+            "train/coverage": float(dist.gather(coverage).mean()),
             **update,
             "train/response_length": float(dist.gather(mask.sum(1)).mean()),
             "train/truncated": float(dist.gather((~ro.finished).float()).mean()),
