@@ -73,6 +73,7 @@ class RLSettings(Protocol):
     ppo_epochs: int | None
     minibatch_size: int | None
     kl_coef: float | None
+    ontopic_coef: float
     adaptive_kl: bool | None
     kl_target: float
     kl_horizon: int
@@ -151,6 +152,8 @@ def check_settings(c: RLSettings) -> None:
     require(finite(c.top_p) and 0 < c.top_p <= 1, "top_p", c.top_p, "in (0, 1]")
     require(finite(c.missing_eos_penalty) and c.missing_eos_penalty >= 0, "missing_eos_penalty",
              c.missing_eos_penalty, "a number >= 0")
+    require(finite(c.ontopic_coef) and c.ontopic_coef >= 0, "ontopic_coef", c.ontopic_coef,
+             "a finite number >= 0 (0: question coverage only logged)")
     require(c.checkpoint_every >= 1, "checkpoint_every", c.checkpoint_every, "at least 1")
     require(c.lora.r >= 1, "lora.r", c.lora.r, "at least 1")
     require(finite(c.lora.alpha) and c.lora.alpha > 0, "lora.alpha", c.lora.alpha, "a positive number")

@@ -61,7 +61,6 @@ included), ``train/truncated`` (share of samples that hit ``max_new_tokens``), `
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import sys
 import time
@@ -73,7 +72,6 @@ import torch
 
 from personalign.config import to_dict
 from personalign.distributed import init as init_distributed
-from personalign.errors import ConfigError
 from personalign.generation import batch_seed, eos_token_ids
 from personalign.judges.offline import question_coverage
 from personalign.personalize import Method, build_prompts
@@ -179,9 +177,6 @@ def validate(cfg: TrainExpertConfig) -> Plan:
 
     c = resolve_defaults(cfg)
     check_settings(c)
-    if not (isinstance(c.ontopic_coef, (int, float)) and math.isfinite(c.ontopic_coef) and c.ontopic_coef >= 0):
-        raise ConfigError(f"ontopic_coef must be a finite number >= 0 (0: coverage only logged), "
-                          f"got {c.ontopic_coef!r}")
     resolve_dtype(c.dtype, resolve_device(c.device))  # raises ModelError naming the value
 
     space = load_space(c.dimensions)

@@ -59,6 +59,7 @@ from personalign.distributed import Dist, require_unsharded
 from personalign.distributed import init as init_distributed
 from personalign.errors import ConfigError, ModelError
 from personalign.generation import batch_seed, eos_token_ids
+from personalign.judges.offline import question_coverage
 from personalign.losses import RunningMeanStd
 from personalign.reward_model import LoraSpec
 from personalign.rl import (
@@ -119,6 +120,7 @@ class TrainPMORLConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     missing_eos_penalty: float = 0.0
+    ontopic_coef: float = 0.0  # as train-expert's: + coefficient x question coverage on the normalised score
     seed: int = 0
     checkpoint_every: int = 20
     device: str = "auto"
@@ -337,6 +339,10 @@ def main(cfg: TrainPMORLConfig) -> dict[str, float]:
         mine = scores.combined[first:first + len(idx)]
         score = mine.to(device) - c.missing_eos_penalty * (~ro.finished).float()
         score_n = rl.normalize(score)  # (N,)
+        coverage = torch.tensor(question_coverage(instructions, ro.texts), dtype=score_n.dtype,
+                                device=device)  # (N,)
+        if c.ontopic_coef:
+            score_n = score_n + c.ontopic_coef * coverage
 
         # -- reference log-probs -> KL penalty -> advantages -> loss -> step
         update = rl_update(rl, ro, score_n, c, first, n)
@@ -348,6 +354,7 @@ def main(cfg: TrainPMORLConfig) -> dict[str, float]:
             "train/reward_raw": float(scores.raw.mean()),
             "train/reward_combined": float(scores.combined.mean()),
             "train/reward": float(dist.gather(score_n).mean()),
+            "train/coverage": float(dist.gather(coverage).mean()),
             **update,
             "train/response_length": float(dist.gather(ro.mask.sum(1)).mean()),
             "train/truncated": float(dist.gather((~ro.finished).float()).mean()),
