@@ -454,3 +454,24 @@ def test_documented_commands_use_real_fields_and_the_yaml_parses(tmp_path):
     dims = tmp_path / "quality.yaml"
     dims.write_text(block.group(1))
     assert default_space().extended_from_yaml(dims).resolve("helpful") == "P4A"
+
+
+def test_pmorl_ontopic_coef_adds_coverage_to_the_normalised_score(tmp_path, tiny_model_dir, monkeypatch):
+    """As in train-expert: the same seeded step with ontopic_coef 0 and 1.5 differs in the update's score by
+    1.5 x each sample's question coverage, and the coverage is logged either way."""
+    fixed = [0.5, 0.0, 1.0, 0.25]
+    monkeypatch.setattr(pm, "question_coverage", lambda prompts, texts: fixed[: len(texts)])
+    seen = []
+    real = pm.rl_update
+
+    def spy(rl_state, ro, score_n, *a, **k):
+        seen.append(score_n.detach().clone())
+        return real(rl_state, ro, score_n, *a, **k)
+
+    monkeypatch.setattr(pm, "rl_update", spy)
+    for name, coef in (("plain", 0.0), ("ontopic", 1.5)):
+        pm.main(_pm_cfg(tmp_path, tiny_model_dir, name, steps=1, ontopic_coef=coef))
+        assert _rows(tmp_path / name)[0]["train/coverage"] == pytest.approx(sum(fixed) / 4)
+    assert torch.allclose(seen[1], seen[0] + 1.5 * torch.tensor(fixed, dtype=seen[0].dtype))
+    with pytest.raises(PersonalignError, match="ontopic_coef must be a finite number >= 0"):
+        pm.main(_pm_cfg(tmp_path, tiny_model_dir, "bad", ontopic_coef=-1.0))
