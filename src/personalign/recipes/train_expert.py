@@ -254,11 +254,11 @@ def main(cfg: TrainExpertConfig) -> dict[str, float]:
         mask = ro.mask  # (N, T)
 
         # -- score: the reward function on the decoded text, normalised by running statistics
-        raw = reward_fn([plan.instructions[i].prompt for i in idx], ro.texts).to(device)  # (N,)
+        asked = [plan.instructions[i].prompt for i in idx]
+        raw = reward_fn(asked, ro.texts).to(device)  # (N,)
         score = raw - c.missing_eos_penalty * (~ro.finished).float()
         score_n = rl.normalize(score)  # (N,)
-        coverage = torch.tensor(question_coverage([plan.instructions[i].prompt for i in idx], ro.texts),
-                                dtype=score_n.dtype, device=device)  # (N,)
+        coverage = torch.tensor(question_coverage(asked, ro.texts), dtype=score_n.dtype, device=device)  # (N,)
         if c.ontopic_coef:
             score_n = score_n + c.ontopic_coef * coverage
 
