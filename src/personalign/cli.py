@@ -675,7 +675,17 @@ def env() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    app(args=argv, prog_name="personalign")
+    try:
+        app(args=argv, prog_name="personalign")
+    except SystemExit as exc:
+        if "torch.distributed" in sys.modules:  # a launched training process ends without the teardown
+            from personalign.distributed import end_launched_process
+
+            code = exc.code
+            if code is not None and not isinstance(code, int):
+                print(code, file=sys.stderr)
+            end_launched_process(0 if code is None else code if isinstance(code, int) else 1)
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -34,8 +34,10 @@ One process (no launcher) gets ``Dist()``: every method is then the identity and
 from __future__ import annotations
 
 import atexit
+import gc
 import math
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -287,6 +289,25 @@ def _close() -> None:
     the process ("terminate called without an active exception") after its work is done."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def end_launched_process(code: int) -> None:
+    """End a process of a launched run (its process group started) with exit status ``code``, without the
+    interpreter's teardown: the process group is destroyed and collected while Python is fully alive,
+    the output flushed, and the process left with ``os._exit``. A gloo thread or work object still
+    alive during interpreter finalization aborts the process now and then (SIGABRT, "terminate called
+    without an active exception") after its work is done and saved, and the launcher then reports the
+    finished run as failed. Nothing to do (returns) when no process group runs."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    _close()
+    gc.collect()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed stream: nothing left to write
+            pass
+    os._exit(code)
 
 
 def require_unsharded(dist: Dist, command: str) -> None:

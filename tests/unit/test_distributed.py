@@ -485,3 +485,45 @@ def test_a_step_smaller_than_the_processes_is_refused_in_one_line():
     with pytest.raises(ConfigError, match=r"batch_prompts is 1, fewer than the 2 processes: each process needs at "
                                           r"least one pair per step \(batch_prompts=2 or more\)"):
         Dist(rank=1, world=2).require_per_process(1, "batch_prompts", "pair")
+
+
+class _Exited(Exception):
+    pass
+
+
+def _record_exit(monkeypatch) -> list[int]:
+    codes: list[int] = []
+
+    def fake_exit(code: int) -> None:
+        codes.append(code)
+        raise _Exited
+
+    monkeypatch.setattr(distributed.os, "_exit", fake_exit)
+    return codes
+
+
+@pytest.mark.parametrize(("argv", "code"), [(["--help"], 0), (["eval", "--config", "no-such-file.yaml"], 2)])
+def test_a_launched_process_ends_after_destroying_its_process_group(monkeypatch, tmp_path, argv, code):
+    """With a process group running, the CLI ends with the command's status through os._exit, after
+    the group is destroyed (no interpreter teardown for gloo's threads to abort)."""
+    from personalign.cli import main
+
+    codes = _record_exit(monkeypatch)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(_Exited):
+            main(argv)
+        assert codes == [code]
+        assert not torch.distributed.is_initialized()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def test_without_a_process_group_the_cli_exits_as_usual(monkeypatch):
+    from personalign.cli import main
+
+    codes = _record_exit(monkeypatch)
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0 and codes == []
