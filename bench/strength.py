@@ -6,6 +6,11 @@ evaluation set.
     python bench/strength.py final --family soup|mope [--strength S]    # on builtin:eval (143 x 8)
     python bench/strength.py report                                     # bench/strength.json + .png
 
+Every stage takes ``--experts DIR``: compose the experts in DIR (one ``<SIDE>/`` folder each) instead of the
+shipped ones. Its runs and record carry the folder's name (``runs/strength-select-NAME``,
+``runs/eval-strength-NAME``, ``bench/strength-NAME.json`` and ``.png``), so the shipped experts' record
+stays as it is; the held-out instructions are those that none of DIR's experts saw.
+
 Every stage runs ``personalign eval`` (resumable: a rerun generates and judges only what is missing) with
 the sampling of the recorded evaluation (96 new tokens, temperature 0.7, top-p 0.9, repetition penalty 1.1,
 seed 0), once with the offline judge and once with the independent judge, against preference prompting.
@@ -72,6 +77,20 @@ STRENGTHS = (1.0, 1.5, 2.0, 3.0)
 JUDGES = ("offline", "independent")
 SAMPLING = {"max_new_tokens": 96, "temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.1, "seed": 0}
 MODEL = "smollm2-135m-instruct"
+EXPERTS: Path | None = None  # --experts: the experts composed (None: the shipped ones)
+
+
+def use_experts(folder: str | None) -> None:
+    """``--experts DIR``: compose DIR's experts, in runs and a record named after it (module docstring)."""
+    global EXPERTS, SELECT, FINAL, OUT
+    if folder is None:
+        return
+    path = Path(folder).resolve()
+    if not path.is_dir():
+        raise SystemExit(f"--experts {folder}: no such folder")
+    EXPERTS = path
+    SELECT, FINAL = (p.with_name(f"{p.name}-{path.name}") for p in (SELECT, FINAL))
+    OUT = OUT.with_name(f"{OUT.stem}-{path.name}{OUT.suffix}")
 
 
 def label(family: str, s: float) -> str:
@@ -108,9 +127,9 @@ def extras(text: str | None) -> list[str]:
 
 def held_out(n: int) -> list[dict[str, str]]:
     """``n`` instructions of builtin:train that no shipped expert trained on, in a seeded order."""
-    source, idx = unseen_prompts(shipped_experts_dir(MODEL), n, seed=0)
+    source, idx = unseen_prompts(EXPERTS or shipped_experts_dir(MODEL), n, seed=0)
     items = load_prompts(source)
-    print(f"{n} instructions of {source} that no shipped expert saw", file=sys.stderr)
+    print(f"{n} instructions of {source} that no {'' if EXPERTS else 'shipped '}expert saw", file=sys.stderr)
     return [{"id": f"train-{i}", "prompt": items[i].prompt} for i in idx]
 
 
@@ -122,6 +141,8 @@ def run_eval(run: Path, prompts: str, methods: list[str], judge: str) -> dict:
         cfg = {**{k: recorded[k] for k in ("prompts", "batch_size", "merge_density", "seed")},
                **{k: v for k, v in cfg.items() if k in ("run_dir", "methods", "judge")}, "sampling": recorded["sampling"],
                "paired_against": [m for m in ("soup-exact",) if m in methods]}  # the strength-1 soup
+    if EXPERTS is not None:
+        cfg["experts"] = str(EXPERTS)
     run.mkdir(parents=True, exist_ok=True)
     path = run / f"strength-{judge}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -136,8 +157,11 @@ def seed_final() -> None:
     if (FINAL / "generations").is_dir():
         return
     (FINAL / "generations").mkdir(parents=True)
-    for name in ("identity.json", "sources.json"):
-        shutil.copy2(RECORDED / "generations" / name, FINAL / "generations" / name)
+    shutil.copy2(RECORDED / "generations" / "sources.json", FINAL / "generations" / "sources.json")
+    identity = json.loads((RECORDED / "generations" / "identity.json").read_text())
+    if EXPERTS is not None:  # prompting's answers, the only files reused, do not depend on the experts
+        identity["experts"] = str(EXPERTS)
+    (FINAL / "generations" / "identity.json").write_text(json.dumps(identity, indent=2))
     for m in REUSED:
         shutil.copytree(RECORDED / "generations" / m, FINAL / "generations" / m)
         for judge in JUDGES:
@@ -312,7 +336,9 @@ def main() -> int:
     ap.add_argument("--strength", type=float, help="final: the strength to evaluate (default: the chosen one)")
     ap.add_argument("--soups", default="exact", help="final: the soup rules to evaluate, e.g. exact,psoups")
     ap.add_argument("--extra", help="select, final: more method labels, comma-separated, e.g. soup-exact-wP2A=0.5-x2")
+    ap.add_argument("--experts", help="the experts to compose, a folder of <SIDE>/ experts (default: the shipped ones)")
     args = ap.parse_args()
+    use_experts(args.experts)
     doc = json.loads(OUT.read_text()) if OUT.is_file() else {}
     more = extras(args.extra)
     if args.stage == "select":
