@@ -177,3 +177,18 @@ def shipped_weights(monkeypatch):
         monkeypatch.setattr(weights, "entry_points", lambda group: [e for e in eps if group == weights.GROUP])
 
     return install
+
+
+def record_rl_scores(module, monkeypatch, coverage: list[float]) -> list:
+    """Patch an RL recipe ``module`` so each sample's question coverage is ``coverage`` and every call of
+    its ``rl_update`` records the normalised scores it is given; returns that record (a list of tensors)."""
+    monkeypatch.setattr(module, "question_coverage", lambda prompts, texts: coverage[: len(texts)])
+    seen = []
+    real = module.rl_update
+
+    def spy(rl_state, ro, score_n, *a, **k):
+        seen.append(score_n.detach().clone())
+        return real(rl_state, ro, score_n, *a, **k)
+
+    monkeypatch.setattr(module, "rl_update", spy)
+    return seen

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import record_rl_scores
 
 from personalign.errors import PersonalignError
 from personalign import rl
@@ -460,15 +461,7 @@ def test_pmorl_ontopic_coef_adds_coverage_to_the_normalised_score(tmp_path, tiny
     """As in train-expert: the same seeded step with ontopic_coef 0 and 1.5 differs in the update's score by
     1.5 x each sample's question coverage, and the coverage is logged either way."""
     fixed = [0.5, 0.0, 1.0, 0.25]
-    monkeypatch.setattr(pm, "question_coverage", lambda prompts, texts: fixed[: len(texts)])
-    seen = []
-    real = pm.rl_update
-
-    def spy(rl_state, ro, score_n, *a, **k):
-        seen.append(score_n.detach().clone())
-        return real(rl_state, ro, score_n, *a, **k)
-
-    monkeypatch.setattr(pm, "rl_update", spy)
+    seen = record_rl_scores(pm, monkeypatch, fixed)
     for name, coef in (("plain", 0.0), ("ontopic", 1.5)):
         pm.main(_pm_cfg(tmp_path, tiny_model_dir, name, steps=1, ontopic_coef=coef))
         assert _rows(tmp_path / name)[0]["train/coverage"] == pytest.approx(sum(fixed) / 4)

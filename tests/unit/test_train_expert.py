@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from conftest import record_rl_scores
 
 from personalign.config import load_config
 from personalign.errors import ConfigError, PersonalignError
@@ -313,15 +314,7 @@ def test_ontopic_coef_adds_coverage_to_the_normalised_score(tmp_path, tiny_model
     """The same seeded step with ontopic_coef 0 and 2: the update sees the normalised score plus 2 x each
     sample's question coverage, and the coverage is logged either way."""
     fixed = [0.5, 0.0, 1.0, 0.25]
-    monkeypatch.setattr(te, "question_coverage", lambda prompts, texts: fixed[: len(texts)])
-    seen = []
-    real = te.rl_update
-
-    def spy(rl_state, ro, score_n, *a, **k):
-        seen.append(score_n.detach().clone())
-        return real(rl_state, ro, score_n, *a, **k)
-
-    monkeypatch.setattr(te, "rl_update", spy)
+    seen = record_rl_scores(te, monkeypatch, fixed)
     for name, coef in (("plain", 0.0), ("ontopic", 2.0)):
         te.main(_cfg(tmp_path, tiny_model_dir, name=name, steps=1, ontopic_coef=coef))
         assert _rows(tmp_path / name)[0]["train/coverage"] == pytest.approx(sum(fixed) / 4)
