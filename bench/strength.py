@@ -5,11 +5,13 @@ evaluation set.
     python bench/strength.py choose                                     # the defaults, from the sweep
     python bench/strength.py final --family soup|mope [--strength S]    # on builtin:eval (143 x 8)
     python bench/strength.py report                                     # bench/strength.json + .png
+    python bench/strength.py defaults [--into DIR]    # the choice, as the experts' strength.json
 
 Every stage takes ``--experts DIR``: compose the experts in DIR (one ``<SIDE>/`` folder each) instead of the
 shipped ones. Its runs and record carry the folder's name (``runs/strength-select-NAME``,
 ``runs/eval-strength-NAME``, ``bench/strength-NAME.json`` and ``.png``), so the shipped experts' record
-stays as it is; the held-out instructions are those that none of DIR's experts saw.
+stays as it is (``--name NAME`` names them instead of the folder); the held-out instructions are those that
+none of DIR's experts saw.
 
 Every stage runs ``personalign eval`` (resumable: a rerun generates and judges only what is missing) with
 the sampling of the recorded evaluation (96 new tokens, temperature 0.7, top-p 0.9, repetition penalty 1.1,
@@ -32,6 +34,9 @@ seed 0), once with the offline judge and once with the independent judge, agains
   ``runs/eval-psoups-all`` (same settings, checked by its generation identity). Once the strength-1 exact
   soup is evaluated there (``--family soup --strength 1``), every method is also paired against it on the
   same instructions.
+* **defaults**: writes the strengths ``choose`` picked into the experts folder's ``strength.json`` (or
+  ``--into DIR``'s): the measured defaults that a request without a strength gets with these experts
+  (:func:`personalign.personalize.default_strengths`), with where they were measured.
 * **report**: per method and combination: win rates by both judges, on-topic similarity, distinct-2,
   length and filler markers (emoji, exclamations, stock phrases), each also as a ratio to prompting's,
   and the on-topic ratio to prompting's answers cut to the method's length (length-controlled);
@@ -80,17 +85,21 @@ MODEL = "smollm2-135m-instruct"
 EXPERTS: Path | None = None  # --experts: the experts composed (None: the shipped ones)
 
 
-def use_experts(folder: str | None) -> None:
-    """``--experts DIR``: compose DIR's experts, in runs and a record named after it (module docstring)."""
+def use_experts(folder: str | None, name: str | None = None) -> None:
+    """``--experts DIR [--name NAME]``: compose DIR's experts, in runs and a record named after it, or NAME
+    (module docstring)."""
     global EXPERTS, SELECT, FINAL, OUT
     if folder is None:
+        if name is not None:
+            raise SystemExit("--name goes with --experts DIR (it names that folder's runs and record)")
         return
     path = Path(folder).resolve()
     if not path.is_dir():
         raise SystemExit(f"--experts {folder}: no such folder")
     EXPERTS = path
-    SELECT, FINAL = (p.with_name(f"{p.name}-{path.name}") for p in (SELECT, FINAL))
-    OUT = OUT.with_name(f"{OUT.stem}-{path.name}{OUT.suffix}")
+    tag = name or path.name
+    SELECT, FINAL = (p.with_name(f"{p.name}-{tag}") for p in (SELECT, FINAL))
+    OUT = OUT.with_name(f"{OUT.stem}-{tag}{OUT.suffix}")
 
 
 def label(family: str, s: float) -> str:
@@ -98,11 +107,11 @@ def label(family: str, s: float) -> str:
     return base if s == 1 else f"{base}-x{s:g}"
 
 
-def family_methods(family: str) -> list[str]:
+def family_methods(family: str, strengths: tuple[float, ...] = STRENGTHS) -> list[str]:
     """The swept methods: the exact soup and the extrapolate rule at every strength (the chosen strength is
     also checked on the paper's psoups soup in ``final``)."""
-    soups = [label("exact", s) for s in STRENGTHS]
-    mope = [label("mope", s) for s in STRENGTHS]
+    soups = [label("exact", s) for s in strengths]
+    mope = [label("mope", s) for s in strengths]
     return {"soup": soups, "mope": mope, "all": soups + mope}[family]
 
 
@@ -289,6 +298,33 @@ def choose(summary: dict) -> dict[str, dict]:
     return picks
 
 
+def write_defaults(doc: dict, folder: Path) -> int:
+    """The strengths ``choose`` picked, as the experts folder's measured defaults (``strength.json``, read by
+    :func:`personalign.personalize.default_strengths`); the rules it names already and this record did not
+    choose are kept."""
+    from personalign.personalize import STRENGTH_FILE, default_strengths
+
+    if "chosen" not in doc:
+        raise SystemExit(f"defaults: {OUT} holds no choice; run choose first")
+    path = folder / STRENGTH_FILE
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    table, measured = dict(old.get("default_strength", {})), dict(old.get("measured", {}))
+    for family, pick in doc["chosen"].items():
+        key = {"exact": "soup-exact", "mope": "mope-extrapolate"}[family]
+        if pick["label"] != label(family, pick["chosen"]):
+            raise SystemExit(f"defaults: {family}'s choice {pick['label']} has side weights; a default is a strength")
+        table[key] = pick["chosen"]
+        best = next(c for c in pick["candidates"] if c["label"] == pick["label"])
+        measured[key] = {"record": str(OUT.relative_to(ROOT)), "selected_on": str(SELECT.relative_to(ROOT)),
+                         "any_eligible": pick["any_eligible"], "win_rate_mean_of_judges": round(best["score"], 4),
+                         "ontopic_ratio_min": round(best["ontopic_ratio_min"], 4),
+                         "swept": sorted(c["strength"] for c in pick["candidates"] if not c["side_weights"])}
+    path.write_text(json.dumps({"default_strength": table, "measured": measured}, indent=2) + "\n")
+    default_strengths(folder)  # the file reads back
+    print(f"wrote {path}: {table}")
+    return 0
+
+
 def plot(summaries: dict[str, dict], path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -330,15 +366,20 @@ def plot(summaries: dict[str, dict], path: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("stage", choices=("select", "choose", "final", "report"))
+    ap.add_argument("stage", choices=("select", "choose", "final", "report", "defaults"))
     ap.add_argument("--n", type=int, default=16)
     ap.add_argument("--family", choices=("soup", "mope", "all"), default="all")
+    ap.add_argument("--strengths", type=lambda t: tuple(float(x) for x in t.split(",")), default=STRENGTHS,
+                    help="select: the strengths swept, comma-separated (default: 1,1.5,2,3)")
     ap.add_argument("--strength", type=float, help="final: the strength to evaluate (default: the chosen one)")
     ap.add_argument("--soups", default="exact", help="final: the soup rules to evaluate, e.g. exact,psoups")
     ap.add_argument("--extra", help="select, final: more method labels, comma-separated, e.g. soup-exact-wP2A=0.5-x2")
     ap.add_argument("--experts", help="the experts to compose, a folder of <SIDE>/ experts (default: the shipped ones)")
+    ap.add_argument("--into", help="defaults: the experts folder whose strength.json gets the choice (default: "
+                    "the experts composed)")
+    ap.add_argument("--name", help="with --experts: the name of its runs and record (default: the folder's name)")
     args = ap.parse_args()
-    use_experts(args.experts)
+    use_experts(args.experts, args.name)
     doc = json.loads(OUT.read_text()) if OUT.is_file() else {}
     more = extras(args.extra)
     if args.stage == "select":
@@ -349,7 +390,7 @@ def main() -> int:
             rows = held_out(args.n)
             assert [json.loads(x) for x in have] == rows[: len(have)]
             prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        swept = [*family_methods(args.family), *more]
+        swept = [*family_methods(args.family, args.strengths), *more]
         done = [p.name for p in (SELECT / "generations").iterdir() if p.is_dir() and p.name != "prompt"
                 and family_of(p.name)] if (SELECT / "generations").is_dir() else []
         for judge in JUDGES:  # the methods swept before stay in the tables; only new files are generated
@@ -362,6 +403,8 @@ def main() -> int:
         OUT.write_text(json.dumps(doc, indent=1))
         print(json.dumps({f: {k: v for k, v in p.items() if k != "candidates"} for f, p in doc["chosen"].items()}))
         return 0
+    if args.stage == "defaults":
+        return write_defaults(doc, Path(args.into) if args.into else EXPERTS or shipped_experts_dir(MODEL))
     if args.stage == "final":
         methods = []
         if args.family in ("soup", "all"):  # the chosen strength (``--soups psoups`` also on the paper's rule)

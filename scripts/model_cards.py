@@ -1,6 +1,6 @@
 """Write the model cards of a weights distribution from what its files record.
 
-    python scripts/model_cards.py [--model smollm2-135m-instruct] [--eval runs/eval-experts]
+    python scripts/model_cards.py [--model smollm2-135m-instruct] [--eval RUN ...]
 
 For each shipped expert, ``README.md`` beside ``expert.json``: what it is, how it was trained (from
 ``expert.json`` and ``pipeline.json``), which judge labelled its training data, its win rate against the
@@ -37,10 +37,19 @@ def _pct(v: dict[str, float] | None) -> str:
     return f"{100 * v['value']:.1f}% [{100 * v['low']:.1f}, {100 * v['high']:.1f}]"
 
 
-def win_rates(eval_dir: Path | None, side: str) -> list[tuple[str, str, int]]:
-    """(judge, win rate with interval, instructions) of the expert for ``side`` under each judge."""
+def win_rates(eval_dirs: list[Path], side: str) -> list[tuple[str, str, int]]:
+    """(judge, win rate with interval, instructions) of the expert for ``side`` under each judge, from the
+    first of ``eval_dirs`` that evaluated it (a later evaluation of some experts comes first)."""
+    for eval_dir in eval_dirs:
+        found = _win_rates(eval_dir, side)
+        if found:
+            return found
+    return []
+
+
+def _win_rates(eval_dir: Path, side: str) -> list[tuple[str, str, int]]:
     out: list[tuple[str, str, int]] = []
-    if eval_dir is None or not (eval_dir / "judgments").is_dir():
+    if not (eval_dir / "judgments").is_dir():
         return out
     for folder in sorted((eval_dir / "judgments").iterdir()):
         path = folder / "results.json"
@@ -67,7 +76,7 @@ def storage_note(package: Path) -> str:
     return "Stored in float32: float16 changed some answers (see `half_precision_check.json`)."
 
 
-def expert_card(folder: Path, package: Path, eval_dir: Path | None) -> str:
+def expert_card(folder: Path, package: Path, eval_dirs: list[Path]) -> str:
     doc = json.loads((folder / "expert.json").read_text())
     cfg = doc.get("config") or {}
     metrics = doc.get("metrics") or {}
@@ -77,7 +86,7 @@ def expert_card(folder: Path, package: Path, eval_dir: Path | None) -> str:
     dim = space.dimensions[space.sides[side].dimension]
     other = " / ".join(f"{s} ({space.sides[s].name})" for s in dim.sides if s != side)
     lora = cfg.get("lora") or {}
-    rates = win_rates(eval_dir, side)
+    rates = win_rates(eval_dirs, side)
     lines = [
         f"# personalign expert {side} ({doc.get('side_name', side)}) for SmolLM2-135M-Instruct",
         "",
@@ -102,7 +111,9 @@ def expert_card(folder: Path, package: Path, eval_dir: Path | None) -> str:
         f"- LoRA: r={lora.get('r', '?')}, alpha={lora.get('alpha', '?')}, on "
         f"{', '.join(lora.get('target_modules') or [])}.",
         f"- Reward: the reward model for {side} (`{doc.get('reward', '?')}` in the run that trained it), "
-        "trained on preference pairs of the base model's own answers.",
+        "trained on preference pairs of the base model's own answers"
+        + (f"; plus {cfg['ontopic_coef']:g} x the share of the question's words the answer covers, so that it "
+           "stays on the question" if cfg.get("ontopic_coef") else "") + ".",
         f"- **Training labels from: {', '.join(doc.get('label_judges') or ['unknown'])}.** The offline judge is "
         "lexical (readability, word rarity, length, sentiment and cue lists; `docs/judges.md`): the expert "
         "learned that judge's idea of the side, cues included.",
@@ -175,11 +186,28 @@ def pcm_card(folder: Path) -> str:
     ]) + "\n"
 
 
+def strength_note(experts: Path) -> list[str]:
+    """The experts' measured default strengths (``experts/strength.json``), as a paragraph."""
+    from personalign.personalize import STRENGTH_FILE, default_strengths
+
+    if not (experts / STRENGTH_FILE).is_file():
+        return []
+    doc = json.loads((experts / STRENGTH_FILE).read_text())
+    named = ", ".join(f"`{k}` {v:g} (selected on `{doc.get('measured', {}).get(k, {}).get('selected_on', '?')}`)"
+                      for k, v in doc["default_strength"].items())
+    default_strengths(experts)  # the file is valid
+    return [f"A request that gives no strength gets the default measured for these experts "
+            f"(`experts/{STRENGTH_FILE}`, written by `bench/strength.py defaults`): {named}; every other rule 1.", ""]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--eval", type=Path, default=ROOT / "runs" / "eval-experts")
+    ap.add_argument("--eval", type=Path, action="append",
+                    help="a `personalign eval --single-sides` run folder; repeat it, the first that evaluated an "
+                         "expert gives its numbers (default: runs/eval-experts-shipped, then runs/eval-experts)")
     args = ap.parse_args()
+    evals = args.eval or [ROOT / "runs" / "eval-experts-shipped", ROOT / "runs" / "eval-experts"]
     experts = shipped_experts_dir(args.model)
     if experts is None:
         print(f"error: no weights distribution ships experts for {args.model}", file=sys.stderr)
@@ -187,12 +215,12 @@ def main() -> int:
     package = experts.parent
     rows: list[str] = []
     for folder in sorted(p for p in experts.iterdir() if (p / "expert.json").is_file()):
-        (folder / "README.md").write_text(expert_card(folder, package, args.eval if args.eval.is_dir() else None))
+        (folder / "README.md").write_text(expert_card(folder, package, evals))
         template = folder / "adapter" / "README.md"
         if template.is_file() and "[More Information Needed]" in template.read_text():
             template.unlink()
         doc: dict[str, Any] = json.loads((folder / "expert.json").read_text())
-        rates = "; ".join(f"{j}: {r}" for j, r, _ in win_rates(args.eval, folder.name)) or "not evaluated"
+        rates = "; ".join(f"{j}: {r}" for j, r, _ in win_rates(evals, folder.name)) or "not evaluated"
         rows.append(f"| {folder.name} | {doc.get('side_name', '')} | {rates} |")
         print(f"{folder.name}: {folder / 'README.md'}")
     pcm = shipped_pcm_dir(args.model)
@@ -215,6 +243,7 @@ def main() -> int:
         "`independent` shares none of its signals. Each expert's `README.md` says how it was made. "
         + storage_note(package),
         "",
+        *strength_note(experts),
     ]))
     return 0
 

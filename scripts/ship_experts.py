@@ -35,6 +35,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--command", default="make experts (personalign pipeline --config psoups-smollm2.yaml, then "
+                    "scripts/ship_experts.py)", help="how the run was made, recorded in each expert.json")
     args = ap.parse_args()
 
     experts = args.run_dir / "experts"
@@ -66,7 +68,7 @@ def main() -> int:
         if (args.run_dir / "pipeline.json").is_file():
             shutil.copy2(args.run_dir / "pipeline.json", tmp / "pipeline.json")
         doc["label_judges"] = label_sources_of_dir(folder, "expert.json")  # read before the paths change
-        doc["made_by"] = {"run": args.run_dir.name, "command": "personalign pipeline, then scripts/ship_experts.py"}
+        doc["made_by"] = {"run": args.run_dir.name, "command": args.command}
         (tmp / "expert.json").write_text(json.dumps(portable(doc), indent=2) + "\n")
         if (tmp / "pipeline.json").is_file():
             pipeline = json.loads((tmp / "pipeline.json").read_text())

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +56,7 @@ if TYPE_CHECKING:
     from personalign.preferences import Preference, PreferenceSpace
 
 __all__ = [
-    "DEFAULT_STRENGTH",
+    "STRENGTH_FILE",
     "Completion",
     "Method",
     "MethodOptions",
@@ -65,6 +66,7 @@ __all__ = [
     "chat_text",
     "check_strength",
     "default_strength",
+    "default_strengths",
     "load_personalized",
     "personalize",
     "plain_text",
@@ -118,7 +120,7 @@ class MethodOptions:
     mix: str = "prob"  # mope: prob | logit | uniform | extrapolate
     # soup: the merged delta is strength x the weighted sum of the experts' deltas; mope with mix
     # extrapolate: base + strength x the weighted sum of each expert's difference from the base. None: the
-    # measured default of the method (DEFAULT_STRENGTH); :func:`resolve` fills it in.
+    # measured default of the rule for these experts (their strength.json, else 1); :func:`resolve` fills it in.
     strength: float | None = None
     pcm: str | None = None  # mope: a train-pcm folder, or "shipped"
     adapter: str | None = None  # adapter: a peft adapter folder
@@ -178,20 +180,76 @@ class Personalization:
                 self.preference.spec() if self.preference is not None else None)
 
 
-# The preference strength used when a request gives none, per method that takes one: measured by
-# bench/strength.py (bench/RESULTS.md, "Preference strength"), chosen on training instructions no expert saw.
-# Strengths 1.5-3 win more often, but none kept every combination's on-topic similarity at 0.9x prompting's
-# there, so `bench/strength.py choose` keeps 1 for both.
-DEFAULT_STRENGTH = {"soup": 1.0, "extrapolate": 1.0}
+# The preference strength a request without one gets depends on the experts: how far their combination
+# can be pushed before answers leave the question is a property of the experts, so a folder of experts
+# may carry the defaults measured for it (bench/strength.py choose, then defaults), per rule:
+#   strength.json: {"default_strength": {"soup-exact": 3.0}, "measured": {"soup-exact": {where, how}}}
+# A rule the file does not name, or a folder without the file, defaults to 1 (the experts' weighted average).
+STRENGTH_FILE = "strength.json"
 
 
-def default_strength(method: Method, mix: str | None = None) -> float | None:
-    """The measured default strength of a method, or None where the method takes no strength."""
+def strength_key(method: Method, merge: str = "psoups", mix: str = "prob", pcm: str | None = None) -> str | None:
+    """The rule a default strength is given for (``soup-exact``, ``mope-extrapolate``, ``mope-pcm-extrapolate``),
+    or None where the method takes no strength (a probability or logit mixture cannot go beyond its experts)."""
     if method is Method.SOUP:
-        return DEFAULT_STRENGTH["soup"]
+        return f"soup-{merge}"
     if method is Method.MOPE and mix == "extrapolate":
-        return DEFAULT_STRENGTH["extrapolate"]
+        return "mope-pcm-extrapolate" if pcm else "mope-extrapolate"
     return None
+
+
+def strength_keys() -> tuple[str, ...]:
+    """Every rule that takes a strength: the keys a ``strength.json`` may name."""
+    from personalign.merging import METHODS
+
+    return (*(f"soup-{m}" for m in METHODS), "mope-extrapolate", "mope-pcm-extrapolate")
+
+
+def default_strengths(experts_dir: Path | str | None) -> dict[str, float]:
+    """Every rule's default strength for the experts in ``experts_dir`` (1 where its ``strength.json`` names
+    none); a malformed file is one error naming it and the problem."""
+    out = dict.fromkeys(strength_keys(), 1.0)
+    path = Path(experts_dir) / STRENGTH_FILE if experts_dir is not None else None
+    if path is None or not path.is_file():
+        return out
+    st = path.stat()
+    out.update(_read_strengths(str(path.resolve()), st.st_size, st.st_mtime_ns))
+    return out
+
+
+@functools.lru_cache(maxsize=32)
+def _read_strengths(path: str, size: int, mtime_ns: int) -> dict[str, float]:
+    import json
+
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path} is not a readable JSON file: {e}") from None
+    if isinstance(doc, dict) and set(doc) - {"default_strength", "measured"}:
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(sorted(set(doc) - {'default_strength', 'measured'}))}; "
+                          "a strength file holds default_strength and measured")
+    table = doc.get("default_strength") if isinstance(doc, dict) else None
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path} needs an object \"default_strength\" of rule -> strength, e.g. "
+                          '{"default_strength": {"soup-exact": 3}}')
+    keys = strength_keys()
+    for key, value in table.items():
+        if key not in keys:
+            raise ConfigError(f"{path}: unknown rule {key!r} in default_strength; choose from {', '.join(keys)}")
+        try:
+            check_strength(value)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: default_strength {key!r}: {e}") from None
+    return {k: float(v) for k, v in table.items()}
+
+
+def default_strength(method: Method, options: MethodOptions | None = None,
+                     experts_dir: Path | str | None = None) -> float | None:
+    """The default strength of a method and its rule for the experts in ``experts_dir``, or None where the
+    method takes no strength."""
+    o = options or MethodOptions()
+    key = strength_key(method, o.merge, o.mix, o.pcm)
+    return None if key is None else default_strengths(experts_dir)[key]
 
 
 def strength_suffix(strength: float) -> str:
@@ -292,12 +350,13 @@ def resolve(prefs: str | Preference | Mapping[str, float] | None, options: Metho
     if method is not Method.MOPE:
         for opt in ("mix", "pcm"):
             refuse(opt, "method mope")
-    measured = default_strength(method, o.mix)
-    if measured is None:
+    takes_strength = strength_key(method, o.merge, o.mix, o.pcm) is not None
+    if not takes_strength:
         refuse("strength", "method soup and method mope with mix 'extrapolate' (a probability or logit "
                            "mixture cannot go beyond its experts)")
-    o = dataclasses.replace(o, strength=(check_strength(o.strength) if o.strength is not None else measured)
-                            if measured is not None else 1.0)
+        o = dataclasses.replace(o, strength=1.0)
+    elif o.strength is not None:
+        o = dataclasses.replace(o, strength=check_strength(o.strength))
     if not method.uses_experts:
         refuse("experts", "methods expert, soup and mope")
         refuse("prompt_missing", "methods expert, soup and mope")
@@ -340,6 +399,8 @@ def resolve(prefs: str | Preference | Mapping[str, float] | None, options: Metho
         for side in weights:  # the configs only: no tensor is read here
             compose.check_base(name, folders[side])
         spec.update(experts_dir=folder, experts={s: folders[s] for s in weights}, weights=weights)
+        if o.strength is None:  # soups and the extrapolate rule: the default measured for these experts
+            o = dataclasses.replace(o, strength=default_strength(method, o, folder))
     if o.pcm is not None:
         from personalign.pcm import read_pcm_config, resolve_pcm_dir
 

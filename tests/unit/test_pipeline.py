@@ -150,6 +150,32 @@ def test_shipped_pipeline_config_is_valid(tmp_path, monkeypatch):
     assert pm.rewards["P3B"] == "rm:runs/psoups-smollm2/rm/P3B" and pm.output_dir.endswith("baselines/pmorl")
 
 
+def test_shipped_pipeline_config_trains_the_shipped_experts_as_they_were_trained(tmp_path, monkeypatch):
+    """Each shipped expert's recorded training settings are what the shipped config gives its side (P1A and
+    P2A with the on-topic reward included), so `make experts` remakes what ships."""
+    import dataclasses
+    import json
+    from importlib import resources
+
+    from personalign.compose import shipped_experts_dir
+    from personalign.config import load_config
+
+    shipped = shipped_experts_dir("smollm2-135m-instruct")
+    if shipped is None:
+        pytest.skip("the weights distribution is not installed")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(pipeline.PipelineConfig, str(resources.files("personalign") / "configs" / "psoups-smollm2.yaml"))
+    built = pipeline.build_expert_configs(cfg)
+    keys = ("algorithm", "lora", "lr", "steps", "batch_prompts", "group_size", "kl_coef", "kl_stop", "ontopic_coef",
+            "max_new_tokens", "temperature", "top_p", "seed", "prompts", "limit")
+    later = {"ontopic_coef": 0.0, "kl_stop": None}  # settings added after some experts were trained, at their defaults
+    for side, config in built.items():
+        recorded = json.loads((shipped / side / "expert.json").read_text())["config"]
+        mine = json.loads(json.dumps(dataclasses.asdict(config)))
+        assert {k: recorded.get(k, later.get(k)) for k in keys} == {k: mine[k] for k in keys}, side
+    assert built["P1A"].ontopic_coef == built["P2A"].ontopic_coef == 2.0 and built["P1B"].ontopic_coef == 0.0
+
+
 def test_reward_sides_override_one_sides_recipe(tmp_path, tiny_model_dir):
     cfg = _cfg(tmp_path, tiny_model_dir, reward_sides={"informative": {"pooling": "mean", "lora": {"r": 4}}},
                reward={"epochs": 1, "lr": 5e-3, "lora": {"r": 8, "dropout": 0.0}, "device": "cpu"})

@@ -26,6 +26,7 @@ def served(tiny, tiny_model_dir, tmp_path):
 
     model, tok = tiny
     experts = save_side_experts(tiny_model_dir, tmp_path / "experts", ("P1A", "P1B", "P2A", "P2B", "P3A", "P3B"))
+    (experts / "strength.json").write_text(json.dumps({"default_strength": {"soup-exact": 2.5}}))
 
     def app():
         return create_app(model, tok, "tiny", defaults=MethodOptions(experts=str(experts)), db=tmp_path / "db.sqlite")
@@ -102,8 +103,17 @@ def test_the_playground_in_a_browser(served):
                 page.fill("#max-tokens", "8")
                 assert "max_tokens=8" in page.inner_text("#api")
                 assert page.is_visible("#strength")  # soups take a strength
+                # the slider follows the default measured for these experts and this rule, until moved
+                assert page.input_value("#strength") == "2.5"
+                assert "(measured default)" in page.inner_text("#strength-value")
+                page.select_option("#merge", "psoups")
+                assert page.input_value("#strength") == "1"
+                page.select_option("#merge", "exact")
                 page.locator("#strength").fill("2")
                 assert '"strength": 2' in page.inner_text("#api").replace('":', '": ').replace(":  ", ": ")
+                page.select_option("#merge", "psoups")
+                page.select_option("#merge", "exact")
+                assert page.input_value("#strength") == "2"  # moved by hand: kept
                 page.click("#ask")
                 page.wait_for_function("document.querySelector('#meta-1').textContent.match(/stop|length/)")
                 assert "soup-exact-x2 · P2A=0.6" in page.inner_text("#meta-1")

@@ -252,3 +252,26 @@ def test_a_profile_keeps_its_strength(client):
     del b["method"]  # the profile's method and options
     strong = answer(client, body("soup", "1A,2B,3A", {"merge": "exact", "strength": 2.5}))
     assert answer(client, b) == strong != answer(client, body("soup", "1A,2B,3A", {"merge": "exact"}))
+
+
+def test_a_request_without_a_strength_gets_the_default_measured_for_the_servers_experts(setup, tmp_path):
+    import json
+    import shutil
+
+    from personalign.errors import ConfigError
+    from personalign.personalize import STRENGTH_FILE
+
+    model, tok, experts, _, _ = setup
+    mine = tmp_path / "experts"
+    shutil.copytree(experts, mine)
+    (mine / STRENGTH_FILE).write_text(json.dumps({"default_strength": {"soup-exact": 2.5}}))
+    app = create_app(model, tok, "tiny", defaults=MethodOptions(experts=str(mine)))
+    with TestClient(app) as c:
+        table = c.get("/v1/preferences").json()["default_strength"]
+        assert table["soup-exact"] == 2.5 and table["soup-psoups"] == table["mope-extrapolate"] == 1.0
+        measured = answer(c, body("soup", "1A,2B,3A", {"merge": "exact"}))
+        assert measured == answer(c, body("soup", "1A,2B,3A", {"merge": "exact", "strength": 2.5}))
+        assert measured != answer(c, body("soup", "1A,2B,3A", {"merge": "exact", "strength": 1}))
+    (mine / STRENGTH_FILE).write_text('{"default_strength": {"soup-exact": "strong"}}')
+    with pytest.raises(ConfigError, match="strength.json: default_strength 'soup-exact'"):
+        create_app(model, tok, "tiny", defaults=MethodOptions(method="soup", experts=str(mine)))

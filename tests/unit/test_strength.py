@@ -7,6 +7,7 @@ model; options that cannot honour a strength refuse it.
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -233,18 +234,59 @@ def test_mope_extrapolate_at_strength_one_on_one_side_is_that_expert(tiny, tiny_
     assert strong.label == "mope-extrapolate-x3" and len(strong.generate(q, GREEDY)) == 2
 
 
-def test_a_request_without_a_strength_gets_the_measured_default_and_labels_say_which(tiny_model_dir, experts,
-                                                                                       monkeypatch):
+def test_a_request_without_a_strength_gets_the_default_measured_for_its_experts(tiny_model_dir, experts):
     from personalign.generations import parse_method
-    from personalign.personalize import DEFAULT_STRENGTH
+    from personalign.personalize import STRENGTH_FILE
 
-    monkeypatch.setitem(DEFAULT_STRENGTH, "soup", 2.0)
-    monkeypatch.setitem(DEFAULT_STRENGTH, "extrapolate", 1.5)
-    soup = _spec(tiny_model_dir, experts, "1A,2A", "soup")
-    assert soup.options.strength == 2.0 and soup.label == "soup-psoups-x2"
-    assert _spec(tiny_model_dir, experts, "1A,2A", "soup", strength=1.0).label == "soup-psoups"
+    # without a strength file every rule defaults to 1: the experts' weighted average
+    assert _spec(tiny_model_dir, experts, "1A,2A", "soup", merge="exact").label == "soup-exact"
+    (experts / STRENGTH_FILE).write_text(json.dumps(
+        {"default_strength": {"soup-exact": 3, "mope-extrapolate": 1.5}, "measured": {"soup-exact": {"record": "x"}}}))
+    soup = _spec(tiny_model_dir, experts, "1A,2A", "soup", merge="exact")
+    assert soup.options.strength == 3.0 and soup.label == "soup-exact-x3"
+    assert _spec(tiny_model_dir, experts, "1A,2A", "soup").label == "soup-psoups"  # a rule the file does not name
+    assert _spec(tiny_model_dir, experts, "1A,2A", "soup", merge="exact", strength=1.0).label == "soup-exact"
     assert _spec(tiny_model_dir, experts, "1A,2A", "mope", mix="extrapolate").label == "mope-extrapolate-x1.5"
     assert _spec(tiny_model_dir, experts, "1A,2A", "mope").options.strength == 1.0  # prob: none to take
-    # an evaluation's method labels name their strength, whatever the default: soup-psoups is strength 1
-    m = parse_method("soup-psoups")
-    assert resolve("1A,2A", m.options(str(experts), None), model=str(tiny_model_dir)).label == "soup-psoups"
+    # an evaluation's method labels name their strength, whatever the default: soup-exact is strength 1
+    m = parse_method("soup-exact")
+    assert resolve("1A,2A", m.options(str(experts), None), model=str(tiny_model_dir)).label == "soup-exact"
+    # another experts folder, another default: the measurement belongs to the experts it was made with
+    other = experts.parent / "other"
+    other.mkdir()
+    for side in ("P1A", "P2A"):
+        (other / side).symlink_to(experts / side)
+    assert _spec(tiny_model_dir, other, "1A,2A", "soup", merge="exact").options.strength == 1.0
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("{", "is not a readable JSON file"),
+    ('{"default_strength": 3}', 'needs an object "default_strength"'),
+    ('{"default_strength": {"soup-exactly": 3}}', "unknown rule 'soup-exactly' in default_strength"),
+    ('{"default_strength": {"soup-exact": -1}}', "default_strength 'soup-exact': strength must be a finite"),
+    ('{"default_strength": {"soup-exact": true}}', "strength must be a finite number"),
+    ('{"default_strength": {}, "chosen": 3}', "unknown key(s) chosen"),
+])
+def test_a_malformed_strength_file_is_one_error_naming_it(tiny_model_dir, experts, text, message):
+    from personalign.personalize import STRENGTH_FILE
+
+    (experts / STRENGTH_FILE).write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(message)) as e:
+        _spec(tiny_model_dir, experts, "1A,2A", "soup", merge="exact")
+    assert STRENGTH_FILE in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_shipped_experts_default_to_the_strength_measured_for_them():
+    """The shipped experts carry their measured defaults; every rule they name was selected on held-out
+    instructions where it passed the per-combination gate (bench/strength.py choose)."""
+    from personalign.compose import shipped_experts_dir
+    from personalign.personalize import STRENGTH_FILE, default_strengths
+
+    shipped = shipped_experts_dir("smollm2-135m-instruct")
+    if shipped is None:
+        pytest.skip("the weights distribution is not installed")
+    doc = json.loads((shipped / STRENGTH_FILE).read_text())
+    table = default_strengths(shipped)
+    assert table["soup-exact"] == 3.0 and table["soup-psoups"] == 1.0
+    for key, value in doc["default_strength"].items():
+        assert doc["measured"][key]["any_eligible"] and value in doc["measured"][key]["swept"], key

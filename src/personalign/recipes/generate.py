@@ -48,7 +48,7 @@ class GenerateConfig:
     merge_seed: int | None = None  # soup dare (default 0)
     mix: str = "prob"  # mope: prob | logit | uniform | extrapolate
     # soup, and mope with mix extrapolate: how strongly the preference speaks (1 = the experts' average); None:
-    # the measured default (personalign.personalize.DEFAULT_STRENGTH)
+    # the default measured for the experts and rule (personalign.personalize.default_strengths)
     strength: float | None = None
     adapter: str | None = None  # adapter: a peft adapter folder (multitask, P-MORL, RLHF policies)
     pcm: str | None = None  # mope: a train-pcm folder (learned per-token weights), or "shipped"

@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any
 from personalign.errors import ConfigError, PersonalignError, PreferenceError
 from personalign.extras import install_hint
 from personalign.generation import SamplingConfig
-from personalign.personalize import DEFAULT_STRENGTH, Method, MethodOptions, chat_text, plain_text, resolve
+from personalign.personalize import Method, MethodOptions, chat_text, default_strengths, plain_text, resolve
 from personalign.profiles import PROFILE_PREFIX, Profiles, check_name
 from personalign.preferences import PreferenceSpace, default_space
 from personalign.serve.batching import ApiError, Models
@@ -191,6 +191,7 @@ class _Service:
         self.context = getattr(model.config, "max_position_embeddings", None)
         self.models = Models(model, tokenizer, limits.max_models, limits.max_model_mb)
         self.experts_dir = _experts_dir(defaults, self.base_name)
+        default_strengths(self.experts_dir)  # a malformed strength.json is refused before serving
         self.engine = Engine(self.models, max_batch=limits.max_batch, max_queue=limits.max_queue,
                              experts_dir=self.experts_dir, model_name=self.base_name, continuous=continuous)
         self.db, self._profiles = db, None
@@ -641,8 +642,9 @@ class _Service:
             "pcm": (["shipped"] if shipped_pcm else []) + ["none"],
             "per_row": {"soup": ["exact"], "mope": [r.value for r in MixRule]},
             "defaults": {"method": d.method, "merge": d.merge, "mix": d.mix, "pcm": d.pcm, "strength": d.strength},
-            # the measured defaults a request without a strength gets (d.strength, when set, overrides them)
-            "default_strength": dict(DEFAULT_STRENGTH),
+            # per rule, the default a request without a strength gets: measured for these experts (their
+            # strength.json), else 1; the server's own default (defaults.strength), when set, overrides them
+            "default_strength": default_strengths(self.experts_dir),
             "dimensions": [{"name": dim.name, "sides": [
                 {"id": sid, "name": self.space.sides[sid].name, "aliases": list(self.space.sides[sid].aliases),
                  "prompt": self.space.sides[sid].prompt, "expert": sid in experts} for sid in dim.sides]}
@@ -776,7 +778,7 @@ def check_defaults(defaults: MethodOptions, model_name: str | None = None) -> Me
         raise ConfigError("the server takes no adapter; serve an adapter's merged model with --model instead")
     if model_name is not None:
         if defaults.experts is not None or method.uses_experts:
-            resolve_experts_dir(defaults.experts, model_name)
+            default_strengths(resolve_experts_dir(defaults.experts, model_name))  # a malformed strength.json
         if defaults.pcm is not None:
             from personalign.pcm import read_pcm_config, resolve_pcm_dir
 
