@@ -182,8 +182,24 @@ def pcm_card(folder: Path) -> str:
         "`bench/RESULTS.md` of the personalign repository compares MoPE with this PCM against fixed weights and "
         "soups, with the offline and the independent judge. No judge there checks correctness.",
         "",
+        *replaced_note(folder, doc),
         "License: Apache-2.0.",
     ]) + "\n"
+
+
+def replaced_note(folder: Path, doc: dict[str, Any]) -> list[str]:
+    """Which experts beside the PCM were made by another run than the ones it was trained with."""
+    trained = doc.get("experts_runs") or {}
+    experts = folder.parent / "experts"
+    now = {s: (json.loads((experts / s / "expert.json").read_text()).get("made_by") or {}).get("run")
+           for s in trained if (experts / s / "expert.json").is_file()}
+    replaced = sorted(s for s in trained if now.get(s) != trained[s])
+    if not replaced:
+        return []
+    return [f"**Trained with earlier versions of {', '.join(replaced)}** (run "
+            f"`{', '.join(sorted({trained[s] for s in replaced}))}`): the experts beside it now were made by run "
+            f"`{', '.join(sorted({str(now.get(s)) for s in replaced}))}`. Its weights were learned for the earlier "
+            "ones; `make pcm` trains it again for these.", ""]
 
 
 def strength_note(experts: Path) -> list[str]:

@@ -41,6 +41,9 @@ def test_ships_finished_experts_with_their_provenance(ship, tmp_path, capsys):
     assert (shipped / "metrics.jsonl").read_text() == '{"step": 1}\n'
     assert (shipped / "pipeline.json").is_file()
     assert "not yet trained: P1B, P2A, P2B, P3A, P3B" in capsys.readouterr().out
+    assert ship(str(run), "--command", "personalign train-expert --config p1a.yaml") == 0  # made another way
+    assert json.loads((shipped / "expert.json").read_text())["made_by"] == {
+        "run": "run", "command": "personalign train-expert --config p1a.yaml"}
 
 
 def test_reshipping_replaces_the_old_copy(ship, tmp_path):

@@ -63,3 +63,26 @@ def test_paths_into_runs_become_relative(ship, tmp_path):
     assert shipped["rewards"] == {"P1A": "rm:psoups/rm/P1A", "P1B": "offline"}
     assert json.loads((out / "config.json").read_text()) == {"output_dir": "pcm-x", "experts": "psoups/experts"}
     assert "runs/" not in (out / "pcm.json").read_text() + (out / "config.json").read_text()
+
+
+def test_records_which_run_made_each_expert_it_weights_and_the_card_says_when_one_is_replaced(ship, ship_script,
+                                                                                             tmp_path):
+    package = tmp_path / "repo" / "weights" / MODEL / "src" / "personalign_smollm2"
+    for side in ("P1A", "P1B"):
+        (package / "experts" / side).mkdir(parents=True)
+        (package / "experts" / side / "expert.json").write_text(json.dumps({"side": side, "made_by": {"run": "first"}}))
+    assert ship(str(fake_run(tmp_path / "run"))) == 0
+    doc = json.loads((package / "pcm" / "pcm.json").read_text())
+    assert doc["experts_runs"] == {"P1A": "first", "P1B": "first"}
+
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "model_cards.py"
+    spec = importlib.util.spec_from_file_location("model_cards", script)
+    cards = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cards)
+    assert cards.replaced_note(package / "pcm", doc) == []
+    (package / "experts" / "P1B" / "expert.json").write_text(json.dumps({"side": "P1B", "made_by": {"run": "second"}}))
+    note = " ".join(cards.replaced_note(package / "pcm", doc))
+    assert "Trained with earlier versions of P1B** (run `first`)" in note and "run `second`" in note
+
