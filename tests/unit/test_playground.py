@@ -26,7 +26,7 @@ def served(tiny, tiny_model_dir, tmp_path):
 
     model, tok = tiny
     experts = save_side_experts(tiny_model_dir, tmp_path / "experts", ("P1A", "P1B", "P2A", "P2B", "P3A", "P3B"))
-    (experts / "strength.json").write_text(json.dumps({"default_strength": {"soup-exact": 2.5}}))
+    (experts / "strength.json").write_text(json.dumps({"default_strength": {"soup-exact": 2.5, "mope-extrapolate": 4}}))
 
     def app():
         return create_app(model, tok, "tiny", defaults=MethodOptions(experts=str(experts)), db=tmp_path / "db.sqlite")
@@ -121,6 +121,7 @@ def test_the_playground_in_a_browser(served):
                 assert not page.is_visible("#strength")  # a probability mixture cannot go beyond its experts
                 page.select_option("#mix", "extrapolate")
                 assert page.is_visible("#strength")
+                assert page.get_attribute("#strength", "max") == "4"  # the slider reaches every measured default
                 page.select_option("#method", "soup")
                 page.check("#compare")
                 page.fill("#prefs-2", "1B,2B,3B")
