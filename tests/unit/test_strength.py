@@ -290,3 +290,42 @@ def test_the_shipped_experts_default_to_the_strength_measured_for_them():
     assert table["soup-exact"] == 3.0 and table["soup-psoups"] == 1.0
     for key, value in doc["default_strength"].items():
         assert doc["measured"][key]["any_eligible"] and value in doc["measured"][key]["swept"], key
+
+
+def test_bench_strength_writes_the_choice_as_the_experts_defaults(tmp_path, monkeypatch):
+    """bench/strength.py defaults: the strengths `choose` picked become the folder's strength.json, beside
+    the rules already there; a choice with side weights is not a strength and is refused."""
+    import importlib.util
+    from pathlib import Path
+
+    from personalign.personalize import STRENGTH_FILE, default_strengths
+
+    script = Path(__file__).resolve().parents[2] / "bench" / "strength.py"
+    spec = importlib.util.spec_from_file_location("bench_strength", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench, "ROOT", tmp_path)
+    monkeypatch.setattr(bench, "OUT", tmp_path / "bench" / "strength-x.json")
+    monkeypatch.setattr(bench, "SELECT", tmp_path / "runs" / "strength-select-x")
+    folder = tmp_path / "experts"
+    folder.mkdir()
+    (folder / STRENGTH_FILE).write_text(json.dumps({"default_strength": {"soup-exact": 2}}))
+
+    def cand(label, strength, weights=None):
+        return {"label": label, "strength": strength, "side_weights": weights or {}, "score": 0.6,
+                "ontopic_ratio_min": 0.93}
+
+    doc = {"chosen": {"mope": {"chosen": 1.5, "label": "mope-extrapolate-x1.5", "any_eligible": True,
+                               "candidates": [cand("mope-extrapolate", 1.0), cand("mope-extrapolate-x1.5", 1.5)]}}}
+    assert bench.write_defaults(doc, folder) == 0
+    written = json.loads((folder / STRENGTH_FILE).read_text())
+    assert written["default_strength"] == {"soup-exact": 2, "mope-extrapolate": 1.5}
+    assert written["measured"]["mope-extrapolate"]["swept"] == [1.0, 1.5]
+    assert written["measured"]["mope-extrapolate"]["record"] == "bench/strength-x.json"
+    assert default_strengths(folder)["mope-extrapolate"] == 1.5
+    weighted = {"exact": {"chosen": 2.0, "label": "soup-exact-wP2A=0.5-x2", "any_eligible": True,
+                          "candidates": [cand("soup-exact-wP2A=0.5-x2", 2.0, {"P2A": 0.5})]}}
+    with pytest.raises(SystemExit, match="has side weights"):
+        bench.write_defaults({"chosen": weighted}, folder)
+    with pytest.raises(SystemExit, match="run choose first"):
+        bench.write_defaults({}, folder)
