@@ -21,8 +21,9 @@ pytestmark = pytest.mark.integration
 
 QUESTIONS = 6
 SAMPLING = SamplingConfig(max_new_tokens=80, temperature=0.0, repetition_penalty=1.1)
+# soup-exact: the exact soup at the strength measured for the shipped experts (their strength.json: 3)
 METHODS = {"prompt": MethodOptions(method="prompt"), "soup": MethodOptions(method="soup"),
-           "mope": MethodOptions(method="mope", pcm="shipped")}
+           "soup-exact": MethodOptions(method="soup", merge="exact"), "mope": MethodOptions(method="mope", pcm="shipped")}
 # (dimension, the side expected to score lower, the side expected to score higher, the other two sides).
 # The sides held fixed are where the evaluation's own answers (runs/eval-psoups-all, 40 instructions)
 # show each dimension most plainly for prompting: with a friendly prompt the 135M model barely moves

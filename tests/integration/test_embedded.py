@@ -78,8 +78,14 @@ def test_demo_command_real_model(tmp_path):
     # the mixture weighted by the shipped PCM where one ships.
     from personalign.pcm import shipped_pcm_dir
 
+    from personalign.compose import shipped_experts_dir
+    from personalign.personalize import default_strengths, strength_suffix
+
     mope = "mope-pcm" if shipped_pcm_dir(EMBEDDED_DEFAULT) is not None else "mope-prob"
-    assert set(by_method) == {"prompt", "soup-exact", mope}, set(by_method)
+    # the exact soup at the strength measured for the shipped experts (their strength.json)
+    soup = "soup-exact" + strength_suffix(default_strengths(shipped_experts_dir(EMBEDDED_DEFAULT))["soup-exact"])
+    assert soup == "soup-exact-x3"
+    assert set(by_method) == {"prompt", soup, mope}, set(by_method)
     assert all(len(v) == 2 for v in by_method.values())
     assert by_method["prompt"][0] != by_method["prompt"][1]
 

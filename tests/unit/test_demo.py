@@ -118,3 +118,13 @@ def test_labels_are_whole_at_any_width(tiny_model_dir, experts, width):
                 at = section.index(f"- {method_name(s)} -")
                 tag = f"[{s.label} {s.preference.spec()}]"
                 assert section.index(tag) > section.index(s.preference.describe(), at), tag
+
+
+def test_the_screen_names_a_soups_strength_when_it_is_not_one(tiny_model_dir, experts):
+    from personalign.recipes.demo import method_help
+
+    plain = resolve("1A,2A", MethodOptions(method="soup", merge="exact", experts=str(experts)), model=str(tiny_model_dir))
+    strong = resolve("1A,2A", MethodOptions(method="soup", merge="exact", experts=str(experts), strength=3.0),
+                     model=str(tiny_model_dir))
+    assert method_name(plain) == "exact soup" and "strength" not in method_help(plain)
+    assert method_name(strong) == "exact soup x3" and "at strength 3" in method_help(strong)

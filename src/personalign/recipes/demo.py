@@ -82,7 +82,8 @@ def method_name(spec: Personalization) -> str:
     if m is Method.VANILLA:
         return "no preference"
     if m is Method.SOUP:
-        return "psoups" if o.merge == "psoups" else f"{o.merge} soup"
+        name = "psoups" if o.merge == "psoups" else f"{o.merge} soup"
+        return name if o.strength == 1 else f"{name} x{o.strength:g}"
     if m is Method.MOPE:
         return "MoPE (PCM)" if spec.pcm_dir is not None else f"MoPE ({o.mix})"
     return spec.label
@@ -96,7 +97,9 @@ def method_help(spec: Personalization) -> str:
     if m is Method.VANILLA:
         return "the base model, no preference prompt"
     if m is Method.SOUP:
-        return f"the chosen sides' experts (one LoRA per side) merged {_MERGES.get(o.merge, f'by {o.merge}')}"
+        strength = "" if o.strength == 1 else (f", at strength {o.strength:g} ({o.strength:g} times that delta; the "
+                                               "default measured for these experts)")
+        return f"the chosen sides' experts (one LoRA per side) merged {_MERGES.get(o.merge, f'by {o.merge}')}{strength}"
     if m is Method.MOPE:
         how = ("weighted at every token by the preference control model (PCM)" if spec.pcm_dir is not None
                else f"with the preference's fixed weights ({o.mix} rule)")
