@@ -76,9 +76,8 @@ def test_demo_command_real_model(tmp_path):
         by_method.setdefault(r["method"], []).append(r["response"])
     # With the shipped experts the demo shows the soup and the token-level mixture next to prompting,
     # the mixture weighted by the shipped PCM where one ships.
-    from personalign.pcm import shipped_pcm_dir
-
     from personalign.compose import shipped_experts_dir
+    from personalign.pcm import shipped_pcm_dir
     from personalign.personalize import default_strengths, strength_suffix
 
     mope = "mope-pcm" if shipped_pcm_dir(EMBEDDED_DEFAULT) is not None else "mope-prob"
