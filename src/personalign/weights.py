@@ -93,9 +93,11 @@ def half_precision_check(model: Any, tokenizer: Any, experts: dict[str, Path], p
         for method, variant, prefs in cases:
             texts = {}
             for label, folder in experts.items():
+                # soups at strength 1 whatever the experts' measured default: the check is of the weights
                 opts = MethodOptions(method=method, experts=str(folder),
                                      merge=variant if method == "soup" else "psoups",
-                                     mix=variant if method == "mope" else "prob")
+                                     mix=variant if method == "mope" else "prob",
+                                     strength=1.0 if method == "soup" else None)
                 spec = resolve(prefs, opts, model=model_name)
                 texts[label] = personalize(model, tokenizer, spec, cache=Path(cache)).generate(
                     prompts, sampling, batch_size=len(prompts))
