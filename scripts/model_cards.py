@@ -22,6 +22,7 @@ from typing import Any
 from personalign.compose import shipped_experts_dir
 from personalign.pcm import shipped_pcm_dir
 from personalign.preferences import default_space
+from personalign.provenance import made_by_runs
 from personalign.weights import HALF_CHECK
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -190,9 +191,7 @@ def pcm_card(folder: Path) -> str:
 def replaced_note(folder: Path, doc: dict[str, Any]) -> list[str]:
     """Which experts beside the PCM were made by another run than the ones it was trained with."""
     trained = doc.get("experts_runs") or {}
-    experts = folder.parent / "experts"
-    now = {s: (json.loads((experts / s / "expert.json").read_text()).get("made_by") or {}).get("run")
-           for s in trained if (experts / s / "expert.json").is_file()}
+    now = made_by_runs(folder.parent / "experts", trained)
     replaced = sorted(s for s in trained if now.get(s) != trained[s])
     if not replaced:
         return []

@@ -18,7 +18,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from personalign.provenance import label_sources_of_dir
+from personalign.provenance import label_sources_of_dir, made_by_runs
 from personalign.weights import portable
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,9 +65,7 @@ def main() -> int:
     doc["made_by"] = {"run": run.name, "command": "personalign train-pcm, then scripts/ship_pcm.py"}
     doc["experts"] = "../experts (the experts shipped beside this PCM)"
     # which run made each expert it learned to weight: the model card says when one was replaced since
-    experts = target.parent / "experts"
-    doc["experts_runs"] = {s: (json.loads((experts / s / "expert.json").read_text()).get("made_by") or {}).get("run")
-                           for s in doc.get("sides", []) if (experts / s / "expert.json").is_file()}
+    doc["experts_runs"] = made_by_runs(target.parent / "experts", doc.get("sides", []))
     (tmp / "pcm.json").write_text(json.dumps(portable(doc), indent=2) + "\n")
     if (tmp / "config.json").is_file():
         config = json.loads((tmp / "config.json").read_text())

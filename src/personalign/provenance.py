@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["UNKNOWN", "evaluating_sources", "label_sources_of_dir", "label_sources_of_reward",
-           "label_sources_of_rm", "pair_judges", "rl_prompts", "unseen_prompts"]
+           "label_sources_of_rm", "made_by_runs", "pair_judges", "rl_prompts", "unseen_prompts"]
 
 UNKNOWN = "unknown"
 
@@ -185,3 +185,14 @@ def unseen_prompts(experts_dir: str | Path, n: int, seed: int = 0) -> tuple[str,
         raise ConfigError(f"only {len(free)} instructions of {source} are unseen by every expert in "
                           f"{experts_dir}; ask for at most that many")
     return source, free[:n]
+
+
+def made_by_runs(experts: Path, sides: Iterable[str]) -> dict[str, str | None]:
+    """Side -> the run that made the shipped expert in ``experts/<side>/`` (``expert.json``'s ``made_by``), for
+    the sides that have one: what a PCM records of the experts it learned to weight."""
+    out: dict[str, str | None] = {}
+    for side in sides:
+        doc = experts / side / "expert.json"
+        if doc.is_file():
+            out[side] = (json.loads(doc.read_text()).get("made_by") or {}).get("run")
+    return out
