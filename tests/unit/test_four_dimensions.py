@@ -38,6 +38,7 @@ def _example_on_path(monkeypatch):
     yield
     sys.modules.pop("structure_judge", None)
     sys.modules.pop("markdown_judge", None)
+    sys.modules.pop("prose_judge", None)
 
 
 def _write(path, rows):
@@ -46,6 +47,44 @@ def _write(path, rows):
 
 
 # -- the judge -------------------------------------------------------------------------------------------
+
+
+def test_the_prose_judge_passes_its_hand_written_pairs_where_the_other_two_judges_fail():
+    import prose_judge
+
+    table = prose_judge.validate()  # the shipped pairs, at the documented margin
+    assert table["prose_judge"]["all"] >= 0.9 and table["prose_judge"]["held_out"] >= 0.9
+    import markdown_judge
+    import structure_judge
+
+    others = prose_judge.validate(judges={"structure_judge": structure_judge.score,
+                                          "markdown_judge": markdown_judge.score})
+    # more, shorter sentences win the labelling judge; the Markdown judge ties anything without a list
+    assert others["structure_judge"]["choppy"] < 0.5 and others["structure_judge"]["lines"] < 0.5
+    assert others["markdown_judge"]["choppy"] == others["markdown_judge"]["fragments"] == 0.5
+
+
+def test_the_prose_judge_scores_sentences_paragraphs_and_flow():
+    import prose_judge
+
+    para = ("Plants make food from light. They take in water and carbon dioxide, "
+            "and their green leaves turn both of them into sugar.")
+    one_per_line = para.replace(". ", ".\n")
+    fn = prose_judge.score
+    assert fn(["q"], [para], "P4B")[0] > 0.95
+    assert fn(["q"], [""], "P4B") == [-10.0]
+    assert fn(["q"], [LIST], "P4B") == [0.0]  # list items and a label line are never prose
+    assert fn(["q"], ["leaves, light, sugar; water in, oxygen out"], "P4B") == [0.0]  # fragments
+    s_line, = fn(["q"], [one_per_line], "P4B")
+    assert 0.4 < s_line < 1.0 - prose_judge.MARGIN  # full sentences, no paragraph
+    m = prose_judge.parts("The cat sat down. Rockets are loud today. Bread is baked daily.")
+    assert m["cohesion"] == 0.0 and m["S"] == 1.0  # no link word, no shared content word
+    m = prose_judge.parts("The cat sat down. Then the cat slept all day long.")
+    assert m["cohesion"] == 1.0
+    joined = prose_judge.parts("Plants make food from light and\nwater in their leaves every day.")
+    assert joined["S"] == 1.0  # a line that continues in lower case belongs to the line before
+    assert prose_judge.score.sides == ("P4B",)
+
 
 
 def test_the_evaluation_judge_reads_markdown_and_differs_from_the_labelling_judge_where_it_should():
