@@ -5,8 +5,9 @@ twice: by the judges that labelled the experts' training data (the offline judge
 ``structure_judge:score`` for the new one) and by judges that labelled nothing (the independent judge,
 ``markdown_judge:score``). Per method and judge set: the average criterion win rate against preference
 prompting, the new dimension's criteria, and each old criterion next to the three-way evaluation's
-interval for the same method and judge (``--three-way``, the recorded eight-combination run), with
-whether it falls inside. A four-way method at a preference strength (``soup-exact-x1.33333``) is set
+interval for the same method and judge (``--three-way``, the recorded eight-combination run; several
+runs may be named, and each method takes its reference from the first one that holds its rule, judged by
+the same judges), with whether it falls inside. A four-way method at a preference strength (``soup-exact-x1.33333``) is set
 against the same rule at strength 1 in the three-way run: at strength 4/3 each of four experts carries
 a third, as each of three does there, so the old experts are merged exactly as in the three-way soup and
 only the new expert is added. With ``--previous``, another four-way run of the same combinations (the
@@ -19,7 +20,7 @@ the offline judge's score for that side (``personalign.judges.offline.side_score
 answers of the combinations with that side on the instructions both runs hold, for preference prompting
 and each method in both runs. Nothing is generated or judged here.
 
-    python bench/four_dimensions.py [--four-way runs/eval-structure] [--three-way runs/eval-psoups-all]
+    python bench/four_dimensions.py [--four-way runs/eval-structure] [--three-way runs/eval-psoups-all ...]
         [--previous RUN] [--output bench/four_dimensions.json]
 """
 
@@ -116,15 +117,16 @@ def mean_side_scores(run: Path, method: str, ids: set[str]) -> dict[str, float]:
     return {side: sum(v) / len(v) for side, v in sorted(scores.items())}
 
 
-def reference_shift(four_run: Path, three_run: Path, methods: list[str]) -> dict[str, dict]:
+def reference_shift(four_run: Path, three_runs: list[Path], methods: list[str]) -> dict[str, dict]:
     """Per four-way method (and preference prompting): its mean side scores and the same rule's at
-    strength 1 in the three-way run, on the instructions both runs generated for (each run's method
-    scored once, however many four-way methods share its three-way rule)."""
+    strength 1 in the first three-way run that holds it, on the instructions the four-way run and the
+    first three-way run generated for (each run's method scored once, however many four-way methods
+    share its three-way rule)."""
 
     def ids_of(run: Path) -> set[str]:
         return {row["id"] for path in (run / "generations" / "prompt").glob("*.jsonl") for row in read_jsonl(path)}
 
-    ids = ids_of(four_run) & ids_of(three_run)
+    ids = ids_of(four_run) & ids_of(three_runs[0])
     scored: dict[tuple[Path, str], dict[str, float]] = {}
 
     def scores(run: Path, method: str) -> dict[str, float]:
@@ -135,10 +137,11 @@ def reference_shift(four_run: Path, three_run: Path, methods: list[str]) -> dict
     out = {}
     for method in ["prompt", *methods]:
         label3 = three_way_label(method)
-        if not (four_run / "generations" / method).is_dir() or not (three_run / "generations" / label3).is_dir():
+        holding = [run for run in three_runs if (run / "generations" / label3).is_dir()]
+        if not (four_run / "generations" / method).is_dir() or not holding:
             continue
-        out[method] = {"four_way": scores(four_run, method), "three_way": scores(three_run, label3),
-                       "three_way_method": label3, "instructions": len(ids)}
+        out[method] = {"four_way": scores(four_run, method), "three_way": scores(holding[0], label3),
+                       "three_way_method": label3, "three_way_run": str(holding[0]), "instructions": len(ids)}
     return out
 
 
@@ -149,11 +152,18 @@ def pct(w: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--four-way", default="runs/eval-structure")
-    ap.add_argument("--three-way", default="runs/eval-psoups-all")
+    ap.add_argument("--three-way", nargs="+", default=["runs/eval-psoups-all"],
+                    help="three-way runs; each method's reference comes from the first that holds its rule")
     ap.add_argument("--previous", default=None, help="another four-way run to compare with, paired")
     ap.add_argument("--output", default="bench/four_dimensions.json")
     args = ap.parse_args()
-    four, three = judge_sets(Path(args.four_way)), judge_sets(Path(args.three_way))
+    four = judge_sets(Path(args.four_way))
+    threes = [judge_sets(Path(r)) for r in args.three_way]
+    for r, sets in zip(args.three_way[1:], threes[1:]):
+        for kind, res in sets.items():
+            if kind in threes[0] and res["judge"] != threes[0][kind]["judge"]:
+                raise SystemExit(f"{r} was judged by {res['judge']}, {args.three_way[0]} by "
+                                 f"{threes[0][kind]['judge']}: the three-way references need the same judges")
     missing = {"labelled", "independent"} - set(four)
     if missing:
         raise SystemExit(f"{args.four_way} has no {', '.join(sorted(missing))} judge set yet; run both evals")
@@ -165,15 +175,17 @@ def main() -> None:
     doc: dict = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                  "command": "python " + " ".join(sys.argv), "four_way": args.four_way, "three_way": args.three_way,
                  "judges": {k: v["judge"] for k, v in four.items()},
-                 "three_way_judges": {k: v["judge"] for k, v in three.items()}, "previous": args.previous,
+                 "three_way_judges": {k: v["judge"] for k, v in threes[0].items()}, "previous": args.previous,
                  "methods": {}}
     for kind, res in four.items():
-        ref3 = three.get(kind) if kind == "independent" else three.get("labelled")
         for method, w in res["win_rates"].items():
             row = doc["methods"].setdefault(method, {})
             new = {s: c for s, c in w["by_criterion"].items() if s not in OLD}
             old = {}
             label3 = three_way_label(method)
+            # the first three-way run whose judge set of this kind holds the rule (else the first run)
+            held = [t[kind] for t in threes if label3 in t.get(kind, {}).get("win_rates", {})]
+            ref3 = held[0] if held else threes[0].get(kind)
             mine_all = recorded_outcomes(res["_folder"], method)
             theirs_all = (recorded_outcomes(ref3["_folder"], label3)  # the three-way run may lack this rule
                           if ref3 is not None and (ref3["_folder"] / label3).is_dir() else {})
@@ -189,11 +201,13 @@ def main() -> None:
                           "paired_same_instructions": asdict(paired_difference_ci(mine, theirs)) if mine else None}
             row[kind] = {"instructions": res["instructions"], "avg": w["avg"], "new": new, "old": old,
                          "three_way_method": label3,
+                         "three_way_run": None if ref3 is None else str(ref3["_folder"].parent.parent),
                          "three_way_avg": (ref3 or {}).get("win_rates", {}).get(label3, {}).get("avg")}
             prev = previous.get(kind)
             if prev is not None and (prev["_folder"] / method).is_dir():
                 row[kind]["against_previous"] = against_previous(mine_all, recorded_outcomes(prev["_folder"], method))
-    doc["reference_shift"] = reference_shift(Path(args.four_way), Path(args.three_way), list(doc["methods"]))
+    doc["reference_shift"] = reference_shift(Path(args.four_way), [Path(r) for r in args.three_way],
+                                             list(doc["methods"]))
     Path(args.output).write_text(json.dumps(doc, indent=2))
 
     for kind in ("labelled", "independent"):
