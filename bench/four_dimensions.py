@@ -197,6 +197,8 @@ def main() -> None:
                 old[s] = {"four_way": w["by_criterion"][s], "three_way": three_w,
                           "inside": None if three_w is None else
                           three_w["low"] <= w["by_criterion"][s]["value"] <= three_w["high"],
+                          # outside because it beats the three-way interval: not a broken criterion
+                          "above": None if three_w is None else w["by_criterion"][s]["value"] > three_w["high"],
                           # four-way minus three-way on the same instructions and old sides, paired
                           "paired_same_instructions": asdict(paired_difference_ci(mine, theirs)) if mine else None}
             row[kind] = {"instructions": res["instructions"], "avg": w["avg"], "new": new, "old": old,
@@ -221,8 +223,8 @@ def main() -> None:
             inside = [s for s, o in r["old"].items() if o["inside"]]
             checked = [s for s, o in r["old"].items() if o["inside"] is not None]
             outside = ", ".join(f"{s} {100 * o['four_way']['value']:.1f} vs [{100 * o['three_way']['low']:.1f}, "
-                                f"{100 * o['three_way']['high']:.1f}]" for s, o in r["old"].items()
-                                if o["inside"] is False)
+                                f"{100 * o['three_way']['high']:.1f}]" + (" above" if o["above"] else "")
+                                for s, o in r["old"].items() if o["inside"] is False)
             note = f"{len(inside)} of {len(checked)}" + (f" (outside: {outside})" if outside else "") \
                 if checked else "no three-way result"
             print(f"| {method} | {pct(r['avg'])} | " + " | ".join(pct(r["new"][s]) if s in r["new"] else "—"
