@@ -6,8 +6,14 @@ and with the labelling judge's sentence count, and reports, per folder, the mean
 expert and the base and their per-instruction difference with a bootstrap 95% interval. Computes no win
 rate: those come from ``personalign eval --judge prose_judge:score``.
 
+With ``--four-way RUN`` (a run of ``examples/structure/eval.yaml``) it reads the prose criterion of the
+four-way composition instead: per method, each combination with P4B, the method's answer against
+preference prompting's for the same instruction, decided by the prose judge's score at its margin (the
+score depends on neither the order nor the other answer, so this is what ``personalign eval`` with this
+judge would record), averaged over those combinations with an interval that resamples instructions.
+
     python bench/prose_parts.py runs/eval-structure-experts runs/eval-structure-ontopic \
-        --output bench/prose_parts.json
+        --four-way runs/eval-structure-143 --output bench/prose_parts.json
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from datetime import date
 from pathlib import Path
 
 from personalign.data import read_jsonl
-from personalign.evaluation import mean_difference_ci
+from personalign.evaluation import mean_difference_ci, mean_win_rate_ci
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "structure"
 
@@ -61,21 +67,60 @@ def table(run: Path) -> dict[str, dict[str, float]]:
     return out
 
 
+def four_way(run: Path) -> dict[str, dict]:
+    """Method -> the P4B criterion by the prose judge against preference prompting, over the combinations
+    with P4B: win rate with its interval, and win / tie / loss counts."""
+    import prose_judge
+
+    combos = sorted(p.stem for p in (run / "generations" / "prompt").glob("*.jsonl") if "P4B" in p.stem.split("+"))
+    if not combos:
+        raise SystemExit(f"{run} has no preference-prompting answers for a combination with P4B")
+    out: dict[str, dict] = {}
+    for method in sorted(p.name for p in (run / "generations").iterdir() if p.is_dir() and p.name != "prompt"):
+        table: dict[str, list[str]] = {}
+        for combo in combos:
+            path = run / "generations" / method / f"{combo}.jsonl"
+            if not path.is_file():
+                break
+            mine = {r["id"]: r["response"] for r in read_jsonl(path)}
+            base = {r["id"]: r["response"] for r in read_jsonl(run / "generations" / "prompt" / f"{combo}.jsonl")}
+            ids = sorted(base)
+            if set(mine) != set(base):
+                raise SystemExit(f"{path}: not the instructions preference prompting answered")
+            a = prose_judge.score([""] * len(ids), [mine[i] for i in ids], "P4B")
+            b = prose_judge.score([""] * len(ids), [base[i] for i in ids], "P4B")
+            table[combo] = ["win" if x - y > prose_judge.MARGIN else "loss" if y - x > prose_judge.MARGIN
+                            else "tie" for x, y in zip(a, b)]
+        else:
+            w = mean_win_rate_ci(table)
+            flat = [o for col in table.values() for o in col]
+            out[method] = {"win_rate": {"value": w.value, "low": w.low, "high": w.high, "n": w.n},
+                           "combinations": len(table),
+                           "counts": {k: flat.count(k) for k in ("win", "tie", "loss")}}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("--four-way", type=Path, help="a run of examples/structure/eval.yaml")
     ap.add_argument("--output", type=Path)
     args = ap.parse_args()
     sys.path.insert(0, str(EXAMPLE))
     result = {"machine": f"{platform.machine()}, {platform.system()}", "date": date.today().isoformat(),
-              "command": "python bench/prose_parts.py " + " ".join(map(str, args.runs)),
-              "runs": {str(r): table(r) for r in args.runs}}
+              "command": "python " + " ".join(sys.argv), "runs": {str(r): table(r) for r in args.runs}}
+    if args.four_way:
+        result["four_way"] = {"run": str(args.four_way), "methods": four_way(args.four_way)}
     for run, t in result["runs"].items():
         print(f"\n{run} ({t['n']['instructions']} instructions)")
         for key, v in t.items():
             if key != "n":
                 print(f"  {key:20s} expert {v['expert']:7.3f}  base {v['base']:7.3f}  "
                       f"diff {v['difference']:+.3f} [{v['low']:+.3f}, {v['high']:+.3f}]")
+    for method, r in result.get("four_way", {}).get("methods", {}).items():
+        w, c = r["win_rate"], r["counts"]
+        print(f"four-way P4B by the prose judge, {method}: {100 * w['value']:.1f} [{100 * w['low']:.1f}, "
+              f"{100 * w['high']:.1f}]  W/T/L {c['win']}/{c['tie']}/{c['loss']}")
     if args.output:
         args.output.write_text(json.dumps(result, indent=2) + "\n")
 
