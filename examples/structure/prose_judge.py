@@ -35,24 +35,34 @@ from __future__ import annotations
 import json
 import re
 import sys
+from itertools import pairwise
 from pathlib import Path
 
 EMPTY = -10.0
 PARAGRAPH_WORDS = 20
 MARGIN = 0.05
+PAIRS = Path(__file__).with_name("prose_pairs.jsonl")
 
 ITEM = re.compile(r"^\s*(?:[-*\u2022+]|\d{1,2}[.)])\s+\S")
 HEADING = re.compile(r"^\s*(?:#{1,6}\s|\*\*[^*]+\*\*:?\s*$|\*\*[^*]+:\*\*)")
 WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9'\u2019-]*")
 SENTENCE = re.compile(r"[^.!?]+(?:[.!?]+[\"'\u201d\u2019)\]]*|$)")
-LINKS = frozenset("""this that these those it its they them their there he she his her we our you your
-    such so because therefore thus hence however but yet still instead also and or then next finally first
-    second third another other both each either as while when if although though since even which for in
-    besides moreover furthermore meanwhile otherwise similarly likewise once after before later""".split())
-STOP = frozenset("""about above after again against also among been before being below between could does
-    doing down during each from further have having here into itself just more most much only other over
-    same should some such than that their them then there these they this those through under until very
-    what when where which while with would your will make makes made like many can""".split())
+LINKS = frozenset([
+    "this", "that", "these", "those", "it", "its", "they", "them", "their", "there", "he", "she", "his",
+    "her", "we", "our", "you", "your", "such", "so", "because", "therefore", "thus", "hence", "however",
+    "but", "yet", "still", "instead", "also", "and", "or", "then", "next", "finally", "first", "second",
+    "third", "another", "other", "both", "each", "either", "as", "while", "when", "if", "although", "though",
+    "since", "even", "which", "for", "in", "besides", "moreover", "furthermore", "meanwhile", "otherwise",
+    "similarly", "likewise", "once", "after", "before", "later",
+])
+STOP = frozenset([
+    "about", "above", "after", "again", "against", "also", "among", "been", "before", "being", "below",
+    "between", "could", "does", "doing", "down", "during", "each", "from", "further", "have", "having",
+    "here", "into", "itself", "just", "more", "most", "much", "only", "other", "over", "same", "should",
+    "some", "such", "than", "that", "their", "them", "then", "there", "these", "they", "this", "those",
+    "through", "under", "until", "very", "what", "when", "where", "which", "while", "with", "would", "your",
+    "will", "make", "makes", "made", "like", "many", "can",
+])
 
 
 def _units(text: str) -> list[tuple[str, str]]:
@@ -105,7 +115,7 @@ def parts(text: str) -> dict[str, float]:
         in_paragraphs += n if n >= PARAGRAPH_WORDS else 0
         sentences += full
     length = min(1.0, in_sentences / len(sentences) / 12) if sentences else 0.0
-    pairs = list(zip(sentences, sentences[1:]))
+    pairs = list(pairwise(sentences))
     cohesion = sum(_linked(a, b) for a, b in pairs) / len(pairs) if pairs else length
     return {"S": in_sentences / total if total else 0.0, "P": in_paragraphs / in_sentences if in_sentences else 0.0,
             "cohesion": cohesion, "length": length, "words": total}
@@ -127,7 +137,7 @@ def score(prompts: list[str], responses: list[str], side: str) -> list[float]:
 score.sides = ("P4B",)
 
 
-def validate(path: str | Path = Path(__file__).with_name("prose_pairs.jsonl"),
+def validate(path: str | Path = PAIRS,
              judges: dict[str, object] | None = None, margin: float = MARGIN) -> dict[str, dict[str, float]]:
     """Each judge on the hand-written pairs (a tie counts half; the scores do not depend on the order):
     accuracy overall, on the pairs written after the judge (``held_out``) and per kind of contrast, and
