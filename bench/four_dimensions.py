@@ -8,9 +8,10 @@ prompting, the new dimension's criteria, and each old criterion next to the thre
 interval for the same method and judge (``--three-way``, the recorded eight-combination run; several
 runs may be named, and each method takes its reference from the first one that holds its rule, judged by
 the same judges), with whether it falls inside. A four-way method at a preference strength (``soup-exact-x1.33333``) is set
-against the same rule at strength 1 in the three-way run: at strength 4/3 each of four experts carries
-a third, as each of three does there, so the old experts are merged exactly as in the three-way soup and
-only the new expert is added. With ``--previous``, another four-way run of the same combinations (the
+against the same rule at 3/4 of that strength in the three-way run, where each expert carries the same
+weight: at strength 4/3 each of four experts carries a third, as each of three does at strength 1, so the
+old experts are merged exactly as in the three-way soup and only the new expert is added (and
+``soup-exact-x4`` is set against ``soup-exact-x3``, the shipped default). With ``--previous``, another four-way run of the same combinations (the
 same settings, other new experts) is compared method by method on the instructions both judged: this
 run's win rate minus the previous run's, paired, on the average criterion and on each criterion.
 
@@ -43,8 +44,13 @@ OLD = ("P1A", "P1B", "P2A", "P2B", "P3A", "P3B")
 
 
 def three_way_label(method: str) -> str:
-    """The three-way method a four-way one is compared with: the same rule at strength 1."""
-    return method.removesuffix(strength_suffix(parse_method(method).strength))
+    """The three-way method a four-way one is compared with. A method without a strength is compared with
+    the same rule; one at a strength ``s`` with the same rule at ``3s/4``, where each expert carries the
+    same weight (4/3 -> 1, 4 -> 3)."""
+    strength = parse_method(method).strength
+    if strength == 1:
+        return method
+    return method.removesuffix(strength_suffix(strength)) + strength_suffix(round(strength * 3 / 4, 4))
 
 
 def judge_sets(run: Path) -> dict[str, dict]:
@@ -229,7 +235,7 @@ def main() -> None:
                 if checked else "no three-way result"
             print(f"| {method} | {pct(r['avg'])} | " + " | ".join(pct(r["new"][s]) if s in r["new"] else "—"
                                                               for s in ("P4A", "P4B")) + f" | {note} |")
-        print(f"\n{kind}: each old criterion, four-way minus three-way (same rule at strength 1) on the same "
+        print(f"\n{kind}: each old criterion, four-way minus three-way (same rule, each expert at the same weight) on the same "
               "instructions, paired (points)\n")
         print("| method | " + " | ".join(OLD) + " |\n|---|" + "---|" * len(OLD))
         for method, row in doc["methods"].items():
