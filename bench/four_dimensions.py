@@ -7,11 +7,12 @@ twice: by the judges that labelled the experts' training data (the offline judge
 prompting, the new dimension's criteria, and each old criterion next to the three-way evaluation's
 interval for the same method and judge (``--three-way``, the recorded eight-combination run; several
 runs may be named, and each method takes its reference from the first one that holds its rule, judged by
-the same judges), with whether it falls inside. A four-way method at a preference strength (``soup-exact-x1.33333``) is set
-against the same rule at 3/4 of that strength in the three-way run, where each expert carries the same
-weight: at strength 4/3 each of four experts carries a third, as each of three does at strength 1, so the
-old experts are merged exactly as in the three-way soup and only the new expert is added (and
-``soup-exact-x4`` is set against ``soup-exact-x3``, the shipped default). With ``--previous``, another four-way run of the same combinations (the
+the same judges), with whether it falls inside. A four-way method at a preference strength
+(``soup-exact-x1.33333``) is set against the same rule at 3/4 of that strength in the three-way run,
+where each expert carries the same weight: at strength 4/3 each of four experts carries a third, as each
+of three does at strength 1, so the old experts are merged exactly as in the three-way soup and only the
+new expert is added (and ``soup-exact-x4`` is set against ``soup-exact-x3``, the shipped default). With
+``--previous``, another four-way run of the same combinations (the
 same settings, other new experts) is compared method by method on the instructions both judged: this
 run's win rate minus the previous run's, paired, on the average criterion and on each criterion.
 
@@ -124,8 +125,8 @@ def mean_side_scores(run: Path, method: str, ids: set[str]) -> dict[str, float]:
 
 
 def reference_shift(four_run: Path, three_runs: list[Path], methods: list[str]) -> dict[str, dict]:
-    """Per four-way method (and preference prompting): its mean side scores and the same rule's at
-    strength 1 in the first three-way run that holds it, on the instructions the four-way run and the
+    """Per four-way method (and preference prompting): its mean side scores and those of its three-way
+    rule (:func:`three_way_label`) in the first three-way run that holds it, on the instructions the four-way run and the
     first three-way run generated for (each run's method scored once, however many four-way methods
     share its three-way rule)."""
 
@@ -235,8 +236,8 @@ def main() -> None:
                 if checked else "no three-way result"
             print(f"| {method} | {pct(r['avg'])} | " + " | ".join(pct(r["new"][s]) if s in r["new"] else "—"
                                                               for s in ("P4A", "P4B")) + f" | {note} |")
-        print(f"\n{kind}: each old criterion, four-way minus three-way (same rule, each expert at the same weight) on the same "
-              "instructions, paired (points)\n")
+        print(f"\n{kind}: each old criterion, four-way minus three-way (same rule, each expert at the same "
+              "weight) on the same instructions, paired (points)\n")
         print("| method | " + " | ".join(OLD) + " |\n|---|" + "---|" * len(OLD))
         for method, row in doc["methods"].items():
             r = row.get(kind)

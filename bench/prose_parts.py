@@ -45,7 +45,7 @@ def measures(text: str) -> dict[str, float]:
 
     m = prose_judge.parts(text)
     _, _, _, sentences = structure_judge.layout(text)
-    return {"prose_score": prose_judge.score([""], [text], "P4B")[0], "S": m["S"], "P": m["P"],
+    return {"prose_score": prose_judge.from_parts(m), "S": m["S"], "P": m["P"],
             "cohesion": m["cohesion"], "length": m["length"], "labeller_sentences": float(sentences),
             "words": m["words"]}
 
@@ -69,9 +69,14 @@ def table(run: Path) -> dict[str, dict[str, float]]:
 
 def four_way(run: Path) -> dict[str, dict]:
     """Method -> the P4B criterion by the prose judge against preference prompting, over the combinations
-    with P4B: win rate with its interval, and win / tie / loss counts."""
+    with P4B: win rate with its interval, and win / tie / loss counts. Pairs are decided by the project's
+    function judge at the prose judge's margin, in both orders, as ``personalign eval`` decides them."""
     import prose_judge
 
+    from personalign.evaluation import combine_orders, outcome
+    from personalign.judges import FunctionJudge
+
+    judge = FunctionJudge("prose_judge:score", {"P4B": prose_judge.MARGIN})
     combos = sorted(p.stem for p in (run / "generations" / "prompt").glob("*.jsonl") if "P4B" in p.stem.split("+"))
     if not combos:
         raise SystemExit(f"{run} has no preference-prompting answers for a combination with P4B")
@@ -87,10 +92,9 @@ def four_way(run: Path) -> dict[str, dict]:
             ids = sorted(base)
             if set(mine) != set(base):
                 raise SystemExit(f"{path}: not the instructions preference prompting answered")
-            a = prose_judge.score([""] * len(ids), [mine[i] for i in ids], "P4B")
-            b = prose_judge.score([""] * len(ids), [base[i] for i in ids], "P4B")
-            table[combo] = ["win" if x - y > prose_judge.MARGIN else "loss" if y - x > prose_judge.MARGIN
-                            else "tie" for x, y in zip(a, b)]
+            first = judge.judge_many([("", mine[i], base[i]) for i in ids], "P4B")
+            second = judge.judge_many([("", base[i], mine[i]) for i in ids], "P4B")
+            table[combo] = [combine_orders(outcome(x, "a"), outcome(y, "b")) for x, y in zip(first, second)]
         else:
             w = mean_win_rate_ci(table)
             flat = [o for col in table.values() for o in col]

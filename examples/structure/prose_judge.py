@@ -121,34 +121,35 @@ def parts(text: str) -> dict[str, float]:
             "cohesion": cohesion, "length": length, "words": total}
 
 
+def from_parts(m: dict[str, float]) -> float:
+    """The score of an answer with these :func:`parts`."""
+    if m["words"] == 0:
+        return EMPTY
+    return m["S"] * (0.4 + 0.3 * m["P"] + 0.3 * (m["cohesion"] + m["length"]) / 2)
+
+
 def score(prompts: list[str], responses: list[str], side: str) -> list[float]:
     """One score per response for P4B: higher reads more as flowing prose."""
-    out = []
-    for text in responses:
-        m = parts(text)
-        if m["words"] == 0:
-            out.append(EMPTY)
-            continue
-        flow = (m["cohesion"] + m["length"]) / 2
-        out.append(m["S"] * (0.4 + 0.3 * m["P"] + 0.3 * flow))
-    return out
+    return [from_parts(parts(text)) for text in responses]
 
 
 score.sides = ("P4B",)
 
 
 def validate(path: str | Path = PAIRS,
-             judges: dict[str, object] | None = None, margin: float = MARGIN) -> dict[str, dict[str, float]]:
+             judges: dict[str, object] | None = None,
+             margins: dict[str, float] | None = None) -> dict[str, dict[str, float]]:
     """Each judge on the hand-written pairs (a tie counts half; the scores do not depend on the order):
     accuracy overall, on the pairs written after the judge (``held_out``) and per kind of contrast, and
     the counts."""
     rows = [json.loads(line) for line in Path(path).read_text("utf-8").splitlines() if line.strip()]
     judges = judges or {"prose_judge": score}
+    margins = {"prose_judge": MARGIN} if margins is None else margins  # a judge not named decides at 0
     out: dict[str, dict[str, float]] = {}
     for name, fn in judges.items():
         prose = fn([r["prompt"] for r in rows], [r["prose"] for r in rows], "P4B")
         other = fn([r["prompt"] for r in rows], [r["other"] for r in rows], "P4B")
-        m = margin if name == "prose_judge" else 0.0
+        m = margins.get(name, 0.0)
         verdicts = ["right" if p - o > m else "wrong" if o - p > m else "tie" for p, o in zip(prose, other)]
         res: dict[str, float] = {}
         groups = {"all": rows, "held_out": [r for r in rows if r.get("held_out")]}
