@@ -85,23 +85,29 @@ def _prefix(tok: Any, prompt: str, lead: str = "") -> list[int]:
     return tok(text + lead, add_special_tokens=False)["input_ids"]
 
 
-def _token_logprobs(sequences: list[tuple[list[int], int]], batch_size: int = 16) -> list[list[float]]:
-    """For each (ids, start): the log-probability of every token from ``start`` on, given those before it."""
+def _token_logprobs(sequences: list[tuple[list[int], int]], batch_size: int = 32) -> list[list[float]]:
+    """For each (ids, start): the log-probability of every token from ``start`` on, given those before it.
+
+    Sequences are batched by length, and the vocabulary projection runs only where a log-probability is
+    read."""
     import torch
 
     model, tok = _model()
-    out: list[list[float]] = []
-    for i in range(0, len(sequences), batch_size):
-        chunk = sequences[i:i + batch_size]
-        width = max(len(ids) for ids, _ in chunk)
+    out: list[list[float]] = [[] for _ in sequences]
+    order = sorted(range(len(sequences)), key=lambda k: len(sequences[k][0]))
+    for i in range(0, len(order), batch_size):
+        chunk = order[i:i + batch_size]
+        width = max(len(sequences[k][0]) for k in chunk)
         pad = tok.pad_token_id
-        input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in chunk])
-        mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in chunk])
+        input_ids = torch.tensor([sequences[k][0] + [pad] * (width - len(sequences[k][0])) for k in chunk])
+        mask = torch.tensor([[1] * len(sequences[k][0]) + [0] * (width - len(sequences[k][0])) for k in chunk])
         with torch.no_grad():
-            logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None])[..., 0]
-        for row, (ids, start) in enumerate(chunk):
-            out.append(logp[row, start - 1:len(ids) - 1].tolist())
+            hidden = model.get_decoder()(input_ids=input_ids, attention_mask=mask).last_hidden_state
+            for row, k in enumerate(chunk):
+                ids, start = sequences[k]
+                logits = model.get_output_embeddings()(hidden[row, start - 1:len(ids) - 1]).float()
+                targets = input_ids[row, start:len(ids), None]
+                out[k] = torch.log_softmax(logits, dim=-1).gather(-1, targets)[:, 0].tolist()
     return out
 
 
@@ -170,11 +176,10 @@ def parts(prompts: list[str], responses: list[str]) -> list[dict[str, float]]:
 
 def score(prompts: list[str], responses: list[str], side: str) -> list[float]:
     """One score per response for the prose side (P4B): higher reads more as prose that builds."""
-    filled = [i for i, text in enumerate(responses) if WORD.search(text)]
-    out = [EMPTY] * len(responses)
-    for i, p in zip(filled, parts([prompts[i] for i in filled], [responses[i] for i in filled]), strict=True):
-        out[i] = p["G"] + 0.3 * p["E"] - p["M"]
-    return out
+    unique = list(dict.fromkeys((q, r) for q, r in zip(prompts, responses, strict=True) if WORD.search(r)))
+    found = parts([q for q, _ in unique], [r for _, r in unique])
+    scored = {key: p["G"] + 0.3 * p["E"] - p["M"] for key, p in zip(unique, found, strict=True)}
+    return [scored.get((q, r), EMPTY) for q, r in zip(prompts, responses, strict=True)]
 
 
 score.sides = ("P4B",)

@@ -39,6 +39,7 @@ def _example_on_path(monkeypatch):
     sys.modules.pop("structure_judge", None)
     sys.modules.pop("markdown_judge", None)
     sys.modules.pop("prose_judge", None)
+    sys.modules.pop("coherence_judge", None)
 
 
 def _write(path, rows):
@@ -85,6 +86,45 @@ def test_the_prose_judge_scores_sentences_paragraphs_and_flow():
     assert joined["S"] == 1.0  # a line that continues in lower case belongs to the line before
     assert prose_judge.score.sides == ("P4B",)
 
+
+
+def test_the_coherence_judge_splits_markup_sentences_and_the_finished_end():
+    import coherence_judge as cj
+
+    markup, sentences, finished = cj.split("## Plan\nSleep well every night. Then walk\n- eat greens")
+    assert sentences == ["Sleep well every night.", "Then walk"] and not finished
+    assert markup == pytest.approx(3 / 9)  # "Plan" and "eat greens": three words of nine
+    assert cj.split("It rained. We stayed in!")[1:] == (["It rained.", "We stayed in!"], True)
+    assert cj.split("   ") == (0.0, [], False)
+    # a later sentence earns a gain only when it is a full sentence that does not repeat the text before it
+    assert cj.counts("The leaves turn sugar into energy.", ["Plants make sugar."])
+    assert not cj.counts("Keeps us warm.", ["Gravity pulls."])  # a fragment
+    assert not cj.counts("Plants make sugar from light, in short.", ["Plants make sugar from light."])
+
+
+def test_the_coherence_judge_scores_with_a_model_it_loads_once(tiny_model_dir, monkeypatch):
+    import coherence_judge as cj
+
+    monkeypatch.setenv("PERSONALIGN_COHERENCE_MODEL", str(tiny_model_dir))
+    cj._model.cache_clear()
+    try:
+        prose = "Plants make food from light. They turn water and carbon dioxide into sugar in their leaves."
+        fragments = "Plants. Light and water. Sugar made. Leaves green."
+        repeated = "Plants make food from light. Plants make food from light, truly."
+        parts = cj.parts(["How do plants eat?"] * 4, [prose, fragments, repeated, "- a list\n- of points"])
+        assert parts[0]["G"] != 0.0 and parts[0]["E"] == 1.0 and parts[0]["M"] == 0.0
+        assert parts[1]["G"] == parts[2]["G"] == 0.0  # fragments and copying earn no gain
+        assert parts[3] == {"M": 1.0, "E": 0.0, "G": 0.0}
+        scores = cj.score(["How do plants eat?"] * 3, [prose, "", "One full sentence stands alone here."], "P4B")
+        assert scores[0] == pytest.approx(parts[0]["G"] + 0.3, abs=1e-5)  # G + 0.3 E - M
+        assert scores[1:] == [-10.0, 0.3]  # empty; one sentence has no gain
+        # the gain is a difference of log-probabilities the model gives: the same with every batch size
+        one = cj.context_gains(["q"], [cj.split(prose)[1]])
+        assert one[0] == pytest.approx(cj.context_gains(["q"] * 2, [cj.split(prose)[1]] * 2)[1], abs=1e-5)
+        assert cj._model.cache_info().misses == 1
+    finally:
+        cj._model.cache_clear()
+    assert cj.score.sides == ("P4B",)
 
 
 def test_the_evaluation_judge_reads_markdown_and_differs_from_the_labelling_judge_where_it_should():
