@@ -4,7 +4,8 @@ Reads the answers ``personalign eval --config examples/structure/eval-experts.ya
 folder (``generations/{expert,prompt}/P4B.jsonl``), scores each with ``examples/structure/prose_judge.py``
 and with the labelling judge's sentence count, and reports, per folder, the mean of each part for the
 expert and the base and their per-instruction difference with a bootstrap 95% interval. Computes no win
-rate: those come from ``personalign eval --judge prose_judge:score``.
+rate: those come from ``personalign eval --judge prose_judge:score``. With ``--coherence`` it adds the
+parts of ``coherence_judge.py`` (the labeller of the coherence-trained expert), with the embedded model.
 
 With ``--four-way RUN`` (a run of ``examples/structure/eval.yaml``) it reads the prose criterion of the
 four-way composition instead: per method, each combination with P4B, the method's answer against
@@ -31,12 +32,13 @@ from personalign.evaluation import mean_difference_ci, mean_win_rate_ci
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "structure"
 
 
-def rows(run: Path, method: str) -> dict[str, str]:
+def rows(run: Path, method: str) -> dict[str, tuple[str, str]]:
+    """Instruction id -> (instruction, answer)."""
     path = run / "generations" / method / "P4B.jsonl"
     if not path.is_file():
         raise SystemExit(f"{path} is missing: run `personalign eval --config examples/structure/eval-experts.yaml "
                          f"--set run_dir={run}` first")
-    return {r["id"]: r["response"] for r in read_jsonl(path)}
+    return {r["id"]: (r["prompt"], r["response"]) for r in read_jsonl(path)}
 
 
 def measures(text: str) -> dict[str, float]:
@@ -50,13 +52,28 @@ def measures(text: str) -> dict[str, float]:
             "words": m["words"]}
 
 
-def table(run: Path) -> dict[str, dict[str, float]]:
+def coherence_measures(answers: list[tuple[str, str]]) -> list[dict[str, float]]:
+    """The labelling judge of the coherence-trained expert, by part: its context gain, finished last
+    sentence, markup share and score (``examples/structure/coherence_judge.py``; runs the embedded model)."""
+    import coherence_judge
+
+    parts = coherence_judge.parts([q for q, _ in answers], [a for _, a in answers])
+    scores = coherence_judge.score([q for q, _ in answers], [a for _, a in answers], "P4B")
+    return [{"coherence_score": sc, "context_gain": p["G"], "finished": p["E"], "markup": p["M"]}
+            for p, sc in zip(parts, scores, strict=True)]
+
+
+def table(run: Path, coherence: bool = False) -> dict[str, dict[str, float]]:
     expert, base = rows(run, "expert"), rows(run, "prompt")
     ids = sorted(set(expert) & set(base))
     if len(ids) != len(expert) or len(ids) != len(base):
         raise SystemExit(f"{run}: the expert's and the base's answers are for different instructions")
-    e = [measures(expert[i]) for i in ids]
-    b = [measures(base[i]) for i in ids]
+    e = [measures(expert[i][1]) for i in ids]
+    b = [measures(base[i][1]) for i in ids]
+    if coherence:
+        for m, extra in zip(e + b, coherence_measures([expert[i] for i in ids] + [base[i] for i in ids]),
+                            strict=True):
+            m.update(extra)
     out: dict[str, dict[str, float]] = {}
     for key in e[0]:
         xs, ys = [m[key] for m in e], [m[key] for m in b]
@@ -108,11 +125,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--four-way", type=Path, help="a run of examples/structure/eval.yaml")
+    ap.add_argument("--coherence", action="store_true",
+                    help="also the parts of coherence_judge (loads the embedded model)")
     ap.add_argument("--output", type=Path)
     args = ap.parse_args()
     sys.path.insert(0, str(EXAMPLE))
     result = {"machine": f"{platform.machine()}, {platform.system()}", "date": date.today().isoformat(),
-              "command": "python " + " ".join(sys.argv), "runs": {str(r): table(r) for r in args.runs}}
+              "command": "python " + " ".join(sys.argv), "runs": {str(r): table(r, args.coherence) for r in args.runs}}
     if args.four_way:
         result["four_way"] = {"run": str(args.four_way), "methods": four_way(args.four_way)}
     for run, t in result["runs"].items():
