@@ -1,8 +1,9 @@
 """Where a prose expert (P4B) differs from its prompted base, by the parts of the prose judge.
 
 Reads the answers ``personalign eval --config examples/structure/eval-experts.yaml`` left in each run
-folder (``generations/{expert,prompt}/P4B.jsonl``), scores each with ``examples/structure/prose_judge.py``
-and with the labelling judge's sentence count, and reports, per folder, the mean of each part for the
+folder (``generations/{expert,prompt}/P4B.jsonl``), scores each with ``examples/structure/prose_judge.py``,
+with the labelling judge's sentence count and with the answer's own distinct-2 (fluency per answer; the
+eval report's distinct-2 pools all answers), and reports, per folder, the mean of each part for the
 expert and the base and their per-instruction difference with a bootstrap 95% interval. Computes no win
 rate: those come from ``personalign eval --judge prose_judge:score``. With ``--coherence`` it adds the
 parts of ``coherence_judge.py`` (the labeller of the coherence-trained expert), with the embedded model.
@@ -45,11 +46,13 @@ def measures(text: str) -> dict[str, float]:
     import prose_judge
     import structure_judge
 
+    from personalign.report import distinct_n
+
     m = prose_judge.parts(text)
     _, _, _, sentences = structure_judge.layout(text)
     return {"prose_score": prose_judge.from_parts(m), "S": m["S"], "P": m["P"],
             "cohesion": m["cohesion"], "length": m["length"], "labeller_sentences": float(sentences),
-            "words": m["words"]}
+            "words": m["words"], "distinct_2": distinct_n([text], 2) or 0.0}
 
 
 def coherence_measures(answers: list[tuple[str, str]]) -> list[dict[str, float]]:
