@@ -31,7 +31,7 @@ sentences ``s_1 .. s_n``:
   one sentence has ``G = 0``,
 
 and the score is ``G + 0.3 * E - M``; an empty answer scores -10. It reads form and flow, not
-correctness. The model is loaded once per process, on first use (``PERSONALIGN_COHERENCE_MODEL``
+correctness. The model is loaded once per process, on the CPU, on first use (``PERSONALIGN_COHERENCE_MODEL``
 names another base model or folder).
 """
 
