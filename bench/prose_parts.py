@@ -61,9 +61,9 @@ def coherence_measures(answers: list[tuple[str, str]]) -> list[dict[str, float]]
     import coherence_judge
 
     parts = coherence_judge.parts([q for q, _ in answers], [a for _, a in answers])
-    scores = coherence_judge.score([q for q, _ in answers], [a for _, a in answers], "P4B")
-    return [{"coherence_score": sc, "context_gain": p["G"], "finished": p["E"], "markup": p["M"]}
-            for p, sc in zip(parts, scores, strict=True)]
+    return [{"coherence_score": coherence_judge.from_parts(p) if coherence_judge.WORD.search(a)
+             else coherence_judge.EMPTY, "context_gain": p["G"], "finished": p["E"], "markup": p["M"]}
+            for p, (_, a) in zip(parts, answers, strict=True)]
 
 
 def table(run: Path, coherence: bool = False) -> dict[str, dict[str, float]]:

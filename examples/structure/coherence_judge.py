@@ -174,11 +174,16 @@ def parts(prompts: list[str], responses: list[str]) -> list[dict[str, float]]:
             for (markup, _, finished), gain in zip(split_all, gains, strict=True)]
 
 
+def from_parts(p: dict[str, float]) -> float:
+    """The score of an answer with words, from its parts: ``G + 0.3 * E - M``."""
+    return p["G"] + 0.3 * p["E"] - p["M"]
+
+
 def score(prompts: list[str], responses: list[str], side: str) -> list[float]:
     """One score per response for the prose side (P4B): higher reads more as prose that builds."""
     unique = list(dict.fromkeys((q, r) for q, r in zip(prompts, responses, strict=True) if WORD.search(r)))
     found = parts([q for q, _ in unique], [r for _, r in unique])
-    scored = {key: p["G"] + 0.3 * p["E"] - p["M"] for key, p in zip(unique, found, strict=True)}
+    scored = {key: from_parts(p) for key, p in zip(unique, found, strict=True)}
     return [scored.get((q, r), EMPTY) for q, r in zip(prompts, responses, strict=True)]
 
 
