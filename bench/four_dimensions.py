@@ -45,13 +45,29 @@ OLD = ("P1A", "P1B", "P2A", "P2B", "P3A", "P3B")
 
 
 def three_way_label(method: str) -> str:
-    """The three-way method a four-way one is compared with. A method without a strength is compared with
-    the same rule; one at a strength ``s`` with the same rule at ``3s/4``, where each expert carries the
-    same weight (4/3 -> 1, 4 -> 3)."""
-    strength = parse_method(method).strength
-    if strength == 1:
+    """The three-way method a four-way one is compared with: the same rule with each old expert at the same
+    weight. A method without a strength or side weights is compared with the same rule; one at a strength
+    ``s`` with the same rule at ``3s/4`` (4/3 -> 1, 4 -> 3). Side weights (``-w<dimension>=<weight>``) are
+    normalised over the four sides before the strength scales them, so ``soup-exact-w4=0.5-x1.16667`` gives
+    each old expert ``1.16667 / 3.5 = 1/3`` and is compared with ``soup-exact``; weights on old dimensions
+    are kept in the three-way label. Weights keyed by side (``-wP4B=...``) weigh some combinations and not
+    others, so they have no single three-way counterpart and are refused."""
+    m = parse_method(method)
+    if not m.side_weights and m.strength == 1:
         return method
-    return method.removesuffix(strength_suffix(strength)) + strength_suffix(round(strength * 3 / 4, 4))
+    weights = {d: 1.0 for d in (1, 2, 3, 4)}
+    for key, w in m.side_weights:
+        if not key.isdigit() or int(key) not in weights:
+            raise SystemExit(f"{method}: side weights keyed {key!r} have no three-way counterpart; key them "
+                             "by dimension number 1-4")
+        weights[int(key)] = w
+    base = method.removesuffix(strength_suffix(m.strength)) if m.strength != 1 else method
+    if m.side_weights:
+        base = base[:base.rindex("-w")]
+    old = {d: w for d, w in weights.items() if d != 4}
+    strength = round(m.strength * sum(old.values()) / sum(weights.values()), 4)
+    kept = "+".join(f"{d}={w:g}" for d, w in old.items() if w != 1)
+    return base + (f"-w{kept}" if kept else "") + ("" if strength == 1 else strength_suffix(strength))
 
 
 def judge_sets(run: Path) -> dict[str, dict]:

@@ -384,3 +384,25 @@ def test_the_pareto_sweep_scores_the_new_dimension_with_the_users_function(tmp_p
     assert point["x"] == pytest.approx(np.mean(structure_judge.score(["q"] * len(texts), texts, "P4A")))
     assert point["y"] == pytest.approx(np.mean(structure_judge.score(["q"] * len(texts), texts, "P4B")))
     assert "structure_judge:score" in (tmp_path / "pareto" / "pareto.md").read_text()
+
+
+def test_the_four_way_bench_compares_each_method_with_the_three_way_rule_at_the_old_experts_weight():
+    """bench/four_dimensions.py: a four-way method is set against the three-way rule in which every old expert
+    carries the same merged weight (strength x weight / sum of the weights)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_four_dimensions", ROOT / "bench" / "four_dimensions.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    label = bench.three_way_label
+    assert label("soup-exact") == "soup-exact" and label("mope-uniform") == "mope-uniform"
+    assert label("soup-exact-x1.33333") == "soup-exact"  # 4/3 x 1/4 = 1 x 1/3
+    assert label("soup-exact-x4") == "soup-exact-x3"
+    assert label("mope-extrapolate-x1.33333") == "mope-extrapolate"
+    assert label("soup-exact-w4=0.5-x1.16667") == "soup-exact"  # 1.16667 / 3.5 = 1/3 per old expert
+    assert label("soup-exact-w4=0.5-x3.5") == "soup-exact-x3"  # 3.5 / 3.5 = 3 / 3
+    assert label("soup-exact-w4=0.5") == "soup-exact-x0.8571"  # 1 / 3.5 = 0.8571 / 3
+    # a weight on an old dimension stays in the three-way label: (1, 2, 1, 1) x 5/5 against (1, 2, 1) x 4/4
+    assert label("soup-exact-w2=2-x1.25") == "soup-exact-w2=2"
+    with pytest.raises(SystemExit, match="keyed 'P4B'"):
+        label("soup-exact-wP4B=0.5-x1.16667")
