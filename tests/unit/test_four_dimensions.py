@@ -406,3 +406,49 @@ def test_the_four_way_bench_compares_each_method_with_the_three_way_rule_at_the_
     assert label("soup-exact-w2=2-x1.25") == "soup-exact-w2=2"
     with pytest.raises(SystemExit, match="keyed 'P4B'"):
         label("soup-exact-wP4B=0.5-x1.16667")
+
+
+def test_the_head_to_head_bench_judges_four_way_against_three_way_answers_and_resumes(tmp_path, monkeypatch):
+    """bench/four_vs_three.py: each old criterion judged on the four-way answer against the same method's
+    three-way answer; prompting's shift is subtracted, and a rerun reads the verdicts it wrote."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_four_vs_three", ROOT / "bench" / "four_vs_three.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    long = ("Water is a fascinating substance with many properties, and to understand it we need to look at "
+            "hydrogen bonds, density, temperature and the arrangement of molecules in the solid state. ") * 3
+    short = "Ice is less dense than water."
+    ids = [f"eval-{i:04d}" for i in range(6)]
+
+    def write(run, method, combo, text):
+        (run / "generations" / method).mkdir(parents=True, exist_ok=True)
+        _write(run / "generations" / method / f"{combo}.jsonl",
+               [{"id": i, "prompt": f"Why does ice float? ({i})", "response": text} for i in ids])
+
+    four, three = tmp_path / "four", tmp_path / "three"
+    for side4 in ("P4A", "P4B"):
+        write(four, "soup-exact-x1.33333", f"P1A+P2A+P3A+{side4}", short)  # shorter with the new dimension
+        write(four, "prompt", f"P1A+P2A+P3A+{side4}", long)
+    write(three, "soup-exact", "P1A+P2A+P3A", long)
+    write(three, "prompt", "P1A+P2A+P3A", long)
+    out = tmp_path / "out.json"
+    argv = ["four_vs_three.py", "--four-way", str(four), "--three-way", str(three), "--pair", "soup-exact-x1.33333",
+            "soup-exact", "--pair", "prompt", "prompt", "--judge", "offline", "--run-dir", str(tmp_path / "v"),
+            "--output", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    bench.main()
+    doc = json.loads(out.read_text())["results"]["offline"]
+    soup, prompt = doc["soup-exact-x1.33333 vs soup-exact"], doc["prompt vs prompt"]
+    assert soup["P2A"]["value"] == 1.0 and soup["P2A"]["win"] == 12  # concise: 6 instructions x 2 combinations
+    assert prompt["P2A"]["value"] == 0.5 and prompt["P2A"]["tie"] == 12  # the same answers tie
+    assert soup["minus_prompt"]["P2A"]["value"] == pytest.approx(0.5)
+    assert set(soup) == {"P1A", "P2A", "P3A", "avg", "minus_prompt"}  # only the old sides of the combination
+
+    class Refuse:  # a rerun judges nothing: every verdict is on disk
+        def judge_many(self, items, side):
+            raise AssertionError("judged again")
+
+    monkeypatch.setattr(bench, "build_judge", lambda cfg: Refuse())
+    bench.main()
+    assert json.loads(out.read_text())["results"]["offline"]["soup-exact-x1.33333 vs soup-exact"]["P2A"] == soup["P2A"]

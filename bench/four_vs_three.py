@@ -1,0 +1,170 @@
+"""Does adding a dimension break the old ones? The four-way answers against the three-way answers, head to head.
+
+`bench/four_dimensions.py` compares win rates against preference prompting, and the four-way reference
+(prompting with four sides in the prompt) is not the three-way one. This script takes the reference out:
+for each old side and each four-way combination that holds it, a method's four-way answer is judged
+against the same method's three-way answer to the same instruction (the combination without its
+dimension-4 side), on that old side's criterion, both orders (a disagreement is a tie). 50% means the
+old criterion is followed as well with the new dimension as without it; an interval below 50% is a
+measured loss. Preference prompting's four-way answers against its three-way ones, judged the same way,
+show how much the reference itself moved; each method's shift minus prompting's, paired by instruction and
+combination, is what the method itself adds (an interval below 0: the method loses more than the prompt
+alone explains).
+
+Both runs must hold the same instructions, generated with the same sampling (``eval``'s run folders do).
+Verdicts are written to ``--run-dir`` as they come (one JSONL file per judge, pair of methods and
+combination) and a rerun judges only what is missing.
+
+    python bench/four_vs_three.py --four-way runs/eval-structure-143 --three-way runs/eval-psoups-all runs/eval-strength \
+        --pair soup-exact-x1.33333 soup-exact --pair prompt prompt --judge offline --judge independent \
+        --run-dir runs/four-vs-three --output bench/four_vs_three.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+from tqdm import tqdm
+
+from personalign.data import JsonlWriter, read_jsonl
+from personalign.evaluation import combine_orders, mean_win_rate_ci, outcome, paired_difference_ci
+from personalign.judges import JudgeConfig, build_judge
+from personalign.judges.base import judge_both_orders
+
+OLD = ("P1A", "P1B", "P2A", "P2B", "P3A", "P3B")
+NEW_DIMENSION = "P4"
+
+
+def answers(run: Path, method: str, combo: str) -> dict[str, dict]:
+    """``id`` -> the recorded row of ``method`` for ``combo`` in ``run``."""
+    path = run / "generations" / method / f"{combo}.jsonl"
+    if not path.is_file():
+        raise SystemExit(f"{path}: no answers of {method} for {combo}; generate them with personalign eval")
+    return {r["id"]: r for r in read_jsonl(path)}
+
+
+def four_way_combos(run: Path, method: str) -> list[str]:
+    combos = sorted(p.stem for p in (run / "generations" / method).glob("*.jsonl"))
+    four = [c for c in combos if len(c.split("+")) == 4 and c.split("+")[3].startswith(NEW_DIMENSION)]
+    if not four:
+        raise SystemExit(f"{run}: no four-way answers of {method}")
+    return four
+
+
+def judge_pairs(judge, kind: str, run_dir: Path, four: Path, three: Path, m4: str, m3: str,
+                combo4: str) -> dict[str, dict[str, str]]:
+    """``side`` -> ``id`` -> the four-way answer's outcome against the three-way one, for ``combo4``'s old
+    sides; verdicts already in ``run_dir`` are read, the rest judged and appended."""
+    combo3 = "+".join(combo4.split("+")[:3])
+    a4, a3 = answers(four, m4, combo4), answers(three, m3, combo3)
+    ids = sorted(set(a4) & set(a3))
+    for i in ids:
+        if a4[i]["prompt"] != a3[i]["prompt"]:
+            raise SystemExit(f"{combo4} / {combo3}: instruction {i} differs between the two runs")
+    path = run_dir / kind / f"{m4} vs {m3}" / f"{combo4}.jsonl"
+    done: dict[tuple[str, str], str] = {}
+    if path.is_file():
+        for r in read_jsonl(path):
+            done[(r["side"], r["id"])] = r["outcome"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out: dict[str, dict[str, str]] = {}
+    with JsonlWriter(path) as w:
+        for side in combo3.split("+"):
+            todo = [i for i in ids if (side, i) not in done]
+            if todo:
+                verdicts = judge_both_orders(judge, side, [(a4[i]["prompt"], a4[i]["response"], a3[i]["response"])
+                                                           for i in todo])
+                rows = []
+                for i, (first, second) in zip(todo, verdicts):
+                    o = combine_orders(outcome(first, "a"), outcome(second, "b"))
+                    done[(side, i)] = o
+                    rows.append({"id": i, "side": side, "outcome": o, "four_way_first": first,
+                                 "four_way_second": second})
+                w.write_many(rows)
+            out[side] = {i: done[(side, i)] for i in ids}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--four-way", required=True)
+    ap.add_argument("--three-way", nargs="+", required=True,
+                    help="three-way runs; each method's answers come from the first that holds them")
+    ap.add_argument("--pair", action="append", nargs=2, required=True, metavar=("FOUR", "THREE"),
+                    help="a four-way method label and the three-way one it is set against")
+    ap.add_argument("--judge", action="append", required=True, choices=["offline", "independent"])
+    ap.add_argument("--run-dir", default="runs/four-vs-three")
+    ap.add_argument("--output", default="bench/four_vs_three.json")
+    args = ap.parse_args()
+    four, run_dir = Path(args.four_way), Path(args.run_dir)
+    threes = [Path(r) for r in args.three_way]
+    pairs = [tuple(p) for p in args.pair]
+    doc: dict = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                 "command": "python " + " ".join(sys.argv), "four_way": str(four), "three_way": {},
+                 "results": {}}
+    columns: dict[tuple[str, str, str], dict[str, dict[str, list[str]]]] = {}
+    for kind in args.judge:
+        judge = build_judge(JudgeConfig(kind=kind))
+        for m4, m3 in pairs:
+            combos = four_way_combos(four, m4)
+            held = [r for r in threes if (r / "generations" / m3).is_dir()]
+            if not held:
+                raise SystemExit(f"no three-way run of {', '.join(map(str, threes))} holds answers of {m3}")
+            three = held[0]
+            doc["three_way"][m3] = str(three)
+            by_side: dict[str, dict[str, list[str]]] = {}
+            for combo4 in tqdm(combos, desc=f"{kind} {m4} vs {m3}", unit="combination"):
+                for side, outs in judge_pairs(judge, kind, run_dir, four, three, m4, m3, combo4).items():
+                    by_side.setdefault(side, {})[combo4] = [outs[i] for i in sorted(outs)]
+            columns[(kind, m4, m3)] = by_side
+            row = {}
+            for side in OLD:
+                cols = by_side.get(side)
+                if not cols:
+                    continue
+                n = {len(c) for c in cols.values()}
+                if len(n) != 1:
+                    raise SystemExit(f"{side}: the combinations cover different instructions ({sorted(n)})")
+                counts = {o: sum(c.count(o) for c in cols.values()) for o in ("win", "tie", "loss")}
+                row[side] = {**asdict(mean_win_rate_ci(cols)), **counts}
+            every = {f"{c}/{s}": col for s, cols in by_side.items() for c, col in cols.items()}
+            row["avg"] = asdict(mean_win_rate_ci(every))
+            doc["results"].setdefault(kind, {})[f"{m4} vs {m3}"] = row
+    # each method's shift minus prompting's, on the same instructions and combinations
+    for (kind, m4, m3), by_side in columns.items():
+        ref = columns.get((kind, "prompt", "prompt"))
+        if ref is None or (m4, m3) == ("prompt", "prompt"):
+            continue
+        diff = {s: asdict(paired_difference_ci(by_side[s], ref[s])) for s in OLD if s in by_side and s in ref}
+        diff["avg"] = asdict(paired_difference_ci(
+            {f"{c}/{s}": col for s, cols in by_side.items() for c, col in cols.items()},
+            {f"{c}/{s}": col for s, cols in ref.items() for c, col in cols.items()}))
+        doc["results"][kind][f"{m4} vs {m3}"]["minus_prompt"] = diff
+    Path(args.output).write_text(json.dumps(doc, indent=2))
+    print("\nfour-way answers against three-way answers of the same method, on each old criterion "
+          "(win rate %, ties half)\n")
+    print("| judge | four-way vs three-way | avg | " + " | ".join(OLD) + " |\n|---|---|" + "---|" * (len(OLD) + 1))
+    for kind, rows in doc["results"].items():
+        for name, row in rows.items():
+            cells = [f"{100 * row[s]['value']:.1f} [{100 * row[s]['low']:.1f}, {100 * row[s]['high']:.1f}]"
+                     if s in row else "—" for s in ("avg", *OLD)]
+            print(f"| {kind} | {name} | " + " | ".join(cells) + " |")
+    print("\nthe same, minus preference prompting's four-way against three-way, paired (points)\n")
+    print("| judge | method | avg | " + " | ".join(OLD) + " |\n|---|---|" + "---|" * (len(OLD) + 1))
+    for kind, rows in doc["results"].items():
+        for name, row in rows.items():
+            d = row.get("minus_prompt")
+            if d is None:
+                continue
+            cells = [f"{100 * d[s]['value']:+.1f} [{100 * d[s]['low']:+.1f}, {100 * d[s]['high']:+.1f}]"
+                     if s in d else "—" for s in ("avg", *OLD)]
+            print(f"| {kind} | {name} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
