@@ -13,7 +13,9 @@ alone explains).
 
 Both runs must hold the same instructions, generated with the same sampling (``eval``'s run folders do).
 Verdicts are written to ``--run-dir`` as they come (one JSONL file per judge, pair of methods and
-combination) and a rerun judges only what is missing.
+combination), keyed as ``eval`` keys its verdicts (side, instruction and both answers), so a rerun judges
+only what is missing and an answer generated again is judged again. Every column is read on the
+instructions all of its columns share, so outcomes are paired by instruction id, never by position.
 
     python bench/four_vs_three.py --four-way runs/eval-structure-143 --three-way runs/eval-psoups-all runs/eval-strength \
         --pair soup-exact-x1.33333 soup-exact --pair prompt prompt --judge offline --judge independent \
@@ -34,7 +36,7 @@ from tqdm import tqdm
 from personalign.data import JsonlWriter, read_jsonl
 from personalign.evaluation import combine_orders, mean_win_rate_ci, outcome, paired_difference_ci
 from personalign.judges import JudgeConfig, build_judge
-from personalign.judges.base import judge_both_orders
+from personalign.judges.base import judge_both_orders, pair_key
 
 OLD = ("P1A", "P1B", "P2A", "P2B", "P3A", "P3B")
 NEW_DIMENSION = "P4"
@@ -67,27 +69,41 @@ def judge_pairs(judge, kind: str, run_dir: Path, four: Path, three: Path, m4: st
         if a4[i]["prompt"] != a3[i]["prompt"]:
             raise SystemExit(f"{combo4} / {combo3}: instruction {i} differs between the two runs")
     path = run_dir / kind / f"{m4} vs {m3}" / f"{combo4}.jsonl"
-    done: dict[tuple[str, str], str] = {}
-    if path.is_file():
-        for r in read_jsonl(path):
-            done[(r["side"], r["id"])] = r["outcome"]
-    path.parent.mkdir(parents=True, exist_ok=True)
+    done = {r["key"]: r["outcome"] for r in read_jsonl(path)} if path.is_file() else {}
     out: dict[str, dict[str, str]] = {}
     with JsonlWriter(path) as w:
         for side in combo3.split("+"):
-            todo = [i for i in ids if (side, i) not in done]
+            keys = {i: pair_key(side, a4[i]["prompt"], a4[i]["response"], a3[i]["response"]) for i in ids}
+            todo = [i for i in ids if keys[i] not in done]
             if todo:
                 verdicts = judge_both_orders(judge, side, [(a4[i]["prompt"], a4[i]["response"], a3[i]["response"])
                                                            for i in todo])
                 rows = []
                 for i, (first, second) in zip(todo, verdicts):
-                    o = combine_orders(outcome(first, "a"), outcome(second, "b"))
-                    done[(side, i)] = o
-                    rows.append({"id": i, "side": side, "outcome": o, "four_way_first": first,
-                                 "four_way_second": second})
+                    done[keys[i]] = combine_orders(outcome(first, "a"), outcome(second, "b"))
+                    rows.append({"key": keys[i], "id": i, "side": side, "outcome": done[keys[i]],
+                                 "four_way_first": first, "four_way_second": second})
                 w.write_many(rows)
-            out[side] = {i: done[(side, i)] for i in ids}
+            out[side] = {i: done[keys[i]] for i in ids}
     return out
+
+
+def aligned(columns: dict[str, dict[str, str]], ids: set[str] | None = None) -> dict[str, list[str]]:
+    """Outcome columns as lists aligned by instruction id, on the ids every column (and ``ids``) holds."""
+    common = set.intersection(*(set(c) for c in columns.values()), *([ids] if ids is not None else []))
+    if not common:
+        raise SystemExit("the columns share no instruction")
+    return {name: [c[i] for i in sorted(common)] for name, c in columns.items()}
+
+
+def flat(by_side: dict[str, dict[str, dict[str, str]]]) -> dict[str, dict[str, str]]:
+    """``combination/side`` -> outcomes by instruction id: every column of a method, for its average."""
+    return {f"{c}/{s}": col for s, cols in by_side.items() for c, col in cols.items()}
+
+
+def row_cells(row: dict, fmt: str) -> str:
+    return " | ".join(fmt.format(100 * row[s]["value"], 100 * row[s]["low"], 100 * row[s]["high"])
+                      if s in row else "—" for s in ("avg", *OLD))
 
 
 def main() -> None:
@@ -107,7 +123,7 @@ def main() -> None:
     doc: dict = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                  "command": "python " + " ".join(sys.argv), "four_way": str(four), "three_way": {},
                  "results": {}}
-    columns: dict[tuple[str, str, str], dict[str, dict[str, list[str]]]] = {}
+    columns: dict[tuple[str, str, str], dict[str, dict[str, dict[str, str]]]] = {}
     for kind in args.judge:
         judge = build_judge(JudgeConfig(kind=kind))
         for m4, m3 in pairs:
@@ -117,33 +133,30 @@ def main() -> None:
                 raise SystemExit(f"no three-way run of {', '.join(map(str, threes))} holds answers of {m3}")
             three = held[0]
             doc["three_way"][m3] = str(three)
-            by_side: dict[str, dict[str, list[str]]] = {}
+            by_side: dict[str, dict[str, dict[str, str]]] = {}
             for combo4 in tqdm(combos, desc=f"{kind} {m4} vs {m3}", unit="combination"):
                 for side, outs in judge_pairs(judge, kind, run_dir, four, three, m4, m3, combo4).items():
-                    by_side.setdefault(side, {})[combo4] = [outs[i] for i in sorted(outs)]
+                    by_side.setdefault(side, {})[combo4] = outs
             columns[(kind, m4, m3)] = by_side
             row = {}
             for side in OLD:
-                cols = by_side.get(side)
-                if not cols:
+                if side not in by_side:
                     continue
-                n = {len(c) for c in cols.values()}
-                if len(n) != 1:
-                    raise SystemExit(f"{side}: the combinations cover different instructions ({sorted(n)})")
+                cols = aligned(by_side[side])
                 counts = {o: sum(c.count(o) for c in cols.values()) for o in ("win", "tie", "loss")}
                 row[side] = {**asdict(mean_win_rate_ci(cols)), **counts}
-            every = {f"{c}/{s}": col for s, cols in by_side.items() for c, col in cols.items()}
-            row["avg"] = asdict(mean_win_rate_ci(every))
+            row["avg"] = asdict(mean_win_rate_ci(aligned(flat(by_side))))
             doc["results"].setdefault(kind, {})[f"{m4} vs {m3}"] = row
     # each method's shift minus prompting's, on the same instructions and combinations
     for (kind, m4, m3), by_side in columns.items():
         ref = columns.get((kind, "prompt", "prompt"))
         if ref is None or (m4, m3) == ("prompt", "prompt"):
             continue
-        diff = {s: asdict(paired_difference_ci(by_side[s], ref[s])) for s in OLD if s in by_side and s in ref}
-        diff["avg"] = asdict(paired_difference_ci(
-            {f"{c}/{s}": col for s, cols in by_side.items() for c, col in cols.items()},
-            {f"{c}/{s}": col for s, cols in ref.items() for c, col in cols.items()}))
+        mine_all, ref_all = flat(by_side), flat(ref)
+        shared = set.intersection(*(set(c) for c in (*mine_all.values(), *ref_all.values())))
+        diff = {s: asdict(paired_difference_ci(aligned(by_side[s], shared), aligned(ref[s], shared)))
+                for s in OLD if s in by_side and s in ref}
+        diff["avg"] = asdict(paired_difference_ci(aligned(mine_all, shared), aligned(ref_all, shared)))
         doc["results"][kind][f"{m4} vs {m3}"]["minus_prompt"] = diff
     Path(args.output).write_text(json.dumps(doc, indent=2))
     print("\nfour-way answers against three-way answers of the same method, on each old criterion "
@@ -151,19 +164,13 @@ def main() -> None:
     print("| judge | four-way vs three-way | avg | " + " | ".join(OLD) + " |\n|---|---|" + "---|" * (len(OLD) + 1))
     for kind, rows in doc["results"].items():
         for name, row in rows.items():
-            cells = [f"{100 * row[s]['value']:.1f} [{100 * row[s]['low']:.1f}, {100 * row[s]['high']:.1f}]"
-                     if s in row else "—" for s in ("avg", *OLD)]
-            print(f"| {kind} | {name} | " + " | ".join(cells) + " |")
+            print(f"| {kind} | {name} | " + row_cells(row, "{:.1f} [{:.1f}, {:.1f}]") + " |")
     print("\nthe same, minus preference prompting's four-way against three-way, paired (points)\n")
     print("| judge | method | avg | " + " | ".join(OLD) + " |\n|---|---|" + "---|" * (len(OLD) + 1))
     for kind, rows in doc["results"].items():
         for name, row in rows.items():
-            d = row.get("minus_prompt")
-            if d is None:
-                continue
-            cells = [f"{100 * d[s]['value']:+.1f} [{100 * d[s]['low']:+.1f}, {100 * d[s]['high']:+.1f}]"
-                     if s in d else "—" for s in ("avg", *OLD)]
-            print(f"| {kind} | {name} | " + " | ".join(cells) + " |")
+            if "minus_prompt" in row:
+                print(f"| {kind} | {name} | " + row_cells(row["minus_prompt"], "{:+.1f} [{:+.1f}, {:+.1f}]") + " |")
 
 
 if __name__ == "__main__":
