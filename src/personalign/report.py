@@ -105,6 +105,14 @@ def repetition_rate(texts: Sequence[str], n: int = 3) -> float | None:
     return repeated / total if total else None
 
 
+def fluency_per_text(texts: Sequence[str]) -> dict[str, np.ndarray]:
+    """Each text's own distinct-2 and repeated 3-gram share, for paired per-answer comparisons: the pooled
+    metrics of :func:`text_metrics` can rise while some answers loop. A text without a bigram counts as
+    distinct-2 0 (it says nothing), one without a trigram as repeating nothing."""
+    return {"distinct_2": np.array([distinct_n([t], 2) or 0.0 for t in texts], dtype=float),
+            "repetition_3": np.array([repetition_rate([t], 3) or 0.0 for t in texts], dtype=float)}
+
+
 def mean_length(texts: Sequence[str]) -> float | None:
     """Mean number of words per text; None for no texts."""
     return sum(len(words(t)) for t in texts) / len(texts) if texts else None

@@ -39,6 +39,18 @@ def test_distinct_n_by_groups_averages_per_group():
         report.text_metrics(["a", "b"], groups=[["a"]])
 
 
+def test_fluency_per_text_scores_each_answer_alone():
+    per = report.fluency_per_text(["a b c a b c", "x y z w", "one", ""])
+    assert per["distinct_2"].tolist() == pytest.approx([3 / 5, 1.0, 0.0, 0.0])  # ab bc ca ab bc | xy yz zw
+    assert per["repetition_3"].tolist() == pytest.approx([1 / 4, 0.0, 0.0, 0.0])  # abc bca cab ABC
+    # one looping answer among fluent ones: pooled distinct-2 barely moves, its own score falls
+    loop = "go on " * 20
+    fluent = [" ".join(f"w{i}x{j}" for j in range(20)) for i in range(9)]
+    assert report.distinct_n([loop, *fluent], 2) > 0.8
+    per = report.fluency_per_text([loop, *fluent])
+    assert per["distinct_2"][0] < 0.1 and per["repetition_3"][0] > 0.9
+
+
 def test_repetition_rate_counts_repeats_within_a_response_only():
     assert report.repetition_rate(["a b c a b c", "x y z"]) == pytest.approx(1 / 5)  # abc bca cab ABC | xyz
     assert report.repetition_rate(["a b c", "a b c"]) == 0.0  # the same answer twice is not a loop
