@@ -46,13 +46,13 @@ def measures(text: str) -> dict[str, float]:
     import prose_judge
     import structure_judge
 
-    from personalign.report import distinct_n
+    from personalign.report import fluency_per_text
 
     m = prose_judge.parts(text)
     _, _, _, sentences = structure_judge.layout(text)
     return {"prose_score": prose_judge.from_parts(m), "S": m["S"], "P": m["P"],
             "cohesion": m["cohesion"], "length": m["length"], "labeller_sentences": float(sentences),
-            "words": m["words"], "distinct_2": distinct_n([text], 2) or 0.0}
+            "words": m["words"], "distinct_2": float(fluency_per_text([text])["distinct_2"][0])}
 
 
 def coherence_measures(answers: list[tuple[str, str]]) -> list[dict[str, float]]:
