@@ -64,11 +64,12 @@ def main() -> None:
     rows = {}
     for side, wr in by_side.items():
         gens = {m: read_jsonl(run / "generations" / m / f"{side}.jsonl") for m in ("prompt", "expert")}
-        metrics, sims = {}, {}
+        metrics, sims, per = {}, {}, {}
         for m, lines in gens.items():
             texts = [str(r.get("response") or "") for r in lines]
             sims[m] = ontopic_similarities([r["prompt"] for r in lines], texts, embedder)
             metrics[m] = {**text_metrics(texts), "ontopic": float(sims[m].mean())}
+            per[m] = fluency_per_text(texts)  # each answer's own fluency, for the paired differences below
         if [r["id"] for r in gens["prompt"]] != [r["id"] for r in gens["expert"]]:
             raise SystemExit(f"{run}: the expert's and the base's {side} answers are not on the same instructions")
         # "On-topic not worse than the base's", measured: expert minus base per instruction, bootstrapped.
@@ -78,7 +79,6 @@ def main() -> None:
         cut = cut_to_lengths([b["response"] for b in gens["prompt"]], [e["response"] for e in gens["expert"]])
         metrics["prompt"]["ontopic_cut_to_expert_length"] = ontopic_similarity(
             [r["prompt"] for r in gens["prompt"]], cut, embedder)
-        per = {m: fluency_per_text([str(r.get("response") or "") for r in lines]) for m, lines in gens.items()}
         fluency_diff = {k: asdict(mean_difference_ci(per["expert"][k], per["prompt"][k])) for k in per["expert"]}
         doc = json.loads((experts / side / "expert.json").read_text())
         keys = {pair_key(side, e["prompt"], e["response"], b["response"])
