@@ -179,10 +179,13 @@ def shipped_weights(monkeypatch):
     return install
 
 
-def record_rl_scores(module, monkeypatch, coverage: list[float]) -> list:
-    """Patch an RL recipe ``module`` so each sample's question coverage is ``coverage`` and every call of
-    its ``rl_update`` records the normalised scores it is given; returns that record (a list of tensors)."""
+def record_rl_scores(module, monkeypatch, coverage: list[float], repetition: list[float] | None = None) -> list:
+    """Patch an RL recipe ``module`` so each sample's question coverage is ``coverage`` (and its share of
+    repeated 3-grams ``repetition``, when given) and every call of its ``rl_update`` records the normalised
+    scores it is given; returns that record (a list of tensors)."""
     monkeypatch.setattr(module, "question_coverage", lambda prompts, texts: coverage[: len(texts)])
+    if repetition is not None:
+        monkeypatch.setattr(module, "repeated_trigram_shares", lambda texts: repetition[: len(texts)])
     seen = []
     real = module.rl_update
 

@@ -63,6 +63,7 @@ __all__ = [
     "plot_pareto",
     "plot_win_rates",
     "recorded_outcomes",
+    "repeated_trigram_shares",
     "repetition_rate",
     "text_metrics",
     "words",
@@ -110,7 +111,13 @@ def fluency_per_text(texts: Sequence[str]) -> dict[str, np.ndarray]:
     metrics of :func:`text_metrics` can rise while some answers loop. A text without a bigram counts as
     distinct-2 0 (it says nothing), one without a trigram as repeating nothing."""
     return {"distinct_2": np.array([distinct_n([t], 2) or 0.0 for t in texts], dtype=float),
-            "repetition_3": np.array([repetition_rate([t], 3) or 0.0 for t in texts], dtype=float)}
+            "repetition_3": np.array(repeated_trigram_shares(texts), dtype=float)}
+
+
+def repeated_trigram_shares(texts: Sequence[str]) -> list[float]:
+    """Each text's share of word 3-grams that repeat an earlier 3-gram of the same text (0 without a
+    3-gram): :func:`repetition_rate` per text, the repetition term of an RL score."""
+    return [repetition_rate([t], 3) or 0.0 for t in texts]
 
 
 def mean_length(texts: Sequence[str]) -> float | None:

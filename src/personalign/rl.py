@@ -74,6 +74,7 @@ class RLSettings(Protocol):
     minibatch_size: int | None
     kl_coef: float | None
     ontopic_coef: float
+    repeat_coef: float
     adaptive_kl: bool | None
     kl_target: float
     kl_horizon: int
@@ -154,6 +155,8 @@ def check_settings(c: RLSettings) -> None:
              c.missing_eos_penalty, "a number >= 0")
     require(finite(c.ontopic_coef) and c.ontopic_coef >= 0, "ontopic_coef", c.ontopic_coef,
              "a finite number >= 0 (0: question coverage only logged)")
+    require(finite(c.repeat_coef) and c.repeat_coef >= 0, "repeat_coef", c.repeat_coef,
+             "a finite number >= 0 (0: the share of repeated 3-grams only logged)")
     require(c.checkpoint_every >= 1, "checkpoint_every", c.checkpoint_every, "at least 1")
     require(c.lora.r >= 1, "lora.r", c.lora.r, "at least 1")
     require(finite(c.lora.alpha) and c.lora.alpha > 0, "lora.alpha", c.lora.alpha, "a positive number")
@@ -163,6 +166,19 @@ def check_settings(c: RLSettings) -> None:
 
 
 # -- pieces each phase calls (tested on their own) -------------------------------------------------
+
+
+def shape_scores(score_n: torch.Tensor, coverage: torch.Tensor, repetition: torch.Tensor,
+                 c: RLSettings) -> torch.Tensor:
+    """The score an update sees: the normalised reward, plus ``ontopic_coef`` x each sample's question
+    coverage (0-1), minus ``repeat_coef`` x its share of word 3-grams that repeat an earlier one (0-1), both
+    in reward standard deviations. The repetition term makes a looping answer pay for each repeat, which a
+    reward that counts list lines or question words would otherwise pay for."""
+    if c.ontopic_coef:
+        score_n = score_n + c.ontopic_coef * coverage
+    if c.repeat_coef:
+        score_n = score_n - c.repeat_coef * repetition
+    return score_n
 
 
 def step_prompt_indices(n_prompts: int, per_step: int, step: int, seed: int) -> list[int]:

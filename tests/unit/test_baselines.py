@@ -468,3 +468,15 @@ def test_pmorl_ontopic_coef_adds_coverage_to_the_normalised_score(tmp_path, tiny
     assert torch.allclose(seen[1], seen[0] + 1.5 * torch.tensor(fixed, dtype=seen[0].dtype))
     with pytest.raises(PersonalignError, match="ontopic_coef must be a finite number >= 0"):
         pm.main(_pm_cfg(tmp_path, tiny_model_dir, "bad", ontopic_coef=-1.0))
+
+
+def test_pmorl_repeat_coef_subtracts_the_repeated_share(tmp_path, tiny_model_dir, monkeypatch):
+    """As in train-expert: repeat_coef 2 lowers the update's score by 2 x each sample's repeated-3-gram share."""
+    coverage, repeats = [0.5, 0.0, 1.0, 0.25], [0.3, 0.0, 0.0, 0.6]
+    seen = record_rl_scores(pm, monkeypatch, coverage, repeats)
+    for name, coef in (("plain", 0.0), ("repeat", 2.0)):
+        pm.main(_pm_cfg(tmp_path, tiny_model_dir, name, steps=1, repeat_coef=coef))
+        assert _rows(tmp_path / name)[0]["train/repetition_3"] == pytest.approx(sum(repeats) / 4)
+    assert torch.allclose(seen[1], seen[0] - 2.0 * torch.tensor(repeats, dtype=seen[0].dtype))
+    with pytest.raises(PersonalignError, match="repeat_coef must be a finite number >= 0"):
+        pm.main(_pm_cfg(tmp_path, tiny_model_dir, "bad", repeat_coef=float("nan")))

@@ -167,8 +167,9 @@ def test_shipped_pipeline_config_trains_the_shipped_experts_as_they_were_trained
     cfg = load_config(pipeline.PipelineConfig, str(resources.files("personalign") / "configs" / "psoups-smollm2.yaml"))
     built = pipeline.build_expert_configs(cfg)
     keys = ("algorithm", "lora", "lr", "steps", "batch_prompts", "group_size", "kl_coef", "kl_stop", "ontopic_coef",
-            "max_new_tokens", "temperature", "top_p", "seed", "prompts", "limit")
-    later = {"ontopic_coef": 0.0, "kl_stop": None}  # settings added after some experts were trained, at their defaults
+            "repeat_coef", "max_new_tokens", "temperature", "top_p", "seed", "prompts", "limit")
+    # settings added after some experts were trained, at their defaults
+    later = {"ontopic_coef": 0.0, "repeat_coef": 0.0, "kl_stop": None}
     for side, config in built.items():
         recorded = json.loads((shipped / side / "expert.json").read_text())["config"]
         mine = json.loads(json.dumps(dataclasses.asdict(config)))

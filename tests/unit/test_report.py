@@ -56,6 +56,9 @@ def test_repetition_rate_counts_repeats_within_a_response_only():
     assert report.repetition_rate(["a b c", "a b c"]) == 0.0  # the same answer twice is not a loop
     assert report.repetition_rate(["go go go go go"]) == pytest.approx(2 / 3)
     assert report.repetition_rate(["too short"]) is None
+    # per text, for the RL score's repetition term: a text without a 3-gram repeats nothing
+    assert report.repeated_trigram_shares(["a b c a b c", "too short", "go go go go go"]) == \
+        pytest.approx([1 / 4, 0.0, 2 / 3])
 
 
 def test_length_and_empty_share():

@@ -115,3 +115,16 @@ def test_adaptive_kl_controller():
     c = AdaptiveKLController(init=0.2, target=6.0, horizon=10000)
     assert c.update(12.0, 100) == pytest.approx(0.2 * 1.002)
     assert c.update(0.0, 100) == pytest.approx(0.2 * 1.002 * 0.998)
+
+
+def test_shape_scores_adds_coverage_and_subtracts_repetition():
+    from types import SimpleNamespace
+
+    from personalign.rl import shape_scores
+
+    score, coverage, repeats = torch.tensor([1.0, -1.0, 0.0]), torch.tensor([0.5, 1.0, 0.0]), torch.tensor([0.0, 0.5, 1.0])
+    off = SimpleNamespace(ontopic_coef=0.0, repeat_coef=0.0)
+    assert torch.equal(shape_scores(score, coverage, repeats, off), score)  # both terms off: the score itself
+    both = SimpleNamespace(ontopic_coef=2.0, repeat_coef=3.0)
+    assert torch.allclose(shape_scores(score, coverage, repeats, both), torch.tensor([2.0, -0.5, -3.0]))
+    assert torch.equal(score, torch.tensor([1.0, -1.0, 0.0]))  # the input is not modified in place

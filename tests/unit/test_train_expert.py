@@ -293,6 +293,8 @@ def test_kl_stop_keeps_the_last_policy_within_the_limit(tmp_path, tiny_model_dir
     ({"kl_stop": 0.0}, "kl_stop must be a positive number"),
     ({"ontopic_coef": -1.0}, "ontopic_coef must be a finite number >= 0"),
     ({"ontopic_coef": float("nan")}, "ontopic_coef must be a finite number >= 0"),
+    ({"repeat_coef": -0.5}, "repeat_coef must be a finite number >= 0"),
+    ({"repeat_coef": float("inf")}, "repeat_coef must be a finite number >= 0"),
     ({"temperature": 0.0}, "temperature must be in"),
     ({"minibatch_size": 99}, "minibatch_size must be between 1 and"),
     ({"lora": LoraSpec(r=4, dropout=1.5)}, r"lora.dropout must be in \[0, 1\)"),
@@ -319,6 +321,17 @@ def test_ontopic_coef_adds_coverage_to_the_normalised_score(tmp_path, tiny_model
         te.main(_cfg(tmp_path, tiny_model_dir, name=name, steps=1, ontopic_coef=coef))
         assert _rows(tmp_path / name)[0]["train/coverage"] == pytest.approx(sum(fixed) / 4)
     assert torch.allclose(seen[1], seen[0] + 2.0 * torch.tensor(fixed, dtype=seen[0].dtype))
+
+
+def test_repeat_coef_subtracts_the_repeated_share_from_the_normalised_score(tmp_path, tiny_model_dir, monkeypatch):
+    """The same seeded step with repeat_coef 0 and 3 (on-topic term on in both): the update sees the score
+    minus 3 x each sample's share of repeated 3-grams, which is logged either way."""
+    coverage, repeats = [0.5, 0.0, 1.0, 0.25], [0.0, 0.8, 0.1, 0.0]
+    seen = record_rl_scores(te, monkeypatch, coverage, repeats)
+    for name, coef in (("plain", 0.0), ("repeat", 3.0)):
+        te.main(_cfg(tmp_path, tiny_model_dir, name=name, steps=1, ontopic_coef=1.0, repeat_coef=coef))
+        assert _rows(tmp_path / name)[0]["train/repetition_3"] == pytest.approx(sum(repeats) / 4)
+    assert torch.allclose(seen[1], seen[0] - 3.0 * torch.tensor(repeats, dtype=seen[0].dtype))
 
 
 def test_config_loads_from_overrides():

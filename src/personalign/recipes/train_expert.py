@@ -53,7 +53,9 @@ normalised score), ``train/reward_total`` (normalised score minus the KL penalty
 ``train/policy_loss``, ``train/value_loss`` (ppo), ``train/clipfrac``, ``train/entropy`` (mean
 per-token entropy of the sampling distribution), ``train/coverage`` (mean share of the question's content
 words the samples use, :func:`personalign.judges.offline.question_coverage`: a drift monitor, and with
-``ontopic_coef`` > 0 part of the score), ``train/response_length`` (tokens, end-of-sequence
+``ontopic_coef`` > 0 part of the score), ``train/repetition_3`` (mean share of each sample's word
+3-grams that repeat an earlier one: a loop monitor, and with ``repeat_coef`` > 0 part of the score),
+``train/response_length`` (tokens, end-of-sequence
 included), ``train/truncated`` (share of samples that hit ``max_new_tokens``), ``train/lr``,
 ``time/step_seconds``, ``time/samples_per_second``.
 """
@@ -75,6 +77,7 @@ from personalign.distributed import init as init_distributed
 from personalign.generation import batch_seed, eos_token_ids
 from personalign.judges.offline import question_coverage
 from personalign.personalize import Method, build_prompts
+from personalign.report import repeated_trigram_shares
 from personalign.reward_model import LoraSpec
 from personalign.rl import (
     ADAPTER_DIR,
@@ -86,6 +89,7 @@ from personalign.rl import (
     resolve_defaults,
     rl_update,
     rollout,
+    shape_scores,
     step_prompt_indices,
     stopped_summary,
 )
@@ -143,6 +147,10 @@ class TrainExpertConfig:
     # question's content words it uses): a pull back to the question, in reward standard deviations.
     # 0 (default): coverage is only logged.
     ontopic_coef: float = 0.0
+    # Subtracted from each sample's normalised score times its share of word 3-grams that repeat an
+    # earlier one of the same sample (0-1; personalign.report.repeated_trigram_shares): a loop pays for
+    # its repeats. 0 (default): the share is only logged (train/repetition_3).
+    repeat_coef: float = 0.0
     seed: int = 0
     checkpoint_every: int = 20
     device: str = "auto"
@@ -259,8 +267,8 @@ def main(cfg: TrainExpertConfig) -> dict[str, float]:
         score = raw - c.missing_eos_penalty * (~ro.finished).float()
         score_n = rl.normalize(score)  # (N,)
         coverage = torch.tensor(question_coverage(asked, ro.texts), dtype=score_n.dtype, device=device)  # (N,)
-        if c.ontopic_coef:
-            score_n = score_n + c.ontopic_coef * coverage
+        repetition = torch.tensor(repeated_trigram_shares(ro.texts), dtype=score_n.dtype, device=device)  # (N,)
+        score_n = shape_scores(score_n, coverage, repetition, c)
 
         # -- reference log-probs -> KL penalty -> advantages -> loss -> step
         update = rl_update(rl, ro, score_n, c, first, n)
@@ -272,6 +280,7 @@ def main(cfg: TrainExpertConfig) -> dict[str, float]:
             "train/reward_raw": float(dist.gather(raw).mean()),
             "train/reward": float(dist.gather(score_n).mean()),
             "train/coverage": float(dist.gather(coverage).mean()),
+            "train/repetition_3": float(dist.gather(repetition).mean()),
             **update,
             "train/response_length": float(dist.gather(mask.sum(1)).mean()),
             "train/truncated": float(dist.gather((~ro.finished).float()).mean()),

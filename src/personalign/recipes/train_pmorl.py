@@ -61,6 +61,7 @@ from personalign.errors import ConfigError, ModelError
 from personalign.generation import batch_seed, eos_token_ids
 from personalign.judges.offline import question_coverage
 from personalign.losses import RunningMeanStd
+from personalign.report import repeated_trigram_shares
 from personalign.reward_model import LoraSpec
 from personalign.rl import (
     ADAPTER_DIR,
@@ -72,6 +73,7 @@ from personalign.rl import (
     resolve_defaults,
     rl_update,
     rollout,
+    shape_scores,
     step_prompt_indices,
     stopped_summary,
 )
@@ -121,6 +123,7 @@ class TrainPMORLConfig:
     top_p: float = 1.0
     missing_eos_penalty: float = 0.0
     ontopic_coef: float = 0.0  # as train-expert's: + coefficient x question coverage on the normalised score
+    repeat_coef: float = 0.0  # as train-expert's: - coefficient x the share of repeated 3-grams
     seed: int = 0
     checkpoint_every: int = 20
     device: str = "auto"
@@ -341,8 +344,8 @@ def main(cfg: TrainPMORLConfig) -> dict[str, float]:
         score_n = rl.normalize(score)  # (N,)
         coverage = torch.tensor(question_coverage(instructions, ro.texts), dtype=score_n.dtype,
                                 device=device)  # (N,)
-        if c.ontopic_coef:
-            score_n = score_n + c.ontopic_coef * coverage
+        repetition = torch.tensor(repeated_trigram_shares(ro.texts), dtype=score_n.dtype, device=device)  # (N,)
+        score_n = shape_scores(score_n, coverage, repetition, c)
 
         # -- reference log-probs -> KL penalty -> advantages -> loss -> step
         update = rl_update(rl, ro, score_n, c, first, n)
@@ -355,6 +358,7 @@ def main(cfg: TrainPMORLConfig) -> dict[str, float]:
             "train/reward_combined": float(scores.combined.mean()),
             "train/reward": float(dist.gather(score_n).mean()),
             "train/coverage": float(dist.gather(coverage).mean()),
+            "train/repetition_3": float(dist.gather(repetition).mean()),
             **update,
             "train/response_length": float(dist.gather(ro.mask.sum(1)).mean()),
             "train/truncated": float(dist.gather((~ro.finished).float()).mean()),
