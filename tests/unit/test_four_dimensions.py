@@ -452,3 +452,26 @@ def test_the_head_to_head_bench_judges_four_way_against_three_way_answers_and_re
     monkeypatch.setattr(bench, "build_judge", lambda cfg: Refuse())
     bench.main()
     assert json.loads(out.read_text())["results"]["offline"]["soup-exact-x1.33333 vs soup-exact"]["P2A"] == soup["P2A"]
+
+
+def test_the_resample_bench_gives_the_chance_an_unchanged_method_lands_inside_its_interval(monkeypatch):
+    """bench/resample_floor.py: two equally wide 95% intervals of an unchanged quantity hold each other's point
+    estimate 83% of the time; a narrower second estimate more often; the paired difference of identical
+    outcomes is 0, and of a changed column its share."""
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location("bench_resample_floor", ROOT / "bench" / "resample_floor.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    wide = {"value": 0.6, "low": 0.57, "high": 0.63}
+    assert bench.inside_probability(wide, wide) == pytest.approx(0.834, abs=1e-3)
+    narrow = {"value": 0.6, "low": 0.6 - 0.03 / 2 ** 0.5, "high": 0.6 + 0.03 / 2 ** 0.5}  # half the variance
+    assert bench.inside_probability(wide, narrow) == pytest.approx(0.890, abs=1e-3)
+    assert bench.inside_probability({"value": 0.5, "low": 0.5, "high": 0.5}, wide) == 0.0
+    first = {"P1A+P2A+P3A": {"P1A": {"a": "win", "b": "loss"}, "P2A": {"a": "tie", "b": "win"}}}
+    same = bench.paired(first, first, None)
+    assert same["value"] == 0.0 and same["low"] == 0.0 and same["high"] == 0.0
+    again = {"P1A+P2A+P3A": {"P1A": {"a": "win", "b": "win"}, "P2A": {"a": "tie", "b": "win"}}}
+    assert bench.paired(again, first, "P1A")["value"] == pytest.approx(0.5)  # one of two instructions: loss -> win
+    assert bench.paired(again, first, "P2A")["value"] == 0.0
