@@ -13,7 +13,9 @@ that labelled nothing), method and criterion:
   and lands inside ``+-1.96 se1`` with probability ``2 Phi(1.96 se1 / sqrt(se1^2 + se2^2)) - 1``
   (0.83 for equal widths), and all criteria inside with the product of those;
 * the second run minus the first, paired on instructions (``paired_difference_ci``), whose interval
-  contains 0 unless something changed, 95% of the time per criterion.
+  contains 0 unless something changed, 95% of the time per criterion, and the same at the family-wise
+  level over the criteria (``four_dimensions.FAMILYWISE``, Bonferroni), which holds 0 for all six 95%
+  of the time.
 
 With ``--four-dimensions``, the same chance for the four-way results that ``bench/four_dimensions.py``
 recorded: each old criterion's four-way estimate against its three-way interval, as if the four-way
@@ -36,7 +38,7 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
-from four_dimensions import judge_sets, pct
+from four_dimensions import FAMILYWISE, judge_sets, pct
 
 from personalign.evaluation import paired_difference_ci
 from personalign.report import recorded_outcomes
@@ -53,7 +55,7 @@ def inside_probability(first: dict, again: dict) -> float:
     return math.erf(z / math.sqrt(2))  # 2 Phi(z) - 1
 
 
-def paired(again: dict, first: dict, side: str | None) -> dict | None:
+def paired(again: dict, first: dict, side: str | None, confidence: float = 0.95) -> dict | None:
     """``again`` minus ``first`` on the instructions both judged, over every combination (and criterion,
     or only ``side``)."""
     mine: dict[str, list[str]] = {}
@@ -66,7 +68,8 @@ def paired(again: dict, first: dict, side: str | None) -> dict | None:
             ids = sorted(set(outcomes) & set(prev))
             mine[f"{combo}/{s}"] = [outcomes[i] for i in ids]
             theirs[f"{combo}/{s}"] = [prev[i] for i in ids]
-    return asdict(paired_difference_ci(mine, theirs)) if mine else None
+    resamples = 2000 if confidence == 0.95 else 10000
+    return asdict(paired_difference_ci(mine, theirs, confidence=confidence, resamples=resamples)) if mine else None
 
 
 def main() -> None:
@@ -112,7 +115,8 @@ def main() -> None:
                 a, b = w1["by_criterion"][side], w2["by_criterion"][side]
                 rows[side] = {"first": a, "again": b, "inside": a["low"] <= b["value"] <= a["high"],
                               "p_inside_if_unchanged": inside_probability(a, b),
-                              "paired_again_minus_first": paired(o2, o1, side)}
+                              "paired_again_minus_first": paired(o2, o1, side),
+                              "paired_familywise": paired(o2, o1, side, FAMILYWISE)}
             p_all = math.prod(r["p_inside_if_unchanged"] for r in rows.values())
             doc["methods"].setdefault(method, {})[kind] = {
                 "avg": {"first": w1["avg"], "again": w2["avg"], "inside": w1["avg"]["low"] <= w2["avg"]["value"]
@@ -136,12 +140,16 @@ def main() -> None:
         for kind, r in by_kind.items():
             print(f"\n### {method}, {kind}: {doc['judges'][kind]}\n")
             print("| criterion | first | again | inside first's interval | P(inside) if unchanged | "
-                  "again - first, paired (points) |\n|---|---|---|---|---:|---|")
+                  f"again - first, paired (points) | the same, family-wise ({100 * FAMILYWISE:.2f}%) |"
+                  "\n|---|---|---|---|---:|---|---|")
+
+            def ci(d: dict | None) -> str:
+                return "—" if d is None else f"{100 * d['value']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
+
             for side, c in [("avg", r["avg"]), *r["criteria"].items()]:
-                d = c["paired_again_minus_first"]
-                diff = "—" if d is None else f"{100 * d['value']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
                 p = f"{c['p_inside_if_unchanged']:.2f}" if "p_inside_if_unchanged" in c else ""
-                print(f"| {side} | {pct(c['first'])} | {pct(c['again'])} | {'yes' if c['inside'] else 'no'} | {p} | {diff} |")
+                print(f"| {side} | {pct(c['first'])} | {pct(c['again'])} | {'yes' if c['inside'] else 'no'} | {p} | "
+                      f"{ci(c['paired_again_minus_first'])} | {ci(c.get('paired_familywise'))} |")
             print(f"\n{r['inside']} of {len(r['criteria'])} criteria inside; chance all are, if nothing changed: "
                   f"{r['p_all_inside_if_unchanged']:.2f}")
     for path, methods in doc["four_way_chance"].items():
