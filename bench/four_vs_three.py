@@ -9,7 +9,7 @@ old criterion is followed as well with the new dimension as without it; an inter
 measured loss. Preference prompting's four-way answers against its three-way ones, judged the same way,
 show how much the reference itself moved; each method's shift minus prompting's, paired by instruction and
 combination, is what the method itself adds (an interval below 0: the method loses more than the prompt
-alone explains).
+alone explains), also at the family-wise level over the six old criteria (``four_dimensions.FAMILYWISE``).
 
 Both runs must hold the same instructions, generated with the same sampling (``eval``'s run folders do).
 Verdicts are written to ``--run-dir`` as they come (one JSONL file per judge, pair of methods and
@@ -31,6 +31,7 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
+from four_dimensions import FAMILYWISE
 from tqdm import tqdm
 
 from personalign.data import JsonlWriter, read_jsonl
@@ -158,6 +159,11 @@ def main() -> None:
                 for s in OLD if s in by_side and s in ref}
         diff["avg"] = asdict(paired_difference_ci(aligned(mine_all, shared), aligned(ref_all, shared)))
         doc["results"][kind][f"{m4} vs {m3}"]["minus_prompt"] = diff
+        # the six old criteria tested together (Bonferroni, as bench/four_dimensions.py does)
+        doc["results"][kind][f"{m4} vs {m3}"]["minus_prompt_familywise"] = {
+            s: asdict(paired_difference_ci(aligned(by_side[s], shared), aligned(ref[s], shared),
+                                           confidence=FAMILYWISE, resamples=10000))
+            for s in OLD if s in by_side and s in ref}
     Path(args.output).write_text(json.dumps(doc, indent=2))
     print("\nfour-way answers against three-way answers of the same method, on each old criterion "
           "(win rate %, ties half)\n")
@@ -171,6 +177,15 @@ def main() -> None:
         for name, row in rows.items():
             if "minus_prompt" in row:
                 print(f"| {kind} | {name} | " + row_cells(row["minus_prompt"], "{:+.1f} [{:+.1f}, {:+.1f}]") + " |")
+    print(f"\nthe same at the family-wise level ({100 * FAMILYWISE:.2f}% per criterion, Bonferroni over the six "
+          "old criteria): criteria whose interval lies below 0\n")
+    print("| judge | method | drops |\n|---|---|---|")
+    for kind, rows in doc["results"].items():
+        for name, row in rows.items():
+            if "minus_prompt_familywise" in row:
+                drops = [f"{s} {100 * d['value']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
+                         for s, d in row["minus_prompt_familywise"].items() if d["high"] < 0]
+                print(f"| {kind} | {name} | {', '.join(drops) or 'none'} |")
 
 
 if __name__ == "__main__":

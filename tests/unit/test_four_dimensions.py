@@ -413,6 +413,7 @@ def test_the_head_to_head_bench_judges_four_way_against_three_way_answers_and_re
     three-way answer; prompting's shift is subtracted, and a rerun reads the verdicts it wrote."""
     import importlib.util
 
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
     spec = importlib.util.spec_from_file_location("bench_four_vs_three", ROOT / "bench" / "four_vs_three.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
@@ -443,7 +444,8 @@ def test_the_head_to_head_bench_judges_four_way_against_three_way_answers_and_re
     assert soup["P2A"]["value"] == 1.0 and soup["P2A"]["win"] == 12  # concise: 6 instructions x 2 combinations
     assert prompt["P2A"]["value"] == 0.5 and prompt["P2A"]["tie"] == 12  # the same answers tie
     assert soup["minus_prompt"]["P2A"]["value"] == pytest.approx(0.5)
-    assert set(soup) == {"P1A", "P2A", "P3A", "avg", "minus_prompt"}  # only the old sides of the combination
+    assert soup["minus_prompt_familywise"]["P2A"]["confidence"] == pytest.approx(1 - 0.05 / 6)
+    assert set(soup) - {"minus_prompt", "minus_prompt_familywise"} == {"P1A", "P2A", "P3A", "avg"}  # the old sides held
 
     class Refuse:  # a rerun judges nothing: every verdict is on disk
         def judge_many(self, items, side):
