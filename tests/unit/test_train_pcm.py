@@ -297,6 +297,43 @@ def test_a_finished_run_extends_to_more_steps_exactly(tmp_path, tiny_model_dir, 
         tp.main(_cfg(tmp_path, tiny_model_dir, experts_dir, "extended", steps=5, **{**common, "lr": 1e-2}))
 
 
+def test_a_rerun_against_changed_experts_is_refused_before_any_model_loads(tmp_path, tiny_model_dir, monkeypatch):
+    """experts.json holds the digests of the experts a run trains against; rerunning the finished run after one
+    expert was retrained fails, naming it, before a model loads. A run started before digests were recorded
+    is only warned about."""
+    import io
+    import sys
+
+    from safetensors.torch import load_file, save_file
+
+    import personalign.models
+
+    experts = _make_experts(tiny_model_dir, tmp_path / "experts")
+    cfg = _cfg(tmp_path, tiny_model_dir, experts, steps=1)
+    tp.main(cfg)
+    recorded = json.loads((tmp_path / "run" / "experts.json").read_text())
+    assert sorted(recorded) == sorted(SIDES) and all(len(d) == 64 for d in recorded.values())
+    assert tp.main(cfg)  # unchanged experts: the finished run is done
+    weights = experts / "P2A" / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    save_file({k: v * 2 for k, v in tensors.items()}, str(weights))  # P2A retrained
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded before the experts were checked")
+
+    monkeypatch.setattr(personalign.models, "load_model", no_load)
+    with pytest.raises(ConfigError, match=r"trained against other experts \(P2A changed since"):
+        tp.main(cfg)
+    # a run folder from before digests were recorded: warned, then treated as the run it is
+    (tmp_path / "run" / "experts.json").unlink()
+    monkeypatch.undo()
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    assert tp.main(cfg)
+    assert "records no digests of its experts" in err.getvalue()
+    assert not (tmp_path / "run" / "experts.json").exists()  # nothing certified that it cannot know
+
+
 @pytest.mark.parametrize(("change", "match"), [
     ({"sides": ("P9Z", "P1A")}, "unknown preference side 'P9Z'"),
     ({"sides": ("P1A", "P1B")}, "no expert for side.*P1B.*train-expert --side P1B"),

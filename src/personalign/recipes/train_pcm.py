@@ -47,9 +47,11 @@ its index in the step's batch (so the samples do not depend on how the batch is 
 and the step, and running the same command again resumes from it (metrics lines after it are dropped
 and redone). The learning rate is constant, so the run's length is not part of its identity: a finished
 run keeps its checkpoint, and running it again with a larger ``steps`` extends it exactly as if it had
-been asked for that many steps from the start (a smaller ``steps`` is refused).
+been asked for that many steps from the start (a smaller ``steps`` is refused). A PCM learns to weigh
+particular experts, so ``experts.json`` records their SHA-256 digests when a run starts, and a rerun whose
+experts changed since is refused before any model loads.
 
-Run folder: ``config.json``, ``metrics.jsonl``, ``references.jsonl``, ``checkpoint/``,
+Run folder: ``config.json``, ``experts.json``, ``metrics.jsonl``, ``references.jsonl``, ``checkpoint/``,
 then ``pcm.safetensors`` and ``pcm.json`` (architecture, sides, base model, config, final metrics),
 written last. Metrics per step: ``train/loss``, ``train/rebel_loss``, ``train/prior_kl``,
 ``train/utility`` (mean over responses), ``train/utility_gap`` (mean |U(y) - U(y')|),
@@ -76,6 +78,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -362,6 +365,35 @@ def _load_experts(base: PreTrainedModel, plan: Plan) -> Experts:
     return Experts.from_adapters(peft_model, plan.sides)
 
 
+EXPERTS_RECORD = "experts.json"  # side -> SHA-256 of the expert adapter a run trains against
+
+
+def check_experts(out: Path, plan: Plan, started: bool) -> None:
+    """A PCM learns to weigh particular experts: record their digests when a run starts, and refuse a rerun
+    (to resume or to extend) whose experts changed since, before any model loads. A run ``started`` before
+    digests were recorded cannot be checked and gets a one-line warning instead."""
+    from personalign.compose import ADAPTER_FILES, expert_folders, file_digest
+
+    folders = expert_folders(plan.experts_dir)
+    current = {s: file_digest(folders[s] / ADAPTER_FILES[1]) for s in plan.sides}
+    path = out / EXPERTS_RECORD
+    if path.exists():
+        try:
+            recorded = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            raise ConfigError(f"{path} is not valid JSON; restore it or use another output_dir") from None
+        changed = sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))
+        if changed:
+            raise ConfigError(f"{out} holds a PCM run trained against other experts ({', '.join(changed)} "
+                              f"changed since in {plan.experts_dir}); give another output_dir to train one "
+                              "for these experts")
+    elif started:
+        print(f"warning: {out} records no digests of its experts (started before they were recorded); if they "
+              "changed since, give another output_dir", file=sys.stderr)
+    else:
+        path.write_text(json.dumps(current, indent=2))
+
+
 def _summary(rows: list[dict[str, Any]]) -> dict[str, float]:
     return summarize_steps(rows, "train/utility", first=["train/utility"],
                            last=["train/utility", "train/weight_shift", "train/weight_entropy"])
@@ -377,10 +409,12 @@ def main(cfg: TrainPCMConfig) -> dict[str, float]:
     if done is not None and c.steps < done:
         raise ConfigError(f"{cfg.output_dir} holds a PCM trained for {done} steps; steps={c.steps} would not "
                           f"shorten it: give steps >= {done} (more extends the run) or another output folder")
-    if dist.is_main:
-        prepare_run_dir(cfg.output_dir, cfg, resumable=frozenset({"steps"}))  # constant lr: a run extends
-    dist.barrier()
     out = Path(cfg.output_dir)
+    if dist.is_main:
+        started = (out / "config.json").exists()
+        prepare_run_dir(cfg.output_dir, cfg, resumable=frozenset({"steps"}))  # constant lr: a run extends
+        check_experts(out, plan, started)
+    dist.barrier()
     logger = MetricsLogger(out)
     if done is not None and c.steps == done:
         return json.loads((out / PCM_CONFIG).read_text()).get("metrics", {})
