@@ -5,10 +5,10 @@ twice: by the judges that labelled the experts' training data (the offline judge
 ``structure_judge:score`` for the new one) and by judges that labelled nothing (the independent judge,
 ``markdown_judge:score``). Per method and judge set: the average criterion win rate against preference
 prompting, the new dimension's criteria, and each old criterion next to the three-way evaluation's
-interval for the same method and judge, and its paired difference on the same instructions at 95% and at the
-family-wise level over the six old criteria (Bonferroni, ``FAMILYWISE``) (``--three-way``, the recorded eight-combination run; several
+interval for the same method and judge (``--three-way``, the recorded eight-combination run; several
 runs may be named, and each method takes its reference from the first one that holds its rule, judged by
-the same judges), with whether it falls inside. A four-way method at a preference strength
+the same judges), with whether it falls inside, and its paired difference on the same instructions at 95%
+and at the family-wise level over the six old criteria (Bonferroni, ``FAMILYWISE``). A four-way method at a preference strength
 (``soup-exact-x1.33333``) is set against the same rule at 3/4 of that strength in the three-way run,
 where each expert carries the same weight: at strength 4/3 each of four experts carries a third, as each
 of three does at strength 1, so the old experts are merged exactly as in the three-way soup and only the
@@ -47,6 +47,7 @@ OLD = ("P1A", "P1B", "P2A", "P2B", "P3A", "P3B")
 # time (bench/resample_floor.py measured one on a rerun that changed nothing); Bonferroni over the six
 # keeps that chance at 5% for the whole family.
 FAMILYWISE = 1 - 0.05 / len(OLD)
+FAMILYWISE_RESAMPLES = 10000
 
 
 def three_way_label(method: str) -> str:
@@ -108,9 +109,15 @@ def same_instructions(four: dict, three: dict, side: str) -> tuple[dict[str, lis
     return mine, theirs
 
 
-def against_previous(mine_all: dict, prev_all: dict) -> dict[str, dict]:
-    """This run's outcomes minus a previous four-way run's, paired by instruction: ``avg`` over every
-    criterion both judged, then each criterion alone."""
+def familywise_ci(mine: dict[str, list[str]], theirs: dict[str, list[str]]) -> dict:
+    """``paired_difference_ci`` at the family-wise level over the six old criteria (``FAMILYWISE``), with
+    enough bootstrap draws for the tails of a 99.17% interval."""
+    return asdict(paired_difference_ci(mine, theirs, confidence=FAMILYWISE, resamples=FAMILYWISE_RESAMPLES))
+
+
+def paired_columns(mine_all: dict, prev_all: dict) -> dict[str, tuple[list[str], list[str]]]:
+    """``combination/side`` -> (this run's outcomes, the other run's), on the instructions both judged, for
+    every combination and criterion both hold (outcomes as :func:`recorded_outcomes` reads them)."""
     cols: dict[str, tuple[list[str], list[str]]] = {}
     for combo, by_side in mine_all.items():
         for side, outcomes in by_side.items():
@@ -119,13 +126,21 @@ def against_previous(mine_all: dict, prev_all: dict) -> dict[str, dict]:
                 continue
             ids = sorted(set(outcomes) & set(prev))
             cols[f"{combo}/{side}"] = ([outcomes[i] for i in ids], [prev[i] for i in ids])
+    return cols
 
-    def paired(keep: dict[str, tuple[list[str], list[str]]]) -> dict:
-        return asdict(paired_difference_ci({k: a for k, (a, _) in keep.items()}, {k: b for k, (_, b) in keep.items()}))
 
-    out = {"avg": paired(cols)} if cols else {}
+def split(cols: dict[str, tuple[list[str], list[str]]]) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """:func:`paired_columns`' pairs as the two tables ``paired_difference_ci`` takes."""
+    return {k: a for k, (a, _) in cols.items()}, {k: b for k, (_, b) in cols.items()}
+
+
+def against_previous(mine_all: dict, prev_all: dict) -> dict[str, dict]:
+    """This run's outcomes minus a previous four-way run's, paired by instruction: ``avg`` over every
+    criterion both judged, then each criterion alone."""
+    cols = paired_columns(mine_all, prev_all)
+    out = {"avg": asdict(paired_difference_ci(*split(cols)))} if cols else {}
     for side in sorted({k.rsplit("/", 1)[1] for k in cols}):
-        out[side] = paired({k: v for k, v in cols.items() if k.endswith("/" + side)})
+        out[side] = asdict(paired_difference_ci(*split({k: v for k, v in cols.items() if k.endswith("/" + side)})))
     return out
 
 
@@ -231,8 +246,7 @@ def main() -> None:
                           "paired_same_instructions": asdict(paired_difference_ci(mine, theirs)) if mine else None,
                           # the same at the family-wise level over the six old criteria (Bonferroni): an
                           # interval below 0 here is a drop that six tests at 95% would not find by chance
-                          "paired_familywise": asdict(paired_difference_ci(
-                              mine, theirs, confidence=FAMILYWISE, resamples=10000)) if mine else None}
+                          "paired_familywise": familywise_ci(mine, theirs) if mine else None}
             row[kind] = {"instructions": res["instructions"], "avg": w["avg"], "new": new, "old": old,
                          "three_way_method": label3,
                          "three_way_run": None if ref3 is None else str(ref3["_folder"].parent.parent),

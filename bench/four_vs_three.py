@@ -31,7 +31,7 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
-from four_dimensions import FAMILYWISE
+from four_dimensions import FAMILYWISE, familywise_ci
 from tqdm import tqdm
 
 from personalign.data import JsonlWriter, read_jsonl
@@ -155,15 +155,13 @@ def main() -> None:
             continue
         mine_all, ref_all = flat(by_side), flat(ref)
         shared = set.intersection(*(set(c) for c in (*mine_all.values(), *ref_all.values())))
-        diff = {s: asdict(paired_difference_ci(aligned(by_side[s], shared), aligned(ref[s], shared)))
-                for s in OLD if s in by_side and s in ref}
+        sides = {s: (aligned(by_side[s], shared), aligned(ref[s], shared)) for s in OLD if s in by_side and s in ref}
+        diff = {s: asdict(paired_difference_ci(a, b)) for s, (a, b) in sides.items()}
         diff["avg"] = asdict(paired_difference_ci(aligned(mine_all, shared), aligned(ref_all, shared)))
         doc["results"][kind][f"{m4} vs {m3}"]["minus_prompt"] = diff
         # the six old criteria tested together (Bonferroni, as bench/four_dimensions.py does)
         doc["results"][kind][f"{m4} vs {m3}"]["minus_prompt_familywise"] = {
-            s: asdict(paired_difference_ci(aligned(by_side[s], shared), aligned(ref[s], shared),
-                                           confidence=FAMILYWISE, resamples=10000))
-            for s in OLD if s in by_side and s in ref}
+            s: familywise_ci(a, b) for s, (a, b) in sides.items()}
     Path(args.output).write_text(json.dumps(doc, indent=2))
     print("\nfour-way answers against three-way answers of the same method, on each old criterion "
           "(win rate %, ties half)\n")

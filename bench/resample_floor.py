@@ -38,7 +38,7 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
-from four_dimensions import FAMILYWISE, judge_sets, pct
+from four_dimensions import FAMILYWISE, familywise_ci, judge_sets, paired_columns, pct, split
 
 from personalign.evaluation import paired_difference_ci
 from personalign.report import recorded_outcomes
@@ -55,21 +55,13 @@ def inside_probability(first: dict, again: dict) -> float:
     return math.erf(z / math.sqrt(2))  # 2 Phi(z) - 1
 
 
-def paired(again: dict, first: dict, side: str | None, confidence: float = 0.95) -> dict | None:
-    """``again`` minus ``first`` on the instructions both judged, over every combination (and criterion,
-    or only ``side``)."""
-    mine: dict[str, list[str]] = {}
-    theirs: dict[str, list[str]] = {}
-    for combo, by_side in again.items():
-        for s, outcomes in by_side.items():
-            prev = first.get(combo, {}).get(s)
-            if prev is None or (side is not None and s != side):
-                continue
-            ids = sorted(set(outcomes) & set(prev))
-            mine[f"{combo}/{s}"] = [outcomes[i] for i in ids]
-            theirs[f"{combo}/{s}"] = [prev[i] for i in ids]
-    resamples = 2000 if confidence == 0.95 else 10000
-    return asdict(paired_difference_ci(mine, theirs, confidence=confidence, resamples=resamples)) if mine else None
+def paired(cols: dict[str, tuple[list[str], list[str]]], side: str | None, familywise: bool = False) -> dict | None:
+    """The second run minus the first on :func:`paired_columns`' pairs, over every criterion or only
+    ``side``, at 95% or at the family-wise level."""
+    keep = {k: v for k, v in cols.items() if side is None or k.endswith("/" + side)}
+    if not keep:
+        return None
+    return familywise_ci(*split(keep)) if familywise else asdict(paired_difference_ci(*split(keep)))
 
 
 def main() -> None:
@@ -83,11 +75,13 @@ def main() -> None:
     ap.add_argument("--output", default="bench/resample_floor.json")
     args = ap.parse_args()
     first, again = judge_sets(Path(args.first)), judge_sets(Path(args.again))
+    identities = []
     for run in (Path(args.first), Path(args.again)):
-        if not (run / "generations" / "identity.json").is_file():
+        path = run / "generations" / "identity.json"
+        if not path.is_file():
             raise SystemExit(f"{run}: no generations/identity.json; is it an evaluation run?")
-    id1 = json.loads((Path(args.first) / "generations" / "identity.json").read_text())
-    id2 = json.loads((Path(args.again) / "generations" / "identity.json").read_text())
+        identities.append(json.loads(path.read_text()))
+    id1, id2 = identities
     differ = sorted(k for k in set(id1) | set(id2) if k not in ("experts", "sampling") and id1.get(k) != id2.get(k))
     s1, s2 = dict(id1.get("sampling", {})), dict(id2.get("sampling", {}))
     differ += [f"sampling.{k}" for k in sorted(set(s1) | set(s2)) if k != "seed" and s1.get(k) != s2.get(k)]
@@ -108,19 +102,19 @@ def main() -> None:
             w1, w2 = first[kind]["win_rates"].get(method), again[kind]["win_rates"].get(method)
             if w1 is None or w2 is None:
                 raise SystemExit(f"{method}: not judged by {kind} in both runs")
-            o1 = recorded_outcomes(first[kind]["_folder"], method)
-            o2 = recorded_outcomes(again[kind]["_folder"], method)
+            cols = paired_columns(recorded_outcomes(again[kind]["_folder"], method),
+                                  recorded_outcomes(first[kind]["_folder"], method))
             rows = {}
             for side in sorted(w1["by_criterion"]):
                 a, b = w1["by_criterion"][side], w2["by_criterion"][side]
                 rows[side] = {"first": a, "again": b, "inside": a["low"] <= b["value"] <= a["high"],
                               "p_inside_if_unchanged": inside_probability(a, b),
-                              "paired_again_minus_first": paired(o2, o1, side),
-                              "paired_familywise": paired(o2, o1, side, FAMILYWISE)}
+                              "paired_again_minus_first": paired(cols, side),
+                              "paired_familywise": paired(cols, side, familywise=True)}
             p_all = math.prod(r["p_inside_if_unchanged"] for r in rows.values())
             doc["methods"].setdefault(method, {})[kind] = {
                 "avg": {"first": w1["avg"], "again": w2["avg"], "inside": w1["avg"]["low"] <= w2["avg"]["value"]
-                        <= w1["avg"]["high"], "paired_again_minus_first": paired(o2, o1, None)},
+                        <= w1["avg"]["high"], "paired_again_minus_first": paired(cols, None)},
                 "criteria": rows, "inside": sum(r["inside"] for r in rows.values()),
                 "p_all_inside_if_unchanged": p_all}
     doc["four_way_chance"] = {}

@@ -472,8 +472,9 @@ def test_the_resample_bench_gives_the_chance_an_unchanged_method_lands_inside_it
     assert bench.inside_probability(wide, narrow) == pytest.approx(0.890, abs=1e-3)
     assert bench.inside_probability({"value": 0.5, "low": 0.5, "high": 0.5}, wide) == 0.0
     first = {"P1A+P2A+P3A": {"P1A": {"a": "win", "b": "loss"}, "P2A": {"a": "tie", "b": "win"}}}
-    same = bench.paired(first, first, None)
+    same = bench.paired(bench.paired_columns(first, first), None)
     assert same["value"] == 0.0 and same["low"] == 0.0 and same["high"] == 0.0
     again = {"P1A+P2A+P3A": {"P1A": {"a": "win", "b": "win"}, "P2A": {"a": "tie", "b": "win"}}}
-    assert bench.paired(again, first, "P1A")["value"] == pytest.approx(0.5)  # one of two instructions: loss -> win
-    assert bench.paired(again, first, "P2A")["value"] == 0.0
+    cols = bench.paired_columns(again, first)
+    assert bench.paired(cols, "P1A")["value"] == pytest.approx(0.5)  # one of two instructions: loss -> win
+    assert bench.paired(cols, "P2A")["value"] == 0.0
