@@ -10,6 +10,8 @@ measured loss. Preference prompting's four-way answers against its three-way one
 show how much the reference itself moved; each method's shift minus prompting's, paired by instruction and
 combination, is what the method itself adds (an interval below 0: the method loses more than the prompt
 alone explains), also at the family-wise level over the six old criteria (``four_dimensions.FAMILYWISE``).
+A pair may name different methods: ``--pair soup-exact-x1.33333 prompt`` judges the four-way soup against
+three-way prompting's answers, the unchanged reference the three-way win rates were measured against.
 
 Both runs must hold the same instructions, generated with the same sampling (``eval``'s run folders do).
 Verdicts are written to ``--run-dir`` as they come (one JSONL file per judge, pair of methods and
