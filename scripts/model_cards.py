@@ -1,13 +1,14 @@
 """Write the model cards of a weights distribution from what its files record.
 
-    python scripts/model_cards.py [--model smollm2-135m-instruct] [--eval RUN ...]
+    python scripts/model_cards.py [--model smollm2-135m-instruct] [--eval RUN ...] [--pcm-eval RUN ...]
 
 For each shipped expert, ``README.md`` beside ``expert.json``: what it is, how it was trained (from
 ``expert.json`` and ``pipeline.json``), which judge labelled its training data, its win rate against the
 prompted base on the held-out instructions with every judge that evaluated it (from ``--eval``: a
 ``personalign eval --single-sides`` run folder, each judge's ``judgments/<judge>/results.json``), how it
-is stored (``half_precision_check.json``) and its limits. The PCM gets one too, and the distribution's
-``README.md`` lists them. peft's empty template card (``adapter/README.md``) is removed. Nothing is
+is stored (``half_precision_check.json``) and its limits. The PCM gets one too, with MoPE's measured win
+rates from the first ``--pcm-eval`` run whose generations were made with that very PCM file (by digest);
+the distribution's ``README.md`` lists them. peft's empty template card (``adapter/README.md``) is removed. Nothing is
 written by hand: rerun this after shipping or evaluating again.
 """
 
@@ -152,7 +153,7 @@ def expert_card(folder: Path, package: Path, eval_dirs: list[Path]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def pcm_card(folder: Path) -> str:
+def pcm_card(folder: Path, evals: list[Path] | None = None) -> str:
     doc = json.loads((folder / "pcm.json").read_text())
     arch, metrics = doc.get("architecture") or {}, doc.get("metrics") or {}
     cfg = doc.get("config") or {}
@@ -180,12 +181,58 @@ def pcm_card(folder: Path) -> str:
         "",
         "## Evaluation and limits",
         "",
+        *pcm_evaluation(folder, evals or []),
         "`bench/RESULTS.md` of the personalign repository compares MoPE with this PCM against fixed weights and "
         "soups, with the offline and the independent judge. No judge there checks correctness.",
         "",
         *replaced_note(folder, doc),
         "License: Apache-2.0.",
     ]) + "\n"
+
+
+def pcm_evaluation(folder: Path, eval_dirs: list[Path]) -> list[str]:
+    """The measured win rates of MoPE with this very PCM, from the first of ``eval_dirs`` whose generations
+    were made with it: found by the SHA-256 of ``pcm.safetensors`` in ``generations/sources.json``, so a
+    number measured with another PCM is never shown as this one's."""
+    from personalign.compose import file_digest
+    from personalign.pcm import PCM_WEIGHTS
+
+    if not (folder / PCM_WEIGHTS).is_file():
+        return []
+    digest = file_digest(folder / PCM_WEIGHTS)
+    for eval_dir in eval_dirs:
+        sources = eval_dir / "generations" / "sources.json"
+        if not sources.is_file():
+            continue
+        used: dict[str, set[str | None]] = {}
+        for name, weights in json.loads(sources.read_text()).items():
+            parts = Path(name).parts
+            if len(parts) == 3:
+                used.setdefault(parts[1], set()).add(weights.get("pcm"))
+        methods = sorted(m for m, pcms in used.items() if pcms == {digest})
+        rows: list[str] = []
+        for results in sorted((eval_dir / "judgments").glob("*/results.json")):
+            res = json.loads(results.read_text())
+            for method in (m for m in methods if m in res.get("win_rates", {})):
+                combos = len(res["win_rates"][method].get("by_combination", {}))
+                paired = "; ".join(f"{other} {_signed(d)}" for other, d in sorted(
+                    (res.get("paired") or {}).get(method, {}).items()) if d)
+                rows.append(f"| {JUDGE_NOTES.get(res['judge'], res['judge'])} | {res.get('reference', '?')} "
+                            f"| {_pct(res['win_rates'][method]['avg'])} | {res['instructions']} x {combos} "
+                            f"| {paired or '–'} |")
+        if rows:
+            return [(f"MoPE with this PCM (`{methods[0]}` in `{eval_dir.name}`, generations made with this file's "
+                    f"SHA-256 {digest[:12]}): the average criterion's win rate against the reference method (`prompt` is "
+                    "preference prompting), each pair judged in both orders (ties half), 95% bootstrap interval; "
+                    "and its difference to other methods of that run in points, paired on instructions:"), "",
+                    "| judge | reference | win rate | instructions x combinations | paired difference |",
+                    "|---|---|---:|---:|---|",
+                    *rows, ""]
+    return ["Not evaluated with this file yet: `personalign eval` with the method `mope-pcm` measures it.", ""]
+
+
+def _signed(v: dict[str, float]) -> str:
+    return f"{100 * v['value']:+.1f} [{100 * v['low']:+.1f}, {100 * v['high']:+.1f}]"
 
 
 def replaced_note(folder: Path, doc: dict[str, Any]) -> list[str]:
@@ -221,6 +268,9 @@ def main() -> int:
     ap.add_argument("--eval", type=Path, action="append",
                     help="a `personalign eval --single-sides` run folder; repeat it, the first that evaluated an "
                          "expert gives its numbers (default: runs/eval-experts-shipped, then runs/eval-experts)")
+    ap.add_argument("--pcm-eval", type=Path, action="append",
+                    help="a `personalign eval` run folder with MoPE generations; the first whose generations were "
+                         "made with the shipped PCM's file gives its numbers (default: runs/eval-pcm-shipped)")
     args = ap.parse_args()
     evals = args.eval or [ROOT / "runs" / "eval-experts-shipped", ROOT / "runs" / "eval-experts"]
     experts = shipped_experts_dir(args.model)
@@ -240,7 +290,7 @@ def main() -> int:
         print(f"{folder.name}: {folder / 'README.md'}")
     pcm = shipped_pcm_dir(args.model)
     if pcm is not None:
-        (pcm / "README.md").write_text(pcm_card(pcm))
+        (pcm / "README.md").write_text(pcm_card(pcm, args.pcm_eval or [ROOT / "runs" / "eval-pcm-shipped"]))
     dist = package.parents[1]
     (dist / "README.md").write_text("\n".join([
         "# personalign-smollm2",

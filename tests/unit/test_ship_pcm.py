@@ -86,3 +86,49 @@ def test_records_which_run_made_each_expert_it_weights_and_the_card_says_when_on
     note = " ".join(cards.replaced_note(package / "pcm", doc))
     assert "Trained with earlier versions of P1B** (run `first`)" in note and "run `second`" in note
 
+
+
+def _cards():
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "model_cards.py"
+    spec = importlib.util.spec_from_file_location("model_cards", script)
+    cards = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cards)
+    return cards
+
+
+def _eval_run(folder: Path, digests: dict[str, str]) -> Path:
+    """An eval run whose methods' generations were made with the given PCM digests, judged offline."""
+    (folder / "generations").mkdir(parents=True)
+    (folder / "generations" / "sources.json").write_text(json.dumps(
+        {f"generations/{m}/{c}.jsonl": {"expert/P1A": "e", "pcm": d}
+         for m, d in digests.items() for c in ("P1A+P2A", "P1B+P2A")}))
+    rate = {"value": 0.61, "low": 0.55, "high": 0.66}
+    (folder / "judgments" / "offline").mkdir(parents=True)
+    (folder / "judgments" / "offline" / "results.json").write_text(json.dumps({
+        "judge": "offline", "reference": "prompt", "instructions": 143, "methods": list(digests),
+        "win_rates": {m: {"avg": rate, "by_combination": {"P1A+P2A": rate, "P1B+P2A": rate}} for m in digests},
+        "paired": {m: {o: {"value": 0.021, "low": -0.004, "high": 0.047} for o in digests if o != m}
+                   for m in digests}}))
+    return folder
+
+
+def test_the_pcm_card_shows_only_numbers_measured_with_that_very_file(tmp_path):
+    import hashlib
+
+    cards = _cards()
+    pcm = tmp_path / "pcm"
+    pcm.mkdir()
+    (pcm / "pcm.safetensors").write_bytes(b"these weights")
+    mine = hashlib.sha256(b"these weights").hexdigest()
+    run = _eval_run(tmp_path / "eval", {"mope-pcm-new": mine, "mope-pcm": "0" * 64})
+    lines = cards.pcm_evaluation(pcm, [tmp_path / "missing", run])
+    text = "\n".join(lines)
+    assert "`mope-pcm-new` in `eval`" in text and mine[:12] in text
+    rows = [row for row in lines if row.startswith("| the offline judge")]
+    assert rows == ["| the offline judge, which also labelled the training data (not independent) | prompt "
+                    "| 61.0% [55.0, 66.0] | 143 x 2 | mope-pcm +2.1 [-0.4, +4.7] |"]
+    # Another file (a retrained PCM shipped since): the run's numbers are not its own.
+    (pcm / "pcm.safetensors").write_bytes(b"retrained weights, another file")
+    assert cards.pcm_evaluation(pcm, [run])[0].startswith("Not evaluated with this file yet")
