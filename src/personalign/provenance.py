@@ -90,7 +90,7 @@ def label_sources_of_reward(spec: str) -> list[str]:
         from personalign.judges.reward_model import reward_model_sources
 
         try:
-            folders = set(reward_model_sources(spec[3:]).values())
+            folders = set(reward_model_sources(spec[3:], weights=False).values())
         except Exception:  # noqa: BLE001 - a folder that is gone leaves the source unknown, never an error
             return [UNKNOWN]
         return _sorted(s for f in folders for s in label_sources_of_rm(f))

@@ -551,6 +551,7 @@ def test_eval_records_label_sources_and_warns_when_the_judge_labelled_the_traini
 
 
 def test_a_reward_model_judge_counts_as_the_judge_its_models_learned_from(tmp_path):
+    from personalign.judges.reward_model import reward_model_sources
     from personalign.provenance import evaluating_sources, label_sources_of_reward
 
     experts = tmp_path / "experts"
@@ -560,6 +561,12 @@ def test_a_reward_model_judge_counts_as_the_judge_its_models_learned_from(tmp_pa
     assert label_sources_of_reward(f"rm:{tmp_path / 'rm-llm:judge-7b'}") == ["llm:judge-7b"]
     assert label_sources_of_reward("offline") == ["offline"] and label_sources_of_reward("m:f") == ["m:f"]
     assert label_sources_of_reward(f"rm:{tmp_path / 'gone'}") == ["unknown"]
+    # Who labelled a reward model's pairs is in its configs: a folder whose weights are not on this machine
+    # (they are rebuilt, not committed) still says it, though it can no longer judge or reward.
+    (tmp_path / "rm-llm:judge-7b" / "P1A" / "reward_model.safetensors").unlink()
+    assert label_sources_of_reward(f"rm:{tmp_path / 'rm-llm:judge-7b'}") == ["llm:judge-7b"]
+    with pytest.raises(PersonalignError, match="is not a complete reward model"):
+        reward_model_sources(tmp_path / "rm-llm:judge-7b")
 
     class RM:
         folder = tmp_path

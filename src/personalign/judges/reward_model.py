@@ -17,11 +17,12 @@ from personalign.judges.base import PairwiseJudge, UnsupportedSideError, Verdict
 __all__ = ["RewardModelJudge", "reward_model_sources"]
 
 
-def reward_model_sources(folder: str | Path) -> dict[str, Path]:
+def reward_model_sources(folder: str | Path, *, weights: bool = True) -> dict[str, Path]:
     """Side -> reward-model folder: ``folder`` itself, or its ``<name>/`` subfolders (pipeline's ``rm/``).
 
     Single-side models are preferred; a multi-head model covers the sides no single-side model has.
-    Reads only the config files.
+    Reads only the config files. ``weights=False`` accepts a folder whose weights are absent (for what
+    its configs record, such as who labelled its pairs); a judge or reward needs them.
     """
     from personalign.reward_model import CONFIG, WEIGHTS
 
@@ -36,7 +37,7 @@ def reward_model_sources(folder: str | Path) -> dict[str, Path]:
             cfg = json.loads((f / CONFIG).read_text())
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{f / CONFIG} is not valid JSON ({exc.msg})") from None
-        if cfg.get("kind") != "reward_model" or not (f / WEIGHTS).is_file():
+        if cfg.get("kind") != "reward_model" or (weights and not (f / WEIGHTS).is_file()):
             raise ConfigError(f"{f} is not a complete reward model ({CONFIG} and {WEIGHTS})")
         return list(cfg["sides"])
 
