@@ -56,7 +56,7 @@ experts: install
 
 pcm: install
 	$(VENV)/bin/personalign train-pcm --config pcm-smollm2.yaml
-	$(PY) scripts/ship_pcm.py runs/pcm-smollm2-t07
+	$(PY) scripts/ship_pcm.py runs/pcm-smollm2-ontopic --made-by "make pcm (personalign train-pcm --config pcm-smollm2.yaml, then scripts/ship_pcm.py)"
 	$(PY) scripts/model_cards.py
 
 clean-venv:

@@ -215,8 +215,8 @@ def pcm_evaluation(folder: Path, eval_dirs: list[Path]) -> list[str]:
             res = json.loads(results.read_text())
             for method in (m for m in methods if m in res.get("win_rates", {})):
                 combos = len(res["win_rates"][method].get("by_combination", {}))
-                paired = "; ".join(f"{other} {_signed(d)}" for other, d in sorted(
-                    (res.get("paired") or {}).get(method, {}).items()) if d)
+                paired = "; ".join(f"{other}{_another_pcm(used.get(other, set()), digest)} {_signed(d)}"
+                                   for other, d in sorted((res.get("paired") or {}).get(method, {}).items()) if d)
                 rows.append(f"| {JUDGE_NOTES.get(res['judge'], res['judge'])} | {res.get('reference', '?')} "
                             f"| {_pct(res['win_rates'][method]['avg'])} | {res['instructions']} x {combos} "
                             f"| {paired or '–'} |")
@@ -229,6 +229,13 @@ def pcm_evaluation(folder: Path, eval_dirs: list[Path]) -> list[str]:
                     "|---|---|---:|---:|---|",
                     *rows, ""]
     return ["Not evaluated with this file yet: `personalign eval` with the method `mope-pcm` measures it.", ""]
+
+
+def _another_pcm(pcms: set[str | None], digest: str) -> str:
+    """`` (another PCM, <digest>)`` for a method of the run made with another PCM file: the run's method names
+    are as they were then (its ``mope-pcm`` may be a PCM shipped before this one)."""
+    others = sorted(d for d in pcms if d and d != digest)
+    return f" (another PCM, {', '.join(d[:12] for d in others)})" if others else ""
 
 
 def _signed(v: dict[str, float]) -> str:

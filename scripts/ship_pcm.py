@@ -1,6 +1,6 @@
 """Copy a trained Preference Control Model into the model's weights distribution, beside its experts.
 
-    python scripts/ship_pcm.py runs/pcm-smollm2 [--model smollm2-135m-instruct]
+    python scripts/ship_pcm.py runs/pcm-smollm2 [--model smollm2-135m-instruct] [--made-by COMMAND]
 
 The run folder must hold a finished ``personalign train-pcm`` run (``pcm.json`` + ``pcm.safetensors``)
 trained on that base model. Writes ``weights/<model>/src/<package>/pcm/`` with the weights, ``pcm.json``
@@ -29,6 +29,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--made-by", default="personalign train-pcm, then scripts/ship_pcm.py",
+                    help="the command that made the run, as the model card states it")
     args = ap.parse_args()
 
     run = args.run_dir
@@ -62,7 +64,7 @@ def main() -> int:
         if (run / name).is_file():
             shutil.copy2(run / name, tmp / name)
     doc["label_judges"] = label_sources_of_dir(run, "pcm.json")
-    doc["made_by"] = {"run": run.name, "command": "personalign train-pcm, then scripts/ship_pcm.py"}
+    doc["made_by"] = {"run": run.name, "command": args.made_by}
     doc["experts"] = "../experts (the experts shipped beside this PCM)"
     # which run made each expert it learned to weight: the model card says when one was replaced since
     doc["experts_runs"] = made_by_runs(target.parent / "experts", doc.get("sides", []))

@@ -37,10 +37,12 @@ def test_ships_a_finished_pcm_with_its_provenance(ship, tmp_path, capsys):
     assert doc["label_judges"] == ["unknown"]  # the fake run names no reward: read, never guessed
     assert doc["made_by"]["run"] == "run" and doc["experts"].startswith("../experts")
     assert "sides P1A, P1B, 3 steps" in capsys.readouterr().out
-    # Reshipping replaces the old copy.
+    assert doc["made_by"]["command"] == "personalign train-pcm, then scripts/ship_pcm.py"
+    # Reshipping replaces the old copy, and says what made it when told.
     (tmp_path / "run" / "pcm.safetensors").write_bytes(b"new")
-    assert ship(str(tmp_path / "run")) == 0
+    assert ship(str(tmp_path / "run"), "--made-by", "make pcm") == 0
     assert (out / "pcm.safetensors").read_bytes() == b"new"
+    assert json.loads((out / "pcm.json").read_text())["made_by"]["command"] == "make pcm"
 
 
 def test_refuses_unfinished_runs_and_other_base_models(ship, tmp_path, capsys):
@@ -128,7 +130,7 @@ def test_the_pcm_card_shows_only_numbers_measured_with_that_very_file(tmp_path):
     assert "`mope-pcm-new` in `eval`" in text and mine[:12] in text
     rows = [row for row in lines if row.startswith("| the offline judge")]
     assert rows == ["| the offline judge, which also labelled the training data (not independent) | prompt "
-                    "| 61.0% [55.0, 66.0] | 143 x 2 | mope-pcm +2.1 [-0.4, +4.7] |"]
+                    "| 61.0% [55.0, 66.0] | 143 x 2 | mope-pcm (another PCM, 000000000000) +2.1 [-0.4, +4.7] |"]
     # Another file (a retrained PCM shipped since): the run's numbers are not its own.
     (pcm / "pcm.safetensors").write_bytes(b"retrained weights, another file")
     assert cards.pcm_evaluation(pcm, [run])[0].startswith("Not evaluated with this file yet")
