@@ -3,7 +3,7 @@ keep files from mixing settings or weights. The evaluation and the Pareto sweep 
 and ``personalign generate --output`` writes the same files (:func:`write_answers`).
 
 Method labels name files and table rows: ``vanilla``, ``prompt``, ``soup-<merge>``, ``mope-<rule>``,
-``mope-pcm`` (the shipped PCM), ``expert-<k>`` (the combination's dimension-k side alone),
+``mope-pcm`` (the shipped PCM; ``mope-pcm-extrapolate`` with the extrapolate rule), ``expert-<k>`` (the combination's dimension-k side alone),
 ``adapter:PATH`` and ``pcm:PATH``; soups and mixtures take ``-w<key>=<weight>`` (a side's weight in the
 combination: ``soup-exact-w4=2`` weighs the dimension-4 side twice the others) and ``-x<strength>``
 suffixes. :func:`parse_method` turns each into the entry point's
@@ -36,8 +36,9 @@ MIX_RULES = ("prob", "logit", "uniform", "extrapolate")
 METHOD_FORMS = ("vanilla, prompt, soup-<merge> (merge: psoups, exact, ties, dare, dare_ties), "
                 "expert-<k> (the combination's side of dimension k alone), "
                 "mope-<rule> (rule: prob, logit, uniform, extrapolate), mope-pcm (MoPE weighted by the shipped "
-                "Preference Control Model), adapter:PATH, pcm:PATH (MoPE weighted by a train-pcm folder's PCM); "
-                "soups and mope-extrapolate take a strength suffix -x<strength>, e.g. soup-exact-x2; soups and "
+                "Preference Control Model), mope-pcm-extrapolate (its weights with the extrapolate rule), "
+                "adapter:PATH, pcm:PATH (MoPE weighted by a train-pcm folder's PCM); soups, mope-extrapolate and "
+                "mope-pcm-extrapolate take a strength suffix -x<strength>, e.g. soup-exact-x2; soups and "
                 "mope-prob, -logit and -extrapolate take side weights -w<key>=<weight>[+<key>=<weight>] before it, "
                 "key a dimension number or a side, e.g. soup-exact-w4=2 or soup-exact-wP2A=0.5-x2")
 _STRENGTH = re.compile(r"^(?P<method>.+)-x(?P<strength>\d+(?:\.\d+)?)$")
@@ -83,10 +84,9 @@ def parse_method(spec: str) -> MethodSpec:
 
         inner = parse_method(found["method"])
         strength = float(found["strength"])
-        if not (inner.kind is Method.SOUP or (inner.kind is Method.MOPE and inner.variant == "extrapolate"
-                                              and inner.pcm is None)):
-            raise ConfigError(f"method {spec!r}: a strength suffix -x<strength> goes with soup-<merge> and "
-                              "mope-extrapolate only")
+        if not (inner.kind is Method.SOUP or (inner.kind is Method.MOPE and inner.variant == "extrapolate")):
+            raise ConfigError(f"method {spec!r}: a strength suffix -x<strength> goes with soup-<merge>, "
+                              "mope-extrapolate and mope-pcm-extrapolate only")
         if strength == 1 or s != inner.label + strength_suffix(strength):
             raise ConfigError(f"method {spec!r}: write the strength as {inner.label}{strength_suffix(strength)}"
                               if strength != 1 else f"method {spec!r}: strength 1 is {inner.label}")
@@ -132,6 +132,8 @@ def parse_method(spec: str) -> MethodSpec:
         return MethodSpec(f"mope-pcm-{Path(path).resolve().name}", Method.MOPE, variant="prob", pcm=path)
     if s == "mope-pcm":  # the PCM shipped for the model's shipped experts
         return MethodSpec(s, Method.MOPE, variant="prob", pcm="shipped")
+    if s == "mope-pcm-extrapolate":  # its weights, with the extrapolating rule (which takes a strength)
+        return MethodSpec(s, Method.MOPE, variant="extrapolate", pcm="shipped")
     if s in ("vanilla", "prompt"):
         return MethodSpec(s, Method(s))
     kind, _, variant = s.partition("-")

@@ -130,6 +130,19 @@ def test_method_specs():
     shipped = evaluate.parse_method("mope-pcm")
     assert (shipped.label, shipped.kind, shipped.variant, shipped.pcm) == ("mope-pcm", Method.MOPE,
                                                                            "prob", "shipped")
+    # the shipped PCM's weights with the extrapolating rule, at a strength: what generate --pcm shipped --mix
+    # extrapolate --strength 3 makes, under the label generate gives it
+    pushed = evaluate.parse_method("mope-pcm-extrapolate-x3")
+    assert (pushed.label, pushed.kind, pushed.variant, pushed.pcm, pushed.strength) == (
+        "mope-pcm-extrapolate-x3", Method.MOPE, "extrapolate", "shipped", 3.0)
+    options = pushed.options("experts", None)
+    assert (options.method, options.mix, options.pcm, options.strength) == ("mope", "extrapolate", "shipped", 3.0)
+    assert evaluate.parse_method("mope-pcm-extrapolate").strength == 1.0
+    for bad, match in [("mope-pcm-x3", "goes with soup-<merge>, mope-extrapolate and mope-pcm-extrapolate"),
+                       ("mope-pcm-extrapolate-x1", "strength 1 is mope-pcm-extrapolate"),
+                       ("mope-pcm-extrapolate-x3.0", "write the strength as mope-pcm-extrapolate-x3")]:
+        with pytest.raises(ConfigError, match=match):
+            evaluate.parse_method(bad)
     for bad in ("soup", "soup-average", "expert-0", "mope-fast", "adapter:", "pcm:", "rlhf"):
         with pytest.raises(ConfigError, match="method"):
             evaluate.parse_method(bad)
