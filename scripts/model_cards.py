@@ -8,8 +8,8 @@ prompted base on the held-out instructions with every judge that evaluated it (f
 ``personalign eval --single-sides`` run folder, each judge's ``judgments/<judge>/results.json``), how it
 is stored (``half_precision_check.json``) and its limits. The PCM gets one too, with MoPE's measured win
 rates from the first ``--pcm-eval`` run whose generations were made with that very PCM file (by digest);
-the distribution's ``README.md`` lists them. peft's empty template card (``adapter/README.md``) is removed. Nothing is
-written by hand: rerun this after shipping or evaluating again.
+the distribution's ``README.md`` lists them. peft's empty template card (``adapter/README.md``) is
+removed. Nothing is written by hand: rerun this after shipping or evaluating again.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from personalign.compose import shipped_experts_dir
 from personalign.pcm import shipped_pcm_dir
 from personalign.preferences import default_space
 from personalign.provenance import made_by_runs
+from personalign.report import points_difference
 from personalign.weights import HALF_CHECK
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -215,15 +216,16 @@ def pcm_evaluation(folder: Path, eval_dirs: list[Path]) -> list[str]:
             res = json.loads(results.read_text())
             for method in (m for m in methods if m in res.get("win_rates", {})):
                 combos = len(res["win_rates"][method].get("by_combination", {}))
-                paired = "; ".join(f"{other}{_another_pcm(used.get(other, set()), digest)} {_signed(d)}"
+                paired = "; ".join(f"{other}{_another_pcm(used.get(other, set()), digest)} {points_difference(d)}"
                                    for other, d in sorted((res.get("paired") or {}).get(method, {}).items()) if d)
                 rows.append(f"| {JUDGE_NOTES.get(res['judge'], res['judge'])} | {res.get('reference', '?')} "
                             f"| {_pct(res['win_rates'][method]['avg'])} | {res['instructions']} x {combos} "
                             f"| {paired or '–'} |")
         if rows:
-            return [(f"MoPE with this PCM (`{methods[0]}` in `{eval_dir.name}`, generations made with this file's "
-                    f"SHA-256 {digest[:12]}): the average criterion's win rate against the reference method (`prompt` is "
-                    "preference prompting), each pair judged in both orders (ties half), 95% bootstrap interval; "
+            return [(f"MoPE with this PCM (`{methods[0]}` in `{eval_dir.name}`, generations made with this "
+                    f"file's SHA-256 {digest[:12]}): the average criterion's win rate against the reference method "
+                    "(`prompt` is preference prompting), each pair judged in both orders (ties half), 95% bootstrap "
+                    "interval; "
                     "and its difference to other methods of that run in points, paired on instructions:"), "",
                     "| judge | reference | win rate | instructions x combinations | paired difference |",
                     "|---|---|---:|---:|---|",
@@ -236,10 +238,6 @@ def _another_pcm(pcms: set[str | None], digest: str) -> str:
     are as they were then (its ``mope-pcm`` may be a PCM shipped before this one)."""
     others = sorted(d for d in pcms if d and d != digest)
     return f" (another PCM, {', '.join(d[:12] for d in others)})" if others else ""
-
-
-def _signed(v: dict[str, float]) -> str:
-    return f"{100 * v['value']:+.1f} [{100 * v['low']:+.1f}, {100 * v['high']:+.1f}]"
 
 
 def replaced_note(folder: Path, doc: dict[str, Any]) -> list[str]:

@@ -3,8 +3,8 @@ keep files from mixing settings or weights. The evaluation and the Pareto sweep 
 and ``personalign generate --output`` writes the same files (:func:`write_answers`).
 
 Method labels name files and table rows: ``vanilla``, ``prompt``, ``soup-<merge>``, ``mope-<rule>``,
-``mope-pcm`` (the shipped PCM; ``mope-pcm-extrapolate`` with the extrapolate rule), ``expert-<k>`` (the combination's dimension-k side alone),
-``adapter:PATH`` and ``pcm:PATH``; soups and mixtures take ``-w<key>=<weight>`` (a side's weight in the
+``mope-pcm`` (the shipped PCM; ``mope-pcm-extrapolate`` with the extrapolate rule), ``expert-<k>`` (the
+combination's dimension-k side alone), ``adapter:PATH`` and ``pcm:PATH``; soups and mixtures take ``-w<key>=<weight>`` (a side's weight in the
 combination: ``soup-exact-w4=2`` weighs the dimension-4 side twice the others) and ``-x<strength>``
 suffixes. :func:`parse_method` turns each into the entry point's
 :class:`~personalign.personalize.MethodOptions`, which checks everything (:func:`~personalign.personalize.resolve`).

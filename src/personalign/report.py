@@ -199,7 +199,8 @@ def _wr(w: Mapping[str, Any] | None, ci: bool) -> str:
     return f"{text} [{_pct(w['low'])}, {_pct(w['high'])}]" if ci else text
 
 
-def _diff(w: Mapping[str, Any] | None) -> str:
+def points_difference(w: Mapping[str, Any] | None) -> str:
+    """A paired difference of win rates with its interval, in signed points: ``+2.1 [-0.4, +4.7]``."""
     if not w:
         return "–"
     def signed(v: float) -> str:
@@ -256,7 +257,7 @@ def markdown_report(results: Mapping[str, Any]) -> str:
         out += ["", "## Paired differences (points of average win rate, row minus column)", "",
                 ("Both methods judged on the same instructions, the difference taken per instruction and then "
                  "bootstrapped: an interval above 0 means the row method measurably beats the column one."), ""]
-        rows = [[m, *("–" if o == m else _diff(paired.get(m, {}).get(o)) for o in against)] for m in methods]
+        rows = [[m, *("–" if o == m else points_difference(paired.get(m, {}).get(o)) for o in against)] for m in methods]
         out += _table(["method", *(f"− {o} [{conf}% CI]" for o in against)], rows)
 
     sources = results.get("label_sources")

@@ -77,17 +77,11 @@ def test_records_which_run_made_each_expert_it_weights_and_the_card_says_when_on
     doc = json.loads((package / "pcm" / "pcm.json").read_text())
     assert doc["experts_runs"] == {"P1A": "first", "P1B": "first"}
 
-    import importlib.util
-
-    script = Path(__file__).resolve().parents[2] / "scripts" / "model_cards.py"
-    spec = importlib.util.spec_from_file_location("model_cards", script)
-    cards = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cards)
+    cards = _cards()
     assert cards.replaced_note(package / "pcm", doc) == []
     (package / "experts" / "P1B" / "expert.json").write_text(json.dumps({"side": "P1B", "made_by": {"run": "second"}}))
     note = " ".join(cards.replaced_note(package / "pcm", doc))
     assert "Trained with earlier versions of P1B** (run `first`)" in note and "run `second`" in note
-
 
 
 def _cards():
@@ -129,8 +123,8 @@ def test_the_pcm_card_shows_only_numbers_measured_with_that_very_file(tmp_path):
     text = "\n".join(lines)
     assert "`mope-pcm-new` in `eval`" in text and mine[:12] in text
     rows = [row for row in lines if row.startswith("| the offline judge")]
-    assert rows == ["| the offline judge, which also labelled the training data (not independent) | prompt "
-                    "| 61.0% [55.0, 66.0] | 143 x 2 | mope-pcm (another PCM, 000000000000) +2.1 [-0.4, +4.7] |"]
+    assert rows == [("| the offline judge, which also labelled the training data (not independent) | prompt "
+                     "| 61.0% [55.0, 66.0] | 143 x 2 | mope-pcm (another PCM, 000000000000) +2.1 [-0.4, +4.7] |")]
     # Another file (a retrained PCM shipped since): the run's numbers are not its own.
     (pcm / "pcm.safetensors").write_bytes(b"retrained weights, another file")
     assert cards.pcm_evaluation(pcm, [run])[0].startswith("Not evaluated with this file yet")
