@@ -8,7 +8,14 @@ from __future__ import annotations
 
 
 class PersonalignError(Exception):
-    """Base class: a problem the user can fix from the message alone."""
+    """Base class: a problem the user can fix from the message alone.
+
+    ``field``: the option or request field at fault, where one is (the server names it in its error object).
+    """
+
+    def __init__(self, *args: object, field: str | None = None) -> None:
+        super().__init__(*args)
+        self.field = field
 
 
 class PreferenceError(PersonalignError, ValueError):

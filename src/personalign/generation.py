@@ -301,7 +301,6 @@ class TextStream:
         self.tokens: list[int] = []  # the answer's tokens, end-of-sequence excluded
         self.sent = ""
         self.stopped = False
-        self._held = max((len(s) for s in self.stop), default=0)
 
     def _cut(self, text: str) -> str:
         cuts = [text.find(s) for s in self.stop if s in text]
@@ -324,8 +323,18 @@ class TextStream:
         if self.stopped:
             return self._emit(full, final=True)
         safe = full.removesuffix("\ufffd")
-        safe = safe[: len(safe) - self._held] if self._held else safe
-        return self._emit(safe, final=False)
+        return self._emit(safe[: len(safe) - self._stop_start(safe)], final=False)
+
+    def _stop_start(self, text: str) -> int:
+        """The length of the longest end of ``text`` that a stop string starts with: it must wait, as the
+        next tokens may complete the stop string, and then it is cut."""
+        longest = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(text)), longest, -1):
+                if text.endswith(s[:k]):
+                    longest = k
+                    break
+        return longest
 
     def finish(self) -> str:
         """What is still held back, once the answer has ended."""

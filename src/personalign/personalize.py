@@ -150,16 +150,24 @@ class Personalization:
     @property
     def label(self) -> str:
         """The method as recorded in output rows: variants are distinct (``soup-exact``, ``mope-uniform``)."""
+        return self._label(strength_suffix(self.options.strength))
+
+    @property
+    def family(self) -> str:
+        """The label without the strength (``soup-exact`` at any strength): a bounded name, for counters."""
+        return self._label("")
+
+    def _label(self, strength: str) -> str:
         o = self.options
         if self.method is Method.SOUP:
-            return f"soup-{o.merge}{strength_suffix(o.strength)}"
+            return f"soup-{o.merge}{strength}"
         if self.method is Method.MOPE:
             rule = "-extrapolate" if o.mix == "extrapolate" else ""
             if o.pcm == "shipped":
-                return f"mope-pcm{rule}{strength_suffix(o.strength)}"
+                return f"mope-pcm{rule}{strength}"
             if o.pcm:
-                return f"mope-pcm-{Path(o.pcm).resolve().name}{rule}{strength_suffix(o.strength)}"
-            return f"mope-{o.mix}{strength_suffix(o.strength)}"
+                return f"mope-pcm-{Path(o.pcm).resolve().name}{rule}{strength}"
+            return f"mope-{o.mix}{strength}"
         if self.method is Method.ADAPTER:
             return f"adapter-{Path(o.adapter).resolve().name}"  # type: ignore[arg-type]
         return self.method.value
@@ -342,7 +350,7 @@ def resolve(prefs: str | Preference | Mapping[str, float] | None, options: Metho
     def refuse(option: str, applies: str) -> None:
         if getattr(o, option) != getattr(defaults, option):
             raise ConfigError(f"{option}={getattr(o, option)!r} applies only to {applies}, not to method "
-                              f"{method.value}; drop it")
+                              f"{method.value}; drop it", field=option)
 
     if method is not Method.SOUP:
         for opt in ("merge", "merge_rank", "merge_density", "merge_seed"):
@@ -356,7 +364,10 @@ def resolve(prefs: str | Preference | Mapping[str, float] | None, options: Metho
                            "mixture cannot go beyond its experts)")
         o = dataclasses.replace(o, strength=1.0)
     elif o.strength is not None:
-        o = dataclasses.replace(o, strength=check_strength(o.strength))
+        try:
+            o = dataclasses.replace(o, strength=check_strength(o.strength))
+        except ConfigError as exc:
+            raise ConfigError(str(exc), field="strength") from None
     if not method.uses_experts:
         refuse("experts", "methods expert, soup and mope")
         refuse("prompt_missing", "methods expert, soup and mope")
@@ -366,12 +377,16 @@ def resolve(prefs: str | Preference | Mapping[str, float] | None, options: Metho
     density = seed = None
     if method is Method.SOUP:
         if o.merge not in METHODS:
-            raise ConfigError(f"unknown merge {o.merge!r}; choose one of {', '.join(METHODS)}")
+            raise ConfigError(f"unknown merge {o.merge!r}; choose one of {', '.join(METHODS)}", field="merge")
         density, seed = merge_defaults(o.merge, o.merge_density, o.merge_seed)
         check_merge_options(o.merge, o.merge_rank, density, seed)
-    rule = MixRule.parse(o.mix) if method is Method.MOPE else None
+    try:
+        rule = MixRule.parse(o.mix) if method is Method.MOPE else None
+    except ConfigError as exc:
+        raise ConfigError(str(exc), field="mix") from None
     if o.pcm is not None and rule not in (MixRule.PROB, MixRule.EXTRAPOLATE):
-        raise ConfigError("pcm goes with mix 'prob' (the PCM weights a probability mixture) or 'extrapolate'")
+        raise ConfigError("pcm goes with mix 'prob' (the PCM weights a probability mixture) or 'extrapolate'",
+                          field="pcm")
 
     spec: dict[str, Any] = {"merge_density": density, "merge_seed": seed, "mix_rule": rule}
     if method.uses_experts:

@@ -197,3 +197,40 @@ def test_eos_ids_from_config_and_tokenizer(tiny):
         assert eos_token_ids(model, tok) == [tok.eos_token_id, 0]
     finally:
         model.generation_config.eos_token_id = tok.eos_token_id
+
+
+class _Chars:
+    """A tokenizer whose tokens are characters (id = code point), for streaming tests."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids)
+
+
+@pytest.mark.parametrize("stop", [("natural phenomenon",), ("Rain is a natural phenomenon that occurs",),
+                                  ("is a n", "xyz"), ("\x00never",), ()])
+@pytest.mark.parametrize("strip", [False, True])
+def test_text_stream_never_sends_what_a_stop_string_cuts(stop, strip):
+    from personalign.generation import TextStream
+
+    answer = " Rain is a natural phenomenon that occurs when water falls. "
+    stream = TextStream(_Chars(), eos=[0x10FFFF], stop=stop, strip=strip)
+    sent = ""
+    for ch in answer:
+        sent += stream.push(ord(ch))
+        assert stream.text.startswith(sent)  # nothing sent is ever taken back
+        if stream.stopped:
+            break
+    sent += stream.finish()
+    cuts = [answer.find(s) for s in stop if s in answer]
+    whole = answer[: min(cuts)] if cuts else answer
+    assert sent == (whole.strip() if strip else whole) == stream.text
+    assert stream.stopped == bool(cuts)
+
+
+def test_text_stream_holds_back_only_a_possible_start_of_a_stop_string():
+    from personalign.generation import TextStream
+
+    stream = TextStream(_Chars(), eos=[], stop=("natural phenomenon",))
+    sent = "".join(stream.push(ord(ch)) for ch in "Rain is a nat")
+    assert sent == "Rain is a "  # "nat" may begin the stop string
+    assert stream.push(ord("s")) == "nats"  # it no longer can

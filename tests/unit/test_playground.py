@@ -61,7 +61,8 @@ def test_elicitation_calls(served):
         bad = c.post(f"/v1/elicit/{sid}/picks", json={"choice": "left"})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "choice"
         assert c.post("/v1/elicit/nope/picks", json={"choice": "a"}).json()["error"]["code"] == "session_not_found"
-        assert c.post("/v1/elicit", json={"question": "x", "profile": "bob"}).status_code == 404
+        unknown = c.post("/v1/elicit", json={"question": "x", "profile": "bob"})
+        assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "profile"
         assert c.post("/v1/elicit", json={"question": " "}).json()["error"]["param"] == "question"
         prompted = c.post("/v1/elicit", json={"question": "Explain rain.", "method": "prompt", "max_tokens": 4})
         assert prompted.json()["method"] == "prompt"

@@ -73,11 +73,23 @@ log = logging.getLogger("personalign.serve")
 _COMMON = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "n", "stop",
            "stream", "stream_options", "preferences", "method", "merge", "mix", "pcm", "repetition_penalty",
            "ignore_eos", "preferences_text", "prompt_missing", "user", "strength"}
-# OpenAI fields we do not implement. A client may send them with their neutral value; any other value
-# is refused, because ignoring it would silently give the client something it did not ask for.
-_NEUTRAL_ONLY = {"frequency_penalty", "presence_penalty", "logit_bias", "logprobs", "top_logprobs",
-                 "response_format", "tools", "tool_choice", "parallel_tool_calls",
-                 "echo", "suffix", "best_of"}
+# OpenAI fields we do not implement, each with its neutral values (null always is one). A client may send
+# a neutral value; any other value is refused, because ignoring it would silently give the client
+# something it did not ask for.
+_NEUTRAL_ONLY: dict[str, tuple[Any, ...]] = {
+    "frequency_penalty": (0,), "presence_penalty": (0,), "logit_bias": ({},), "logprobs": (False,),
+    "top_logprobs": (0,), "response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none", "auto"),
+    "parallel_tool_calls": (True, False),  # without tools there is nothing to call in parallel
+    "echo": (False,), "suffix": ("",), "best_of": (1,),
+}
+
+
+def _neutral(key: str, value: Any) -> bool:
+    """Whether ``value`` of the unimplemented field ``key`` asks for nothing (types compared too: False is
+    not 0 and "none" is not a number)."""
+    return value is None or any(type(value) is type(n) and value == n for n in _NEUTRAL_ONLY[key]) or (
+        isinstance(value, float) and any(type(n) is int and not isinstance(n, bool) and value == n
+                                         for n in _NEUTRAL_ONLY[key]))
 _ROLES = ("system", "user", "assistant")
 
 
@@ -206,8 +218,10 @@ class _Service:
         """The settings every endpoint shares, as a job without inputs, and the parsed preference."""
         for key, value in body.items():
             if key in _NEUTRAL_ONLY:
-                if value and value not in ({"type": "text"}, "none", "auto"):
-                    raise ApiError(f"{key} is not supported by this server", key)
+                if not _neutral(key, value):
+                    neutral = " or ".join(json.dumps(n) for n in _NEUTRAL_ONLY[key])
+                    raise ApiError(f"{key} is not supported by this server: give null or {neutral}, "
+                                   f"got {_short(value)}", key)
             elif key not in fields:
                 raise ApiError(f"unknown field {key!r}; this endpoint accepts {', '.join(sorted(fields))}", key)
         model = body.get("model")
@@ -288,7 +302,7 @@ class _Service:
         try:  # the entry point's checks: experts present, same base, weights legal, options that apply
             spec = resolve(preference, options, model=self.base_name, space=self.space)
         except PersonalignError as exc:
-            param = "preferences" if preference is None or "weight" in str(exc) else "method"
+            param = exc.field or ("preferences" if isinstance(exc, PreferenceError) else "method")
             raise ApiError(str(exc), param) from None
         ignore_eos = body.get("ignore_eos", False)
         if not isinstance(ignore_eos, bool):
@@ -351,13 +365,14 @@ class _Service:
             self._profiles = Profiles(self.db)
         return self._profiles
 
-    def profile(self, name: str) -> Any:
+    def profile(self, name: str, param: str = "preferences") -> Any:
+        """The saved profile ``name``: a 404 when there is none, a 400 on ``param`` for a malformed name."""
         try:
             return self.profiles.get(check_name(name))
         except PreferenceError as exc:
-            raise ApiError(str(exc), "preferences", status=404, code="profile_not_found") from None
+            raise ApiError(str(exc), param, status=404, code="profile_not_found") from None
         except ConfigError as exc:
-            raise ApiError(str(exc), "preferences") from None
+            raise ApiError(str(exc), param) from None
 
     def save_profile(self, name: str, body: Mapping[str, Any]) -> dict[str, Any]:
         """Create or replace a profile from ``preferences`` and optional ``method``, ``merge``, ``mix``, ``pcm``,
@@ -463,7 +478,7 @@ class _Service:
             raise ApiError("question is required: the question both answers respond to", "question")
         profile = body.get("profile")
         if profile is not None:
-            await asyncio.to_thread(self.profile, profile)  # an unknown profile: 404 before any generation
+            await asyncio.to_thread(self.profile, profile, "profile")  # an unknown profile: 404 before any generation
         try:
             from personalign.judges import offline
 
@@ -843,7 +858,7 @@ def create_app(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", m
             if not isinstance(body, dict):
                 raise ApiError("the request body must be a JSON object")
             job = service.chat_job(body) if chat else service.completion_job(body)
-            label = job.spec.label
+            label = job.spec.family  # the strength is free-form: one series per method and rule
             service.prompt_tokens += job.prompt_tokens
             if body.get("stream"):
                 events = await service.stream(job, bool((body.get("stream_options") or {}).get("include_usage")))
@@ -875,12 +890,20 @@ def create_app(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", m
     async def completions(request: Request) -> Any:
         return await handle(request, chat=False)
 
+    def model_doc() -> dict[str, Any]:
+        return {"id": model_name, "object": "model", "created": int(service.started), "owned_by": "personalign",
+                "methods": [m.value for m in SERVED_METHODS], "preferences": "/v1/preferences"}
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(service.started),
-                                            "owned_by": "personalign",
-                                            "methods": [m.value for m in SERVED_METHODS],
-                                            "preferences": "/v1/preferences"}]}
+        return {"object": "list", "data": [model_doc()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> Any:
+        if model_id != model_name:
+            return error(ApiError(f"model {model_id!r} is not served here; this server serves {model_name!r}",
+                                  "model", status=404, code="model_not_found"))
+        return model_doc()
 
     @app.get("/v1/preferences")
     async def preferences() -> dict[str, Any]:
