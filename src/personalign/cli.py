@@ -175,12 +175,25 @@ def generate(
              "adapter": adapter,
              "pcm": pcm, "model": model, "dimensions": dimensions, "device": device, "dtype": dtype}
     cfg = _load(recipe.GenerateConfig, config, given, set_, files=("output",))
+    before = _lines_done(cfg.output)
     rows = recipe.main(cfg)
     if cfg.output is None:
         for row in rows:
             typer.echo(row["response"])
     else:
-        typer.echo(f"wrote {len(rows)} responses to {cfg.output}", err=True)
+        new = len(rows) - before
+        kept = f" after the {before} already there" if before else ""
+        typer.echo(f"wrote {new} response{'' if new == 1 else 's'} to {cfg.output}{kept}", err=True)
+
+
+def _lines_done(output: str | Path | None) -> int:
+    """How many answers an output file already holds (0 for none, or one a run will refuse anyway)."""
+    from personalign.data import read_completed
+
+    try:
+        return len(read_completed(Path(output))) if output is not None and Path(output).is_file() else 0
+    except Exception:  # noqa: BLE001 - the run itself says what is wrong with the file
+        return 0
 
 
 @app.command()

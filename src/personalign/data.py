@@ -330,11 +330,13 @@ def read_completed(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def resume_rows(path: str | Path, expected: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def resume_rows(path: str | Path, expected: Sequence[dict[str, Any]],
+                recorded: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Rows already written to ``path`` by this same run, checked against the rows it will write.
 
     ``expected[i]`` holds the identifying fields of output line ``i`` (prompt, preference, ...).
-    Lines written by another run are refused, so resuming never mixes two runs in one file.
+    Lines written by another run are refused, so resuming never mixes two runs in one file. The fields
+    named in ``recorded`` are compared only on lines that have them (files written before they were).
     """
     path = Path(path)
     done = read_completed(path)
@@ -342,11 +344,20 @@ def resume_rows(path: str | Path, expected: Sequence[dict[str, Any]]) -> list[di
         raise DataError(f"{path} already has {len(done)} lines, more than this run writes ({len(expected)}); "
                         "use another output or delete the file")
     for i, (row, want) in enumerate(zip(done, expected)):
+        want = {k: v for k, v in want.items() if k not in recorded or k in row}
         if any(row.get(k) != v for k, v in want.items()):
-            fields = ", ".join(k for k, v in want.items() if row.get(k) != v)
+            fields = ", ".join(_differences(k, row.get(k), v) for k, v in want.items() if row.get(k) != v)
             raise DataError(f"{path} line {i + 1} was written by a different run ({fields} differ); "
                             "use another output or delete the file")
     return done
+
+
+def _differences(key: str, had: Any, want: Any) -> str:
+    """``key``, or for settings the ones that differ with both values (``sampling.seed 3 -> 99``)."""
+    if isinstance(had, dict) and isinstance(want, dict):
+        return ", ".join(f"{key}.{k} {had.get(k)!r} -> {want.get(k)!r}" for k in sorted(set(had) | set(want))
+                         if had.get(k) != want.get(k))
+    return key
 
 
 def build_user_message(instruction: str, preference_prompt: str = "") -> str:

@@ -338,11 +338,20 @@ class GenerationSources:
         tmp.replace(self.path)
 
 
-def answer_row(item: Instruction, spec: Personalization, response: str) -> dict[str, Any]:
-    """One line of a generation file."""
+def answer_row(item: Instruction, spec: Personalization, response: str,
+               settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One line of a generation file: ``settings`` (:func:`generation_settings`) make it reproducible."""
     pref = spec.preference
-    return {"id": item.id, "prompt": item.prompt, "prefs": pref.spec() if pref else None, "method": spec.label,
-            "response": response, "model": spec.model_name}
+    row = {"id": item.id, "prompt": item.prompt, "prefs": pref.spec() if pref else None, "method": spec.label,
+           "response": response, "model": spec.model_name}
+    return {**row, "sampling": settings} if settings is not None else row
+
+
+def generation_settings(sampling: SamplingConfig, batch_size: int) -> dict[str, Any]:
+    """What decides a file's text besides the method and preference: the sampling settings, the seed and the
+    batch size (each batch is seeded by its position)."""
+    return {"max_new_tokens": sampling.max_new_tokens, "temperature": sampling.temperature, "top_p": sampling.top_p,
+            "repetition_penalty": sampling.repetition_penalty, "seed": sampling.seed, "batch_size": batch_size}
 
 
 def write_answers(spec: Personalization, build: Callable[[], PersonalizedModel], items: list[Instruction],
@@ -352,9 +361,12 @@ def write_answers(spec: Personalization, build: Callable[[], PersonalizedModel],
     durably as it comes, and a rerun checks that the lines already there belong to this run and continues
     after them. ``build`` makes the personalized model, only when something is left to generate."""
     done: list[dict[str, Any]] = []
-    if output is not None:
+    settings = generation_settings(sampling, batch_size)
+    if output is not None:  # a rerun continues only the same run: same text asked for, same settings
         prefs = spec.preference.spec() if spec.preference else None
-        done = resume_rows(output, [{"prompt": it.prompt, "prefs": prefs, "method": spec.label} for it in items])
+        done = resume_rows(output, [{"prompt": it.prompt, "prefs": prefs, "method": spec.label,
+                                     "model": spec.model_name, "sampling": settings} for it in items],
+                           recorded=("model", "sampling"))
     todo = items[len(done):]
     if not todo:
         return done
@@ -367,7 +379,7 @@ def write_answers(spec: Personalization, build: Callable[[], PersonalizedModel],
         bar.update(len(done))
 
     def on_batch(start: int, responses: list[str]) -> None:
-        batch = [answer_row(items[start + j], spec, r) for j, r in enumerate(responses)]
+        batch = [answer_row(items[start + j], spec, r, settings) for j, r in enumerate(responses)]
         rows.extend(batch)
         if writer is not None:
             writer.write_many(batch)

@@ -124,8 +124,11 @@ def test_generate_file_and_resume(tmp_path, tiny_model_dir):
     assert part.read_text() == full.read_text()
 
     # Running again when complete changes nothing.
-    run("generate", *common, "--output", str(part))
+    res = run("generate", *common, "--output", str(part))
     assert part.read_text() == full.read_text()
+    assert "wrote 0 responses" in res.stderr and "after the 5 already there" in res.stderr
+    assert rows[0]["sampling"] == {"max_new_tokens": 4, "temperature": 1.0, "top_p": 0.9, "repetition_penalty": 1.1,
+                                   "seed": 0, "batch_size": 2}
 
 
 def test_resume_refuses_output_of_another_run(tmp_path, tiny_model_dir):
@@ -139,6 +142,20 @@ def test_resume_refuses_output_of_another_run(tmp_path, tiny_model_dir):
     line = _error_line(run("generate", "--prefs", "1B", *base))
     assert "written by a different run" in line
     assert out.read_text() == before.splitlines(keepends=True)[0]
+    # Same preference, other sampling settings, seed or batch size: refused too, naming what changed.
+    for changed, named in ((["--seed", "9"], "sampling.seed 0 -> 9"), (["--temperature", "0"], "sampling.temperature"),
+                           (["--max-new-tokens", "3"], "sampling.max_new_tokens 2 -> 3"),
+                           (["--batch-size", "1"], "sampling.batch_size 8 -> 1")):
+        line = _error_line(run("generate", "--prefs", "1A", *base, *changed))
+        assert "written by a different run" in line and named in line, line
+    assert out.read_text() == before.splitlines(keepends=True)[0]
+    # A line written before the settings were recorded is continued, as it was
+    old = json.loads(before.splitlines()[0])
+    del old["sampling"]
+    out.write_text(json.dumps(old) + "\n")
+    assert run("generate", "--prefs", "1A", *base).exit_code == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows) == 2 and rows[0] == old and rows[1]["sampling"]["seed"] == 0
 
 
 def test_vanilla_needs_no_prefs(tiny_model_dir):
