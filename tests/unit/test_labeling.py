@@ -168,6 +168,9 @@ def test_rollout_plan_and_resume(tmp_path, tiny_model_dir):
     (tmp_path / "r.jsonl").write_text("".join(full.splitlines(keepends=True)[:3]))
     rollout.main(cfg)
     assert (tmp_path / "r.jsonl").read_text() == full
+    (tmp_path / "r.jsonl").write_text("".join(full.splitlines(keepends=True)[:3]))
+    with pytest.raises(DataError, match=r"different run \(sampling.seed 0 -> 5 differ\)"):  # never mixed
+        rollout.main(replace(cfg, sampling=replace(cfg.sampling, seed=5)))
     with pytest.raises(ConfigError, match="listed twice"):
         rollout.plan(replace(cfg, sides=("P1A", "1A")))
 

@@ -39,7 +39,7 @@ def _fake_rollouts(cfg):
     rows = []
     for i, r in enumerate(rollout.plan(roll)):
         text = (SHORT if r["sample"] == 0 else LONG)[i % 4]
-        rows.append({**r, "response": text, "model": "tiny"})
+        rows.append({**r, "response": text, "model": roll.model})  # the model that rollout.main would record
     out = roll.output
     from pathlib import Path
 

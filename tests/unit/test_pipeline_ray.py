@@ -72,7 +72,7 @@ def _cfg(root: Path, model: Path, executor: dict | None = None, **extra):
 def _fake_rollouts(cfg) -> None:
     """A complete rollouts file (what stage 1 writes), so no test time goes to sampling it."""
     roll, _, _ = pipeline.build_stage_configs(cfg)
-    rows = [{**r, "response": (SHORT if r["sample"] == 0 else LONG)[i % 4], "model": "tiny"}
+    rows = [{**r, "response": (SHORT if r["sample"] == 0 else LONG)[i % 4], "model": roll.model}
             for i, r in enumerate(rollout.plan(roll))]
     Path(roll.output).parent.mkdir(parents=True, exist_ok=True)
     Path(roll.output).write_text("".join(json.dumps(r) + "\n" for r in rows))

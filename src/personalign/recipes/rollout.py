@@ -24,6 +24,7 @@ from typing import Any
 from personalign.data import JsonlWriter, build_user_message, format_chat, load_prompts, resume_rows
 from personalign.errors import ConfigError
 from personalign.generation import SamplingConfig
+from personalign.generations import generation_settings
 from personalign.personalize import MethodOptions, personalize, resolve
 from personalign.preferences import PSOUPS_SIDES, load_space
 
@@ -105,15 +106,19 @@ def plan(cfg: RolloutConfig) -> list[dict[str, Any]]:
 def main(cfg: RolloutConfig) -> Path:
     todo_rows = plan(cfg)
     output = Path(cfg.output)
-    done = resume_rows(output, [{k: r[k] for k in ("prompt", "side", "sample")} for r in todo_rows])
+    from personalign.models import canonical_name
+
+    model_name, settings = canonical_name(cfg.model), generation_settings(cfg.sampling, cfg.batch_size)
+    # a rerun continues only the same run (rows written before settings were recorded are continued as they are)
+    done = resume_rows(output, [{**{k: r[k] for k in ("prompt", "side", "sample")}, "model": model_name,
+                                 "sampling": settings} for r in todo_rows], recorded=("model", "sampling"))
     todo = todo_rows[len(done):]
     if not todo:
         return output
 
-    from personalign.models import canonical_name, load_model
+    from personalign.models import load_model
 
     model, tok = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
-    model_name = canonical_name(cfg.model)
     # Each row carries its own side's prompt, so the base model answers texts formatted here.
     policy = personalize(model, tok, resolve(None, MethodOptions(method="vanilla"), model=cfg.model), inplace=True)
     texts = [format_chat(tok, build_user_message(r["prompt"], r["policy_prompt"])) for r in todo]
@@ -127,7 +132,8 @@ def main(cfg: RolloutConfig) -> Path:
     with JsonlWriter(output) as writer:
 
         def on_batch(start: int, responses: list[str]) -> None:
-            batch = [{**todo_rows[start + j], "response": r, "model": model_name} for j, r in enumerate(responses)]
+            batch = [{**todo_rows[start + j], "response": r, "model": model_name, "sampling": settings}
+                     for j, r in enumerate(responses)]
             writer.write_many(batch)
             if bar is not None:
                 bar.update(len(batch))
