@@ -395,6 +395,9 @@ def resolve(prefs: str | Preference | Mapping[str, float] | None, options: Metho
         if method is Method.EXPERT and len(weights) != 1:
             raise PreferenceError(f"method expert uses one side's expert, but {pref.spec()!r} names "
                                   f"{len(weights)}; use method soup or mope to combine experts")
+        if method is Method.EXPERT and any(w < 0 for w in weights.values()):
+            raise PreferenceError(f"method expert applies one side's expert as trained, and {pref.spec()!r} asks to "
+                                  "move away from it; use method soup for negative weights")
         if method is Method.MOPE and any(w < 0 for w in weights.values()):
             raise PreferenceError(f"token-level mixing needs non-negative weights, got {pref.spec()!r}; "
                                   "use method soup for negative weights")

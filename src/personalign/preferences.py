@@ -284,16 +284,23 @@ class PreferenceSpace:
             return spec
         if isinstance(spec, Mapping):
             return self._build({self.resolve(k): _check_weight(k, v, self) for k, v in spec.items()}, hard=False)
-        if not isinstance(spec, str) or not spec.strip():
+        if not isinstance(spec, str):
+            raise PreferenceError(f"a preference is a string such as '1A,2A,3A' or a mapping of side -> weight, "
+                                  f"not {type(spec).__name__}")
+        if not spec.strip():
             raise PreferenceError(f"empty preference; write sides like 1A,2A,3A. Valid sides: {self.valid_sides_text()}")
-        tokens = [t for t in re.split(r"[,+\s]+", spec.strip()) if t]
+        tokens = _tokens(spec)
         weighted = any("=" in t for t in tokens)
         weights: dict[str, float] = {}
         for tok in tokens:
             if "=" in tok:
                 name, _, value = tok.partition("=")
+                if not name:
+                    raise PreferenceError(f"malformed weight {tok!r}: a side goes before '=', as in concise=0.7")
                 side = self.resolve(name)
                 try:
+                    if "_" in value:  # float() reads 1_0 as 10
+                        raise ValueError(value)
                     w = float(value)
                 except ValueError:
                     raise PreferenceError(
@@ -326,6 +333,24 @@ class PreferenceSpace:
         ordered = tuple(sorted(weights.items(), key=lambda kv: order[kv[0]]))
         _check_total(weights, ",".join(f"{s}={_fmt(w)}" for s, w in ordered))
         return Preference(ordered, hard, self)
+
+
+def _tokens(spec: str) -> list[str]:
+    """The sides of a preference string, each with its weight if given: separated by commas, spaces or ``+``,
+    where a ``+`` that signs a weight (``concise=+1``, ``concise=1e+3``) stays with it, and spaces around ``=``
+    are dropped (``concise = 0.7``)."""
+    tokens = []
+    for piece in re.split(r"[,\s]+", re.sub(r"\s*=\s*", "=", spec.strip())):
+        parts = piece.split("+")
+        token = parts[0]
+        for part in parts[1:]:
+            if re.search(r"=$|=[+-]?[\d.]*\d[eE]$", token):  # the + is part of the weight
+                token += "+" + part
+            else:
+                tokens.append(token)
+                token = part
+        tokens.append(token)
+    return [t for t in tokens if t]
 
 
 def _check_weight(token: str, w: object, space: PreferenceSpace) -> float:

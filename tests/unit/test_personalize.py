@@ -51,6 +51,7 @@ def _weights(model):
     ("1A,2A", {"method": "soup", "merge": "ties", "merge_density": 1.5}, ConfigError, "must be in (0, 1]"),
     ("1A,2A", {"method": "soup", "merge": "psoups", "merge_rank": 4}, ConfigError, "rank does not apply to psoups"),
     ("1A,2A", {"method": "expert"}, PreferenceError, "names 2"),
+    ("concise=-1", {"method": "expert"}, PreferenceError, "asks to move away from it; use method soup"),
     ("P1A=1,P2A=-0.5", {"method": "mope"}, PreferenceError, "non-negative"),
     ("1A,2A,3B", {"method": "soup"}, PreferenceError, "no expert for side(s) P3B"),
     ("1A", {"method": "mope", "mix": "fast"}, ConfigError, "unknown mixing rule 'fast'"),

@@ -71,6 +71,15 @@ def test_weighted_negative_and_default_weight():
     assert set(p.criteria()) == {"P1B"}
 
 
+@pytest.mark.parametrize(("spec", "weights"), [
+    ("concise=+1", {"P2A": 1.0}), ("concise=1e+2", {"P2A": 100.0}), ("concise=2E-1", {"P2A": 0.2}),
+    ("concise = 0.7, friendly= 1", {"P2A": 0.7, "P3A": 1.0}), ("concise=-1+friendly", {"P2A": -1.0, "P3A": 1.0}),
+    ("P1A=1+P2A=2", {"P1A": 1.0, "P2A": 2.0}),
+])
+def test_signed_and_spaced_weights(spec, weights):
+    assert parse_preference(spec).weight_dict() == weights
+
+
 def test_mapping_input():
     p = parse_preference({"concise": 0.5, "P3A": 2})
     assert p.weight_dict() == {"P2A": 0.5, "P3A": 2.0}
@@ -89,6 +98,10 @@ def test_mapping_input():
         ("", "empty preference"),
         ("   ", "empty preference"),
         ("1A,elementary", "appears twice"),
+        ("concise=1_0", "malformed weight 'concise=1_0'"),
+        ("=1", "malformed weight '=1': a side goes before '='"),
+        (["1A", "2A"], "a preference is a string such as '1A,2A,3A' or a mapping of side -> weight, not list"),
+        (5, "not int"),
     ],
 )
 def test_errors_name_the_problem(spec, fragment):
