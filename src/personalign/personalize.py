@@ -340,6 +340,9 @@ def resolve(prefs: str | Preference | Mapping[str, float] | None, options: Metho
             store = profiles if profiles is not None else Profiles()
             prefs = store.get(check_name(prefs.strip()[len("profile:"):])).weights
         pref = prefs if isinstance(prefs, Preference) else space.parse(prefs)
+        if method is Method.VANILLA:  # a preference it would not follow is refused, not ignored
+            raise PreferenceError(f"method vanilla answers with no preference, and {pref.spec()!r} was given; drop "
+                                  "it, or use method prompt to ask for it", field="preferences")
         if method in (Method.PROMPT, Method.ADAPTER) and not pref.prompt_sides():
             raise PreferenceError(f"preference {pref.spec()!r} has no side with a positive weight, and method "
                                   f"{method.value} can only prompt for a side, not away from one; give a "

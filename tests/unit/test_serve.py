@@ -74,7 +74,7 @@ def spy_messages(monkeypatch, tok) -> list:
     [
         ("1A,2A,3A", "prompt", parse_preference("1A,2A,3A").prompt()),
         ("concise=0.7,informative=0.3", "prompt", parse_preference("P2A").prompt()),  # dominant side
-        ("1A,2A,3A", "vanilla", ""),
+        (None, "vanilla", ""),
         (None, "prompt", ""),
     ],
 )
@@ -145,7 +145,7 @@ def test_stop_strings_cut_the_text(client):
 def test_completions_endpoint(client, tiny):
     _, tok = tiny
     r = client.post("/v1/completions", json={"model": "tiny", "prompt": ["Hello", "The heart"], "n": 2,
-                                             "max_tokens": 4, "seed": 0, "preferences": "2A", "method": "vanilla"})
+                                             "max_tokens": 4, "seed": 0, "method": "vanilla"})
     out = r.json()
     assert r.status_code == 200 and out["object"] == "text_completion"
     assert [c["index"] for c in out["choices"]] == [0, 1, 2, 3]
@@ -173,6 +173,7 @@ BAD = [
     ({"preferences": "concise=lots"}, "preferences", "malformed weight"),
     ({"preferences": 5}, "preferences", "preferences must be a string"),
     ({"method": "adapter"}, "method", "unknown method 'adapter'; choose one of vanilla, prompt, expert, soup, mope"),
+    ({"method": "vanilla", "preferences": "1A"}, "preferences", "method vanilla answers with no preference"),
     ({"method": "soup"}, "preferences", "a preference is required with method soup"),
     ({"method": "soup", "preferences": "1A", "mix": "logit"}, "mix", "mix='logit' applies only to method mope"),
     ({"method": "soup", "preferences": "1A", "merge": "avg"}, "merge", "unknown merge 'avg'"),
@@ -598,7 +599,7 @@ def test_openai_client_every_method_with_a_key(tiny, tiny_model_dir, tmp_path):
         for extra in ({"method": "vanilla"}, {"method": "prompt"}, {"method": "expert", "preferences": "P2B"},
                       {"method": "soup", "merge": "exact"}, {"method": "soup", "merge": "ties"},
                       {"method": "mope", "mix": "logit"}, {"method": "mope", "mix": "uniform"}):
-            body = {"preferences": "P1A=0.5,P2A=0.3,P3A=0.2", **extra}
+            body = {**({} if extra["method"] == "vanilla" else {"preferences": "P1A=0.5,P2A=0.3,P3A=0.2"}), **extra}
             r = client.chat.completions.create(model="tiny", messages=USER, max_tokens=6, temperature=0,
                                                extra_body=body)
             streamed = client.chat.completions.create(model="tiny", messages=USER, max_tokens=6, temperature=0,
