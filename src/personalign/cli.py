@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -55,8 +56,28 @@ def _friendly_errors(fn: F) -> F:
         except KeyboardInterrupt:
             typer.echo("interrupted; run the same command again to continue where it stopped", err=True)
             raise typer.Exit(130) from None
+        except OSError as exc:  # a folder that is a file, a disk that is full, a file that cannot be written
+            if _STATE["debug"]:
+                raise
+            typer.echo(f"error: {_os_error(exc)}", err=True)
+            raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _os_error(exc: OSError) -> str:
+    """One line for a file-system error, naming the path, and the setting that moves it when it is the cache."""
+    from personalign.models import cache_root
+
+    what = exc.strerror or str(exc) or type(exc).__name__
+    if exc.filename is None:
+        return what
+    path = Path(str(exc.filename))
+    line = f"{what}: {path}"
+    root = cache_root()
+    if path == root or root in path.parents:
+        line += f" (inside the cache folder {root}: set PERSONALIGN_CACHE to a folder this user can write)"
+    return line
 
 
 # Deprecation notices that libraries raise about each other, once per adapter load; nothing a user of
@@ -667,7 +688,11 @@ def env() -> None:
     except ImportError:  # pragma: no cover
         typer.echo("device       torch not installed")
     root = cache_root()
-    typer.echo(f"cache        {root}  (set PERSONALIGN_CACHE to move it)")
+    problem = next((f"  NOT USABLE: {p} is not a folder" for p in (root, *root.parents) if p.exists() and not p.is_dir()),
+                   "")
+    if not problem and root.is_dir() and not os.access(root, os.W_OK | os.X_OK):
+        problem = "  NOT USABLE: not writable by this user"
+    typer.echo(f"cache        {root}{problem}  (set PERSONALIGN_CACHE to move it)")
     for name in EMBEDDED_MODELS:
         try:
             src = str(embedded_gguf_path(name))

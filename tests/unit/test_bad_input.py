@@ -325,3 +325,13 @@ def test_serve_refuses_a_profile_store_that_is_not_a_database(tmp_path, tiny_mod
 def test_a_profile_store_that_is_a_directory_is_named_so(tmp_path, no_model):
     line = _one_line(run("generate", "--prefs", "profile:ana", "--db", str(tmp_path), "Hi"))
     assert f"profile store {tmp_path} is a directory" in line
+
+
+def test_a_cache_folder_that_is_a_file_is_one_line(tmp_path, monkeypatch):
+    """The cache folder cannot be created (a file is in the way): one line naming it and the setting."""
+    blocker = tmp_path / "cache-is-a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("PERSONALIGN_CACHE", str(blocker))
+    line = _one_line(run("generate", "--method", "vanilla", "--max-new-tokens", "2", "Hi"))
+    assert str(blocker) in line and "set PERSONALIGN_CACHE" in line
+    assert "NOT USABLE" in run("env").stdout
