@@ -230,6 +230,8 @@ def _load_hf(name: str) -> list[Instruction]:
     except ImportError:  # pragma: no cover - datasets is a core dependency
         raise DataError("loading hf: sources needs the 'datasets' package: pip install datasets") from None
     repo, _, split = name.partition(":")
+    if not repo.strip():
+        raise DataError("hf: needs a dataset name, as in hf:NAME or hf:NAME:SPLIT")
     try:
         ds = datasets.load_dataset(repo, split=split or "train")
     except Exception as exc:  # noqa: BLE001 - network, missing dataset, bad split: one clear line

@@ -195,7 +195,17 @@ def resolve_source(name_or_path: str | None) -> str:
     name = canonical_name(name_or_path)
     if name in EMBEDDED_MODELS:
         return str(ensure_embedded_cache(name))
-    return name_or_path  # type: ignore[return-value]
+    assert name_or_path is not None
+    path = Path(name_or_path).expanduser()
+    if name_or_path.startswith((".", "/", "~")) or path.exists():  # a folder, not a Hugging Face id
+        if not path.is_dir():
+            raise ModelError(f"model folder {name_or_path!r} {'is not a folder' if path.exists() else 'does not exist'}"
+                             f" (give a model folder, a Hugging Face id, or {EMBEDDED_DEFAULT!r})")
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{name_or_path!r} holds no model: a model folder has config.json, the weights and "
+                             "the tokenizer files (as save_pretrained writes them)")
+        return str(path)
+    return name_or_path
 
 
 def resolve_device(device: str | None = "auto") -> "torch.device":

@@ -142,3 +142,9 @@ def test_batched():
     assert list(batched([1, 2, 3], 2)) == [(0, [1, 2]), (2, [3])]
     with pytest.raises(DataError):
         list(batched([1], 0))
+
+
+@pytest.mark.parametrize("source", ["hf:", "hf::test", "hf: "])
+def test_hf_source_without_a_name(source):
+    with pytest.raises(DataError, match="hf: needs a dataset name, as in hf:NAME or hf:NAME:SPLIT"):
+        load_prompts(source)

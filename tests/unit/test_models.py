@@ -109,8 +109,15 @@ def test_load_model_from_folder(tiny_model_dir):
 
 
 def test_load_model_errors(tmp_path):
+    with pytest.raises(ModelError, match="holds no model: a model folder has config.json"):
+        models.load_model(str(tmp_path), device="cpu")
+    (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ModelError, match="could not load model from folder"):
         models.load_model(str(tmp_path), device="cpu")
+    with pytest.raises(ModelError, match="model folder './no-such-folder' does not exist"):
+        models.load_model("./no-such-folder", device="cpu")
+    with pytest.raises(ModelError, match="is not a folder"):
+        models.load_model(str(tmp_path / "config.json"), device="cpu")
     with pytest.raises(ModelError, match="could not load model 'no-such-org/no-such-model'"):
         models.load_model("no-such-org/no-such-model", device="cpu")
 
