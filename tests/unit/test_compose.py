@@ -211,3 +211,14 @@ def test_demo_composes_experts_next_to_prompting(tiny_model_dir, experts_dir):
     assert [r["method"] for r in rows] == ["prompt", "soup-exact", "mope-prob"]
     only = demo.main(demo.DemoConfig(**{**cfg.__dict__, "compose": ()}), show=False)
     assert [r["method"] for r in only] == ["prompt"]
+
+
+def test_generate_reports_the_error_of_a_compressed_soup(tiny_model_dir, experts_dir):
+    args = ["generate", "--method", "soup", "--merge", "exact", "--prefs", "1A,2A,3A", "--model", str(tiny_model_dir),
+            "--experts", str(experts_dir), "--max-new-tokens", "2", "Hello"]
+    res = runner.invoke(app, [*args, "--merge-rank", "1"])
+    assert res.exit_code == 0, res.output
+    line = next(ln for ln in res.stderr.splitlines() if ln.startswith("soup compressed to rank 1"))
+    error = float(line.split(" max ")[1].split(",")[0])
+    assert 0 < error < 1  # three experts' deltas do not fit in rank 1
+    assert "compressed" not in runner.invoke(app, args).stderr  # an exact soup is not compressed

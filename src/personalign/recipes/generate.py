@@ -125,7 +125,14 @@ def main(cfg: GenerateConfig) -> list[dict[str, Any]]:
         from personalign.models import load_model
 
         base, tok = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
-        return personalize(base, tok, spec, inplace=True)
+        model = personalize(base, tok, spec, inplace=True)
+        report = model.merge_report or {}
+        if "merge/svd_error_max" in report:  # a compressed soup: how much the truncation lost
+            print(f"soup compressed to rank {report['merge/rank']:g}: truncation error (relative Frobenius, per "
+                  f"module) max {report['merge/svd_error_max']:.3g}, mean {report['merge/svd_error_mean']:.3g}; "
+                  f"distance from the exact weighted sum max {report.get('merge/deviation_max', float('nan')):.3g}",
+                  file=sys.stderr)
+        return model
 
     return write_answers(spec, build, items, Path(cfg.output) if cfg.output else None, cfg.sampling,
                          batch_size=cfg.batch_size, progress=cfg.progress)
