@@ -275,12 +275,15 @@ def _check_weights(weights: Sequence[float] | None, n: int) -> tuple[float, ...]
 def _check_adapters(adapters: list[LoraAdapter], method: str) -> None:
     """Refuse adapters that cannot be combined, naming the first offending adapter by position."""
     first = adapters[0]
-    for i, a in enumerate(adapters[1:], start=1):
-        if base_id(a.base_model) != base_id(first.base_model):
+    # an adapter that records no base model is not refused (as loading one on a model does not refuse it)
+    known = [(i, a) for i, a in enumerate(adapters) if a.base_model]
+    for i, a in known[1:]:
+        if base_id(a.base_model) != base_id(known[0][1].base_model):
             raise ModelError(
-                f"adapter {i} was trained on base model {a.base_model!r} but adapter 0 on "
-                f"{first.base_model!r}: merge only experts of one base model"
+                f"adapter {i} was trained on base model {a.base_model!r} but adapter {known[0][0]} on "
+                f"{known[0][1].base_model!r}: merge only experts of one base model"
             )
+    for i, a in enumerate(adapters[1:], start=1):
         if a.target_modules != first.target_modules:
             raise ModelError(
                 f"adapter {i} targets {a.target_modules!r} but adapter 0 targets {first.target_modules!r}: "

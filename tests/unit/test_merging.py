@@ -308,6 +308,15 @@ def _reshape_module(adapter: LoraAdapter) -> LoraAdapter:
     return dataclasses.replace(adapter, tensors={**adapter.tensors, key: torch.zeros(adapter.r, 48)})
 
 
+def test_an_adapter_with_no_recorded_base_merges_with_any(experts):
+    """Loading an adapter that records no base model is not refused; merging it is not either."""
+    unknown = dataclasses.replace(experts["a"], base_model=None)
+    merged, _ = merge_adapters([unknown, dataclasses.replace(experts["b"], base_model="tiny/model")], None,
+                               method="exact")
+    reference, _ = merge_adapters([experts["a"], experts["b"]], None, method="exact")
+    assert all(torch.equal(x, y) for x, y in zip(merged.tensors.values(), reference.tensors.values()))
+
+
 @pytest.mark.parametrize(
     "case,args,kwargs,error,words",
     [
@@ -319,8 +328,12 @@ def _reshape_module(adapter: LoraAdapter) -> LoraAdapter:
         ("text", lambda e: ([e["a"]], ["much"]), {}, ConfigError, "real numbers"),
         ("method", lambda e: ([e["a"]], None), {"method": "soup"}, ConfigError,
          "unknown merge method 'soup'"),
-        ("base", lambda e: ([e["a"], dataclasses.replace(e["b"], base_model="other/model")], None), {},
-         ModelError, "base model 'other/model'"),
+        ("base", lambda e: ([dataclasses.replace(e["a"], base_model="tiny/model"),
+                             dataclasses.replace(e["b"], base_model="other/model")], None), {},
+         ModelError, "base model 'other/model' but adapter 0 on 'tiny/model'"),
+        ("base_after_unknown", lambda e: ([e["c"], dataclasses.replace(e["a"], base_model="tiny/model"),
+                                           dataclasses.replace(e["b"], base_model="other/model")], None), {},
+         ModelError, "adapter 2 was trained on base model 'other/model' but adapter 1 on 'tiny/model'"),
         ("targets", lambda e: ([e["a"], dataclasses.replace(e["b"], target_modules=("q_proj",))], None), {},
          ModelError, "targets ('q_proj',)"),
         ("modules", lambda e: ([e["a"], _drop_module(e["b"])], None), {}, ModelError,
