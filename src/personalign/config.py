@@ -128,6 +128,25 @@ def from_dict(cls: type[T], data: Any, where: str = "config") -> T:
         raise ConfigError(f"{where}: {exc}") from None
 
 
+def check_fields(cls: type, data: Any, where: str = "config") -> None:
+    """Check the fields ``data`` gives for ``cls`` (known, well-typed, nested ones too) without asking for the
+    ones it leaves out: one layer of a config, before the others are merged onto it."""
+    if data is None:
+        return
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of fields, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}; valid fields: {', '.join(fields)}")
+    for name, value in data.items():
+        if dataclasses.is_dataclass(hints[name]) and isinstance(value, dict):
+            check_fields(hints[name], value, f"{where}.{name}")
+        else:
+            _coerce(value, hints[name], f"{where}.{name}")
+
+
 def _onto_default(f: dataclasses.Field, tp: Any, value: Any) -> Any:
     """A partial mapping for a nested dataclass field completes the field's own default, not the nested
     class's: ``sampling.max_new_tokens=32`` keeps a recipe's sampling temperature."""
@@ -218,6 +237,8 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
     """Load ``cls``: its defaults, then a YAML file (optional), then ``given`` (typed values by dotted
     name, e.g. a command's flags), then dotted ``field=value`` overrides (``--set``, parsed as YAML)."""
     data = read_yaml(path) if path else {}
+    if path:  # the file is checked on its own: a flag that replaces one of its values does not hide an error
+        check_fields(cls, data, where=str(path))
     data = _merge(data, nest(dict(given or {})))
     data = _merge(data, parse_overrides(overrides))
     return from_dict(cls, data, where=str(path) if path else "config")

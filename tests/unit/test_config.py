@@ -67,3 +67,22 @@ def test_override_syntax_and_files(tmp_path):
     lst.write_text("- 1\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
         load_config(Outer, lst)
+
+
+@pytest.mark.parametrize(("text", "fragment"), [
+    ("name: x\nsampling: 5\n", "sampling: expected a mapping of fields, got int"),
+    ("sampling: {max_new_tokens: 4.5}\n", "sampling.max_new_tokens: expected an integer, got 4.5"),
+    ("name: [x]\n", "name: expected a string"),
+    ("lora: {rank: 2}\n", "lora: unknown field(s) rank"),
+])
+def test_a_file_value_replaced_by_a_flag_is_still_checked(tmp_path, text, fragment):
+    """The file is one layer, checked on its own: a flag that replaces a bad value does not hide it."""
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    given = {"name": "y", "sampling.max_new_tokens": 3, "lora.r": 2}
+    with pytest.raises(ConfigError) as err:
+        load_config(Outer, f, given=given)
+    assert fragment in str(err.value) and str(f) in str(err.value)
+    f.write_text("lora: {alpha: 8}\n")  # a file without the required name: the flag gives it
+    assert load_config(Outer, f, given=given) == Outer("y", lora=Inner(2, 8.0),
+                                                       sampling=SamplingConfig(max_new_tokens=3))
