@@ -95,7 +95,9 @@ class Profiles:
         except sqlite3.DatabaseError as exc:
             raise ConfigError(f"{self.path} is not a usable profile database: {exc}") from None
         except OSError as exc:
-            raise ConfigError(f"profile store {self.path} cannot be created: {exc.strerror or exc}") from None
+            blocker = next((p for p in self.path.parents if p.exists() and not p.is_dir()), None)
+            why = f"{blocker} is a file, not a folder" if blocker is not None else exc.strerror or exc
+            raise ConfigError(f"profile store {self.path} cannot be created: {why}") from None
 
     @contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:

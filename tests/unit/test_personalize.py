@@ -227,13 +227,19 @@ def test_generate_answers_under_a_saved_profile(tiny_model_dir, tmp_path):
     from personalign.profiles import Profiles
     from personalign.recipes import generate
 
+    from personalign.profiles import default_db
+
     s = SamplingConfig(max_new_tokens=4, temperature=0)
-    Profiles(tmp_path / "p.sqlite").save("ana", {"P2A": 1.0, "P3A": 1.0})
-    Profiles().save("ben", {"P2A": 1.0, "P3A": 1.0})  # the default store, in the (test's own) cache folder
 
     def run(**kw):
         return generate.main(generate.GenerateConfig(model=str(tiny_model_dir), instructions=("Explain rain.",),
                                                      progress=False, sampling=s, **kw))[0]["response"]
+
+    with pytest.raises(PreferenceError, match="unknown profile 'ben'; no profile is saved yet"):
+        run(prefs="profile:ben")
+    assert not default_db().exists()  # looking a profile up does not create the store
+    Profiles(tmp_path / "p.sqlite").save("ana", {"P2A": 1.0, "P3A": 1.0})
+    Profiles().save("ben", {"P2A": 1.0, "P3A": 1.0})  # the default store, in the (test's own) cache folder
 
     spelled = run(prefs="P2A=1,P3A=1")
     assert run(prefs="profile:ana", db=str(tmp_path / "p.sqlite")) == spelled == run(prefs="profile:ben")

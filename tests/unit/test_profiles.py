@@ -47,6 +47,9 @@ def test_concurrent_picks_are_all_kept_and_export_as_human_pairs(tmp_path):
 
 
 def test_bad_input_is_refused_with_one_line(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ConfigError, match=r"cannot be created: .*a-file is a file, not a folder"):
+        Profiles(tmp_path / "a-file" / "p.sqlite")
     store = Profiles(tmp_path / "p.sqlite")
     with pytest.raises(PreferenceError, match="unknown profile 'nobody'; known profiles: none"):
         store.get("nobody")
