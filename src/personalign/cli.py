@@ -128,8 +128,17 @@ def _load(cls: type, config: Path | None, given: dict[str, Any], sets: list[str]
     before the command loads any model (a path that cannot be written would otherwise fail at the end)."""
     from personalign.config import load_config
 
+    from personalign.errors import ConfigError
+
     flags = {k: (str(v) if isinstance(v, Path) else v) for k, v in given.items() if v is not None}
-    cfg = load_config(cls, _resolve_config_path(config), list(sets or []), given=flags)
+    try:
+        cfg = load_config(cls, _resolve_config_path(config), list(sets or []), given=flags)
+    except ConfigError as exc:  # a required field is a required option here: name the option
+        head, sep, names = str(exc).partition("required field(s) missing: ")
+        if not sep or not head.startswith("config:"):
+            raise
+        options = ", ".join(f"--{n.replace('_', '-')}" for n in names.split(", "))
+        raise ConfigError(f"missing {options} (or give it in --config FILE, or --set field=value)") from None
     _check_outputs(cfg, files, folders)
     return cfg
 
@@ -641,8 +650,16 @@ def prefs(
     """List the preference sides (with prompts and judge criteria), or resolve a preference."""
     from personalign.preferences import load_space
 
+    if parse is not None and combinations:
+        from personalign.errors import ConfigError
+
+        raise ConfigError("give --parse or --combinations, not both")
     space = load_space(dimensions)
     if parse is not None:
+        if parse.strip().startswith("profile:"):  # a saved profile resolves as --prefs profile:NAME does
+            from personalign.profiles import find_profile
+
+            parse = find_profile(parse.strip()[len("profile:"):]).spec()
         p = space.parse(parse)
         typer.echo(json.dumps({"spec": p.spec(), "describe": p.describe(), "hard": p.hard,
                                "weights": p.weight_dict(), "prompt": p.prompt(), "criteria": p.criteria()}, indent=2))

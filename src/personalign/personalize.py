@@ -335,13 +335,9 @@ def resolve(prefs: str | Preference | Mapping[str, float] | None, options: Metho
         pref = None
     else:
         if isinstance(prefs, str) and prefs.strip().startswith("profile:"):
-            from personalign.profiles import Profiles, check_name, default_db
+            from personalign.profiles import find_profile
 
-            name = check_name(prefs.strip()[len("profile:"):])
-            if profiles is None and not default_db().is_file():  # a lookup never creates the store
-                raise PreferenceError(f"unknown profile {name!r}; no profile is saved yet ({default_db()})")
-            store = profiles if profiles is not None else Profiles()
-            prefs = store.get(name).weights
+            prefs = find_profile(prefs.strip()[len("profile:"):], profiles).weights
         pref = prefs if isinstance(prefs, Preference) else space.parse(prefs)
         if method is Method.VANILLA:  # a preference it would not follow is refused, not ignored
             raise PreferenceError(f"method vanilla answers with no preference, and {pref.spec()!r} was given; drop "

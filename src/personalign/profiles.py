@@ -48,6 +48,16 @@ def default_db() -> Path:
     return cache_root() / "profiles.sqlite"
 
 
+def find_profile(name: str, store: Profiles | None = None) -> Profile:
+    """The saved profile ``name`` from ``store`` (default: the cache folder's, which a lookup never creates)."""
+    name = check_name(name)
+    if store is None:
+        if not default_db().is_file():
+            raise PreferenceError(f"unknown profile {name!r}; no profile is saved yet ({default_db()})")
+        store = Profiles()
+    return store.get(name)
+
+
 def check_name(name: object) -> str:
     if not isinstance(name, str) or not _NAME.match(name):
         raise ConfigError(f"profile name must be 1-64 letters, digits, '_', '.' or '-', got {name!r}")

@@ -87,6 +87,13 @@ def test_prefs_listing_and_combinations():
     assert len(res.output.strip().splitlines()) == 8
     res = run("prefs", "--parse", "concise=0.7,informative=0.3,friendly=1")
     assert json.loads(res.output)["weights"] == {"P2A": 0.7, "P2B": 0.3, "P3A": 1.0}
+    assert "give --parse or --combinations, not both" in _error_line(run("prefs", "--combinations", "--parse", "1A"))
+    assert _error_line(run("merge", "--prefs", "1A")).startswith("error: missing --output (or give it in --config")
+    assert "no profile is saved yet" in _error_line(run("prefs", "--parse", "profile:ana"))
+    from personalign.profiles import Profiles
+
+    Profiles().save("ana", {"P2A": 0.5, "P3B": 1.0})  # in the test's own cache folder
+    assert json.loads(run("prefs", "--parse", "profile:ana").output)["weights"] == {"P2A": 0.5, "P3B": 1.0}
 
 
 def test_generate_single_instruction(tiny_model_dir):
