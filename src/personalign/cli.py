@@ -127,7 +127,6 @@ def _load(cls: type, config: Path | None, given: dict[str, Any], sets: list[str]
     ``files`` and ``folders`` name the config's output fields: each one set is checked to be writable now,
     before the command loads any model (a path that cannot be written would otherwise fail at the end)."""
     from personalign.config import load_config
-
     from personalign.errors import ConfigError
 
     flags = {k: (str(v) if isinstance(v, Path) else v) for k, v in given.items() if v is not None}
