@@ -202,11 +202,11 @@ class PreferenceSpace:
     def _add(self, side: Side) -> None:
         if side.id in self.sides:
             raise PreferenceError(f"side id {side.id!r} is defined twice")
-        for key in (side.id, side.name, *side.aliases):
+        for kind, key in (("id", side.id), ("name", side.name), *(("alias", a) for a in side.aliases)):
             k = key.lower()
             if k in self._lookup:
                 raise PreferenceError(
-                    f"side name {key!r} of {side.id} is already used by {self._lookup[k]}; choose another name"
+                    f"side {kind} {key!r} of {side.id} is already used by {self._lookup[k]}; choose another {kind}"
                 )
         self.sides[side.id] = side
         for key in (side.id, side.name, *side.aliases):

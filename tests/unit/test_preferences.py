@@ -178,7 +178,12 @@ def test_user_dimensions(tmp_path):
         ),
         (
             "dimensions:\n  - name: tone\n    sides:\n      - {name: concise, prompt: p, criterion: c}\n      - {name: cold, prompt: q, criterion: c}",
-            "already used by P2A",
+            "side name 'concise' of P4A is already used by P2A; choose another name",
+        ),
+        (
+            "dimensions:\n  - name: tone\n    sides:\n      - {name: formal, aliases: [concise], prompt: p, criterion: c}\n"
+            "      - {name: cold, prompt: q, criterion: c}",
+            "side alias 'concise' of P4A is already used by P2A; choose another alias",
         ),
         ("dimensions: [", "not valid YAML"),
     ],
