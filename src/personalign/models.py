@@ -208,6 +208,22 @@ def resolve_source(name_or_path: str | None) -> str:
     return name_or_path
 
 
+def known_context(name_or_path: str | None) -> int | None:
+    """The model's context length from its config.json, read without loading it: for a local folder, or the
+    embedded default once converted; None when no config is at hand (a Hugging Face id, say)."""
+    name = canonical_name(name_or_path)
+    folder = _cache_dir_for(name) if name in EMBEDDED_MODELS else Path(name).expanduser()
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    for key in ("max_position_embeddings", "n_positions"):
+        value = config.get(key) if isinstance(config, dict) else None
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
 def resolve_device(device: str | None = "auto") -> "torch.device":
     import torch
 

@@ -335,3 +335,12 @@ def test_a_cache_folder_that_is_a_file_is_one_line(tmp_path, monkeypatch):
     line = _one_line(run("generate", "--method", "vanilla", "--max-new-tokens", "2", "Hi"))
     assert str(blocker) in line and "set PERSONALIGN_CACHE" in line
     assert "NOT USABLE" in run("env").stdout
+
+
+def test_max_new_tokens_past_the_context_is_refused_before_the_model_loads(tiny_model_dir, no_model):
+    import json as _json
+
+    context = _json.loads((tiny_model_dir / "config.json").read_text())["max_position_embeddings"]
+    line = _one_line(run("generate", "--prefs", "1A", "--model", str(tiny_model_dir), "--max-new-tokens",
+                         str(context), "Hi"))
+    assert f"leaves no room for a prompt in the model's context of {context} tokens" in line

@@ -112,6 +112,12 @@ def main(cfg: GenerateConfig) -> list[dict[str, Any]]:
         raise DataError("give an instruction, or --input FILE")
     if cfg.batch_size < 1:
         raise DataError(f"--batch-size must be at least 1, got {cfg.batch_size}")
+    from personalign.models import known_context
+
+    context = known_context(cfg.model)  # before loading, where the config is at hand (the prompts are checked later)
+    if context is not None and cfg.sampling.max_new_tokens >= context:
+        raise DataError(f"--max-new-tokens {cfg.sampling.max_new_tokens} leaves no room for a prompt in the model's "
+                        f"context of {context} tokens; lower it")
     prefs, rest = described(cfg)
     if cfg.prefs_text is not None:  # shown for confirmation
         extra = f"; the rest as a prompt: {rest!r}" if rest else ""
