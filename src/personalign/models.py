@@ -196,16 +196,26 @@ def resolve_source(name_or_path: str | None) -> str:
     if name in EMBEDDED_MODELS:
         return str(ensure_embedded_cache(name))
     assert name_or_path is not None
+    folder = check_model_source(name_or_path)
+    return str(folder) if folder is not None else name_or_path
+
+
+def check_model_source(name_or_path: str | None) -> Path | None:
+    """Refuse a model folder that does not exist, is a file or holds no config.json, without loading anything
+    (a run folder is then not created for it); the folder, or None for the embedded default and Hugging Face
+    ids (checked when loaded)."""
+    if name_or_path is None or canonical_name(name_or_path) in EMBEDDED_MODELS:
+        return None
     path = Path(name_or_path).expanduser()
-    if name_or_path.startswith((".", "/", "~")) or path.exists():  # a folder, not a Hugging Face id
-        if not path.is_dir():
-            raise ModelError(f"model folder {name_or_path!r} {'is not a folder' if path.exists() else 'does not exist'}"
-                             f" (give a model folder, a Hugging Face id, or {EMBEDDED_DEFAULT!r})")
-        if not (path / "config.json").is_file():
-            raise ModelError(f"{name_or_path!r} holds no model: a model folder has config.json, the weights and "
-                             "the tokenizer files (as save_pretrained writes them)")
-        return str(path)
-    return name_or_path
+    if not (name_or_path.startswith((".", "/", "~")) or path.exists()):  # a Hugging Face id
+        return None
+    if not path.is_dir():
+        raise ModelError(f"model folder {name_or_path!r} {'is not a folder' if path.exists() else 'does not exist'}"
+                         f" (give a model folder, a Hugging Face id, or {EMBEDDED_DEFAULT!r})")
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{name_or_path!r} holds no model: a model folder has config.json, the weights and "
+                         "the tokenizer files (as save_pretrained writes them)")
+    return path
 
 
 def known_context(name_or_path: str | None) -> int | None:

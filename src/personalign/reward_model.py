@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from personalign.data import build_user_message, format_chat
-from personalign.errors import ModelError
+from personalign.errors import ConfigError, ModelError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -78,7 +78,7 @@ class LoraSpec:
         count = max(layer_of.values()) + 1 if used_layers is None else used_layers
         top = count if self.top_layers is None else self.top_layers
         if top > count:
-            raise ValueError(f"lora top_layers={self.top_layers} but the model has only {count} layers"
+            raise ConfigError(f"lora top_layers={self.top_layers} but the model has only {count} layers"
                              + ("" if used_layers is None else " in use (readout_layer)"))
         return [n for n, i in layer_of.items() if count - top <= i < count]
 
@@ -156,7 +156,7 @@ class RewardModel(nn.Module):
                 raise ModelError("readout_layer needs a decoder with `layers` and `norm` (as llama, mistral, qwen); "
                                  "leave readout_layer unset for this model")
             if not 1 <= readout_layer <= len(layers):
-                raise ValueError(f"readout_layer must be between 1 and {len(layers)} (the model's layers), "
+                raise ConfigError(f"readout_layer must be between 1 and {len(layers)} (the model's layers), "
                                  f"got {readout_layer}")
         targets = lora.module_names(decoder, readout_layer)
         if not targets:

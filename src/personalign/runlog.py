@@ -26,6 +26,11 @@ def prepare_run_dir(folder: str | Path, cfg: Any, resumable: frozenset[str] = fr
     ``resumable``: fields besides :data:`RESUMABLE_FIELDS` that a recipe lets a rerun change (a run
     whose schedule does not depend on its length can be extended: ``steps``)."""
     folder = Path(folder)
+    model = getattr(cfg, "model", None)
+    if isinstance(model, str):  # a mistyped model folder must not leave its name in the run's config
+        from personalign.models import check_model_source
+
+        check_model_source(model)
     folder.mkdir(parents=True, exist_ok=True)
     current = to_dict(cfg)
     path = folder / "config.json"

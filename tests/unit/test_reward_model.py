@@ -155,6 +155,9 @@ def test_train_rm_learns_and_resumes(tmp_path, tiny_model_dir, monkeypatch):
     resumed = train_rm.main(train_rm.TrainRMConfig(output_dir=str(tmp_path / "resumed"), **common))
     assert resumed["eval/accuracy"] == pytest.approx(full["eval/accuracy"])
     assert resumed["eval/loss"] == pytest.approx(full["eval/loss"], rel=1e-4)
+    # the steps logged after the checkpoint were redone, not logged twice
+    again = [json.loads(x) for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in again] == [m["step"] for m in lines]
 
 
 def test_train_rm_bad_input(tmp_path, tiny_model_dir):
@@ -173,6 +176,17 @@ def test_train_rm_bad_input(tmp_path, tiny_model_dir):
         train_rm.main(train_rm.TrainRMConfig(pairs=str(pairs), sides=("P1A",), output_dir=str(tmp_path / "o")))
     with pytest.raises(ConfigError, match="eval_fraction"):
         train_rm.main(train_rm.TrainRMConfig(pairs=str(pairs), eval_fraction=1.5, output_dir=str(tmp_path / "o")))
+    with pytest.raises(ConfigError, match="readout_layer must be at least 1"):
+        train_rm.main(train_rm.TrainRMConfig(pairs=str(pairs), readout_layer=0, output_dir=str(tmp_path / "o")))
+    from personalign.reward_model import LoraSpec
+
+    model = dict(model=str(tiny_model_dir), device="cpu", progress=False)  # these need the model's layers
+    with pytest.raises(ConfigError, match="readout_layer must be between 1 and 2"):
+        train_rm.main(train_rm.TrainRMConfig(pairs=str(pairs), readout_layer=5, output_dir=str(tmp_path / "r5"),
+                                             **model))
+    with pytest.raises(ConfigError, match="lora top_layers=9 but the model has only 2 layers"):
+        train_rm.main(train_rm.TrainRMConfig(pairs=str(pairs), lora=LoraSpec(top_layers=9),
+                                             output_dir=str(tmp_path / "t9"), **model))
     assert not (tmp_path / "o").exists()
 
 

@@ -299,6 +299,8 @@ def test_kl_stop_keeps_the_last_policy_within_the_limit(tmp_path, tiny_model_dir
     ({"minibatch_size": 99}, "minibatch_size must be between 1 and"),
     ({"lora": LoraSpec(r=4, dropout=1.5)}, r"lora.dropout must be in \[0, 1\)"),
     ({"prompts": "/no/such/prompts.jsonl"}, "does not exist"),
+    ({"lora": LoraSpec(r=4, top_layers=1)}, "lora.top_layers must be null for a policy adapter"),
+    ({"model": "./no-such-model-folder"}, "model folder './no-such-model-folder' does not exist"),
 ])
 def test_bad_input_fails_before_any_model_loads(tmp_path, tiny_model_dir, monkeypatch, change, match):
     import personalign.models

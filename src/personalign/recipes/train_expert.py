@@ -74,6 +74,7 @@ import torch
 
 from personalign.config import to_dict
 from personalign.distributed import init as init_distributed
+from personalign.errors import ConfigError
 from personalign.generation import batch_seed, eos_token_ids
 from personalign.judges.offline import question_coverage
 from personalign.personalize import Method, build_prompts
@@ -185,6 +186,9 @@ def validate(cfg: TrainExpertConfig) -> Plan:
 
     c = resolve_defaults(cfg)
     check_settings(c)
+    if c.lora.top_layers is not None:
+        raise ConfigError(f"lora.top_layers must be null for a policy adapter (it applies to reward models "
+                          f"only), got {c.lora.top_layers!r}")
     resolve_dtype(c.dtype, resolve_device(c.device))  # raises ModelError naming the value
 
     space = load_space(c.dimensions)

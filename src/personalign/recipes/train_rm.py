@@ -241,6 +241,8 @@ def main(cfg: TrainRMConfig) -> dict[str, float]:
         raise ConfigError("epochs and batch_size must be at least 1")
     if not 0 <= cfg.eval_fraction < 1:
         raise ConfigError(f"eval_fraction must be in [0, 1), got {cfg.eval_fraction}")
+    if cfg.readout_layer is not None and cfg.readout_layer < 1:
+        raise ConfigError(f"readout_layer must be at least 1 (a decoder layer, counted from 1), got {cfg.readout_layer}")
     space = load_space(cfg.dimensions)
     # A person's own labels (picks exported from a profile) name the side "profile:NAME": a personal
     # reward model, with no side prompt.
@@ -316,7 +318,11 @@ def main(cfg: TrainRMConfig) -> dict[str, float]:
         state, progress = restored
         model.load_trainable_state(state)
         step = int(progress["step"])
-    elif cfg.head_init == "probe":
+        if dist.is_main:
+            logger.truncate(step)  # the steps logged after the checkpoint are redone
+    elif dist.is_main and logger.path.exists():
+        logger.path.unlink()  # a run stopped before its first checkpoint starts again from nothing
+    if restored is None and cfg.head_init == "probe":
         probe = fit_probe_heads(model, train_rows, cfg.batch_size * 2, cache, cfg.probe_l2, cfg.probe_l2_grid,
                                 cfg.progress and dist.is_main, dist)
         if eval_rows:
