@@ -491,13 +491,22 @@ def score(
 ) -> None:
     """Score responses with a trained reward model (adds `reward`, or `rewards` per side)."""
     from personalign.data import check_writable, read_records
-    from personalign.reward_model import RewardModel
+    from personalign.errors import ConfigError, PreferenceError
+    from personalign.preferences import load_space
+    from personalign.reward_model import RewardModel, read_reward_config
 
     rows = read_records(input, ("prompt", "response"), "responses file")
     if output is not None:
         check_writable(output, "--output")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+    scored = read_reward_config(reward_model)["sides"]  # checked before the model loads
+    side_id = None
+    if side:
+        side_id = load_space(None).resolve(side) if side not in scored else side  # names and aliases too
+        if side_id not in scored:
+            raise PreferenceError(f"this reward model scores side(s) {', '.join(scored)}, not {side}")
     rm = RewardModel.load(reward_model, device=device)
-    side_id = rm.sides[rm.side_index(side)] if side else None
     vals = rm.score([r["prompt"] for r in rows], [r["response"] for r in rows], side=side_id, batch_size=batch_size)
     out_rows = []
     for r, v in zip(rows, vals):

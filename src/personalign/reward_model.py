@@ -119,10 +119,28 @@ def check_fingerprint(expected: dict[str, Any], model: PreTrainedModel, what: st
     got = base_fingerprint(model)
     for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size"):
         if expected.get(key) != got.get(key):
+            same_name = str(expected.get("name")) == str(got.get("name"))
+            fix = (f"the model at {got.get('name')!r} changed since it was trained; train it again on this model"
+                   if same_name else f"load it with --model {expected.get('name')}")
             raise ModelError(
                 f"{what} was trained on base model {expected.get('name')!r} ({key}={expected.get(key)}), but the "
-                f"loaded base is {got.get('name')!r} ({key}={got.get(key)}); load it with --model {expected.get('name')}"
+                f"loaded base is {got.get('name')!r} ({key}={got.get(key)}); {fix}"
             )
+
+
+def read_reward_config(folder: str | Path) -> dict[str, Any]:
+    """A reward model folder's config (its sides, base model, LoRA), read without loading anything; a folder
+    that is not a reward model's is one error naming what is missing."""
+    folder = Path(folder)
+    if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
+        raise ModelError(f"{folder} is not a reward model folder (needs {CONFIG} and {WEIGHTS})")
+    try:
+        cfg = json.loads((folder / CONFIG).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{folder / CONFIG} is not valid JSON ({exc})") from None
+    if not isinstance(cfg, dict) or cfg.get("kind") != "reward_model":
+        raise ModelError(f"{folder} holds a {cfg.get('kind') if isinstance(cfg, dict) else cfg!r}, not a reward model")
+    return cfg
 
 
 class RewardModel(nn.Module):
@@ -332,14 +350,7 @@ class RewardModel(nn.Module):
         from safetensors.torch import load_file
 
         folder = Path(folder)
-        if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
-            raise ModelError(f"{folder} is not a reward model folder (needs {CONFIG} and {WEIGHTS})")
-        try:
-            cfg = json.loads((folder / CONFIG).read_text())
-        except json.JSONDecodeError as exc:
-            raise ModelError(f"{folder / CONFIG} is not valid JSON ({exc.msg})") from None
-        if cfg.get("kind") != "reward_model":
-            raise ModelError(f"{folder} holds a {cfg.get('kind')!r}, not a reward model")
+        cfg = read_reward_config(folder)
         if base is None or tokenizer is None:
             from personalign.models import load_model
 

@@ -344,3 +344,18 @@ def test_max_new_tokens_past_the_context_is_refused_before_the_model_loads(tiny_
     line = _one_line(run("generate", "--prefs", "1A", "--model", str(tiny_model_dir), "--max-new-tokens",
                          str(context), "Hi"))
     assert f"leaves no room for a prompt in the model's context of {context} tokens" in line
+
+
+def test_score_checks_the_side_and_batch_size_before_the_model_loads(tmp_path, no_model):
+    rm = tmp_path / "rm"
+    rm.mkdir()
+    (rm / "reward_config.json").write_text(json.dumps({"kind": "reward_model", "sides": ["P2A"],
+                                                        "base": {"name": "tiny"}}))
+    (rm / "reward_model.safetensors").write_bytes(b"")
+    responses = tmp_path / "r.jsonl"
+    responses.write_text(json.dumps({"prompt": "Why?", "response": "Because."}) + "\n")
+    base = ["score", "--reward-model", str(rm), "--input", str(responses)]
+    assert "scores side(s) P2A, not P2B" in _one_line(run(*base, "--side", "P2B"))
+    assert "--batch-size must be at least 1, got 0" in _one_line(run(*base, "--batch-size", "0"))
+    with pytest.raises(AssertionError, match="a model was loaded"):  # a side's name is read as elsewhere
+        run(*base, "--side", "concise")
