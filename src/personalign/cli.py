@@ -444,13 +444,18 @@ def eval_(
     judge: Annotated[Optional[str], typer.Option("--judge", help="offline (default), independent, llm, human, rm:FOLDER (trained reward models) or module:function (your own scoring function).")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first N instructions.")] = None,
     single_sides: Annotated[Optional[bool], typer.Option("--single-sides", help="Each side alone (each expert against the base with that side's prompt) instead of the combinations.")] = None,
+    base_url: BaseUrlOpt = None,
+    judge_model: JudgeModelOpt = None,
+    labels: LabelsOpt = None,
+    judge_cache: CacheOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Evaluate methods against preference prompting: win rates with bootstrap intervals, fluency, plots."""
     from personalign.recipes import evaluate as recipe
 
+    options = _judge_fields(None, base_url, judge_model, labels, judge_cache)  # the llm and human judges' settings
     given = {"run_dir": run_dir, "model": model, "experts": experts, "judge": judge, "limit": limit,
-             "single_sides": single_sides}
+             "single_sides": single_sides, **{f"judge_options.{k}": v for k, v in options.items() if k != "kind"}}
     cfg = _load(recipe.EvalConfig, config, given, set_, folders=("run_dir",))
     results = recipe.main(cfg)
     typer.echo(Path(results["files"]["markdown"]).read_text())
