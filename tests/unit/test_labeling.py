@@ -109,6 +109,10 @@ def test_label_bad_input(tmp_path):
     single = _write(tmp_path / "s.jsonl", [{"prompt": "p", "side": "P2A", "response": "r"}])
     with pytest.raises(DataError, match="no instruction with two samples"):
         label.main(label.LabelConfig(rollouts=str(single), output=str(tmp_path / "o.jsonl")))
+    for sides in (("P2A", "P1A"), ("elementary",)):  # a side asked for that the rollouts lack: named
+        with pytest.raises(DataError, match=r"has no rollouts for side\(s\) P1A \(it has P2A, P2B\)"):
+            label.main(label.LabelConfig(rollouts=str(_rollouts(tmp_path)), sides=sides,
+                                         output=str(tmp_path / "o.jsonl")))
     with pytest.raises(ConfigError, match="needs a labels file"):
         JudgeConfig(kind="human")
     with pytest.raises(ConfigError, match="unknown judge 'gpt'"):

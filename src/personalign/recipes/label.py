@@ -80,6 +80,10 @@ def main(cfg: LabelConfig) -> dict[str, Any]:
         r["side"] = space.resolve(r["side"])
     wanted = {space.resolve(s) for s in cfg.sides} if cfg.sides else None
     if wanted:
+        absent = sorted(wanted - {r["side"] for r in rows})
+        if absent:  # a side asked for is never dropped quietly
+            raise DataError(f"{cfg.rollouts} has no rollouts for side(s) {', '.join(absent)} (it has "
+                            f"{', '.join(sorted({r['side'] for r in rows})) or 'none'})")
         rows = [r for r in rows if r["side"] in wanted]
     judges = [build_judge(j, space) for j in cfg.judges]
     pairs = make_pairs(rows, cfg.pairing)
