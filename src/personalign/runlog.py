@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from personalign.config import to_dict
-from personalign.errors import ConfigError
+from personalign.errors import ConfigError, DataError
 
 __all__ = ["MetricsLogger", "prepare_run_dir", "summarize_steps"]
 
@@ -50,6 +50,30 @@ def prepare_run_dir(folder: str | Path, cfg: Any, resumable: frozenset[str] = fr
                               "use another output folder or delete it")
     path.write_text(json.dumps(current, indent=2))
     return folder
+
+
+DATA_FILE = "data.json"
+
+
+def data_digest(items: list[tuple[str, ...]]) -> str:
+    """An order-independent SHA-256 of a run's training data (tuples of text)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(sorted(items), ensure_ascii=False).encode()).hexdigest()
+
+
+def check_run_data(out: Path, data: dict[str, Any], finished: bool, what: str = "pairs") -> None:
+    """Refuse a run folder whose model was trained (or started) on other data than ``data`` (a dict with
+    ``sha256`` and counts under ``what``), so a rerun never resumes or returns a model of other data. The
+    first run records it in ``data.json``; a run finished before that file existed is left as it is."""
+    path = Path(out) / DATA_FILE
+    if path.exists():
+        before = json.loads(path.read_text())
+        if before.get("sha256") != data["sha256"]:
+            raise DataError(f"{out} was trained on other {what} ({before.get(what)}) than the file now holds "
+                            f"({data[what]}); move the folder away to retrain, or use another output_dir")
+    elif not finished:
+        path.write_text(json.dumps(data, indent=2))
 
 
 def _added_defaults(cfg: Any, previous: dict[str, Any]) -> dict[str, Any]:

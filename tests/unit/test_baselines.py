@@ -177,6 +177,19 @@ def test_multitask_trains_saves_loads_and_does_not_retrain(mt_full, tiny_model_d
     n_rows = len(_rows(out))
     assert mt.main(cfg) == result  # finished: returns its result, trains nothing
     assert len(_rows(out)) == n_rows
+    assert json.loads((out / "data.json").read_text())["examples"] == {"P1A": 1, "P2A": 1, "P2B": 1, "P3A": 1}
+
+
+def test_multitask_never_resumes_on_other_pairs(tiny_model_dir, tmp_path, monkeypatch):
+    undo = _interrupt_at_optimizer_step(monkeypatch, 4)
+    cfg = _mt_cfg(tmp_path, tiny_model_dir, "run")
+    with pytest.raises(KeyboardInterrupt):
+        mt.main(cfg)
+    undo()
+    changed = [{**PAIRS[0], "chosen": "Plants turn sunlight into sugar."}, *PAIRS[1:]]
+    _write_pairs(tmp_path / "pairs.jsonl", changed)  # the pairs file changed between the two runs
+    with pytest.raises(PersonalignError, match=r"was trained on other examples .* move the folder away"):
+        mt.main(cfg)
 
 
 def test_multitask_resumes_from_its_checkpoint(mt_full, tiny_model_dir, tmp_path, monkeypatch):

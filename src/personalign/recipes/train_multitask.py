@@ -61,7 +61,7 @@ from personalign.distributed import require_unsharded
 from personalign.errors import ConfigError, DataError, ModelError, PreferenceError
 from personalign.generation import batch_seed
 from personalign.reward_model import LoraSpec
-from personalign.runlog import MetricsLogger, prepare_run_dir
+from personalign.runlog import MetricsLogger, check_run_data, data_digest, prepare_run_dir
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -232,6 +232,15 @@ def tokenize_examples(plan: Plan, tokenizer: PreTrainedTokenizerBase) -> list[di
     return rows
 
 
+def examples_fingerprint(plan: Plan) -> dict[str, Any]:
+    """Examples per side and an order-independent digest of their text (``data.json``)."""
+    counts: dict[str, int] = {}
+    for e in plan.examples:
+        counts[e.side] = counts.get(e.side, 0) + 1
+    return {"examples": dict(sorted(counts.items())),
+            "sha256": data_digest([(e.side, e.prompt, e.response) for e in plan.examples])}
+
+
 def steps_per_epoch(cfg: TrainMultitaskConfig, n_examples: int) -> int:
     """Optimizer steps per pass over the examples (the last one may take fewer)."""
     return math.ceil(n_examples / (cfg.batch_size * cfg.grad_accum))
@@ -279,7 +288,11 @@ def main(cfg: TrainMultitaskConfig) -> dict[str, float]:
     dist.barrier()
     out = Path(cfg.output_dir)
     logger = MetricsLogger(out)
-    if (out / EXPERT_JSON).is_file() and (out / ADAPTER_DIR / "adapter_model.safetensors").is_file():
+    finished = (out / EXPERT_JSON).is_file() and (out / ADAPTER_DIR / "adapter_model.safetensors").is_file()
+    if dist.is_main:  # never resumed, nor returned, on examples that have changed since
+        check_run_data(out, examples_fingerprint(plan), finished, what="examples")
+    dist.barrier()
+    if finished:
         return json.loads((out / EXPERT_JSON).read_text()).get("metrics", {})
 
     # -- model: the base with a fresh LoRA adapter, as the experts are built

@@ -23,8 +23,6 @@ model is never silently reused, or resumed, on pairs that have since changed), `
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import random
 import shutil
@@ -45,9 +43,7 @@ from personalign.losses import bradley_terry_loss, fit_bradley_terry_head, pairw
 from personalign.preferences import load_space
 from personalign.profiles import PROFILE_PREFIX
 from personalign.reward_model import CONFIG, POOLINGS, WEIGHTS, LoraSpec, PrefixCache, RewardModel
-from personalign.runlog import MetricsLogger, prepare_run_dir
-
-DATA = "data.json"
+from personalign.runlog import MetricsLogger, check_run_data, data_digest, prepare_run_dir
 
 
 @dataclass(frozen=True)
@@ -104,23 +100,11 @@ class TrainRMConfig:
 def data_fingerprint(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Pairs per side and an order-independent digest of the pairs' text."""
     keys = sorted((r["side"], r["prompt"], r["chosen"], r["rejected"]) for r in rows)
-    digest = hashlib.sha256(json.dumps(keys, ensure_ascii=False).encode()).hexdigest()
+    digest = data_digest(keys)
     counts: dict[str, int] = defaultdict(int)
     for side, *_ in keys:
         counts[side] += 1
     return {"pairs": dict(sorted(counts.items())), "sha256": digest}
-
-
-def _check_data(out: Path, data: dict[str, Any], finished: bool) -> None:
-    """Refuse a run folder whose model was trained (or started) on other pairs than these."""
-    path = out / DATA
-    if path.exists():
-        before = json.loads(path.read_text())
-        if before.get("sha256") != data["sha256"]:
-            raise DataError(f"{out} was trained on other pairs ({before.get('pairs')}) than the pairs file now "
-                            f"holds ({data['pairs']}); move the folder away to retrain, or use another output_dir")
-    elif not finished:  # a model finished before data.json existed cannot be checked; leave it as it is
-        path.write_text(json.dumps(data, indent=2))
 
 
 def _lr_lambda(total: int, warmup: int):
@@ -277,7 +261,7 @@ def main(cfg: TrainRMConfig) -> dict[str, float]:
     logger = MetricsLogger(out)
     finished = (out / WEIGHTS).exists() and (out / CONFIG).exists()
     if dist.is_main:
-        _check_data(out, data_fingerprint(rows), finished)
+        check_run_data(out, data_fingerprint(rows), finished)
     dist.barrier()
     if finished:
         done = [m for m in logger.read() if "eval/accuracy" in m]
