@@ -126,6 +126,14 @@ def test_pipeline_validates_every_stage_first(tmp_path, tiny_model_dir):
         pipeline.build_stage_configs(_cfg(tmp_path, tiny_model_dir, stages=["multitask"], multitask={"pairs": "p"}))
     with pytest.raises(ConfigError, match="steps"):  # reward models still pending: the rest is checked
         pipeline.build_stage_configs(_cfg(tmp_path, tiny_model_dir, stages=["pmorl"], pmorl={"steps": 0}))
+    for section in ("expert", "pmorl", "multitask"):  # a section's fields, even when its stage does not run
+        with pytest.raises(ConfigError, match=f"{section}: unknown field"):
+            pipeline.build_stage_configs(_cfg(tmp_path, tiny_model_dir, stages=["label"], **{section: {"bogus": 1}}))
+    for section, key in (("eval", "methods"), ("pareto", "methods"), ("eval", "reference")):  # before training
+        value = ["soup-bogus"] if key == "methods" else "soup-bogus"
+        with pytest.raises(ConfigError, match=f"{section}: unknown method 'soup-bogus'"):
+            pipeline.build_stage_configs(_cfg(tmp_path, tiny_model_dir, stages=["multitask", section],
+                                              **{section: {key: value}}))
     assert not (tmp_path / "run").exists()
 
 

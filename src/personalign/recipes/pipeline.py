@@ -218,8 +218,20 @@ def build_stage_configs(cfg: PipelineConfig) -> tuple[rollout.RolloutConfig, lab
         if "pmorl" in cfg.stages:  # reward models still to come from stage 3 stand in as offline
             ready = {s: r for s, r in pm.rewards.items() if not _pending(r)}
             train_pmorl.validate(replace(pm, rewards=ready, reward="offline") if ready != pm.rewards else pm)
-    if "eval" in cfg.stages or "pareto" in cfg.stages:  # their fields now; their experts once trained
-        build_evaluation_configs(cfg)
+    # every section's fields, and the methods the last stages name, now: a typo fails at once, not after
+    # hours of training (the experts the methods need are checked once trained)
+    from personalign.generations import parse_method
+
+    build_expert_configs(cfg)
+    build_baseline_configs(cfg)
+    ev, pa = build_evaluation_configs(cfg)
+    for section, methods in (("eval", (*ev.methods, ev.reference)), ("pareto", pa.methods)):
+        if section in cfg.stages:
+            for m in methods:
+                try:
+                    parse_method(m)
+                except ConfigError as exc:
+                    raise ConfigError(f"{section}: {exc}") from None
     return roll, lab, rms
 
 
