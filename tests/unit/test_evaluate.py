@@ -197,6 +197,8 @@ def test_missing_experts_fail_before_generation(tmp_path, monkeypatch):
         evaluate.validate(_cfg(tmp_path, "m", experts, methods=["vanilla", f"adapter:{tmp_path}"]))
     with pytest.raises(ConfigError, match="reference method soup-psoups cannot run"):
         evaluate.validate(_cfg(tmp_path, "m", experts, reference="soup-psoups", skip_missing=True))
+    against_vanilla = evaluate.validate(_cfg(tmp_path, "m", experts, reference="vanilla", methods=["prompt"]))
+    assert against_vanilla.reference.label == "vanilla"  # the base model with no preference: a reference too
     with pytest.raises(ConfigError, match="offline judge cannot measure side.*P3C"):
         evaluate.validate(_cfg(tmp_path, "m", experts, combinations=["1A,2A,3C"], methods=["vanilla"]))
     with pytest.raises(ConfigError, match="has one side; a combination joins one side per dimension with"):

@@ -40,7 +40,6 @@ class DemoConfig:
     num_instructions: int = DEFAULT_INSTRUCTIONS
     method: str = "prompt"
     output_dir: str | None = None
-    batch_size: int = 8  # unused: every row decodes in one shared batch (kept so old configs load)
     device: str = "auto"
     dtype: str = "auto"
     # 128 new tokens: long enough for the long answers (informative, expert) to show their difference from the

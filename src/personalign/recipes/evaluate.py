@@ -369,7 +369,8 @@ def validate(cfg: EvalConfig, judge: PairwiseJudge | None = None) -> EvalPlan:
             method_prefs(m, c)  # expert-k needs k dimensions
 
     skipped: dict[str, str] = {}
-    ref_problem = missing_requirement(cfg, reference, combos_list)
+    ref_problem = missing_requirement(cfg, reference, [space.parse(p) for c in combos_list
+                                                       if (p := method_prefs(reference, c)) is not None])
     if ref_problem:
         raise ConfigError(f"the reference method {reference.label} cannot run: {ref_problem}")
     problems = {}
