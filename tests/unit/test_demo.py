@@ -128,3 +128,12 @@ def test_the_screen_names_a_soups_strength_when_it_is_not_one(tiny_model_dir, ex
                      model=str(tiny_model_dir))
     assert method_name(plain) == "exact soup" and "strength" not in method_help(plain)
     assert method_name(strong) == "exact soup x3" and "at strength 3" in method_help(strong)
+
+
+def test_the_demo_refuses_vanilla_which_follows_no_preference(tiny_model_dir, monkeypatch):
+    import personalign.models
+    from personalign.errors import ConfigError
+
+    monkeypatch.setattr(personalign.models, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(ConfigError, match="method vanilla follows none; use method prompt"):
+        demo.main(demo.DemoConfig(model=str(tiny_model_dir), method="vanilla"), show=False)

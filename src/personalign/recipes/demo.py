@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from personalign.data import load_builtin
-from personalign.errors import DataError
+from personalign.errors import ConfigError, DataError
 from personalign.generation import SamplingConfig
 from personalign.personalize import Method, MethodOptions, build_prompts, resolve
 from personalign.preferences import load_space
@@ -179,6 +179,9 @@ def main(cfg: DemoConfig, show: bool = True, console: Console | None = None) -> 
                 break
 
     # Every personalized model the demo shows, checked before the model loads.
+    if Method.parse(cfg.method) is Method.VANILLA:
+        raise ConfigError("the demo contrasts preferences, and method vanilla follows none; use method prompt "
+                          "(or generate --method vanilla for the base model's answer)")
     specs = [resolve(p, MethodOptions(method=Method.parse(cfg.method).value), model=cfg.model) for p in prefs]
     experts = experts_for(cfg) if cfg.compose else None
     if experts is not None:
