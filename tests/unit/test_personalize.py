@@ -224,10 +224,8 @@ def test_prompt_missing_composes_the_sides_that_have_experts(tiny_model_dir, tmp
 
 def test_generate_answers_under_a_saved_profile(tiny_model_dir, tmp_path):
     from personalign.errors import DataError
-    from personalign.profiles import Profiles
+    from personalign.profiles import Profiles, default_db
     from personalign.recipes import generate
-
-    from personalign.profiles import default_db
 
     s = SamplingConfig(max_new_tokens=4, temperature=0)
 

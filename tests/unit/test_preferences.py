@@ -181,8 +181,8 @@ def test_user_dimensions(tmp_path):
             "side name 'concise' of P4A is already used by P2A; choose another name",
         ),
         (
-            "dimensions:\n  - name: tone\n    sides:\n      - {name: formal, aliases: [concise], prompt: p, criterion: c}\n"
-            "      - {name: cold, prompt: q, criterion: c}",
+            ("dimensions:\n  - name: tone\n    sides:\n      - {name: formal, aliases: [concise], prompt: p, criterion: c}\n"
+             "      - {name: cold, prompt: q, criterion: c}"),
             "side alias 'concise' of P4A is already used by P2A; choose another alias",
         ),
         ("dimensions: [", "not valid YAML"),

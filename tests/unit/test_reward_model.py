@@ -180,7 +180,7 @@ def test_train_rm_bad_input(tmp_path, tiny_model_dir):
         train_rm.main(train_rm.TrainRMConfig(pairs=str(pairs), readout_layer=0, output_dir=str(tmp_path / "o")))
     from personalign.reward_model import LoraSpec
 
-    model = dict(model=str(tiny_model_dir), device="cpu", progress=False)  # these need the model's layers
+    model = {"model": str(tiny_model_dir), "device": "cpu", "progress": False}  # these need the model's layers
     with pytest.raises(ConfigError, match="readout_layer must be between 1 and 2"):
         train_rm.main(train_rm.TrainRMConfig(pairs=str(pairs), readout_layer=5, output_dir=str(tmp_path / "r5"),
                                              **model))
