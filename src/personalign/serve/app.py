@@ -85,11 +85,12 @@ _NEUTRAL_ONLY: dict[str, tuple[Any, ...]] = {
 
 
 def _neutral(key: str, value: Any) -> bool:
-    """Whether ``value`` of the unimplemented field ``key`` asks for nothing (types compared too: False is
-    not 0 and "none" is not a number)."""
-    return value is None or any(type(value) is type(n) and value == n for n in _NEUTRAL_ONLY[key]) or (
-        isinstance(value, float) and any(type(n) is int and not isinstance(n, bool) and value == n
-                                         for n in _NEUTRAL_ONLY[key]))
+    """Whether ``value`` of the unimplemented field ``key`` asks for nothing (kinds compared too: False is
+    not 0 and "none" is not a number; 0.0 is 0)."""
+    def kind(v: Any) -> type:
+        return float if type(v) in (int, float) else type(v)
+
+    return value is None or any(kind(value) is kind(n) and value == n for n in _NEUTRAL_ONLY[key])
 _ROLES = ("system", "user", "assistant")
 
 
